@@ -1,0 +1,118 @@
+//! Assembling the service from configuration: the AWS way (DynamoDB, SQS)
+//! and the embedded way (one SQLite file), built once per process.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::{ApiSettings, Service};
+use crate::auth::Authenticator;
+use crate::config;
+use crate::embedded::EmbeddedDb;
+use crate::engine::{Engine, EngineConfig};
+use crate::queue::{QueueSet, SqliteQueue, SqsQueue, TaskQueue};
+use crate::store::{DynamoJobStore, JobStore, SqliteJobStore};
+use crate::table::Catalog;
+use crate::worker::Worker;
+
+/// The parts every entry point shares.
+#[derive(Clone)]
+pub struct Components {
+    pub catalog: Arc<Catalog>,
+    pub store: Arc<dyn JobStore>,
+    pub queues: QueueSet,
+}
+
+impl Components {
+    pub fn service(&self, auth: Authenticator, settings: ApiSettings) -> Service {
+        Service {
+            catalog: self.catalog.clone(),
+            store: self.store.clone(),
+            queues: self.queues.clone(),
+            auth,
+            settings,
+        }
+    }
+
+    pub fn engine(&self, config: EngineConfig) -> Arc<Engine> {
+        Arc::new(Engine::new(
+            self.store.clone(),
+            self.queues.clone(),
+            self.catalog.clone(),
+            config,
+        ))
+    }
+
+    pub fn worker(&self, config: EngineConfig, visibility: Duration) -> Worker {
+        Worker::new(self.engine(config), self.queues.default_queue(), visibility)
+    }
+}
+
+pub async fn catalog(root: &str) -> anyhow::Result<Arc<Catalog>> {
+    let catalog = Catalog::open(root, config::storage_options()?)
+        .await
+        .with_context(|| format!("opening the namespace at {root}"))?;
+    Ok(Arc::new(catalog))
+}
+
+/// DynamoDB and SQS, named by `LANCE_BACKFILL_JOBS_TABLE`,
+/// `LANCE_BACKFILL_QUEUE_URL` (and `_DLQ_URL`, `_CLUSTERS`).
+pub async fn aws(root: &str) -> anyhow::Result<Components> {
+    let sdk = config::aws().await;
+    let table = std::env::var(config::env::JOBS_TABLE)
+        .with_context(|| format!("{} must name the DynamoDB table", config::env::JOBS_TABLE))?;
+    let queue_url = std::env::var(config::env::QUEUE_URL)
+        .with_context(|| format!("{} must name the SQS queue", config::env::QUEUE_URL))?;
+    let dlq_url = std::env::var(config::env::DLQ_URL).ok();
+    let sqs = aws_sdk_sqs::Client::new(&sdk);
+    let store: Arc<dyn JobStore> = Arc::new(DynamoJobStore::new(
+        aws_sdk_dynamodb::Client::new(&sdk),
+        table,
+    ));
+    let mut queues = QueueSet::new(Arc::new(SqsQueue::new(sqs.clone(), queue_url, dlq_url)));
+    for (name, url) in config::clusters()? {
+        queues = queues.with_cluster(name, Arc::new(SqsQueue::new(sqs.clone(), url, None)));
+    }
+    Ok(Components {
+        catalog: catalog(root).await?,
+        store,
+        queues,
+    })
+}
+
+/// The embedded store and queue in one SQLite file.
+pub async fn embedded(
+    root: &str,
+    state: &Path,
+    max_receive_count: u32,
+) -> anyhow::Result<(Components, SqliteQueue)> {
+    let db = EmbeddedDb::open(state)?;
+    let queue = SqliteQueue::new(db.clone(), "tasks", max_receive_count);
+    let mut queues = QueueSet::new(Arc::new(queue.clone()) as Arc<dyn TaskQueue>);
+    for (name, _) in config::clusters()? {
+        queues = queues.with_cluster(
+            name.clone(),
+            Arc::new(SqliteQueue::new(db.clone(), name, max_receive_count)),
+        );
+    }
+    Ok((
+        Components {
+            catalog: catalog(root).await?,
+            store: Arc::new(SqliteJobStore::new(db)),
+            queues,
+        },
+        queue,
+    ))
+}
+
+/// Where the embedded state lives by default: beside the tables for a
+/// local root.
+pub fn default_state_path(root: &str) -> Option<std::path::PathBuf> {
+    if root.contains("://") && !root.starts_with("file://") {
+        return None;
+    }
+    let local = root.strip_prefix("file://").unwrap_or(root);
+    Some(Path::new(local).join("_lance_backfill").join("state.db"))
+}

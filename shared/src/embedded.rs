@@ -1,0 +1,119 @@
+//! The embedded database behind the one-machine job store and queue: one
+//! SQLite file (WAL journal, so a killed process loses nothing committed).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use rusqlite::Connection;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id      TEXT PRIMARY KEY,
+    table_key   TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    started_at  TEXT,
+    finished_at TEXT,
+    error       TEXT,
+    events      TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS jobs_by_table ON jobs (table_key, created_ms DESC, job_id DESC);
+CREATE TABLE IF NOT EXISTS counters (
+    job_id TEXT NOT NULL,
+    name   TEXT NOT NULL,
+    value  INTEGER NOT NULL,
+    PRIMARY KEY (job_id, name)
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key         TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    job_id      TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS column_locks (
+    lock_key TEXT PRIMARY KEY,
+    job_id   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fragments (
+    job_id      TEXT NOT NULL,
+    fragment_id INTEGER NOT NULL,
+    status      TEXT NOT NULL DEFAULT 'OPEN',
+    staged      TEXT,
+    PRIMARY KEY (job_id, fragment_id)
+);
+CREATE TABLE IF NOT EXISTS fragment_tasks (
+    job_id      TEXT NOT NULL,
+    fragment_id INTEGER NOT NULL,
+    task        INTEGER NOT NULL,
+    PRIMARY KEY (job_id, fragment_id, task)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    job_id   TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    owner    TEXT NOT NULL,
+    until_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, name)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue         TEXT NOT NULL,
+    body          TEXT NOT NULL,
+    sent_ms       INTEGER NOT NULL,
+    visible_at_ms INTEGER NOT NULL,
+    receive_count INTEGER NOT NULL DEFAULT 0,
+    receipt       TEXT,
+    dead          INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, dead, visible_at_ms);
+"#;
+
+/// A shared SQLite connection; every call runs on the blocking pool.
+#[derive(Clone)]
+pub struct EmbeddedDb {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl EmbeddedDb {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` inside one SQLite transaction.
+    pub async fn call<T, F>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = guard.transaction()?;
+            let value = f(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        })
+        .await
+        .context("embedded database task panicked")?
+    }
+}

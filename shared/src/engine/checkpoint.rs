@@ -1,0 +1,220 @@
+//! Checkpoints: computed values of a row range, kept as Arrow IPC files next
+//! to the table (`_backfill/checkpoints/<digest>/<start>-<end>.arrow`).
+//!
+//! The digest covers everything the values depend on (column, expression,
+//! `where`, output type, fragment and its data files), so a re-run of the
+//! same backfill finds them and a changed expression does not. A fragment's
+//! checkpoints are listed under one prefix only, never the whole folder.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arrow_array::RecordBatch;
+use arrow_schema::{Field as ArrowField, Schema as ArrowSchema};
+use futures::TryStreamExt;
+use lance::Dataset;
+use lance::dataset::fragment::FileFragment;
+use lance::io::ObjectStore;
+use object_store::path::Path;
+use sha2::{Digest, Sha256};
+
+use crate::computed::Program;
+
+/// A checkpointed range `[start, end)` of one fragment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The checkpoints of one fragment under one program.
+pub struct FragmentCheckpoints {
+    store: Arc<ObjectStore>,
+    prefix: Path,
+    field: Arc<ArrowField>,
+}
+
+/// Where a checkpoint says whether any row changed.
+const CHANGED_KEY: &str = "lance-backfill:changed";
+
+impl FragmentCheckpoints {
+    pub async fn open(
+        dataset: &Dataset,
+        fragment: &FileFragment,
+        program: &Program,
+    ) -> lance::Result<Self> {
+        let store = dataset.object_store(None).await?;
+        let mut hasher = Sha256::new();
+        for part in [
+            program.column.as_str(),
+            program.expression.as_str(),
+            program.filter.as_str(),
+            &program.output_field.data_type().to_string(),
+            &fragment.id().to_string(),
+        ] {
+            hasher.update(part.as_bytes());
+            hasher.update([0u8]);
+        }
+        for file in &fragment.metadata().files {
+            hasher.update(file.path.as_bytes());
+            hasher.update([0u8]);
+        }
+        let digest = hex::encode(&hasher.finalize()[..16]);
+        let prefix = checkpoints_root(dataset).join(digest.as_str());
+        Ok(Self {
+            store,
+            prefix,
+            field: program.output_field.clone(),
+        })
+    }
+
+    fn path(&self, range: Range) -> Path {
+        self.prefix
+            .clone()
+            .join(format!("{:020}-{:020}.arrow", range.start, range.end).as_str())
+    }
+
+    /// The checkpointed ranges, sorted by start.
+    pub async fn list(&self) -> anyhow::Result<Vec<Range>> {
+        let objects: Vec<_> = self
+            .store
+            .list(Some(self.prefix.clone()))
+            .try_collect()
+            .await
+            .context("listing checkpoints")?;
+        let mut ranges: Vec<Range> = objects
+            .iter()
+            .filter_map(|meta| {
+                let name = meta.location.filename()?;
+                let (start, end) = name.strip_suffix(".arrow")?.split_once('-')?;
+                Some(Range {
+                    start: start.parse().ok()?,
+                    end: end.parse().ok()?,
+                })
+            })
+            .collect();
+        ranges.sort_by_key(|r| (r.start, r.end));
+        Ok(ranges)
+    }
+
+    /// The longest chain of checkpoints from `start` towards `end`.
+    pub fn covered_from(ranges: &[Range], start: u64, end: u64) -> Vec<Range> {
+        let mut chain = Vec::new();
+        let mut at = start;
+        while at < end {
+            // Prefer the longest range starting here (a re-run may have
+            // written a larger batch over the same start).
+            let Some(next) = ranges
+                .iter()
+                .filter(|r| r.start == at && r.end <= end && r.end > r.start)
+                .max_by_key(|r| r.end)
+            else {
+                break;
+            };
+            chain.push(*next);
+            at = next.end;
+        }
+        chain
+    }
+
+    pub async fn write(
+        &self,
+        range: Range,
+        batches: &[RecordBatch],
+        changed: bool,
+    ) -> anyhow::Result<()> {
+        let schema = Arc::new(ArrowSchema::new_with_metadata(
+            vec![self.field.as_ref().clone()],
+            [(CHANGED_KEY.to_string(), changed.to_string())].into(),
+        ));
+        let mut buffer = Vec::new();
+        {
+            let mut writer = arrow_ipc::writer::FileWriter::try_new(&mut buffer, &schema)?;
+            for batch in batches {
+                let batch = RecordBatch::try_new(schema.clone(), batch.columns().to_vec())?;
+                writer.write(&batch)?;
+            }
+            writer.finish()?;
+        }
+        self.store
+            .put(&self.path(range), &buffer)
+            .await
+            .context("writing checkpoint")?;
+        Ok(())
+    }
+
+    /// The batches of a checkpoint and whether it changed any row.
+    pub async fn read(&self, range: Range) -> anyhow::Result<(Vec<RecordBatch>, bool)> {
+        let bytes = self
+            .store
+            .read_one_all(&self.path(range))
+            .await
+            .context("reading checkpoint")?;
+        let reader = arrow_ipc::reader::FileReader::try_new(Cursor::new(bytes), None)?;
+        let changed = reader
+            .schema()
+            .metadata()
+            .get(CHANGED_KEY)
+            .map(|v| v == "true")
+            .unwrap_or(true);
+        let batches = reader.collect::<Result<Vec<_>, _>>()?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        anyhow::ensure!(
+            rows as u64 == range.end - range.start,
+            "checkpoint {}-{} holds {rows} rows",
+            range.start,
+            range.end
+        );
+        Ok((batches, changed))
+    }
+
+    /// Removes every checkpoint of the fragment.
+    pub async fn clear(&self) -> anyhow::Result<()> {
+        let objects: Vec<_> = self
+            .store
+            .list(Some(self.prefix.clone()))
+            .try_collect()
+            .await
+            .context("listing checkpoints")?;
+        for meta in objects {
+            self.store
+                .delete(&meta.location)
+                .await
+                .context("deleting checkpoint")?;
+        }
+        Ok(())
+    }
+}
+
+pub fn checkpoints_root(dataset: &Dataset) -> Path {
+    dataset
+        .branch_location()
+        .path
+        .join("_backfill")
+        .join("checkpoints")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_contiguous_chain() {
+        let r = |start, end| Range { start, end };
+        let ranges = vec![r(0, 10), r(10, 20), r(10, 15), r(30, 40)];
+        assert_eq!(
+            FragmentCheckpoints::covered_from(&ranges, 0, 40),
+            vec![r(0, 10), r(10, 20)]
+        );
+        assert_eq!(
+            FragmentCheckpoints::covered_from(&ranges, 30, 40),
+            vec![r(30, 40)]
+        );
+        assert!(FragmentCheckpoints::covered_from(&ranges, 20, 30).is_empty());
+        assert_eq!(
+            FragmentCheckpoints::covered_from(&ranges, 0, 15),
+            vec![r(0, 10), r(10, 15)]
+        );
+    }
+}

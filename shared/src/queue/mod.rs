@@ -1,0 +1,107 @@
+//! The task queue port: SQS in the cloud, a SQLite table on one machine.
+//! Both give at-least-once delivery with a visibility timeout, a receive
+//! count, and a dead-letter queue after too many receives.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub mod sqlite;
+pub mod sqs;
+
+pub use sqlite::SqliteQueue;
+pub use sqs::SqsQueue;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub message_id: String,
+    pub receipt: String,
+    pub body: String,
+    /// How many times this message has been received, this time included.
+    pub receive_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub body: String,
+    pub delay: Duration,
+}
+
+impl Outgoing {
+    pub fn now(body: String) -> Self {
+        Self {
+            body,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+#[async_trait]
+pub trait TaskQueue: Send + Sync + 'static {
+    /// Sends many messages (SQS: `SendMessageBatch`, 10 per call, calls in parallel).
+    async fn send_many(&self, messages: Vec<Outgoing>) -> anyhow::Result<()>;
+
+    /// Receives up to `max` messages, hiding them for `visibility`; waits up
+    /// to `wait` for the first one.
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<Received>>;
+
+    async fn delete(&self, receipt: &str) -> anyhow::Result<()>;
+
+    /// Extends (or ends, with zero) the time a received message stays hidden.
+    async fn change_visibility(&self, receipt: &str, timeout: Duration) -> anyhow::Result<()>;
+
+    /// Bodies of the messages moved to the dead-letter queue (for operators
+    /// and tests; does not consume them).
+    async fn dead_letters(&self) -> anyhow::Result<Vec<String>>;
+}
+
+/// SQS caps a message delay at 15 minutes.
+pub const MAX_DELAY: Duration = Duration::from_secs(900);
+
+/// The queues of the named worker pools (`cluster`); the default pool has no name.
+#[derive(Clone)]
+pub struct QueueSet {
+    default: std::sync::Arc<dyn TaskQueue>,
+    clusters: std::collections::HashMap<String, std::sync::Arc<dyn TaskQueue>>,
+}
+
+impl QueueSet {
+    pub fn new(default: std::sync::Arc<dyn TaskQueue>) -> Self {
+        Self {
+            default,
+            clusters: Default::default(),
+        }
+    }
+
+    pub fn with_cluster(
+        mut self,
+        name: impl Into<String>,
+        queue: std::sync::Arc<dyn TaskQueue>,
+    ) -> Self {
+        self.clusters.insert(name.into(), queue);
+        self
+    }
+
+    pub fn default_queue(&self) -> std::sync::Arc<dyn TaskQueue> {
+        self.default.clone()
+    }
+
+    /// The queue of a pool; `None` for a pool nobody configured.
+    pub fn for_cluster(&self, cluster: Option<&str>) -> Option<std::sync::Arc<dyn TaskQueue>> {
+        match cluster {
+            None | Some("default") => Some(self.default.clone()),
+            Some(name) => self.clusters.get(name).cloned(),
+        }
+    }
+
+    pub fn cluster_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.clusters.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}

@@ -1,0 +1,178 @@
+//! The embedded queue: messages in a SQLite table, with the SQS contract
+//! (visibility timeout, receive count, redrive to a dead-letter state).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::params;
+use tokio::sync::Notify;
+
+use super::{Outgoing, Received, TaskQueue};
+use crate::embedded::EmbeddedDb;
+use crate::job::now_millis;
+
+#[derive(Clone)]
+pub struct SqliteQueue {
+    db: EmbeddedDb,
+    name: String,
+    max_receive_count: u32,
+    arrivals: Arc<Notify>,
+}
+
+impl SqliteQueue {
+    pub fn new(db: EmbeddedDb, name: impl Into<String>, max_receive_count: u32) -> Self {
+        Self {
+            db,
+            name: name.into(),
+            max_receive_count: max_receive_count.max(1),
+            arrivals: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Messages waiting or in flight (not dead).
+    pub async fn depth(&self) -> anyhow::Result<u64> {
+        let name = self.name.clone();
+        self.db
+            .call(move |tx| {
+                Ok(tx.query_row(
+                    "SELECT COUNT(*) FROM messages WHERE queue = ?1 AND dead = 0",
+                    params![name],
+                    |r| r.get::<_, i64>(0),
+                )? as u64)
+            })
+            .await
+    }
+
+    async fn receive_now(&self, max: usize, visibility: Duration) -> anyhow::Result<Vec<Received>> {
+        let name = self.name.clone();
+        let max_receive = self.max_receive_count;
+        self.db
+            .call(move |tx| {
+                let now = now_millis();
+                // As SQS redrives: a message received too often goes to the DLQ
+                // instead of being delivered again.
+                tx.execute(
+                    "UPDATE messages SET dead = 1
+                     WHERE queue = ?1 AND dead = 0 AND visible_at_ms <= ?2 AND receive_count >= ?3",
+                    params![name, now, max_receive],
+                )?;
+                let mut stmt = tx.prepare_cached(
+                    "SELECT id, body, receive_count FROM messages
+                     WHERE queue = ?1 AND dead = 0 AND visible_at_ms <= ?2
+                     ORDER BY visible_at_ms, id LIMIT ?3",
+                )?;
+                let rows: Vec<(i64, String, u32)> = stmt
+                    .query_map(params![name, now, max as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                let mut received = Vec::with_capacity(rows.len());
+                for (id, body, count) in rows {
+                    let receipt = format!("{id}:{}", uuid::Uuid::new_v4().simple());
+                    tx.execute(
+                        "UPDATE messages SET receive_count = receive_count + 1, visible_at_ms = ?2, receipt = ?3
+                         WHERE id = ?1",
+                        params![id, now + visibility.as_millis() as i64, receipt],
+                    )?;
+                    received.push(Received {
+                        message_id: id.to_string(),
+                        receipt,
+                        body,
+                        receive_count: count + 1,
+                    });
+                }
+                Ok(received)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl TaskQueue for SqliteQueue {
+    async fn send_many(&self, messages: Vec<Outgoing>) -> anyhow::Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let name = self.name.clone();
+        self.db
+            .call(move |tx| {
+                let now = now_millis();
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO messages (queue, body, sent_ms, visible_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for message in messages {
+                    stmt.execute(params![
+                        name,
+                        message.body,
+                        now,
+                        now + message.delay.min(super::MAX_DELAY).as_millis() as i64
+                    ])?;
+                }
+                Ok(())
+            })
+            .await?;
+        self.arrivals.notify_waiters();
+        Ok(())
+    }
+
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<Received>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.arrivals.notified();
+            let received = self.receive_now(max, visibility).await?;
+            if !received.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(received);
+            }
+            // Woken by a send, or re-check soon for messages becoming visible.
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        }
+    }
+
+    async fn delete(&self, receipt: &str) -> anyhow::Result<()> {
+        let receipt = receipt.to_string();
+        self.db
+            .call(move |tx| {
+                tx.execute("DELETE FROM messages WHERE receipt = ?1", params![receipt])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn change_visibility(&self, receipt: &str, timeout: Duration) -> anyhow::Result<()> {
+        let receipt = receipt.to_string();
+        self.db
+            .call(move |tx| {
+                tx.execute(
+                    "UPDATE messages SET visible_at_ms = ?2 WHERE receipt = ?1 AND dead = 0",
+                    params![receipt, now_millis() + timeout.as_millis() as i64],
+                )?;
+                Ok(())
+            })
+            .await?;
+        if timeout.is_zero() {
+            self.arrivals.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(&self) -> anyhow::Result<Vec<String>> {
+        let name = self.name.clone();
+        self.db
+            .call(move |tx| {
+                let mut stmt = tx.prepare(
+                    "SELECT body FROM messages WHERE queue = ?1 AND dead = 1 ORDER BY id",
+                )?;
+                let bodies = stmt
+                    .query_map(params![name], |r| r.get::<_, String>(0))?
+                    .collect::<Result<_, _>>()?;
+                Ok(bodies)
+            })
+            .await
+    }
+}

@@ -1,0 +1,80 @@
+//! The local runner: polls a queue the way the SQS event source drives the
+//! worker function (batches, visibility timeout, partial failures; the
+//! queue itself redrives to its DLQ), on as many pollers as asked.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::queue::TaskQueue;
+use crate::worker::Worker;
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Concurrent pollers (like concurrent worker invocations).
+    pub pollers: usize,
+    /// Messages per batch (the event source's batch size).
+    pub batch_size: usize,
+    /// Time each batch may take, like the function timeout; tasks checkpoint
+    /// and requeue their remainder before it runs out.
+    pub invocation_timeout: Option<Duration>,
+    pub wait: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            pollers: 2,
+            batch_size: 10,
+            invocation_timeout: None,
+            wait: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Runs pollers until `shutdown` turns true; in-flight batches finish first.
+pub async fn run(
+    worker: Arc<Worker>,
+    queue: Arc<dyn TaskQueue>,
+    visibility: Duration,
+    config: RunnerConfig,
+    shutdown: watch::Receiver<bool>,
+) {
+    let pollers = (0..config.pollers.max(1)).map(|_| {
+        let worker = worker.clone();
+        let queue = queue.clone();
+        let config = config.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            while !*shutdown.borrow() {
+                let received = tokio::select! {
+                    received = queue.receive(config.batch_size, visibility, config.wait) => received,
+                    _ = shutdown.changed() => break,
+                };
+                let messages = match received {
+                    Ok(messages) => messages,
+                    Err(err) => {
+                        warn!(error = %format!("{err:#}"), "receive failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                if messages.is_empty() {
+                    continue;
+                }
+                let deadline = config.invocation_timeout.map(|t| Instant::now() + t);
+                let report = worker.process(messages, deadline).await;
+                for receipt in report.succeeded {
+                    if let Err(err) = queue.delete(&receipt).await {
+                        warn!(error = %format!("{err:#}"), "delete failed; the message will be seen again");
+                    }
+                }
+            }
+        })
+    });
+    for poller in pollers.collect::<Vec<_>>() {
+        let _ = poller.await;
+    }
+}

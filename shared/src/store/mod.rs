@@ -1,0 +1,208 @@
+//! The job store port: jobs, their counters and events, per-fragment
+//! progress, and leases. DynamoDB in the cloud, SQLite on one machine.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::job::{Job, JobState, Metrics, MetricsDelta};
+
+pub mod dynamodb;
+pub mod sqlite;
+
+pub use dynamodb::DynamoJobStore;
+pub use sqlite::SqliteJobStore;
+
+pub type StoreResult<T> = Result<T, anyhow::Error>;
+
+/// Makes a retried submit return the job it created the first time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyClaim {
+    /// The client's key, scoped to who sent it.
+    pub key: String,
+    /// A digest of the request; the same key with another request is a conflict.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created,
+    /// The idempotency key was seen with the same request: this is its job.
+    Replayed {
+        job_id: String,
+    },
+    /// The idempotency key was seen with a different request.
+    IdempotencyMismatch {
+        job_id: String,
+    },
+    /// Another job is already filling this column of this table.
+    ColumnBusy {
+        job_id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    pub next_page_token: Option<String>,
+}
+
+/// A fragment whose new column file is written but not yet committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StagedFragment {
+    pub fragment_id: u64,
+    /// The Lance `DataFile` written by `write_columns`, serialised.
+    pub data_file: serde_json::Value,
+    /// Physical rows of the fragment at the read version: a fragment with
+    /// another count (or none) at commit time was rewritten meanwhile.
+    pub rows: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FragmentStatus {
+    Open,
+    Staged,
+    Committed,
+    Skipped,
+}
+
+impl FragmentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "OPEN",
+            Self::Staged => "STAGED",
+            Self::Committed => "COMMITTED",
+            Self::Skipped => "SKIPPED",
+        }
+    }
+
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "STAGED" => Self::Staged,
+            "COMMITTED" => Self::Committed,
+            "SKIPPED" => Self::Skipped,
+            _ => Self::Open,
+        }
+    }
+
+    /// Nothing left for a task to do on this fragment.
+    pub fn is_resolved(self) -> bool {
+        !matches!(self, Self::Open)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FragmentRecord {
+    pub status: FragmentStatus,
+    pub tasks_done: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskMark {
+    /// This call recorded the task (false for a repeated delivery).
+    pub newly_done: bool,
+    /// Tasks of the fragment recorded so far.
+    pub tasks_done: u32,
+}
+
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Writes a new job, with its idempotency record and the lock that keeps
+    /// two jobs from filling the same column, all or nothing.
+    async fn create_job(
+        &self,
+        job: &Job,
+        idempotency: Option<&IdempotencyClaim>,
+    ) -> StoreResult<CreateOutcome>;
+
+    async fn get_job(&self, job_id: &str) -> StoreResult<Option<Job>>;
+
+    /// Jobs of a table, newest first.
+    async fn list_jobs(
+        &self,
+        table_key: &str,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> StoreResult<JobPage>;
+
+    /// Moves the job to `to` if its current state allows it; returns the
+    /// state it left, or `None` when the move was not allowed. A terminal
+    /// state releases the column lock.
+    async fn transition(
+        &self,
+        job_id: &str,
+        to: JobState,
+        event: Option<&str>,
+        error: Option<&str>,
+    ) -> StoreResult<Option<JobState>>;
+
+    async fn add_event(&self, job_id: &str, message: &str) -> StoreResult<()>;
+
+    /// Adds to counters atomically and returns all counters after the change.
+    async fn add_metrics(&self, job_id: &str, delta: &MetricsDelta) -> StoreResult<Metrics>;
+
+    async fn get_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<FragmentRecord>;
+
+    /// Records a finished task once, however often it is delivered.
+    async fn mark_task_done(
+        &self,
+        job_id: &str,
+        fragment_id: u64,
+        task: u32,
+    ) -> StoreResult<TaskMark>;
+
+    /// Records the fragment's staged file; false if the fragment was already
+    /// staged, committed or skipped (the caller's file is then surplus).
+    async fn stage_fragment(&self, job_id: &str, staged: &StagedFragment) -> StoreResult<bool>;
+
+    /// Records that the fragment needs no new file; false if already resolved.
+    async fn skip_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<bool>;
+
+    /// Staged fragments not yet committed, in fragment order.
+    async fn staged_fragments(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>>;
+
+    /// Marks staged fragments committed and counts them, atomically per fragment.
+    async fn mark_committed(&self, job_id: &str, fragments: &[StagedFragment]) -> StoreResult<()>;
+
+    /// Takes (or renews, for the same owner) a named lease of the job.
+    async fn try_lease(
+        &self,
+        job_id: &str,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<bool>;
+
+    async fn release_lease(&self, job_id: &str, name: &str, owner: &str) -> StoreResult<()>;
+}
+
+/// Page tokens are opaque to clients: base64 of the store's own cursor.
+pub(crate) fn encode_token(cursor: &serde_json::Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(cursor.to_string())
+}
+
+pub(crate) fn decode_token(token: &str) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The column lock's key.
+pub(crate) fn column_lock_key(job: &Job) -> String {
+    format!(
+        "{}\u{1f}{}\u{1f}{}",
+        job.spec.table_id.key(),
+        job.spec.branch.as_deref().unwrap_or("main"),
+        job.spec.column
+    )
+}
+
+/// Error returned by stores for a page token they did not issue.
+#[derive(Debug, thiserror::Error)]
+#[error("page_token is not valid")]
+pub struct BadPageToken;

@@ -1,0 +1,234 @@
+//! Table ids and where tables live: a Lance directory namespace rooted at a
+//! local path or an object-store URI, and the datasets opened from it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use lance::Dataset;
+use lance::dataset::builder::DatasetBuilder;
+use lance::session::Session;
+use lance_namespace::LanceNamespace;
+use lance_namespace::models::DescribeTableRequest;
+use lance_namespace_impls::{DirectoryNamespace, DirectoryNamespaceBuilder};
+
+use crate::error::ApiError;
+
+pub const DEFAULT_DELIMITER: &str = "$";
+
+/// A table id: namespace parts followed by the table name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct TableId(pub Vec<String>);
+
+impl TableId {
+    /// Parses the `{id}` path segment (already percent-decoded) with the
+    /// request's delimiter.
+    pub fn parse(raw: &str, delimiter: &str) -> Result<Self, ApiError> {
+        if delimiter.is_empty() {
+            return Err(ApiError::invalid_input(
+                "query parameter 'delimiter' must not be empty",
+            ));
+        }
+        if raw.is_empty() || raw == delimiter {
+            return Err(ApiError::invalid_input(format!(
+                "path parameter 'id' must name a table, got '{raw}' (the root namespace)"
+            )));
+        }
+        let parts: Vec<String> = raw.split(delimiter).map(str::to_string).collect();
+        Self::from_parts(parts, "path parameter 'id'")
+    }
+
+    pub fn from_parts(parts: Vec<String>, what: &str) -> Result<Self, ApiError> {
+        if parts.is_empty() {
+            return Err(ApiError::invalid_input(format!("{what} must not be empty")));
+        }
+        if let Some(idx) = parts.iter().position(|p| p.is_empty()) {
+            return Err(ApiError::invalid_input(format!(
+                "{what} has an empty part at position {idx}"
+            )));
+        }
+        Ok(Self(parts))
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.last().map(String::as_str).unwrap_or_default()
+    }
+
+    /// A stable text form used as a key in the job store (unit separator
+    /// between parts, so no delimiter choice can make two ids collide).
+    pub fn key(&self) -> String {
+        self.0.join("\u{1f}")
+    }
+
+    pub fn from_key(key: &str) -> Self {
+        Self(key.split('\u{1f}').map(str::to_string).collect())
+    }
+
+    pub fn display(&self) -> String {
+        self.0.join(DEFAULT_DELIMITER)
+    }
+}
+
+/// Resolves table ids through a Lance directory namespace and opens datasets,
+/// sharing one Lance session (metadata and index caches) across requests.
+pub struct Catalog {
+    root: String,
+    namespace: DirectoryNamespace,
+    storage_options: HashMap<String, String>,
+    session: Arc<Session>,
+    /// Datasets at a fixed version never change, so workers reuse them.
+    pinned: Mutex<Vec<(String, Arc<Dataset>)>>,
+}
+
+const PINNED_CACHE_SIZE: usize = 32;
+
+impl Catalog {
+    pub async fn open(
+        root: &str,
+        storage_options: HashMap<String, String>,
+    ) -> Result<Self, lance::Error> {
+        let root = normalize_root(root);
+        let session = Arc::new(Session::default());
+        let namespace = DirectoryNamespaceBuilder::new(root.clone())
+            .storage_options(storage_options.clone())
+            .session(session.clone())
+            .build()
+            .await?;
+        Ok(Self {
+            root,
+            namespace,
+            storage_options,
+            session,
+            pinned: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    pub fn storage_options(&self) -> &HashMap<String, String> {
+        &self.storage_options
+    }
+
+    pub fn session(&self) -> Arc<Session> {
+        self.session.clone()
+    }
+
+    /// The table's location (URI), or the namespace error as an API error.
+    pub async fn locate(&self, id: &TableId) -> Result<String, ApiError> {
+        let mut request = DescribeTableRequest::new();
+        request.id = Some(id.0.clone());
+        request.vend_credentials = Some(false);
+        let response = self
+            .namespace
+            .describe_table(request)
+            .await
+            .map_err(|err| {
+                let api = ApiError::from_lance(err, &format!("table '{}'", id.display()));
+                if api.status == http::StatusCode::INTERNAL_SERVER_ERROR {
+                    tracing::warn!(table = %id.display(), error = %api.message, "describe_table failed");
+                }
+                api
+            })?;
+        response
+            .location
+            .or(response.table_uri)
+            .ok_or_else(|| ApiError::table_not_found(format!("table '{}'", id.display())))
+    }
+
+    fn builder(&self, uri: &str) -> DatasetBuilder {
+        DatasetBuilder::from_uri(uri)
+            .with_storage_options(self.storage_options.clone())
+            .with_session(self.session.clone())
+    }
+
+    /// The latest version of a table, on `branch` (None or "main" = main).
+    pub async fn latest(&self, uri: &str, branch: Option<&str>) -> lance::Result<Dataset> {
+        match branch_name(branch) {
+            Some(branch) => self.builder(uri).with_branch(branch, None).load().await,
+            None => self.builder(uri).load().await,
+        }
+    }
+
+    /// A table at a fixed version; cached, since it can never change.
+    pub async fn at_version(
+        &self,
+        uri: &str,
+        branch: Option<&str>,
+        version: u64,
+    ) -> lance::Result<Arc<Dataset>> {
+        let key = format!(
+            "{uri}\u{1f}{}\u{1f}{version}",
+            branch_name(branch).unwrap_or("")
+        );
+        if let Some(found) = self.cached(&key) {
+            return Ok(found);
+        }
+        let dataset = match branch_name(branch) {
+            Some(branch) => {
+                self.builder(uri)
+                    .with_branch(branch, Some(version))
+                    .load()
+                    .await?
+            }
+            None => self.builder(uri).with_version(version).load().await?,
+        };
+        let dataset = Arc::new(dataset);
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pinned.retain(|(k, _)| k != &key);
+        pinned.push((key, dataset.clone()));
+        if pinned.len() > PINNED_CACHE_SIZE {
+            pinned.remove(0);
+        }
+        Ok(dataset)
+    }
+
+    fn cached(&self, key: &str) -> Option<Arc<Dataset>> {
+        let pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pinned
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, dataset)| dataset.clone())
+    }
+}
+
+/// "main" and no branch are the same thing.
+pub fn branch_name(branch: Option<&str>) -> Option<&str> {
+    branch.filter(|b| !b.is_empty() && *b != "main")
+}
+
+fn normalize_root(root: &str) -> String {
+    let trimmed = root.trim_end_matches('/');
+    if trimmed.contains("://") {
+        return trimmed.to_string();
+    }
+    // Relative paths are resolved now so every process agrees on the location.
+    match std::path::absolute(trimmed) {
+        Ok(path) => path.to_string_lossy().into_owned(),
+        Err(_) => trimmed.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ids_with_any_delimiter() {
+        assert_eq!(
+            TableId::parse("ns$items", "$").unwrap().0,
+            vec!["ns", "items"]
+        );
+        assert_eq!(TableId::parse("items", "$").unwrap().0, vec!["items"]);
+        assert_eq!(TableId::parse("a.b.c", ".").unwrap().0, vec!["a", "b", "c"]);
+        assert_eq!(TableId::parse("$", "$").unwrap_err().status, 400);
+        assert_eq!(TableId::parse("a$$b", "$").unwrap_err().status, 400);
+        assert_eq!(TableId::parse("a", "").unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let id = TableId(vec!["a$b".into(), "c".into()]);
+        assert_eq!(TableId::from_key(&id.key()), id);
+    }
+}

@@ -1,0 +1,169 @@
+//! The worker: a batch of queue messages in, the ids of the failed ones out
+//! (SQS `ReportBatchItemFailures`). Messages run concurrently, each in its
+//! own span, with its visibility extended while it works.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use futures::future::join_all;
+use tracing::{Instrument, warn};
+
+use crate::engine::{Delivery, Disposition, Engine};
+use crate::queue::{Outgoing, Received, TaskQueue};
+
+pub struct Worker {
+    engine: Arc<Engine>,
+    /// The queue the messages came from (to extend visibility and requeue).
+    queue: Arc<dyn TaskQueue>,
+    /// The queue's visibility timeout; extended by this much while working.
+    visibility: Duration,
+}
+
+/// What became of each message of a batch.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct BatchReport {
+    /// Receipts of messages that are finished (to delete).
+    pub succeeded: Vec<String>,
+    /// Ids of messages that failed (left in the queue).
+    pub failed: Vec<String>,
+}
+
+/// Visibility is extended at least this often while a message is worked on.
+const HEARTBEAT_CAP: Duration = Duration::from_secs(60);
+
+/// How long a poison message stays hidden before its next (counted) receive.
+const POISON_BACKOFF: Duration = Duration::from_secs(2);
+
+impl Worker {
+    pub fn new(engine: Arc<Engine>, queue: Arc<dyn TaskQueue>, visibility: Duration) -> Self {
+        Self {
+            engine,
+            queue,
+            visibility,
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub async fn process(&self, messages: Vec<Received>, deadline: Option<Instant>) -> BatchReport {
+        let outcomes = join_all(messages.into_iter().map(|message| {
+            let span = tracing::info_span!("message", message_id = %message.message_id, receive_count = message.receive_count);
+            async move {
+                let ok = self.process_one(&message, deadline).await;
+                (message, ok)
+            }
+            .instrument(span)
+        }))
+        .await;
+        let mut report = BatchReport::default();
+        for (message, ok) in outcomes {
+            if ok {
+                report.succeeded.push(message.receipt);
+            } else {
+                report.failed.push(message.message_id);
+            }
+        }
+        report
+    }
+
+    /// Returns whether the message is finished with.
+    async fn process_one(&self, message: &Received, deadline: Option<Instant>) -> bool {
+        let heartbeat = {
+            let queue = self.queue.clone();
+            let receipt = message.receipt.clone();
+            let visibility = self.visibility;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep((visibility / 3).min(HEARTBEAT_CAP)).await;
+                    if let Err(err) = queue.change_visibility(&receipt, visibility).await {
+                        warn!(error = %format!("{err:#}"), "could not extend message visibility");
+                    }
+                }
+            })
+        };
+        let delivery = Delivery {
+            message_id: message.message_id.clone(),
+            receive_count: message.receive_count,
+            deadline,
+        };
+        let disposition = self.engine.handle(&message.body, &delivery).await;
+        heartbeat.abort();
+        match disposition {
+            Disposition::Done => true,
+            Disposition::Requeue { delay } => {
+                match self
+                    .queue
+                    .send_many(vec![Outgoing {
+                        body: message.body.clone(),
+                        delay,
+                    }])
+                    .await
+                {
+                    Ok(()) => true,
+                    Err(err) => {
+                        warn!(error = %format!("{err:#}"), "could not requeue; leaving the message");
+                        self.hide(message, delay).await;
+                        false
+                    }
+                }
+            }
+            Disposition::Retry { after, .. } => {
+                self.hide(message, after).await;
+                false
+            }
+            Disposition::Poison { .. } => {
+                self.hide(message, POISON_BACKOFF).await;
+                false
+            }
+        }
+    }
+
+    async fn hide(&self, message: &Received, duration: Duration) {
+        if let Err(err) = self
+            .queue
+            .change_visibility(&message.receipt, duration)
+            .await
+        {
+            warn!(error = %format!("{err:#}"), "could not change message visibility");
+        }
+    }
+
+    /// The worker function's handler: Lambda deletes the messages not reported failed.
+    pub async fn handle_sqs_event(
+        &self,
+        event: SqsEvent,
+        deadline: Option<Instant>,
+    ) -> SqsBatchResponse {
+        let mut response = SqsBatchResponse::default();
+        let mut messages = Vec::new();
+        for record in event.records {
+            let message_id = record.message_id.clone().unwrap_or_default();
+            let receipt = record.receipt_handle.clone().unwrap_or_default();
+            let receive_count = record
+                .attributes
+                .get("ApproximateReceiveCount")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            messages.push(Received {
+                message_id,
+                receipt,
+                body: record.body.unwrap_or_default(),
+                receive_count,
+            });
+        }
+        let report = self.process(messages, deadline).await;
+        for id in report.failed {
+            response.add_failure(id);
+        }
+        response
+    }
+}
+
+/// Lambda's deadline (milliseconds since the epoch) as an [`Instant`].
+pub fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
+    let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+}

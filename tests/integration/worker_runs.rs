@@ -1,0 +1,413 @@
+//! Jobs run to the end through the queue and the worker; the table read
+//! back with a fresh reader holds exactly the expected values.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::{Int64Array, RecordBatch, RecordBatchIterator, StringArray};
+use lance::dataset::{WriteMode, WriteParams};
+use lance_backfill::engine::EngineConfig;
+use lance_backfill::job::{Counter, JobState};
+use lance_backfill::queue::{Outgoing, TaskQueue};
+use lance_backfill::runner::RunnerConfig;
+use lance_backfill_tests::{
+    Moto, Stack, StackOptions, latest_version, read_i64, write_sample_table,
+};
+use serde_json::json;
+
+use crate::rt_test;
+
+const VISIBILITY: Duration = Duration::from_secs(30);
+
+fn fast_engine() -> EngineConfig {
+    EngineConfig {
+        lease_ttl: Duration::from_secs(5),
+        busy_wait: Duration::from_secs(2),
+        busy_delay: Duration::from_millis(200),
+        ..EngineConfig::default()
+    }
+}
+
+fn expected(x: &[Option<i64>]) -> Vec<Option<i64>> {
+    x.iter().map(|v| v.map(|x| x * 2 + 1)).collect()
+}
+
+async fn append_rows(uri: &str, from: i64, count: i64) {
+    let schema = Arc::new(arrow_schema::Schema::new(vec![
+        arrow_schema::Field::new("id", arrow_schema::DataType::Int64, false),
+        arrow_schema::Field::new("x", arrow_schema::DataType::Int64, true),
+        arrow_schema::Field::new("s", arrow_schema::DataType::Utf8, true),
+    ]));
+    let ids: Vec<i64> = (from..from + count).collect();
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from(ids.clone())),
+            Arc::new(Int64Array::from(ids.clone())),
+            Arc::new(StringArray::from(
+                ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .unwrap();
+    let mut dataset = lance::Dataset::open(uri).await.unwrap();
+    // The table has computed columns by now: appends write them as null.
+    let full = Arc::new(arrow_schema::Schema::from(dataset.schema()));
+    let columns: Vec<arrow_array::ArrayRef> = full
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) => c.clone(),
+            None => arrow_array::new_null_array(f.data_type(), count as usize),
+        })
+        .collect();
+    let batch = RecordBatch::try_new(full.clone(), columns).unwrap();
+    let params = WriteParams {
+        mode: WriteMode::Append,
+        ..Default::default()
+    };
+    dataset
+        .append(
+            RecordBatchIterator::new(vec![Ok(batch)], full),
+            Some(params),
+        )
+        .await
+        .unwrap();
+    let _ = schema;
+}
+
+rt_test! {
+    async fn million_rows_in_sixteen_fragments_through_sqs() {
+        let moto = Moto::connect().await;
+        let mut stack = Stack::aws(&moto, StackOptions::default()).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 1_000_000, 16).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        let before = latest_version(&uri).await;
+        stack.start_worker(fast_engine(), RunnerConfig { pollers: 2, batch_size: 10, ..RunnerConfig::default() }, VISIBILITY);
+        let began = Instant::now();
+        let job_id = stack.submit("items", json!({"column": "y"})).await;
+        let job = stack.wait_done(&job_id, Duration::from_secs(300)).await;
+        let elapsed = began.elapsed();
+        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        assert_eq!(x.len(), 1_000_000);
+        assert_eq!(y, expected(&x));
+        let versions = latest_version(&uri).await - before;
+        assert_eq!(versions, 1, "16 fragments, granularity 64: one commit");
+        assert_eq!(job.metrics.get(Counter::FragmentsCommitted), 16);
+        assert_eq!(job.metrics.get(Counter::RowsCommitted), 1_000_000);
+        assert_eq!(job.metrics.get(Counter::CommitsDone), 1);
+        assert!(job.events.iter().any(|e| e.message.starts_with("done:")));
+        println!(
+            "FIGURES million_rows: {} rows in {:.3} s = {:.0} rows/s (moto SQS + DynamoDB, debug build), {versions} version(s) created",
+            x.len(),
+            elapsed.as_secs_f64(),
+            x.len() as f64 / elapsed.as_secs_f64()
+        );
+    }
+}
+
+rt_test! {
+    async fn where_chooses_rows_and_the_rest_keep_their_values() {
+        let mut stack = Stack::embedded(StackOptions::default()).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 3000, 3).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        stack.start_worker(fast_engine(), RunnerConfig::default(), VISIBILITY);
+        let job = stack.submit("items", json!({"column": "y", "where": "x < 100 OR x >= 2950"})).await;
+        stack.wait_done(&job, Duration::from_secs(60)).await;
+        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        for (x, y) in x.iter().zip(&y) {
+            let x = x.unwrap();
+            if x < 100 || x >= 2950 {
+                assert_eq!(*y, Some(x * 2 + 1));
+            } else {
+                assert_eq!(*y, None, "x = {x} was not chosen");
+            }
+        }
+        // The default where fills only what is still null; the middle
+        // fragment had nothing chosen before and the chosen rows keep theirs.
+        let job = stack.submit("items", json!({"column": "y"})).await;
+        stack.wait_done(&job, Duration::from_secs(60)).await;
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        assert_eq!(y, expected(&x));
+    }
+}
+
+rt_test! {
+    async fn read_version_and_appends_during_the_job() {
+        let mut stack = Stack::embedded(StackOptions::default()).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 4000, 4).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        let declared = latest_version(&uri).await;
+        append_rows(&uri, 4000, 1000).await;
+        // Read the version before the append: the appended rows stay null.
+        let job = stack
+            .submit("items", json!({"column": "y", "read_version": declared, "commit_granularity": 1}))
+            .await;
+        // Appends while the job runs do not fail it.
+        stack.start_worker(fast_engine(), RunnerConfig { pollers: 1, batch_size: 1, ..RunnerConfig::default() }, VISIBILITY);
+        append_rows(&uri, 5000, 500).await;
+        let job = stack.wait_done(&job, Duration::from_secs(60)).await;
+        assert_eq!(job.spec.read_version, declared);
+        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        assert_eq!(x.len(), 5500);
+        for (x, y) in x.iter().zip(&y) {
+            let x = x.unwrap();
+            assert_eq!(*y, (x < 4000).then_some(x * 2 + 1), "x = {x}");
+        }
+    }
+}
+
+rt_test! {
+    async fn deleted_rows_stay_aligned_and_a_noop_rerun_makes_no_version() {
+        let mut stack = Stack::embedded(StackOptions::default()).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 2000, 2).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        let mut dataset = lance::Dataset::open(&uri).await.unwrap();
+        dataset.delete("x % 3 = 0 OR (x > 500 AND x < 700)").await.unwrap();
+        stack.start_worker(fast_engine(), RunnerConfig::default(), VISIBILITY);
+        let job = stack.submit("items", json!({"column": "y", "checkpoint_size": 128})).await;
+        stack.wait_done(&job, Duration::from_secs(60)).await;
+        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        assert!(x.iter().all(|x| { let x = x.unwrap(); x % 3 != 0 && !(x > 500 && x < 700) }));
+        assert_eq!(y, expected(&x));
+
+        let version = latest_version(&uri).await;
+        let rerun = stack.submit("items", json!({"column": "y"})).await;
+        let rerun = stack.wait_done(&rerun, Duration::from_secs(60)).await;
+        assert_eq!(latest_version(&uri).await, version, "a re-run with nothing to do commits nothing");
+        assert_eq!(rerun.metrics.get(Counter::FragmentsSkipped), 2);
+        assert_eq!(rerun.metrics.get(Counter::CommitsDone), 0);
+        // An explicit where that recomputes filled rows changes nothing either.
+        let rerun = stack.submit("items", json!({"column": "y", "where": "x < 50"})).await;
+        stack.wait_done(&rerun, Duration::from_secs(60)).await;
+        assert_eq!(latest_version(&uri).await, version);
+    }
+}
+
+rt_test! {
+    async fn every_message_delivered_twice_commits_each_group_once() {
+        let moto = Moto::connect().await;
+        let mut stack = Stack::aws(&moto, StackOptions::default()).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 8000, 8).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        let before = latest_version(&uri).await;
+        let job_id = stack
+            .submit("items", json!({"column": "y", "commit_granularity": 2, "task_size": 600, "batch_checkpoint_flush_interval_seconds": 0}))
+            .await;
+        // Duplicate every queued task message before any worker runs.
+        let sqs = stack.sqs.clone().unwrap();
+        let mut bodies = Vec::new();
+        loop {
+            let batch = sqs.receive(10, Duration::from_secs(1), Duration::from_millis(300)).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            bodies.extend(batch.into_iter().map(|m| m.body));
+        }
+        assert_eq!(bodies.len(), 8 * 2, "600-row tasks over 1000-row fragments");
+        let mut twice: Vec<Outgoing> = bodies.iter().chain(bodies.iter()).map(|b| Outgoing::now(b.clone())).collect();
+        twice.reverse();
+        sqs.send_many(twice).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stack.start_worker(fast_engine(), RunnerConfig { pollers: 3, batch_size: 5, ..RunnerConfig::default() }, VISIBILITY);
+        let job = stack.wait_done(&job_id, Duration::from_secs(120)).await;
+        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        assert_eq!(y, expected(&x));
+        let versions = latest_version(&uri).await - before;
+        assert_eq!(job.metrics.get(Counter::FragmentsCommitted), 8);
+        assert_eq!(job.metrics.get(Counter::TasksDone), 16, "each task counted once");
+        assert_eq!(versions, job.metrics.get(Counter::CommitsDone));
+        assert!(versions <= 4, "at most one commit per group of 2 fragments, got {versions}");
+        // Checkpoints of committed fragments are gone.
+        let leftovers = walk(&format!("{uri}/_backfill"));
+        assert!(leftovers.is_empty(), "leftover checkpoints: {leftovers:?}");
+    }
+}
+
+rt_test! {
+    async fn a_task_stopped_mid_way_resumes_from_its_checkpoint() {
+        let mut stack = Stack::embedded(StackOptions { visibility: Duration::from_secs(2), ..StackOptions::default() }).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 200_000, 2).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        let job_id = stack
+            .submit("items", json!({"column": "y", "checkpoint_size": 2000, "batch_checkpoint_flush_interval_seconds": 0}))
+            .await;
+        // A worker whose invocations end almost at once: every task stops
+        // at its deadline, checkpoints and requeues the rest, many times.
+        let engine = EngineConfig { deadline_margin: Duration::from_millis(900), ..fast_engine() };
+        let runner = RunnerConfig { pollers: 1, batch_size: 2, invocation_timeout: Some(Duration::from_secs(1)), ..RunnerConfig::default() };
+        stack.start_worker(engine, runner, Duration::from_secs(2));
+        let job = stack.wait_done(&job_id, Duration::from_secs(180)).await;
+        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        assert_eq!(y, expected(&x));
+        // Work was resumed, not redone: computed rows stay close to the table size.
+        let computed = job.metrics.get(Counter::RowsComputed);
+        assert!(computed >= 200_000 && computed < 240_000, "rows computed: {computed}");
+        assert!(job.metrics.get(Counter::RowsCheckpointed) > 0);
+        assert!(walk(&format!("{uri}/_backfill")).is_empty());
+    }
+}
+
+rt_test! {
+    async fn a_killed_worker_leaves_a_job_the_next_one_finishes() {
+        let mut stack = Stack::embedded(StackOptions { visibility: Duration::from_secs(2), ..StackOptions::default() }).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 300_000, 3).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        let job_id = stack
+            .submit("items", json!({"column": "y", "checkpoint_size": 1000, "batch_checkpoint_flush_interval_seconds": 0, "task_size": 50000}))
+            .await;
+        // The first worker runs on its own runtime, which is torn down
+        // mid-job: its in-flight messages are never acknowledged.
+        let components = stack.components.clone();
+        let queue = stack.queue.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        runtime.spawn(async move {
+            let worker = Arc::new(components.worker(fast_engine(), Duration::from_secs(2)));
+            lance_backfill::runner::run(worker, queue, Duration::from_secs(2), RunnerConfig { pollers: 1, batch_size: 2, ..RunnerConfig::default() }, stop_rx).await;
+        });
+        let store = stack.store().clone();
+        let id = job_id.clone();
+        lance_backfill_tests::eventually(Duration::from_secs(60), || {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                let job = store.get_job(&id).await.unwrap().unwrap();
+                job.metrics.get(Counter::RowsCheckpointed) > 20_000
+            }
+        })
+        .await
+        .unwrap();
+        runtime.shutdown_background();
+        drop(stop_tx);
+        let killed_at = stack.store().get_job(&job_id).await.unwrap().unwrap();
+        assert_ne!(killed_at.state, JobState::Done);
+        stack.start_worker(fast_engine(), RunnerConfig::default(), Duration::from_secs(2));
+        let job = stack.wait_done(&job_id, Duration::from_secs(120)).await;
+        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        assert_eq!(y, expected(&x));
+        assert_eq!(job.metrics.get(Counter::FragmentsCommitted), 3);
+    }
+}
+
+rt_test! {
+    async fn on_s3_through_moto() {
+        let moto = Moto::connect().await;
+        let (bucket, storage) = moto.fresh_bucket().await;
+        let root = format!("s3://{bucket}/warehouse");
+        let mut stack = Stack::aws(
+            &moto,
+            StackOptions { root: Some(root.clone()), storage_options: storage.clone(), ..StackOptions::default() },
+        )
+        .await;
+        let uri = format!("{root}/items.lance");
+        let params = lance::dataset::WriteParams {
+            store_params: Some(lance::io::ObjectStoreParams {
+                storage_options_accessor: Some(Arc::new(lance::io::StorageOptionsAccessor::with_static_options(storage.clone()))),
+                ..Default::default()
+            }),
+            max_rows_per_file: 5000,
+            ..Default::default()
+        };
+        let batch = sample_batch(20_000);
+        let schema = batch.schema();
+        lance::Dataset::write(RecordBatchIterator::new(vec![Ok(batch)], schema), &uri, Some(params)).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        stack.start_worker(fast_engine(), RunnerConfig::default(), VISIBILITY);
+        let job = stack.submit("items", json!({"column": "y", "task_size": 2500})).await;
+        let job = stack.wait_done(&job, Duration::from_secs(120)).await;
+        assert_eq!(job.metrics.get(Counter::FragmentsCommitted), 4);
+        let x = read_i64(&uri, "x", &storage).await.unwrap();
+        let y = read_i64(&uri, "y", &storage).await.unwrap();
+        assert_eq!(x.len(), 20_000);
+        assert_eq!(y, expected(&x));
+    }
+}
+
+rt_test! {
+    async fn cancel_stops_the_job_and_a_poison_message_fails_it() {
+        let moto = Moto::connect().await;
+        let mut stack = Stack::aws(&moto, StackOptions { max_receive_count: 2, ..StackOptions::default() }).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 1000, 1).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1"), ("z", "x + 1")]).await;
+        let cancelled = stack.submit("items", json!({"column": "y"})).await;
+        let (status, _) = stack.post(&format!("/v1/job/{cancelled}/cancel"), json!({})).await;
+        assert_eq!(status, 200);
+        let poisoned = stack.submit("items", json!({"column": "z"})).await;
+        let sqs = stack.sqs.clone().unwrap();
+        // A message that can never be read, naming the job.
+        sqs.send_many(vec![Outgoing::now(format!(r#"{{"kind":"run","v":1,"job_id":"{poisoned}","task":"garbage"}}"#))]).await.unwrap();
+        sqs.send_many(vec![Outgoing::now("not even json".to_string())]).await.unwrap();
+        stack.start_worker(fast_engine(), RunnerConfig::default(), Duration::from_secs(1));
+        let job = stack.wait(&poisoned, Duration::from_secs(60)).await;
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.error.as_deref().unwrap_or_default().contains("malformed task message"), "{:?}", job.error);
+        let job = stack.wait(&cancelled, Duration::from_secs(10)).await;
+        assert_eq!(job.state, JobState::Cancelled);
+        // Both bad messages end in the DLQ after the redrive limit.
+        lance_backfill_tests::eventually(Duration::from_secs(60), || {
+            let sqs = sqs.clone();
+            async move { sqs.dead_letters().await.unwrap().len() >= 2 }
+        })
+        .await
+        .unwrap();
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        assert!(y.iter().all(Option::is_none), "a cancelled job wrote nothing");
+    }
+}
+
+fn sample_batch(rows: i64) -> RecordBatch {
+    let schema = Arc::new(arrow_schema::Schema::new(vec![
+        arrow_schema::Field::new("id", arrow_schema::DataType::Int64, false),
+        arrow_schema::Field::new("x", arrow_schema::DataType::Int64, true),
+        arrow_schema::Field::new("s", arrow_schema::DataType::Utf8, true),
+    ]));
+    let ids: Vec<i64> = (0..rows).collect();
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from(ids.clone())),
+            Arc::new(Int64Array::from(ids.clone())),
+            Arc::new(StringArray::from(
+                ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .unwrap()
+}
+
+/// Files under a local directory (empty if it does not exist).
+pub fn walk(dir: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![std::path::PathBuf::from(dir)];
+    while let Some(path) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&path) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}

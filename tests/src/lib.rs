@@ -1,0 +1,434 @@
+//! Test harness: real components only. Lance tables in temp dirs (or in
+//! moto's S3), DynamoDB and SQS in the moto server that `scripts/test`
+//! starts on 127.0.0.1 and names in `MOTO_ENDPOINT`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use lance::Dataset;
+use lance_backfill::api::{ApiSettings, Service, server};
+use lance_backfill::auth::Authenticator;
+use lance_backfill::bootstrap::{self, Components};
+use lance_backfill::engine::EngineConfig;
+use lance_backfill::job::{Job, JobState};
+use lance_backfill::queue::{QueueSet, SqsQueue, TaskQueue};
+use lance_backfill::runner::{self, RunnerConfig};
+use lance_backfill::store::{DynamoJobStore, JobStore};
+use lance_backfill::table::Catalog;
+use lance_namespace_reqwest_client::apis::configuration::{ApiKey, Configuration};
+use tokio::sync::watch;
+
+pub use lance_backfill::demo::{verify, write_sample_table};
+
+pub const API_KEY: &str = "test-key-1";
+
+/// The moto server of this test run.
+#[derive(Clone)]
+pub struct Moto {
+    pub endpoint: String,
+    pub sdk: aws_config::SdkConfig,
+}
+
+impl Moto {
+    /// Panics (the test fails) when the test command did not start moto.
+    pub async fn connect() -> Self {
+        let endpoint = std::env::var("MOTO_ENDPOINT")
+            .expect("MOTO_ENDPOINT is not set: run the tests with scripts/test, which starts moto");
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&endpoint)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "testing", "testing", None, None, "moto",
+            ))
+            .load()
+            .await;
+        Self { endpoint, sdk }
+    }
+
+    pub fn dynamodb(&self) -> aws_sdk_dynamodb::Client {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+    }
+
+    pub fn sqs(&self) -> aws_sdk_sqs::Client {
+        aws_sdk_sqs::Client::new(&self.sdk)
+    }
+
+    /// A new, empty jobs table.
+    pub async fn fresh_store(&self) -> (DynamoJobStore, String) {
+        let name = unique("jobs");
+        let store = DynamoJobStore::new(self.dynamodb(), name.clone());
+        store.ensure_table().await.expect("create table in moto");
+        (store, name)
+    }
+
+    /// A new queue with a DLQ.
+    pub async fn fresh_queue(&self, max_receive_count: u32, visibility: Duration) -> SqsQueue {
+        SqsQueue::create_with_dlq(self.sqs(), &unique("tasks"), max_receive_count, visibility)
+            .await
+            .expect("create queue in moto")
+    }
+
+    /// A new bucket; returns the storage options that reach it.
+    pub async fn fresh_bucket(&self) -> (String, HashMap<String, String>) {
+        let bucket = unique("bucket");
+        reqwest::Client::new()
+            .put(format!("{}/{bucket}", self.endpoint))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("create bucket in moto");
+        let options = HashMap::from([
+            ("aws_endpoint".to_string(), self.endpoint.clone()),
+            ("allow_http".to_string(), "true".to_string()),
+            ("aws_region".to_string(), "us-east-1".to_string()),
+            ("aws_access_key_id".to_string(), "testing".to_string()),
+            ("aws_secret_access_key".to_string(), "testing".to_string()),
+        ]);
+        (bucket, options)
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// The service assembled for a test: a namespace root, a store, a queue,
+/// the HTTP API on a random port, and (when started) pollers.
+pub struct Stack {
+    pub dir: Option<tempfile::TempDir>,
+    pub root: String,
+    pub components: Components,
+    pub queue: Arc<dyn TaskQueue>,
+    pub sqs: Option<SqsQueue>,
+    pub jobs_table: Option<String>,
+    pub service: Arc<Service>,
+    pub address: SocketAddr,
+    stop: watch::Sender<bool>,
+    pollers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub struct StackOptions {
+    pub settings: ApiSettings,
+    pub max_receive_count: u32,
+    pub visibility: Duration,
+    pub storage_options: HashMap<String, String>,
+    pub root: Option<String>,
+    pub auth: Authenticator,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            settings: ApiSettings {
+                inline_plan_limit: 1000,
+                manifests: vec!["py311".to_string()],
+            },
+            max_receive_count: 4,
+            visibility: Duration::from_secs(30),
+            storage_options: HashMap::new(),
+            root: None,
+            auth: Authenticator::default().with_plain_key(API_KEY),
+        }
+    }
+}
+
+impl Stack {
+    /// DynamoDB and SQS in moto, tables on local disk (or `options.root`).
+    pub async fn aws(moto: &Moto, options: StackOptions) -> Self {
+        let (store, table) = moto.fresh_store().await;
+        let queue = moto
+            .fresh_queue(options.max_receive_count, options.visibility)
+            .await;
+        let gpu = moto
+            .fresh_queue(options.max_receive_count, options.visibility)
+            .await;
+        let (dir, root) = root_for(&options);
+        let catalog = Arc::new(
+            Catalog::open(&root, options.storage_options.clone())
+                .await
+                .expect("catalog"),
+        );
+        let components = Components {
+            catalog,
+            store: Arc::new(store),
+            queues: QueueSet::new(Arc::new(queue.clone())).with_cluster("gpu", Arc::new(gpu)),
+        };
+        let mut stack = Self::start(dir, root, components, Arc::new(queue.clone()), options).await;
+        stack.sqs = Some(queue);
+        stack.jobs_table = Some(table);
+        stack
+    }
+
+    /// The embedded SQLite store and queue.
+    pub async fn embedded(options: StackOptions) -> Self {
+        let (dir, root) = root_for(&options);
+        let state = bootstrap::default_state_path(&root).expect("local root");
+        let (components, queue) = bootstrap::embedded(&root, &state, options.max_receive_count)
+            .await
+            .expect("embedded components");
+        Self::start(dir, root, components, Arc::new(queue), options).await
+    }
+
+    async fn start(
+        dir: Option<tempfile::TempDir>,
+        root: String,
+        components: Components,
+        queue: Arc<dyn TaskQueue>,
+        options: StackOptions,
+    ) -> Self {
+        let service = Arc::new(components.service(options.auth, options.settings));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut server_stop = stop_rx.clone();
+        let (address, _server) = server::serve(
+            service.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            async move {
+                let _ = server_stop.changed().await;
+            },
+        )
+        .await
+        .expect("serve");
+        Self {
+            dir,
+            root,
+            components,
+            queue,
+            sqs: None,
+            jobs_table: None,
+            service,
+            address,
+            stop,
+            pollers: Vec::new(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.components.store
+    }
+
+    pub fn table_uri(&self, name: &str) -> String {
+        format!("{}/{name}.lance", self.root)
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The official client, with the test API key.
+    pub fn client(&self) -> Configuration {
+        Configuration {
+            base_path: self.base_url(),
+            api_key: Some(ApiKey {
+                prefix: None,
+                key: API_KEY.to_string(),
+            }),
+            ..Configuration::default()
+        }
+    }
+
+    /// Starts pollers driving the worker from the queue.
+    pub fn start_worker(
+        &mut self,
+        engine: EngineConfig,
+        runner: RunnerConfig,
+        visibility: Duration,
+    ) {
+        let worker = Arc::new(self.components.worker(engine, visibility));
+        let handle = tokio::spawn(runner::run(
+            worker,
+            self.queue.clone(),
+            visibility,
+            runner,
+            self.stop.subscribe(),
+        ));
+        self.pollers.push(handle);
+    }
+
+    pub async fn stop_workers(&mut self) {
+        let _ = self.stop.send(true);
+        for poller in self.pollers.drain(..) {
+            let _ = poller.await;
+        }
+        let (stop, _) = watch::channel(false);
+        // Keep the server's channel alive; new pollers get a fresh one.
+        let old = std::mem::replace(&mut self.stop, stop);
+        std::mem::forget(old);
+    }
+
+    /// Raw HTTP: (status, JSON body).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let client = reqwest::Client::new();
+        let mut request = client.request(
+            method.parse().unwrap(),
+            format!("{}{path}", self.base_url()),
+        );
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let response = request.send().await.expect("http call");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(
+            "POST",
+            path,
+            &[("x-api-key", API_KEY)],
+            Some(&body.to_string()),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call("GET", path, &[("x-api-key", API_KEY)], None)
+            .await
+    }
+
+    /// Declares computed columns `(name, sql)` through the API.
+    pub async fn declare(&self, table: &str, columns: &[(&str, &str)]) {
+        let entries: Vec<serde_json::Value> = columns
+            .iter()
+            .map(|(name, sql)| serde_json::json!({"name": name, "computed": sql}))
+            .collect();
+        let (status, body) = self
+            .post(
+                &format!("/v1/table/{table}/add_columns"),
+                serde_json::json!({ "new_columns": entries }),
+            )
+            .await;
+        assert_eq!(status, 200, "add_columns: {body}");
+    }
+
+    pub async fn submit(&self, table: &str, body: serde_json::Value) -> String {
+        let (status, response) = self
+            .post(&format!("/v1/table/{table}/backfill_column"), body)
+            .await;
+        assert_eq!(status, 202, "backfill_column: {response}");
+        response["job_id"].as_str().expect("job_id").to_string()
+    }
+
+    /// Waits for a terminal state.
+    pub async fn wait(&self, job_id: &str, timeout: Duration) -> Job {
+        let until = Instant::now() + timeout;
+        loop {
+            let job = self
+                .store()
+                .get_job(job_id)
+                .await
+                .expect("get job")
+                .expect("job exists");
+            if job.state.is_terminal() {
+                return job;
+            }
+            assert!(
+                Instant::now() < until,
+                "job {job_id} still {:?} after {timeout:?}: {:?}",
+                job.state,
+                job.events
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_done(&self, job_id: &str, timeout: Duration) -> Job {
+        let job = self.wait(job_id, timeout).await;
+        assert_eq!(
+            job.state,
+            JobState::Done,
+            "job ended {:?}: {:?} {:?}",
+            job.state,
+            job.error,
+            job.events
+        );
+        job
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn root_for(options: &StackOptions) -> (Option<tempfile::TempDir>, String) {
+    match &options.root {
+        Some(root) => (None, root.clone()),
+        None => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let root = dir.path().to_string_lossy().into_owned();
+            (Some(dir), root)
+        }
+    }
+}
+
+/// Reads one int64 column of a table in row order with a fresh reader.
+pub async fn read_i64(
+    uri: &str,
+    column: &str,
+    storage: &HashMap<String, String>,
+) -> anyhow::Result<Vec<Option<i64>>> {
+    use arrow_array::Array;
+    use futures::TryStreamExt;
+    let dataset = lance::dataset::builder::DatasetBuilder::from_uri(uri)
+        .with_storage_options(storage.clone())
+        .load()
+        .await?;
+    let mut scanner = dataset.scan();
+    scanner.project(&[column])?;
+    let batches: Vec<arrow_array::RecordBatch> =
+        scanner.try_into_stream().await?.try_collect().await?;
+    let mut out = Vec::new();
+    for batch in batches {
+        let array = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow_array::Int64Array>()
+            .context("not int64")?;
+        for i in 0..array.len() {
+            out.push(array.is_valid(i).then(|| array.value(i)));
+        }
+    }
+    Ok(out)
+}
+
+pub async fn latest_version(uri: &str) -> u64 {
+    Dataset::open(uri).await.expect("open").version().version
+}
+
+/// Polls `f` until it returns true.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if f().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("condition not met within {timeout:?}")
+}
