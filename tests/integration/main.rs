@@ -2,7 +2,11 @@
 
 mod api_errors;
 mod api_jobs;
+mod crash;
+mod fuzz;
 mod official_client;
+mod reliability;
+mod template;
 mod worker_runs;
 
 /// Multi-threaded runtime for every test: tasks spawn CPU work.

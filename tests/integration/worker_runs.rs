@@ -122,7 +122,7 @@ rt_test! {
         let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
         for (x, y) in x.iter().zip(&y) {
             let x = x.unwrap();
-            if x < 100 || x >= 2950 {
+            if !(100..2950).contains(&x) {
                 assert_eq!(*y, Some(x * 2 + 1));
             } else {
                 assert_eq!(*y, None, "x = {x} was not chosen");
@@ -255,7 +255,7 @@ rt_test! {
         assert_eq!(y, expected(&x));
         // Work was resumed, not redone: computed rows stay close to the table size.
         let computed = job.metrics.get(Counter::RowsComputed);
-        assert!(computed >= 200_000 && computed < 240_000, "rows computed: {computed}");
+        assert!((200_000..240_000).contains(&computed), "rows computed: {computed}");
         assert!(job.metrics.get(Counter::RowsCheckpointed) > 0);
         assert!(walk(&format!("{uri}/_backfill")).is_empty());
     }

@@ -182,6 +182,7 @@ impl Stack {
         queue: Arc<dyn TaskQueue>,
         options: StackOptions,
     ) -> Self {
+        lance_backfill::telemetry::init();
         let service = Arc::new(components.service(options.auth, options.settings));
         let (stop, stop_rx) = watch::channel(false);
         let mut server_stop = stop_rx.clone();

@@ -233,6 +233,7 @@ impl Service {
             CreateOutcome::Created => {}
             CreateOutcome::Replayed { job_id } => {
                 info!(%job_id, "idempotent replay");
+                self.requeue_if_stalled(&job_id, &queue).await?;
                 return Ok(accepted(job_id));
             }
             CreateOutcome::IdempotencyMismatch { job_id } => {
@@ -288,6 +289,37 @@ impl Service {
         }
         info!(%job_id, table = %table.display(), column = %job.spec.column, tasks = job.spec.plan.tasks, "job accepted");
         Ok(accepted(job_id))
+    }
+
+    /// A submit that died between recording its job and queueing the tasks
+    /// leaves a PENDING job with no work done; its retry (same
+    /// Idempotency-Key) queues the tasks again, through one planning
+    /// message. Tasks are idempotent, so a needless repeat costs only time.
+    async fn requeue_if_stalled(
+        &self,
+        job_id: &str,
+        queue: &std::sync::Arc<dyn crate::queue::TaskQueue>,
+    ) -> Result<(), ApiError> {
+        let Some(job) = self
+            .store
+            .get_job(job_id)
+            .await
+            .map_err(store_unavailable)?
+        else {
+            return Ok(());
+        };
+        let untouched =
+            job.metrics.get(Counter::TasksDone) == 0 && job.metrics.get(Counter::RowsComputed) == 0;
+        if job.state != JobState::Pending || !untouched || job.spec.plan.fragments == 0 {
+            return Ok(());
+        }
+        let message = Message::plan(job_id, 0, job.spec.plan.fragments);
+        queue
+            .send_many(vec![Outgoing::now(message.to_body())])
+            .await
+            .map_err(|err| {
+                ApiError::unavailable(format!("could not queue the job's tasks: {err:#}"))
+            })
     }
 
     async fn open_for_backfill(

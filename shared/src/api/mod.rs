@@ -99,7 +99,7 @@ fn route<'a>(method: &Method, segments: &[&'a str]) -> Result<Route<'a>, ApiErro
             )));
         }
     };
-    if &route.0 != method {
+    if route.0 != method {
         return Err(ApiError::method_not_allowed(format!(
             "{method} is not allowed here; use {}",
             route.0

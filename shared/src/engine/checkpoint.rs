@@ -178,10 +178,11 @@ impl FragmentCheckpoints {
             .await
             .context("listing checkpoints")?;
         for meta in objects {
-            self.store
-                .delete(&meta.location)
-                .await
-                .context("deleting checkpoint")?;
+            match self.store.delete(&meta.location).await {
+                // Another holder of the fragment removed it first.
+                Ok(()) | Err(lance::Error::NotFound { .. }) => {}
+                Err(err) => return Err(anyhow::Error::new(err).context("deleting checkpoint")),
+            }
         }
         Ok(())
     }

@@ -352,7 +352,23 @@ impl Engine {
             .run_task_in_slot(&job, task, &record.tasks_done, delivery)
             .await;
         slot.release(self.store.as_ref(), job_id).await;
-        let disposition = result?;
+        let disposition = match result {
+            Ok(disposition) => disposition,
+            // Another holder of the same task (a repeated or late delivery)
+            // finished the fragment under us, removing the checkpoints we read.
+            Err(err)
+                if self
+                    .store
+                    .get_fragment(job_id, task.fragment_id)
+                    .await?
+                    .status
+                    .is_resolved() =>
+            {
+                info!(error = %format!("{err:#}"), "another delivery finished the fragment first");
+                Disposition::Done
+            }
+            Err(err) => return Err(err),
+        };
         if disposition == Disposition::Done {
             self.advance_commits(&job).await?;
         }
@@ -639,7 +655,7 @@ impl Engine {
             let mut buffer_changed = false;
             let mut last_flush = Instant::now();
             while let Some(batch) = batches.next().await {
-                let batch = batch.map_err(|err| classify_compute_error(err))?;
+                let batch = batch.map_err(classify_compute_error)?;
                 changed |= batch.changed;
                 buffer_changed |= batch.changed;
                 delta.computed += batch.range.end - batch.range.start;

@@ -35,8 +35,10 @@ pub struct FragmentComputer {
 
 impl FragmentComputer {
     pub async fn open(fragment: &FileFragment, program: Arc<Program>) -> lance::Result<Self> {
-        let mut config = FragReadConfig::default();
-        config.ignore_deletions = true;
+        let config = FragReadConfig {
+            ignore_deletions: true,
+            ..Default::default()
+        };
         let reader = fragment.open(&program.read_schema, config).await?;
         let deletions = fragment
             .get_deletion_vector()

@@ -1,0 +1,92 @@
+"""Helpers for scripts/lambda-invoke.sh: prepare moto and a Lance table,
+turn a queued task into an SQS event, and check results."""
+import argparse
+import json
+import sys
+
+import boto3
+
+
+def clients(endpoint):
+    kwargs = dict(endpoint_url=endpoint, region_name="us-east-1",
+                  aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client("dynamodb", **kwargs), boto3.client("sqs", **kwargs)
+
+
+def setup(args):
+    import lance
+    import pyarrow as pa
+
+    dynamodb, sqs = clients(args.endpoint)
+    dynamodb.create_table(
+        TableName=args.table,
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("pk", "sk", "table_key", "created_sk")],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        GlobalSecondaryIndexes=[{
+            "IndexName": "by_table",
+            "KeySchema": [{"AttributeName": "table_key", "KeyType": "HASH"}, {"AttributeName": "created_sk", "KeyType": "RANGE"}],
+            "Projection": {"ProjectionType": "ALL"},
+        }],
+    )
+    url = sqs.create_queue(QueueName=args.queue)["QueueUrl"]
+    x = pa.array(range(1000), pa.int64())
+    lance.write_dataset(pa.table({"id": x, "x": x}), f"{args.root}/items.lance")
+    print(url)
+
+
+def sqs_event(args):
+    _, sqs = clients(args.endpoint)
+    messages = sqs.receive_message(QueueUrl=args.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=2,
+                                   VisibilityTimeout=60, MessageSystemAttributeNames=["All"]).get("Messages", [])
+    if len(messages) != 1:
+        sys.exit(f"expected one queued task, found {len(messages)}")
+    with open(args.template) as f:
+        event = json.load(f)
+    record = event["Records"][0]
+    record["messageId"] = messages[0]["MessageId"]
+    record["receiptHandle"] = messages[0]["ReceiptHandle"]
+    record["body"] = messages[0]["Body"]
+    json.dump(event, sys.stdout)
+
+
+def expect(args):
+    with open(args.file) as f:
+        response = json.load(f)
+    if "statusCode" in response:
+        status = response["statusCode"]
+        body = json.loads(response.get("body") or "null")
+        if status != args.status:
+            sys.exit(f"expected status {args.status}, got {status}: {body}")
+        if args.print_field:
+            print(body[args.print_field])
+    elif response != json.loads(args.equals):
+        sys.exit(f"expected {args.equals}, got {response}")
+
+
+def verify(args):
+    import lance
+
+    table = lance.dataset(f"{args.root}/items.lance").to_table(columns=["x", "y"]).to_pydict()
+    bad = [(x, y) for x, y in zip(table["x"], table["y"]) if y != x * 2 + 1]
+    if bad or len(table["x"]) != 1000:
+        sys.exit(f"{len(bad)} wrong values, e.g. {bad[:3]}")
+    print(f"verified {len(table['x'])} rows: y = x * 2 + 1")
+
+
+def job_state(args):
+    with open(args.file) as f:
+        job = json.load(f)
+    if job.get("state") != args.state:
+        sys.exit(f"expected job state {args.state}, got {job}")
+
+
+parser = argparse.ArgumentParser()
+sub = parser.add_subparsers(dest="command", required=True)
+p = sub.add_parser("setup"); p.add_argument("--endpoint"); p.add_argument("--root"); p.add_argument("--table"); p.add_argument("--queue"); p.set_defaults(run=setup)
+p = sub.add_parser("sqs-event"); p.add_argument("--endpoint"); p.add_argument("--queue-url"); p.add_argument("--template"); p.set_defaults(run=sqs_event)
+p = sub.add_parser("expect"); p.add_argument("file"); p.add_argument("--status", type=int); p.add_argument("--equals"); p.add_argument("--print-field"); p.set_defaults(run=expect)
+p = sub.add_parser("verify"); p.add_argument("--root"); p.set_defaults(run=verify)
+p = sub.add_parser("job-state"); p.add_argument("file"); p.add_argument("--state"); p.set_defaults(run=job_state)
+args = parser.parse_args()
+args.run(args)

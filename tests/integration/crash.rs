@@ -1,0 +1,209 @@
+//! `lance-backfill serve` killed with SIGKILL at random points, many times
+//! (seeded); after restarts every job ends DONE with exactly the expected
+//! values, no fragment is committed twice and no checkpoint is left.
+//! `LANCE_BACKFILL_CRASH_RUNS` raises the number of runs (default 20).
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lance_backfill_tests::{read_i64, write_sample_table};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::rt_test;
+
+const KEY: &str = "crash-key";
+
+fn binary() -> PathBuf {
+    // target/<profile>/deps/integration-<hash> -> target/<profile>/lance-backfill
+    let exe = std::env::current_exe().expect("test executable");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("lance-backfill");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Serve {
+    child: Child,
+    url: String,
+}
+
+fn start(root: &str, port: u16, log: &Path) -> Serve {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = Command::new(binary())
+        .args([
+            "serve",
+            "--root",
+            root,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--workers",
+            "2",
+            "--batch-size",
+            "4",
+            "--visibility-timeout",
+            "2",
+        ])
+        .env("LANCE_BACKFILL_API_KEYS", KEY)
+        .env("LANCE_BACKFILL_LEASE_SECONDS", "2")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start serve");
+    Serve {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+async fn ready(client: &reqwest::Client, url: &str) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        if client.get(format!("{url}/health")).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("serve did not come up at {url}");
+}
+
+async fn job(client: &reqwest::Client, url: &str, id: &str) -> Option<serde_json::Value> {
+    let response = client
+        .get(format!("{url}/v1/job/{id}"))
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .ok()?;
+    response.json().await.ok()
+}
+
+/// How often each fragment's `y` file changed across the versions after `from`.
+async fn replacements_per_fragment(uri: &str, from: u64) -> HashMap<u64, u32> {
+    let latest = lance::Dataset::open(uri).await.unwrap();
+    let field = latest.schema().field("y").unwrap().id;
+    let mut previous: HashMap<u64, Option<String>> = HashMap::new();
+    let mut changes = HashMap::new();
+    for version in from..=latest.version().version {
+        let dataset = latest.checkout_version(version).await.unwrap();
+        for fragment in dataset.get_fragments() {
+            let id = fragment.id() as u64;
+            let file = fragment
+                .metadata()
+                .files
+                .iter()
+                .find(|f| f.fields.contains(&field))
+                .map(|f| f.path.clone());
+            if version > from && previous.get(&id) != Some(&file) {
+                *changes.entry(id).or_insert(0) += 1;
+            }
+            previous.insert(id, file);
+        }
+    }
+    changes
+}
+
+rt_test! {
+    async fn serve_survives_sigkill_at_random_points() {
+        let runs: u64 = std::env::var("LANCE_BACKFILL_CRASH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+        let seed: u64 = std::env::var("LANCE_BACKFILL_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let client = reqwest::Client::new();
+        let mut kills = 0;
+        let mut killed_while_running = 0;
+        for run in 0..runs {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_string_lossy().into_owned();
+            let uri = format!("{root}/items.lance");
+            let log = dir.path().join("serve.log");
+            write_sample_table(&uri, 40_000, 4).await.unwrap();
+            let port = free_port();
+            let mut serve = start(&root, port, &log);
+            ready(&client, &serve.url).await;
+            let declared = client
+                .post(format!("{}/v1/table/items/add_columns", serve.url))
+                .header("x-api-key", KEY)
+                .json(&json!({"new_columns": [{"name": "y", "computed": "x * 2 + 1"}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(declared.status(), 200);
+            let before = lance::Dataset::open(&uri).await.unwrap().version().version;
+            let body = json!({
+                "column": "y", "task_size": 2500, "checkpoint_size": 500,
+                "batch_checkpoint_flush_interval_seconds": 0, "commit_granularity": 1, "concurrency": 4,
+            });
+            let response: serde_json::Value = client
+                .post(format!("{}/v1/table/items/backfill_column", serve.url))
+                .header("x-api-key", KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let job_id = response["job_id"].as_str().expect("job id").to_string();
+            // One to three kills, each after a random delay.
+            for _ in 0..rng.random_range(1..=3) {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
+                let state = job(&client, &serve.url, &job_id).await.map(|j| j["state"].as_str().unwrap_or("").to_string());
+                serve.child.kill().unwrap();
+                serve.child.wait().unwrap();
+                kills += 1;
+                if state.as_deref() == Some("RUNNING") || state.as_deref() == Some("PENDING") {
+                    killed_while_running += 1;
+                }
+                serve = start(&root, port, &log);
+                ready(&client, &serve.url).await;
+            }
+            let until = Instant::now() + Duration::from_secs(120);
+            let final_job = loop {
+                let current = job(&client, &serve.url, &job_id).await.expect("job readable");
+                let state = current["state"].as_str().unwrap_or("").to_string();
+                if state == "DONE" || state == "FAILED" || state == "CANCELLED" {
+                    break current;
+                }
+                assert!(Instant::now() < until, "run {run}: job stuck: {current}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            serve.child.kill().unwrap();
+            serve.child.wait().unwrap();
+            assert_eq!(final_job["state"], "DONE", "run {run} (seed {seed}): {final_job}");
+            let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+            let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+            let expected: Vec<Option<i64>> = x.iter().map(|v| v.map(|x| x * 2 + 1)).collect();
+            assert!(y == expected, "run {run}: wrong values");
+            let changes = replacements_per_fragment(&uri, before).await;
+            assert_eq!(changes.len(), 4, "run {run}: every fragment replaced: {changes:?}");
+            assert!(changes.values().all(|c| *c == 1), "run {run}: a fragment committed twice: {changes:?}");
+            let leftovers = crate::worker_runs::walk(&format!("{uri}/_backfill"));
+            assert!(leftovers.is_empty(), "run {run}: leftover checkpoints {leftovers:?}");
+        }
+        println!("FIGURES crash: {runs} runs, {kills} kills ({killed_while_running} while the job ran), failures: 0 (seed {seed})");
+    }
+}

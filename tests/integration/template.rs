@@ -1,0 +1,145 @@
+//! What cfn-lint does not check in template.yaml: the values the service
+//! depends on.
+
+use serde_yaml::Value;
+
+fn template() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../template.yaml");
+    serde_yaml::from_str(&std::fs::read_to_string(path).expect("template.yaml"))
+        .expect("valid YAML")
+}
+
+fn resource<'a>(template: &'a Value, name: &str) -> &'a Value {
+    &template["Resources"][name]
+}
+
+/// `!Ref X` parses as a tagged value; this returns X.
+fn reference(value: &Value) -> Option<String> {
+    match value {
+        Value::Tagged(tagged) if tagged.tag == "!Ref" => tagged.value.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+#[test]
+fn functions_queue_and_table_fit_together() {
+    let template = template();
+    let globals = &template["Globals"]["Function"];
+    assert_eq!(globals["Runtime"].as_str(), Some("provided.al2023"));
+    assert_eq!(globals["Handler"].as_str(), Some("bootstrap"));
+    for (function, binary) in [("ApiFunction", "api"), ("WorkerFunction", "worker")] {
+        let function = resource(&template, function);
+        assert_eq!(
+            function["Metadata"]["BuildMethod"].as_str(),
+            Some("rust-cargolambda")
+        );
+        assert_eq!(
+            function["Metadata"]["BuildProperties"]["Binary"].as_str(),
+            Some(binary)
+        );
+    }
+
+    let worker = resource(&template, "WorkerFunction");
+    let timeout = worker["Properties"]["Timeout"]
+        .as_u64()
+        .expect("worker timeout");
+    let event = &worker["Properties"]["Events"]["Tasks"]["Properties"];
+    assert_eq!(
+        event["FunctionResponseTypes"][0].as_str(),
+        Some("ReportBatchItemFailures")
+    );
+    assert!(event["ScalingConfig"]["MaximumConcurrency"] != Value::Null);
+
+    let queue = &resource(&template, "TasksQueue")["Properties"];
+    let visibility = queue["VisibilityTimeout"]
+        .as_u64()
+        .expect("visibility timeout");
+    assert!(
+        visibility >= 6 * timeout,
+        "visibility {visibility} must be at least 6 x the worker timeout {timeout}"
+    );
+    let env = &globals["Environment"]["Variables"];
+    assert_eq!(
+        env["LANCE_BACKFILL_VISIBILITY_SECONDS"].as_str(),
+        Some(visibility.to_string().as_str())
+    );
+    // The worker's "last attempt" is the queue's redrive limit.
+    assert_eq!(
+        reference(&queue["RedrivePolicy"]["maxReceiveCount"]),
+        reference(&env["LANCE_BACKFILL_MAX_RECEIVE_COUNT"])
+    );
+
+    let table = &resource(&template, "JobsTable")["Properties"];
+    assert_eq!(table["BillingMode"].as_str(), Some("PAY_PER_REQUEST"));
+    assert_eq!(
+        table["TimeToLiveSpecification"]["AttributeName"].as_str(),
+        Some("expires_at")
+    );
+    assert_eq!(
+        table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(
+        table["GlobalSecondaryIndexes"][0]["IndexName"].as_str(),
+        Some(lance_backfill::store::dynamodb::BY_TABLE_INDEX)
+    );
+
+    // Every API route reaches the api function.
+    let events = resource(&template, "ApiFunction")["Properties"]["Events"]
+        .as_mapping()
+        .expect("api events");
+    let routes: Vec<(String, String)> = events
+        .values()
+        .map(|e| {
+            (
+                e["Properties"]["Method"].as_str().unwrap().to_string(),
+                e["Properties"]["Path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for route in [
+        ("POST", "/v1/table/{id}/backfill_column"),
+        ("POST", "/v1/table/{id}/add_columns"),
+        ("GET", "/v1/table/{id}/jobs"),
+        ("GET", "/v1/job/{job_id}"),
+        ("POST", "/v1/job/{job_id}/cancel"),
+    ] {
+        assert!(
+            routes.contains(&(route.0.to_string(), route.1.to_string())),
+            "missing route {route:?}"
+        );
+    }
+    assert!(
+        resource(&template, "DeadLetterAlarm")["Properties"]["MetricName"].as_str()
+            == Some("ApproximateNumberOfMessagesVisible")
+    );
+    assert!(template["Outputs"]["ApiUrl"] != Value::Null);
+}
+
+#[test]
+fn events_cover_every_route_and_the_worker() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../events");
+    let mut routes = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("events/") {
+        let path = entry.unwrap().path();
+        let event: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        if let Some(route) = event["routeKey"].as_str() {
+            routes.push(route.to_string());
+            assert_eq!(event["version"], "2.0", "{path:?} is an HTTP API v2 event");
+        } else {
+            assert_eq!(event["Records"][0]["eventSource"], "aws:sqs", "{path:?}");
+        }
+    }
+    routes.sort();
+    assert_eq!(
+        routes,
+        vec![
+            "GET /v1/job/{job_id}",
+            "GET /v1/table/{id}/jobs",
+            "POST /v1/job/{job_id}/cancel",
+            "POST /v1/table/{id}/add_columns",
+            "POST /v1/table/{id}/backfill_column",
+        ]
+    );
+}
