@@ -2,9 +2,12 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// Our own events at info; Lance and the AWS SDK only when something is wrong.
+const DEFAULT_FILTER: &str = "warn,lance_backfill=info,lance=error,lance_table=error,lance_core=error,lance_io=error,lance_file=error";
+
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,lance=warn,aws_config=warn,aws_smithy_runtime=warn")
+        EnvFilter::new(DEFAULT_FILTER)
     });
     let json = std::env::var(crate::config::env::LOG_FORMAT)
         .map(|v| v == "json")
