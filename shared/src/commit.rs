@@ -231,18 +231,12 @@ impl Engine {
 
     async fn finish_job(&self, job: &Job) -> anyhow::Result<()> {
         let metrics = &job.metrics;
-        let version = self
-            .catalog
-            .latest(&job.spec.table_uri, job.spec.branch.as_deref())
-            .await
-            .map(|d| d.version().version)
-            .ok();
+        // The versions are in the "committed ... as version" events.
         let message = format!(
-            "done: {} fragments committed in {} commits, {} unchanged; table at version {}",
+            "done: {} fragments committed in {} commits, {} unchanged",
             metrics.get(Counter::FragmentsCommitted),
             metrics.get(Counter::CommitsDone),
             metrics.get(Counter::FragmentsSkipped),
-            version.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
         );
         if self
             .store

@@ -299,14 +299,18 @@ impl Program {
         {
             values = arrow_select::nullif::nullif(&values, deleted)?;
         }
-        let changed = selected > 0 && {
-            let distinct = arrow_ord::cmp::distinct(&values, &current)?;
-            let distinct = match deleted {
-                Some(deleted) => arrow_arith::boolean::and_not(&distinct, deleted)?,
-                None => distinct,
+        let changed = selected > 0
+            && if current.null_count() == rows && deleted.is_none_or(|d| d.true_count() == 0) {
+                // A column not filled yet (the common first run): any value is new.
+                values.null_count() < rows
+            } else {
+                let distinct = arrow_ord::cmp::distinct(&values, &current)?;
+                let distinct = match deleted {
+                    Some(deleted) => arrow_arith::boolean::and_not(&distinct, deleted)?,
+                    None => distinct,
+                };
+                distinct.true_count() > 0
             };
-            distinct.true_count() > 0
-        };
         Ok(Evaluated {
             values,
             selected,

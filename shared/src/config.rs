@@ -115,7 +115,10 @@ pub fn manifests() -> Vec<String> {
 }
 
 pub fn inline_plan_limit() -> anyhow::Result<u64> {
-    number(env::INLINE_PLAN_LIMIT, 1000)
+    number(
+        env::INLINE_PLAN_LIMIT,
+        crate::api::DEFAULT_INLINE_PLAN_LIMIT,
+    )
 }
 
 /// The task queue's visibility timeout (template.yaml sets it and passes it on).

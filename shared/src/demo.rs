@@ -221,7 +221,7 @@ async fn follow(
                 bar.abandon();
                 bail!("job {job_id} ended {state}: {}", job["error"]);
             }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
 }

@@ -77,6 +77,7 @@ pub struct Catalog {
     session: Arc<Session>,
     /// Datasets at a fixed version never change, so workers reuse them.
     pinned: Mutex<Vec<(String, Arc<Dataset>)>>,
+    loading: tokio::sync::Mutex<()>,
 }
 
 const PINNED_CACHE_SIZE: usize = 32;
@@ -99,6 +100,7 @@ impl Catalog {
             storage_options,
             session,
             pinned: Mutex::new(Vec::new()),
+            loading: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -157,10 +159,13 @@ impl Catalog {
         branch: Option<&str>,
         version: u64,
     ) -> lance::Result<Arc<Dataset>> {
-        let key = format!(
-            "{uri}\u{1f}{}\u{1f}{version}",
-            branch_name(branch).unwrap_or("")
-        );
+        let key = pin_key(uri, branch, version);
+        if let Some(found) = self.cached(&key) {
+            return Ok(found);
+        }
+        // One load per key at a time: the tasks of a job all start together
+        // and would otherwise each read the same manifest.
+        let _loading = self.loading.lock().await;
         if let Some(found) = self.cached(&key) {
             return Ok(found);
         }
@@ -174,13 +179,24 @@ impl Catalog {
             None => self.builder(uri).with_version(version).load().await?,
         };
         let dataset = Arc::new(dataset);
+        self.remember(key, dataset.clone());
+        Ok(dataset)
+    }
+
+    /// Keeps a dataset just opened at its version (the API's read of the
+    /// latest version is the version its job's tasks read).
+    pub fn pin(&self, uri: &str, branch: Option<&str>, dataset: Arc<Dataset>) {
+        let key = pin_key(uri, branch, dataset.version().version);
+        self.remember(key, dataset);
+    }
+
+    fn remember(&self, key: String, dataset: Arc<Dataset>) {
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
         pinned.retain(|(k, _)| k != &key);
-        pinned.push((key, dataset.clone()));
+        pinned.push((key, dataset));
         if pinned.len() > PINNED_CACHE_SIZE {
             pinned.remove(0);
         }
-        Ok(dataset)
     }
 
     fn cached(&self, key: &str) -> Option<Arc<Dataset>> {
@@ -190,6 +206,13 @@ impl Catalog {
             .find(|(k, _)| k == key)
             .map(|(_, dataset)| dataset.clone())
     }
+}
+
+fn pin_key(uri: &str, branch: Option<&str>, version: u64) -> String {
+    format!(
+        "{uri}\u{1f}{}\u{1f}{version}",
+        branch_name(branch).unwrap_or("")
+    )
 }
 
 /// "main" and no branch are the same thing.

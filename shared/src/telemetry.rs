@@ -6,9 +6,8 @@ use tracing_subscriber::EnvFilter;
 const DEFAULT_FILTER: &str = "warn,lance_backfill=info,lance=error,lance_table=error,lance_core=error,lance_io=error,lance_file=error";
 
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(DEFAULT_FILTER)
-    });
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = std::env::var(crate::config::env::LOG_FORMAT)
         .map(|v| v == "json")
         .unwrap_or_else(|_| std::env::var("AWS_LAMBDA_FUNCTION_NAME").is_ok());

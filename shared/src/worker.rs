@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
-use futures::future::join_all;
 use tracing::{Instrument, warn};
 
 use crate::engine::{Delivery, Disposition, Engine};
 use crate::queue::{Outgoing, Received, TaskQueue};
 
+#[derive(Clone)]
 pub struct Worker {
     engine: Arc<Engine>,
     /// The queue the messages came from (to extend visibility and requeue).
@@ -49,21 +49,29 @@ impl Worker {
     }
 
     pub async fn process(&self, messages: Vec<Received>, deadline: Option<Instant>) -> BatchReport {
-        let outcomes = join_all(messages.into_iter().map(|message| {
-            let span = tracing::info_span!("message", message_id = %message.message_id, receive_count = message.receive_count);
-            async move {
-                let ok = self.process_one(&message, deadline).await;
-                (message, ok)
-            }
-            .instrument(span)
-        }))
-        .await;
+        // Each message on its own task, so a batch spreads over every core
+        // and a panic in one fails only that message.
+        let handles: Vec<_> = messages
+            .into_iter()
+            .map(|message| {
+                let span = tracing::info_span!("message", message_id = %message.message_id, receive_count = message.receive_count);
+                let worker = self.clone();
+                let ids = (message.message_id.clone(), message.receipt.clone());
+                let handle = tokio::spawn(
+                    async move { worker.process_one(&message, deadline).await }.instrument(span),
+                );
+                (ids, handle)
+            })
+            .collect();
         let mut report = BatchReport::default();
-        for (message, ok) in outcomes {
-            if ok {
-                report.succeeded.push(message.receipt);
-            } else {
-                report.failed.push(message.message_id);
+        for ((message_id, receipt), handle) in handles {
+            match handle.await {
+                Ok(true) => report.succeeded.push(receipt),
+                Ok(false) => report.failed.push(message_id),
+                Err(err) => {
+                    warn!(%message_id, error = %err, "message handling panicked");
+                    report.failed.push(message_id);
+                }
             }
         }
         report

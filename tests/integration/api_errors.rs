@@ -163,3 +163,43 @@ rt_test! {
         assert_eq!(lance::Dataset::open(&uri).await.unwrap().version().version as i64, version);
     }
 }
+
+rt_test! {
+    async fn bearer_tokens_over_http() {
+        use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+        let auth = lance_backfill::auth::Authenticator::default()
+            .with_jwt("https://issuer.example", "lance-backfill", Some("jwt-secret"), None, None)
+            .unwrap();
+        let stack = Stack::embedded(StackOptions { auth, ..StackOptions::default() }).await;
+        write_sample_table(&stack.table_uri("items"), 100, 1).await.unwrap();
+        let token = |secret: &str, aud: &str, exp: i64| {
+            let claims = json!({"sub": "carol", "iss": "https://issuer.example", "aud": aud, "exp": chrono::Utc::now().timestamp() + exp});
+            encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        };
+        let good = token("jwt-secret", "lance-backfill", 600);
+        let add = json!({"new_columns": [{"name": "y", "computed": "x + 1"}]}).to_string();
+        let bearer = format!("Bearer {good}");
+        let (status, _) = stack.call("POST", "/v1/table/items/add_columns", &[("authorization", &bearer)], Some(&add)).await;
+        assert_eq!(status, 200);
+        // The token may also come in the body's identity.
+        let body = json!({"column": "y", "identity": {"auth_token": good}}).to_string();
+        let (status, response) = stack.call("POST", BACKFILL, &[], Some(&body)).await;
+        assert_eq!(status, 202, "{response}");
+        let job = stack.store().get_job(response["job_id"].as_str().unwrap()).await.unwrap().unwrap();
+        assert_eq!(job.spec.submitted_by, "carol");
+        for (bad, why) in [
+            (token("other-secret", "lance-backfill", 600), "bad signature"),
+            (token("jwt-secret", "lance-backfill", -600), "expired"),
+            (token("jwt-secret", "someone-else", 600), "wrong audience"),
+        ] {
+            let header = format!("Bearer {bad}");
+            let (status, response) = stack.call("GET", "/v1/table/items/jobs", &[("authorization", &header)], None).await;
+            assert_eq!((status, response["code"].as_i64()), (403, Some(15)), "{why}: {response}");
+        }
+        let (status, response) = stack.call("GET", "/v1/table/items/jobs", &[], None).await;
+        assert_eq!((status, response["code"].as_i64()), (401, Some(16)), "{response}");
+        // API keys are not configured on this deployment.
+        let (status, _) = stack.call("GET", "/v1/table/items/jobs", &[("x-api-key", API_KEY)], None).await;
+        assert_eq!(status, 403);
+    }
+}

@@ -5,22 +5,15 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use lance::dataset::optimize::{CompactionOptions, compact_files};
-use lance_backfill::engine::{Delivery, Disposition, EngineConfig};
+use lance_backfill::engine::{Delivery, Disposition};
 use lance_backfill::job::{Counter, JobState};
 use lance_backfill::runner::RunnerConfig;
-use lance_backfill_tests::{Stack, StackOptions, latest_version, read_i64, write_sample_table};
+use lance_backfill_tests::{
+    Stack, StackOptions, fast_engine, latest_version, read_i64, write_sample_table,
+};
 use serde_json::json;
 
 use crate::rt_test;
-
-fn engine_config() -> EngineConfig {
-    EngineConfig {
-        lease_ttl: Duration::from_secs(3),
-        busy_wait: Duration::from_secs(5),
-        busy_delay: Duration::from_millis(100),
-        ..EngineConfig::default()
-    }
-}
 
 rt_test! {
     async fn three_holders_of_every_task_at_once_commit_each_group_once() {
@@ -35,16 +28,9 @@ rt_test! {
             .submit("items", json!({"column": "y", "task_size": 4000, "checkpoint_size": 1000,
                 "batch_checkpoint_flush_interval_seconds": 0, "commit_granularity": 2, "concurrency": 64}))
             .await;
-        let mut bodies = Vec::new();
-        loop {
-            let batch = lance_backfill::queue::TaskQueue::receive(stack.queue.as_ref(), 10, Duration::from_secs(600), Duration::from_millis(200)).await.unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            bodies.extend(batch.into_iter().map(|m| m.body));
-        }
+        let bodies = stack.drain().await;
         assert_eq!(bodies.len(), 6 * 3);
-        let engine = stack.components.engine(engine_config());
+        let engine = stack.components.engine(fast_engine());
         let mut handles = Vec::new();
         for holder in 0..3 {
             for body in &bodies {
@@ -62,7 +48,7 @@ rt_test! {
         }
         // Requeued holders (all slots busy) are simply finished by a worker.
         let mut stack = stack;
-        stack.start_worker(engine_config(), RunnerConfig::default(), Duration::from_secs(30));
+        stack.start_worker(fast_engine(), RunnerConfig::default(), Duration::from_secs(30));
         let job = stack.wait_done(&job_id, Duration::from_secs(120)).await;
         let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
         let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
@@ -84,7 +70,7 @@ rt_test! {
         let job_id = stack
             .submit("items", json!({"column": "y", "checkpoint_size": 500, "commit_granularity": 1}))
             .await;
-        stack.start_worker(engine_config(), RunnerConfig { pollers: 1, batch_size: 1, ..RunnerConfig::default() }, Duration::from_secs(30));
+        stack.start_worker(fast_engine(), RunnerConfig { pollers: 1, batch_size: 1, ..RunnerConfig::default() }, Duration::from_secs(30));
         let mut dataset = lance::Dataset::open(&uri).await.unwrap();
         dataset.delete("x % 7 = 0").await.unwrap();
         stack.wait_done(&job_id, Duration::from_secs(120)).await;
@@ -104,16 +90,9 @@ rt_test! {
         // Deletions make every fragment a compaction candidate.
         lance::Dataset::open(&uri).await.unwrap().delete("x % 2 = 0").await.unwrap();
         let job_id = stack.submit("items", json!({"column": "y", "commit_granularity": 1})).await;
-        let mut bodies = Vec::new();
-        loop {
-            let batch = lance_backfill::queue::TaskQueue::receive(stack.queue.as_ref(), 10, Duration::from_secs(600), Duration::from_millis(200)).await.unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            bodies.extend(batch.into_iter().map(|m| m.body));
-        }
+        let bodies = stack.drain().await;
         assert_eq!(bodies.len(), 8);
-        let engine = stack.components.engine(engine_config());
+        let engine = stack.components.engine(fast_engine());
         let delivery = Delivery { message_id: "m".into(), receive_count: 1, deadline: None };
         // Half the fragments are filled and committed...
         for body in &bodies[..4] {
@@ -141,7 +120,7 @@ rt_test! {
             assert!(y.is_none() || *y == Some(x * 2 + 1), "x = {x} got {y:?}");
         }
         // Submitting again fills what is left.
-        stack.start_worker(engine_config(), RunnerConfig::default(), Duration::from_secs(30));
+        stack.start_worker(fast_engine(), RunnerConfig::default(), Duration::from_secs(30));
         let again = stack.submit("items", json!({"column": "y"})).await;
         stack.wait_done(&again, Duration::from_secs(120)).await;
         let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();

@@ -12,22 +12,13 @@ use lance_backfill::job::{Counter, JobState};
 use lance_backfill::queue::{Outgoing, TaskQueue};
 use lance_backfill::runner::RunnerConfig;
 use lance_backfill_tests::{
-    Moto, Stack, StackOptions, latest_version, read_i64, write_sample_table,
+    Moto, Stack, StackOptions, fast_engine, latest_version, read_i64, write_sample_table,
 };
 use serde_json::json;
 
 use crate::rt_test;
 
 const VISIBILITY: Duration = Duration::from_secs(30);
-
-fn fast_engine() -> EngineConfig {
-    EngineConfig {
-        lease_ttl: Duration::from_secs(5),
-        busy_wait: Duration::from_secs(2),
-        busy_delay: Duration::from_millis(200),
-        ..EngineConfig::default()
-    }
-}
 
 fn expected(x: &[Option<i64>]) -> Vec<Option<i64>> {
     x.iter().map(|v| v.map(|x| x * 2 + 1)).collect()
@@ -206,14 +197,7 @@ rt_test! {
             .await;
         // Duplicate every queued task message before any worker runs.
         let sqs = stack.sqs.clone().unwrap();
-        let mut bodies = Vec::new();
-        loop {
-            let batch = sqs.receive(10, Duration::from_secs(1), Duration::from_millis(300)).await.unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            bodies.extend(batch.into_iter().map(|m| m.body));
-        }
+        let bodies = stack.drain().await;
         assert_eq!(bodies.len(), 8 * 2, "600-row tasks over 1000-row fragments");
         let mut twice: Vec<Outgoing> = bodies.iter().chain(bodies.iter()).map(|b| Outgoing::now(b.clone())).collect();
         twice.reverse();
@@ -268,7 +252,7 @@ rt_test! {
         write_sample_table(&uri, 300_000, 3).await.unwrap();
         stack.declare("items", &[("y", "x * 2 + 1")]).await;
         let job_id = stack
-            .submit("items", json!({"column": "y", "checkpoint_size": 1000, "batch_checkpoint_flush_interval_seconds": 0, "task_size": 50000}))
+            .submit("items", json!({"column": "y", "checkpoint_size": 500, "batch_checkpoint_flush_interval_seconds": 0, "task_size": 50000}))
             .await;
         // The first worker runs on its own runtime, which is torn down
         // mid-job: its in-flight messages are never acknowledged.
@@ -410,4 +394,42 @@ pub fn walk(dir: &str) -> Vec<String> {
         }
     }
     out
+}
+
+rt_test! {
+    async fn a_branch_is_read_and_committed_on_leaving_main_alone() {
+        let mut stack = Stack::embedded(StackOptions::default()).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 3000, 3).await.unwrap();
+        let mut dataset = lance::Dataset::open(&uri).await.unwrap();
+        let version = dataset.version().version;
+        dataset.create_branch("dev", version, None).await.unwrap();
+        let (status, body) = stack
+            .post("/v1/table/items/add_columns", json!({"branch": "dev", "new_columns": [{"name": "y", "computed": "x * 2 + 1"}]}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        // main has no such column, so a backfill there is a missing column.
+        let (status, body) = stack.post("/v1/table/items/backfill_column", json!({"column": "y"})).await;
+        assert_eq!((status, body["code"].as_i64()), (404, Some(12)), "{body}");
+        let main_version = latest_version(&uri).await;
+        stack.start_worker(fast_engine(), RunnerConfig::default(), VISIBILITY);
+        let job = stack.submit("items", json!({"column": "y", "branch": "dev"})).await;
+        let job = stack.wait_done(&job, Duration::from_secs(60)).await;
+        assert_eq!(job.spec.branch.as_deref(), Some("dev"));
+        let branch = lance::Dataset::open(&uri).await.unwrap().checkout_branch("dev").await.unwrap();
+        let mut scanner = branch.scan();
+        scanner.project(&["x", "y"]).unwrap();
+        let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(scanner.try_into_stream().await.unwrap()).await.unwrap();
+        let mut rows = 0;
+        for batch in batches {
+            let x = batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            let y = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+            for i in 0..batch.num_rows() {
+                assert_eq!(y.value(i), x.value(i) * 2 + 1);
+            }
+            rows += batch.num_rows();
+        }
+        assert_eq!(rows, 3000);
+        assert_eq!(latest_version(&uri).await, main_version, "main is untouched");
+    }
 }

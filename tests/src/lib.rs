@@ -91,6 +91,16 @@ impl Moto {
     }
 }
 
+/// Short leases and waits, so tests that stop workers do not wait a minute.
+pub fn fast_engine() -> EngineConfig {
+    EngineConfig {
+        lease_ttl: Duration::from_secs(3),
+        busy_wait: Duration::from_secs(3),
+        busy_delay: Duration::from_millis(200),
+        ..EngineConfig::default()
+    }
+}
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
@@ -106,6 +116,8 @@ pub struct Stack {
     pub components: Components,
     pub queue: Arc<dyn TaskQueue>,
     pub sqs: Option<SqsQueue>,
+    /// The embedded queue, when the stack uses it.
+    pub sqlite: Option<lance_backfill::queue::SqliteQueue>,
     pub jobs_table: Option<String>,
     pub service: Arc<Service>,
     pub address: SocketAddr,
@@ -172,7 +184,9 @@ impl Stack {
         let (components, queue) = bootstrap::embedded(&root, &state, options.max_receive_count)
             .await
             .expect("embedded components");
-        Self::start(dir, root, components, Arc::new(queue), options).await
+        let mut stack = Self::start(dir, root, components, Arc::new(queue.clone()), options).await;
+        stack.sqlite = Some(queue);
+        stack
     }
 
     async fn start(
@@ -201,6 +215,7 @@ impl Stack {
             components,
             queue,
             sqs: None,
+            sqlite: None,
             jobs_table: None,
             service,
             address,
@@ -230,6 +245,22 @@ impl Stack {
                 key: API_KEY.to_string(),
             }),
             ..Configuration::default()
+        }
+    }
+
+    /// Takes every message waiting in the queue (hidden for ten minutes).
+    pub async fn drain(&self) -> Vec<String> {
+        let mut bodies = Vec::new();
+        loop {
+            let batch = self
+                .queue
+                .receive(10, Duration::from_secs(600), Duration::from_millis(300))
+                .await
+                .expect("receive");
+            if batch.is_empty() {
+                return bodies;
+            }
+            bodies.extend(batch.into_iter().map(|m| m.body));
         }
     }
 

@@ -1,6 +1,8 @@
 //! `POST /v1/table/{id}/backfill_column`: validate, plan, record the job,
 //! queue its tasks, answer 202 with the job id.
 
+use std::sync::Arc;
+
 use http::StatusCode;
 use lance::Dataset;
 use lance_namespace_reqwest_client::models::{
@@ -192,6 +194,8 @@ impl Service {
         let dataset = self
             .open_for_backfill(&uri, branch.as_deref(), request.read_version.flatten())
             .await?;
+        let dataset = Arc::new(dataset);
+        self.catalog.pin(&uri, branch.as_deref(), dataset.clone());
         let read_version = dataset.version().version;
         let target = resolve_target(dataset.schema(), &request.column)?;
         let filter = match request.r#where.clone().flatten() {

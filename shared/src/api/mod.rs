@@ -25,6 +25,11 @@ use crate::table::Catalog;
 
 pub use request::ApiRequest;
 
+/// Jobs with more tasks than this are fanned out by a worker from one
+/// planning message: the API then answers after one queue call, whatever
+/// the table's size (sending 1,000 tasks inline is 100 SendMessageBatch calls).
+pub const DEFAULT_INLINE_PLAN_LIMIT: u64 = 100;
+
 /// Largest request body accepted (bodies are small JSON documents).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
@@ -59,7 +64,7 @@ pub struct ApiSettings {
 impl Default for ApiSettings {
     fn default() -> Self {
         Self {
-            inline_plan_limit: 1000,
+            inline_plan_limit: DEFAULT_INLINE_PLAN_LIMIT,
             manifests: Vec::new(),
         }
     }

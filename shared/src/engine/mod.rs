@@ -96,6 +96,9 @@ pub struct Engine {
     pub(crate) catalog: Arc<Catalog>,
     pub(crate) config: EngineConfig,
     programs: Mutex<HashMap<String, Arc<Program>>>,
+    /// Wakes tasks of this process waiting for a slot as soon as one is
+    /// released here (slots released elsewhere are found by polling).
+    slot_freed: tokio::sync::Notify,
 }
 
 /// Why a running task stopped early.
@@ -107,14 +110,18 @@ enum Stop {
 
 /// How producing a range ended.
 enum Produced {
-    Completed { changed: bool },
+    /// `checkpointed`: some checkpoint of the fragment existed or was written.
+    Completed {
+        changed: bool,
+        checkpointed: bool,
+    },
     Stopped(Stop),
 }
 
-/// How writing a fragment's file ended.
+/// How writing a fragment's file ended (`bool`: checkpoints to clear).
 enum Written {
-    Staged(StagedFragment),
-    Unchanged,
+    Staged(StagedFragment, bool),
+    Unchanged(bool),
     Stopped(Stop),
 }
 
@@ -131,6 +138,7 @@ impl Engine {
             catalog,
             config,
             programs: Mutex::new(HashMap::new()),
+            slot_freed: tokio::sync::Notify::new(),
         }
     }
 
@@ -352,6 +360,7 @@ impl Engine {
             .run_task_in_slot(&job, task, &record.tasks_done, delivery)
             .await;
         slot.release(self.store.as_ref(), job_id).await;
+        self.slot_freed.notify_waiters();
         let disposition = match result {
             Ok(disposition) => disposition,
             // Another holder of the same task (a repeated or late delivery)
@@ -495,15 +504,16 @@ impl Engine {
         written: Written,
     ) -> anyhow::Result<()> {
         let job_id = job.job_id.as_str();
-        match written {
-            Written::Staged(staged) => {
+        let checkpointed = match written {
+            Written::Staged(staged, checkpointed) => {
                 if self.store.stage_fragment(job_id, &staged).await? {
                     info!(fragment = staged.fragment_id, "fragment staged");
                 } else {
                     delete_data_file(dataset, &staged).await;
                 }
+                checkpointed
             }
-            Written::Unchanged => {
+            Written::Unchanged(checkpointed) => {
                 if self
                     .store
                     .skip_fragment(job_id, fragment.id() as u64)
@@ -511,8 +521,12 @@ impl Engine {
                 {
                     info!(fragment = fragment.id(), "fragment unchanged, skipped");
                 }
+                checkpointed
             }
             Written::Stopped(_) => return Ok(()),
+        };
+        if !checkpointed {
+            return Ok(());
         }
         // The staged file (or the skip) now stands for these values.
         let checkpoints = FragmentCheckpoints::open(dataset, fragment, program).await?;
@@ -566,17 +580,23 @@ impl Engine {
                 }
                 Ok(Written::Stopped(stop))
             }
-            Produced::Completed { changed } => {
+            Produced::Completed {
+                changed,
+                checkpointed,
+            } => {
                 let group = written.context("writing the fragment's column file")?;
                 if !changed {
                     delete_file_at(dataset, &group.1.path).await;
-                    return Ok(Written::Unchanged);
+                    return Ok(Written::Unchanged(checkpointed));
                 }
-                Ok(Written::Staged(StagedFragment {
-                    fragment_id: fragment.id() as u64,
-                    data_file: serde_json::to_value(&group.1)?,
-                    rows,
-                }))
+                Ok(Written::Staged(
+                    StagedFragment {
+                        fragment_id: fragment.id() as u64,
+                        data_file: serde_json::to_value(&group.1)?,
+                        rows,
+                    },
+                    checkpointed,
+                ))
             }
         }
     }
@@ -601,6 +621,7 @@ impl Engine {
             Duration::from_secs_f64(params.batch_checkpoint_flush_interval_seconds.max(0.0));
         let sizer = Arc::new(Mutex::new(BatchSizer::new(params)));
         let existing = checkpoints.list().await?;
+        let mut checkpointed = !existing.is_empty();
         let mut changed = false;
         let mut at = start;
         let mut delta = Counts::default();
@@ -676,6 +697,7 @@ impl Engine {
                             )
                             .await?;
                         delta.checkpointed += at - buffer_start;
+                        checkpointed = true;
                     }
                     buffer.clear();
                     buffer_start = at;
@@ -702,24 +724,38 @@ impl Engine {
                     )
                     .await?;
                 delta.checkpointed += at - buffer_start;
+                checkpointed = true;
             }
         }
         delta.flush(self.store.as_ref(), &job.job_id).await?;
-        Ok(Produced::Completed { changed })
+        Ok(Produced::Completed {
+            changed,
+            checkpointed,
+        })
     }
 
     /// Waits (up to `busy_wait`) for one of the job's `concurrency` slots.
     async fn wait_for_slot(&self, job: &Job) -> anyhow::Result<Option<HeldLease>> {
         let give_up = Instant::now() + self.config.busy_wait;
+        let mut pause = Duration::from_millis(5);
         loop {
+            let freed = self.slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             if let Some(slot) = self.acquire_slot(job).await? {
                 return Ok(Some(slot));
             }
             if Instant::now() >= give_up {
                 return Ok(None);
             }
-            let jitter = Duration::from_millis(50 + rand::random::<u64>() % 100);
-            tokio::time::sleep(jitter).await;
+            // Back off (with jitter, so waiters spread out) unless a slot of
+            // this process frees up first.
+            let jitter = Duration::from_micros(rand::random::<u64>() % 5_000);
+            tokio::select! {
+                _ = tokio::time::sleep(pause + jitter) => {}
+                _ = &mut freed => {}
+            }
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 

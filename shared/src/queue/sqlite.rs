@@ -44,6 +44,17 @@ impl SqliteQueue {
             .await
     }
 
+    /// Drops every message of this queue, dead ones included (operators,
+    /// benchmarks).
+    pub async fn purge(&self) -> anyhow::Result<u64> {
+        let name = self.name.clone();
+        self.db
+            .call(move |tx| {
+                Ok(tx.execute("DELETE FROM messages WHERE queue = ?1", params![name])? as u64)
+            })
+            .await
+    }
+
     async fn receive_now(&self, max: usize, visibility: Duration) -> anyhow::Result<Vec<Received>> {
         let name = self.name.clone();
         let max_receive = self.max_receive_count;
