@@ -238,6 +238,9 @@ impl Engine {
             metrics.get(Counter::CommitsDone),
             metrics.get(Counter::FragmentsSkipped),
         );
+        // Sweep first: a process killed after the sweep repeats it when its
+        // message comes back; one killed after DONE would leave them forever.
+        self.sweep_checkpoints(job).await?;
         if self
             .store
             .transition(&job.job_id, JobState::Done, Some(&message), None)
@@ -245,15 +248,13 @@ impl Engine {
             .is_some()
         {
             info!(job_id = %job.job_id, "{message}");
-            if let Err(err) = self.sweep_checkpoints(job).await {
-                warn!(job_id = %job.job_id, error = %format!("{err:#}"), "checkpoint sweep failed");
-            }
         }
         Ok(())
     }
 
     /// Removes checkpoints of the job's fragments that a crash left behind
-    /// (normally they are removed as each fragment is staged).
+    /// (normally they are removed as each fragment is staged), for example
+    /// when a process died half-way through removing them.
     async fn sweep_checkpoints(&self, job: &Job) -> anyhow::Result<()> {
         let dataset = self.read_dataset(job).await?;
         let program = self.program(job, &dataset)?;

@@ -161,10 +161,7 @@ fn the_api_handler_takes_anything() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600);
-    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
-        cases,
-        ..Default::default()
-    });
+    let mut runner = lance_backfill_tests::seeded_runner(cases);
     let strategy = (
         path(),
         query(),
@@ -213,8 +210,9 @@ fn the_api_handler_takes_anything() {
         )
         .unwrap();
     println!(
-        "FIGURES fuzz: {cases} requests, no 5xx, no panic; statuses {:?}",
-        statuses.lock().unwrap()
+        "FIGURES fuzz: {cases} requests, no 5xx, no panic; statuses {:?} (seed {})",
+        statuses.lock().unwrap(),
+        lance_backfill_tests::fuzz_seed()
     );
     drop(stack);
 }

@@ -132,10 +132,7 @@ rt_test! {
 #[test]
 fn message_parsing_never_panics() {
     use proptest::prelude::*;
-    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
-        cases: 2000,
-        ..Default::default()
-    });
+    let mut runner = lance_backfill_tests::seeded_runner(2000);
     let json_value = proptest::arbitrary::any::<String>().prop_map(|s| s);
     runner
         .run(&json_value, |body| {

@@ -101,6 +101,30 @@ pub fn fast_engine() -> EngineConfig {
     }
 }
 
+/// The seed of the fuzz suites: `LANCE_BACKFILL_FUZZ_SEED`, 7 by default,
+/// so a run is repeatable and a failure can be replayed.
+pub fn fuzz_seed() -> u64 {
+    std::env::var("LANCE_BACKFILL_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7)
+}
+
+/// A proptest runner of `cases` cases drawn from [`fuzz_seed`].
+pub fn seeded_runner(cases: u32) -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&fuzz_seed().to_le_bytes());
+    TestRunner::new_with_rng(
+        Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed),
+    )
+}
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",

@@ -344,10 +344,15 @@ impl Engine {
             });
         };
         if job.state.is_terminal() {
+            self.forget_checkpoints_if_done(job_id, task.fragment_id)
+                .await;
             return Ok(Disposition::Done);
         }
         let record = self.store.get_fragment(job_id, task.fragment_id).await?;
         if record.status.is_resolved() {
+            // A repeated delivery: whatever an earlier holder of this task
+            // checkpointed after the fragment was written is of no use.
+            self.forget_checkpoints(&job, task.fragment_id).await;
             self.advance_commits(&job).await?;
             return Ok(Disposition::Done);
         }
@@ -374,6 +379,7 @@ impl Engine {
                     .is_resolved() =>
             {
                 info!(error = %format!("{err:#}"), "another delivery finished the fragment first");
+                self.forget_checkpoints(&job, task.fragment_id).await;
                 Disposition::Done
             }
             Err(err) => return Err(err),
@@ -432,7 +438,11 @@ impl Engine {
                 Written::Stopped(Stop::Deadline) => Ok(Disposition::Requeue {
                     delay: Duration::ZERO,
                 }),
-                Written::Stopped(Stop::Cancelled) => Ok(Disposition::Done),
+                Written::Stopped(Stop::Cancelled) => {
+                    self.forget_checkpoints_if_done(job_id, task.fragment_id)
+                        .await;
+                    Ok(Disposition::Done)
+                }
                 written => {
                     self.store
                         .mark_task_done(job_id, task.fragment_id, task.task)
@@ -464,7 +474,11 @@ impl Engine {
                         delay: Duration::ZERO,
                     });
                 }
-                Produced::Stopped(Stop::Cancelled) => return Ok(Disposition::Done),
+                Produced::Stopped(Stop::Cancelled) => {
+                    self.forget_checkpoints_if_done(job_id, task.fragment_id)
+                        .await;
+                    return Ok(Disposition::Done);
+                }
                 Produced::Completed { .. } => {}
             }
         }
@@ -483,7 +497,11 @@ impl Engine {
                         delay: Duration::ZERO,
                     });
                 }
-                Written::Stopped(Stop::Cancelled) => return Ok(Disposition::Done),
+                Written::Stopped(Stop::Cancelled) => {
+                    self.forget_checkpoints_if_done(job_id, task.fragment_id)
+                        .await;
+                    return Ok(Disposition::Done);
+                }
                 written => {
                     self.resolve_fragment(job, &dataset, &fragment, &program, written)
                         .await?
@@ -491,6 +509,39 @@ impl Engine {
             }
         }
         Ok(Disposition::Done)
+    }
+
+    /// A task of a finished job (a late or repeated delivery, or one that
+    /// was computing when the job ended) removes what it or an earlier
+    /// holder left of its fragment's checkpoints. A failed or cancelled
+    /// job keeps them: a new submission reuses them.
+    async fn forget_checkpoints_if_done(&self, job_id: &str, fragment_id: u64) {
+        match self.store.get_job(job_id).await {
+            Ok(Some(job)) if job.state == JobState::Done => {
+                self.forget_checkpoints(&job, fragment_id).await
+            }
+            Ok(_) => {}
+            Err(err) => warn!(job_id, error = %format!("{err:#}"), "could not read the job"),
+        }
+    }
+
+    /// Removes the checkpoints of a fragment whose file is written.
+    async fn forget_checkpoints(&self, job: &Job, fragment_id: u64) {
+        let result = async {
+            let dataset = self.read_dataset(job).await?;
+            let program = self.program(job, &dataset)?;
+            if let Some(fragment) = dataset.get_fragment(fragment_id as usize) {
+                FragmentCheckpoints::open(&dataset, &fragment, &program)
+                    .await?
+                    .clear()
+                    .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(err) = result {
+            warn!(job_id = %job.job_id, fragment = fragment_id, error = %format!("{err:#}"), "could not remove checkpoints");
+        }
     }
 
     /// Records a written fragment (or that it needs no new file). A repeated
