@@ -15,7 +15,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// Repetitions per measurement (the 10M-row run uses fewer).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     reps: usize,
     /// Smaller tables and fewer repetitions: a smoke run.
     #[arg(long)]

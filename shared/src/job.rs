@@ -291,8 +291,10 @@ impl Job {
     }
 }
 
+/// Microseconds: a small job runs in a few milliseconds, and its
+/// `created_at`/`finished_at` should still tell how long it took.
 pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 pub fn now_millis() -> i64 {
