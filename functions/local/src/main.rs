@@ -78,8 +78,12 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Serve { .. } => telemetry::init(),
+        Command::Demo { .. } => telemetry::init_quiet(),
+    }
+    match cli.command {
         Command::Serve {
             root,
             listen,
