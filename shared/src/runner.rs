@@ -21,6 +21,9 @@ pub struct RunnerConfig {
     /// and requeue their remainder before it runs out.
     pub invocation_timeout: Option<Duration>,
     pub wait: Duration,
+    /// Handle the queue's dead letters too (what the DLQ's event source
+    /// does on AWS): each fails its job with the reason.
+    pub dead_letters: bool,
 }
 
 impl Default for RunnerConfig {
@@ -30,9 +33,13 @@ impl Default for RunnerConfig {
             batch_size: 10,
             invocation_timeout: None,
             wait: Duration::from_secs(1),
+            dead_letters: true,
         }
     }
 }
+
+/// How often a poller handles the dead letters (the DLQ's event source on AWS).
+const DEAD_LETTER_SWEEP: Duration = Duration::from_secs(1);
 
 /// Runs pollers until `shutdown` turns true; in-flight batches finish first.
 pub async fn run(
@@ -48,7 +55,12 @@ pub async fn run(
         let config = config.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let mut dead_letters_checked = Instant::now();
             while !*shutdown.borrow() {
+                if config.dead_letters && dead_letters_checked.elapsed() >= DEAD_LETTER_SWEEP {
+                    worker.sweep_dead_letters().await;
+                    dead_letters_checked = Instant::now();
+                }
                 let received = tokio::select! {
                     received = queue.receive(config.batch_size, visibility, config.wait) => received,
                     _ = shutdown.changed() => break,

@@ -139,7 +139,42 @@ impl Worker {
         }
     }
 
+    /// Messages from the dead-letter queue: each fails its job with the
+    /// reason. All of them are finished with (a dead letter is not retried).
+    pub async fn process_dead_letters(&self, messages: &[Received]) {
+        for message in messages {
+            let span = tracing::info_span!("dead_letter", message_id = %message.message_id);
+            self.engine
+                .handle_dead_letter(&message.body)
+                .instrument(span)
+                .await;
+        }
+    }
+
+    /// Takes the queue's unhandled dead letters and handles them (the local
+    /// runner's stand-in for the DLQ's event source).
+    pub async fn sweep_dead_letters(&self) {
+        let taken = match self
+            .queue
+            .take_dead_letters(10, Duration::from_secs(60))
+            .await
+        {
+            Ok(taken) => taken,
+            Err(err) => {
+                warn!(error = %format!("{err:#}"), "could not read dead letters");
+                return;
+            }
+        };
+        self.process_dead_letters(&taken).await;
+        for message in taken {
+            if let Err(err) = self.queue.settle_dead_letter(&message.receipt).await {
+                warn!(error = %format!("{err:#}"), "could not settle a dead letter");
+            }
+        }
+    }
+
     /// The worker function's handler: Lambda deletes the messages not reported failed.
+    /// Records from the DLQ (its own event source) fail their jobs.
     pub async fn handle_sqs_event(
         &self,
         event: SqsEvent,
@@ -147,7 +182,12 @@ impl Worker {
     ) -> SqsBatchResponse {
         let mut response = SqsBatchResponse::default();
         let mut messages = Vec::new();
+        let mut dead_letters = Vec::new();
         for record in event.records {
+            let from_dead_letters = record
+                .event_source_arn
+                .as_deref()
+                .is_some_and(|arn| self.queue.is_dead_letter_source(arn));
             let message_id = record.message_id.clone().unwrap_or_default();
             let receipt = record.receipt_handle.clone().unwrap_or_default();
             let receive_count = record
@@ -155,13 +195,19 @@ impl Worker {
                 .get("ApproximateReceiveCount")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1);
-            messages.push(Received {
+            let received = Received {
                 message_id,
                 receipt,
                 body: record.body.unwrap_or_default(),
                 receive_count,
-            });
+            };
+            if from_dead_letters {
+                dead_letters.push(received);
+            } else {
+                messages.push(received);
+            }
         }
+        self.process_dead_letters(&dead_letters).await;
         let report = self.process(messages, deadline).await;
         for id in report.failed {
             response.add_failure(id);

@@ -109,9 +109,23 @@ fn functions_queue_and_table_fit_together() {
             "missing route {route:?}"
         );
     }
-    assert!(
-        resource(&template, "DeadLetterAlarm")["Properties"]["MetricName"].as_str()
-            == Some("ApproximateNumberOfMessagesVisible")
+    // Dead letters reach the worker (which fails their jobs), so the alarm
+    // counts arrivals rather than depth.
+    let worker_events = &resource(&template, "WorkerFunction")["Properties"]["Events"];
+    let dead_letters = &worker_events["DeadLetters"]["Properties"];
+    assert_eq!(
+        serde_yaml::to_string(&dead_letters["Queue"])
+            .unwrap()
+            .trim(),
+        "!GetAtt TasksDeadLetterQueue.Arn"
+    );
+    assert_eq!(
+        dead_letters["FunctionResponseTypes"][0].as_str(),
+        Some("ReportBatchItemFailures")
+    );
+    assert_eq!(
+        resource(&template, "DeadLetterAlarm")["Properties"]["MetricName"].as_str(),
+        Some("NumberOfMessagesReceived")
     );
     assert!(template["Outputs"]["ApiUrl"] != Value::Null);
 }

@@ -338,7 +338,8 @@ rt_test! {
         // A message that can never be read, naming the job.
         sqs.send_many(vec![Outgoing::now(format!(r#"{{"kind":"run","v":1,"job_id":"{poisoned}","task":"garbage"}}"#))]).await.unwrap();
         sqs.send_many(vec![Outgoing::now("not even json".to_string())]).await.unwrap();
-        stack.start_worker(fast_engine(), RunnerConfig::default(), Duration::from_secs(1));
+        // Dead letters stay in the DLQ for this test to see them there.
+        stack.start_worker(fast_engine(), RunnerConfig { dead_letters: false, ..RunnerConfig::default() }, Duration::from_secs(1));
         let job = stack.wait(&poisoned, Duration::from_secs(60)).await;
         assert_eq!(job.state, JobState::Failed);
         assert!(job.error.as_deref().unwrap_or_default().contains("malformed task message"), "{:?}", job.error);
@@ -353,6 +354,81 @@ rt_test! {
         .unwrap();
         let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
         assert!(y.iter().all(Option::is_none), "a cancelled job wrote nothing");
+        // Handling them (the DLQ's event source) consumes them and leaves
+        // the already failed job as it was.
+        let worker = stack.components.worker(fast_engine(), Duration::from_secs(1));
+        worker.sweep_dead_letters().await;
+        assert!(sqs.dead_letters().await.unwrap().is_empty());
+        let again = stack.wait(&poisoned, Duration::from_secs(1)).await;
+        assert!(again.error.unwrap_or_default().starts_with("malformed task message"));
+    }
+}
+
+/// Receives every waiting message and lets it go, as a worker killed
+/// while holding it would (its receive count grows, nothing is done).
+async fn die_holding_every_message(queue: &Arc<dyn TaskQueue>) -> usize {
+    let mut held = 0;
+    for message in queue
+        .receive(10, Duration::from_millis(200), Duration::from_secs(2))
+        .await
+        .unwrap()
+    {
+        assert!(!message.body.is_empty());
+        held += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held
+}
+
+rt_test! {
+    async fn a_task_whose_every_delivery_dies_fails_its_job_from_the_dead_letters() {
+        let mut stack = Stack::embedded(StackOptions { max_receive_count: 2, ..StackOptions::default() }).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 1000, 1).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        let job_id = stack.submit("items", json!({"column": "y"})).await;
+        assert_eq!(die_holding_every_message(&stack.queue).await, 1);
+        assert_eq!(die_holding_every_message(&stack.queue).await, 1);
+        stack.start_worker(fast_engine(), RunnerConfig::default(), Duration::from_secs(5));
+        let job = stack.wait(&job_id, Duration::from_secs(30)).await;
+        assert_eq!(job.state, JobState::Failed);
+        let error = job.error.unwrap_or_default();
+        assert!(error.contains("fragment 0") && error.contains("dead-letter queue"), "{error}");
+        // The dead letter stays listed for operators, handled once.
+        let sqlite = stack.sqlite.clone().unwrap();
+        assert_eq!(sqlite.dead_letters().await.unwrap().len(), 1);
+        assert!(sqlite.take_dead_letters(10, Duration::ZERO).await.unwrap().is_empty());
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        assert!(y.iter().all(Option::is_none), "nothing was committed");
+    }
+}
+
+rt_test! {
+    async fn the_worker_function_fails_the_job_of_a_record_from_the_dlq() {
+        let moto = Moto::connect().await;
+        let stack = Stack::aws(&moto, StackOptions::default()).await;
+        let uri = stack.table_uri("items");
+        write_sample_table(&uri, 1000, 1).await.unwrap();
+        stack.declare("items", &[("y", "x * 2 + 1")]).await;
+        let job_id = stack.submit("items", json!({"column": "y"})).await;
+        let sqs = stack.sqs.clone().unwrap();
+        let task = sqs.receive(1, Duration::from_secs(30), Duration::from_secs(2)).await.unwrap().pop().expect("a task");
+        let dlq_name = sqs.url().rsplit('/').next().unwrap().to_string() + "-dlq";
+        let record = |arn: &str| json!({
+            "messageId": task.message_id, "receiptHandle": task.receipt, "body": task.body,
+            "attributes": {"ApproximateReceiveCount": "4"}, "messageAttributes": {},
+            "eventSource": "aws:sqs", "eventSourceARN": arn, "awsRegion": "us-east-1",
+        });
+        let worker = stack.components.worker(fast_engine(), Duration::from_secs(30));
+        // The same body from the DLQ's event source fails the job, and is finished with.
+        let event: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_value(json!({
+            "Records": [record(&format!("arn:aws:sqs:us-east-1:123456789012:{dlq_name}"))]
+        })).unwrap();
+        let response = worker.handle_sqs_event(event, None).await;
+        assert!(response.batch_item_failures.is_empty());
+        let job = stack.wait(&job_id, Duration::from_secs(10)).await;
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.error.unwrap_or_default().contains("dead-letter queue"));
     }
 }
 

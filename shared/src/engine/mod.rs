@@ -212,6 +212,39 @@ impl Engine {
         }
     }
 
+    /// A message that reached the dead-letter queue: it was received the
+    /// redrive limit's number of times and never finished. A worker that
+    /// saw its last receive fail has already failed the job; this covers
+    /// the deliveries that died with their process (out of memory, killed,
+    /// a hard timeout), which would otherwise leave the job RUNNING.
+    pub async fn handle_dead_letter(&self, body: &str) {
+        let (job_id, what) = match Message::parse(body) {
+            Ok(Message::Cleanup { job_id, .. }) => {
+                warn!(
+                    job_id,
+                    "a cleanup message went to the dead-letter queue; staged files may remain"
+                );
+                return;
+            }
+            Ok(message) => (message.job_id().to_string(), describe(&message)),
+            Err(reason) => match lenient_job_id(body) {
+                Some(job_id) => (job_id, format!("a malformed message ({reason})")),
+                None => {
+                    warn!(%reason, "dead letter names no job");
+                    return;
+                }
+            },
+        };
+        let reason = format!(
+            "{what} was received {} times without finishing and went to the dead-letter queue \
+             (each attempt ended without a result: the process died, ran out of memory or was stopped); \
+             submit the backfill again to resume from its checkpoints",
+            self.config.max_receive_count
+        );
+        warn!(job_id, %reason, "dead letter");
+        self.fail_job(&job_id, &reason).await;
+    }
+
     /// Marks the job FAILED (once) and queues the removal of its staged files.
     pub(crate) async fn fail_job(&self, job_id: &str, reason: &str) {
         match self

@@ -58,6 +58,22 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// Bodies of the messages moved to the dead-letter queue (for operators
     /// and tests; does not consume them).
     async fn dead_letters(&self) -> anyhow::Result<Vec<String>>;
+
+    /// Dead letters nobody has handled yet, hidden for `visibility` so that
+    /// one handler takes each; [`TaskQueue::settle_dead_letter`] marks one
+    /// handled. On AWS the DLQ's own event source delivers them instead.
+    async fn take_dead_letters(
+        &self,
+        max: usize,
+        visibility: Duration,
+    ) -> anyhow::Result<Vec<Received>>;
+
+    async fn settle_dead_letter(&self, receipt: &str) -> anyhow::Result<()>;
+
+    /// Whether an SQS event record's `eventSourceARN` is this queue's DLQ.
+    fn is_dead_letter_source(&self, _event_source_arn: &str) -> bool {
+        false
+    }
 }
 
 /// SQS caps a message delay at 15 minutes.

@@ -12,6 +12,12 @@ use super::{Outgoing, Received, TaskQueue};
 use crate::embedded::EmbeddedDb;
 use crate::job::now_millis;
 
+/// `messages.dead`: 0 live, [`DEAD`] moved to the dead-letter state (as SQS
+/// redrives to a DLQ), [`DEAD_HANDLED`] seen by a dead-letter handler and
+/// kept for operators.
+const DEAD: i64 = 1;
+const DEAD_HANDLED: i64 = 2;
+
 #[derive(Clone)]
 pub struct SqliteQueue {
     db: EmbeddedDb,
@@ -172,12 +178,63 @@ impl TaskQueue for SqliteQueue {
         Ok(())
     }
 
+    async fn take_dead_letters(
+        &self,
+        max: usize,
+        visibility: Duration,
+    ) -> anyhow::Result<Vec<Received>> {
+        let name = self.name.clone();
+        self.db
+            .call(move |tx| {
+                let now = now_millis();
+                let mut stmt = tx.prepare_cached(
+                    "SELECT id, body, receive_count FROM messages
+                     WHERE queue = ?1 AND dead = ?2 AND visible_at_ms <= ?3
+                     ORDER BY id LIMIT ?4",
+                )?;
+                let rows: Vec<(i64, String, u32)> = stmt
+                    .query_map(params![name, DEAD, now, max as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                let mut taken = Vec::with_capacity(rows.len());
+                for (id, body, receive_count) in rows {
+                    let receipt = format!("{id}:{}", uuid::Uuid::new_v4().simple());
+                    tx.execute(
+                        "UPDATE messages SET visible_at_ms = ?2, receipt = ?3 WHERE id = ?1",
+                        params![id, now + visibility.as_millis() as i64, receipt],
+                    )?;
+                    taken.push(Received {
+                        message_id: id.to_string(),
+                        receipt,
+                        body,
+                        receive_count,
+                    });
+                }
+                Ok(taken)
+            })
+            .await
+    }
+
+    async fn settle_dead_letter(&self, receipt: &str) -> anyhow::Result<()> {
+        let receipt = receipt.to_string();
+        self.db
+            .call(move |tx| {
+                tx.execute(
+                    "UPDATE messages SET dead = ?2 WHERE receipt = ?1 AND dead = ?3",
+                    params![receipt, DEAD_HANDLED, DEAD],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn dead_letters(&self) -> anyhow::Result<Vec<String>> {
         let name = self.name.clone();
         self.db
             .call(move |tx| {
                 let mut stmt = tx.prepare(
-                    "SELECT body FROM messages WHERE queue = ?1 AND dead = 1 ORDER BY id",
+                    "SELECT body FROM messages WHERE queue = ?1 AND dead != 0 ORDER BY id",
                 )?;
                 let bodies = stmt
                     .query_map(params![name], |r| r.get::<_, String>(0))?

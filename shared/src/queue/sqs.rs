@@ -202,6 +202,45 @@ impl TaskQueue for SqsQueue {
         Ok(())
     }
 
+    async fn take_dead_letters(
+        &self,
+        max: usize,
+        visibility: Duration,
+    ) -> anyhow::Result<Vec<Received>> {
+        match &self.dead_letter_url {
+            Some(dlq) => {
+                self.receive_from(dlq, max, visibility, Duration::ZERO)
+                    .await
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn settle_dead_letter(&self, receipt: &str) -> anyhow::Result<()> {
+        let Some(dlq) = &self.dead_letter_url else {
+            return Ok(());
+        };
+        self.client
+            .delete_message()
+            .queue_url(dlq)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(|e| anyhow!(e.into_service_error()))
+            .context("DeleteMessage (DLQ)")?;
+        Ok(())
+    }
+
+    fn is_dead_letter_source(&self, event_source_arn: &str) -> bool {
+        // arn:aws:sqs:<region>:<account>:<name> and https://.../<account>/<name>
+        let name_of_arn = event_source_arn.rsplit(':').next();
+        let name_of_url = self
+            .dead_letter_url
+            .as_deref()
+            .and_then(|url| url.trim_end_matches('/').rsplit('/').next());
+        name_of_arn.is_some() && name_of_arn == name_of_url
+    }
+
     async fn dead_letters(&self) -> anyhow::Result<Vec<String>> {
         let Some(dlq) = &self.dead_letter_url else {
             return Ok(Vec::new());
