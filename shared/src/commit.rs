@@ -136,10 +136,14 @@ impl Engine {
             return Ok(());
         }
         let mut conflicts = 0;
+        let pinned = self.read_dataset(job).await?;
         loop {
-            let latest = self
-                .catalog
-                .latest(&job.spec.table_uri, job.spec.branch.as_deref())
+            // From the job's open read version: resolving the latest version
+            // reuses its store and session, and its manifest when nothing
+            // was committed since.
+            let mut latest = Dataset::clone(&pinned);
+            latest
+                .checkout_latest()
                 .await
                 .context("opening the latest version")?;
             let (done, rest): (Vec<_>, Vec<_>) = staged
