@@ -12,6 +12,7 @@ use crate::api::{ApiSettings, server};
 use crate::auth::Authenticator;
 use crate::bootstrap::{self, Components};
 use crate::config;
+use crate::engine::EngineConfig;
 use crate::queue::{SqsQueue, TaskQueue};
 use crate::runner::{self, RunnerConfig};
 use crate::store::DynamoJobStore;
@@ -88,7 +89,12 @@ async fn run(
         options.root
     );
     let pollers = options.worker.then(|| {
-        let worker = Arc::new(components.worker(config::engine()?, options.visibility_timeout));
+        // The worker's last attempt is the queue's last receive.
+        let engine = EngineConfig {
+            max_receive_count: options.max_receive_count,
+            ..config::engine()?
+        };
+        let worker = Arc::new(components.worker(engine, options.visibility_timeout));
         let config = RunnerConfig {
             pollers: options.pollers,
             batch_size: options.batch_size,

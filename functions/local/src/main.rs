@@ -52,8 +52,9 @@ enum Command {
         /// Seconds a received message stays hidden.
         #[arg(long, default_value_t = 60)]
         visibility_timeout: u64,
-        /// Receives before a message goes to the dead-letter queue.
-        #[arg(long, default_value_t = 5)]
+        /// Receives before a message goes to the dead-letter queue (the
+        /// worker's last attempt is this receive).
+        #[arg(long, env = "LANCE_BACKFILL_MAX_RECEIVE_COUNT", default_value_t = 5)]
         max_receive_count: u32,
         /// Seconds a batch may run (like the function timeout); tasks
         /// checkpoint and requeue their rest before it ends.
