@@ -213,9 +213,8 @@ impl Engine {
                 }
             }
             if !rewritten.is_empty() {
-                let dataset = self.read_dataset(job).await?;
                 for staged in &rewritten {
-                    delete_data_file(&dataset, staged).await;
+                    delete_data_file(&pinned, staged).await;
                 }
                 let fragments = describe_fragments(&ids(&rewritten));
                 self.fail_job(

@@ -377,8 +377,9 @@ impl Engine {
             });
         };
         if job.state.is_terminal() {
-            self.forget_checkpoints_if_done(job_id, task.fragment_id)
-                .await;
+            if job.state == JobState::Done {
+                self.forget_checkpoints(&job, task.fragment_id).await;
+            }
             return Ok(Disposition::Done);
         }
         let record = self.store.get_fragment(job_id, task.fragment_id).await?;

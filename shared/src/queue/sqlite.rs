@@ -15,8 +15,50 @@ use crate::job::now_millis;
 /// `messages.dead`: 0 live, [`DEAD`] moved to the dead-letter state (as SQS
 /// redrives to a DLQ), [`DEAD_HANDLED`] seen by a dead-letter handler and
 /// kept for operators.
+const LIVE: i64 = 0;
 const DEAD: i64 = 1;
 const DEAD_HANDLED: i64 = 2;
+
+/// Hides up to `max` visible messages of `queue` in the `dead` state for
+/// `visibility` under fresh receipts; a receive counts toward the redrive
+/// limit, taking a dead letter does not.
+fn take_visible(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    dead: i64,
+    now: i64,
+    max: usize,
+    visibility: Duration,
+    counts_as_receive: bool,
+) -> anyhow::Result<Vec<Received>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, body, receive_count FROM messages
+         WHERE queue = ?1 AND dead = ?2 AND visible_at_ms <= ?3
+         ORDER BY visible_at_ms, id LIMIT ?4",
+    )?;
+    let rows: Vec<(i64, String, u32)> = stmt
+        .query_map(params![queue, dead, now, max as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let added = u32::from(counts_as_receive);
+    let mut taken = Vec::with_capacity(rows.len());
+    for (id, body, count) in rows {
+        let receipt = format!("{id}:{}", uuid::Uuid::new_v4().simple());
+        tx.execute(
+            "UPDATE messages SET receive_count = receive_count + ?4, visible_at_ms = ?2, receipt = ?3
+             WHERE id = ?1",
+            params![id, now + visibility.as_millis() as i64, receipt, added],
+        )?;
+        taken.push(Received {
+            message_id: id.to_string(),
+            receipt,
+            body,
+            receive_count: count + added,
+        });
+    }
+    Ok(taken)
+}
 
 #[derive(Clone)]
 pub struct SqliteQueue {
@@ -42,8 +84,8 @@ impl SqliteQueue {
         self.db
             .call(move |tx| {
                 Ok(tx.query_row(
-                    "SELECT COUNT(*) FROM messages WHERE queue = ?1 AND dead = 0",
-                    params![name],
+                    "SELECT COUNT(*) FROM messages WHERE queue = ?1 AND dead = ?2",
+                    params![name, LIVE],
                     |r| r.get::<_, i64>(0),
                 )? as u64)
             })
@@ -70,36 +112,11 @@ impl SqliteQueue {
                 // As SQS redrives: a message received too often goes to the DLQ
                 // instead of being delivered again.
                 tx.execute(
-                    "UPDATE messages SET dead = 1
-                     WHERE queue = ?1 AND dead = 0 AND visible_at_ms <= ?2 AND receive_count >= ?3",
-                    params![name, now, max_receive],
+                    "UPDATE messages SET dead = ?4
+                     WHERE queue = ?1 AND dead = ?5 AND visible_at_ms <= ?2 AND receive_count >= ?3",
+                    params![name, now, max_receive, DEAD, LIVE],
                 )?;
-                let mut stmt = tx.prepare_cached(
-                    "SELECT id, body, receive_count FROM messages
-                     WHERE queue = ?1 AND dead = 0 AND visible_at_ms <= ?2
-                     ORDER BY visible_at_ms, id LIMIT ?3",
-                )?;
-                let rows: Vec<(i64, String, u32)> = stmt
-                    .query_map(params![name, now, max as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })?
-                    .collect::<Result<_, _>>()?;
-                let mut received = Vec::with_capacity(rows.len());
-                for (id, body, count) in rows {
-                    let receipt = format!("{id}:{}", uuid::Uuid::new_v4().simple());
-                    tx.execute(
-                        "UPDATE messages SET receive_count = receive_count + 1, visible_at_ms = ?2, receipt = ?3
-                         WHERE id = ?1",
-                        params![id, now + visibility.as_millis() as i64, receipt],
-                    )?;
-                    received.push(Received {
-                        message_id: id.to_string(),
-                        receipt,
-                        body,
-                        receive_count: count + 1,
-                    });
-                }
-                Ok(received)
+                take_visible(tx, &name, LIVE, now, max, visibility, true)
             })
             .await
     }
@@ -166,8 +183,8 @@ impl TaskQueue for SqliteQueue {
         self.db
             .call(move |tx| {
                 tx.execute(
-                    "UPDATE messages SET visible_at_ms = ?2 WHERE receipt = ?1 AND dead = 0",
-                    params![receipt, now_millis() + timeout.as_millis() as i64],
+                    "UPDATE messages SET visible_at_ms = ?2 WHERE receipt = ?1 AND dead = ?3",
+                    params![receipt, now_millis() + timeout.as_millis() as i64, LIVE],
                 )?;
                 Ok(())
             })
@@ -185,34 +202,7 @@ impl TaskQueue for SqliteQueue {
     ) -> anyhow::Result<Vec<Received>> {
         let name = self.name.clone();
         self.db
-            .call(move |tx| {
-                let now = now_millis();
-                let mut stmt = tx.prepare_cached(
-                    "SELECT id, body, receive_count FROM messages
-                     WHERE queue = ?1 AND dead = ?2 AND visible_at_ms <= ?3
-                     ORDER BY id LIMIT ?4",
-                )?;
-                let rows: Vec<(i64, String, u32)> = stmt
-                    .query_map(params![name, DEAD, now, max as i64], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })?
-                    .collect::<Result<_, _>>()?;
-                let mut taken = Vec::with_capacity(rows.len());
-                for (id, body, receive_count) in rows {
-                    let receipt = format!("{id}:{}", uuid::Uuid::new_v4().simple());
-                    tx.execute(
-                        "UPDATE messages SET visible_at_ms = ?2, receipt = ?3 WHERE id = ?1",
-                        params![id, now + visibility.as_millis() as i64, receipt],
-                    )?;
-                    taken.push(Received {
-                        message_id: id.to_string(),
-                        receipt,
-                        body,
-                        receive_count,
-                    });
-                }
-                Ok(taken)
-            })
+            .call(move |tx| take_visible(tx, &name, DEAD, now_millis(), max, visibility, false))
             .await
     }
 
@@ -234,10 +224,10 @@ impl TaskQueue for SqliteQueue {
         self.db
             .call(move |tx| {
                 let mut stmt = tx.prepare(
-                    "SELECT body FROM messages WHERE queue = ?1 AND dead != 0 ORDER BY id",
+                    "SELECT body FROM messages WHERE queue = ?1 AND dead != ?2 ORDER BY id",
                 )?;
                 let bodies = stmt
-                    .query_map(params![name], |r| r.get::<_, String>(0))?
+                    .query_map(params![name, LIVE], |r| r.get::<_, String>(0))?
                     .collect::<Result<_, _>>()?;
                 Ok(bodies)
             })

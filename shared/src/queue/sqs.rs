@@ -120,6 +120,18 @@ impl SqsQueue {
         ))
     }
 
+    async fn delete_from(&self, url: &str, receipt: &str) -> anyhow::Result<()> {
+        self.client
+            .delete_message()
+            .queue_url(url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(|e| anyhow!(e.into_service_error()))
+            .context("DeleteMessage")?;
+        Ok(())
+    }
+
     async fn receive_from(
         &self,
         url: &str,
@@ -178,15 +190,7 @@ impl TaskQueue for SqsQueue {
     }
 
     async fn delete(&self, receipt: &str) -> anyhow::Result<()> {
-        self.client
-            .delete_message()
-            .queue_url(&self.url)
-            .receipt_handle(receipt)
-            .send()
-            .await
-            .map_err(|e| anyhow!(e.into_service_error()))
-            .context("DeleteMessage")?;
-        Ok(())
+        self.delete_from(&self.url, receipt).await
     }
 
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> anyhow::Result<()> {
@@ -217,18 +221,10 @@ impl TaskQueue for SqsQueue {
     }
 
     async fn settle_dead_letter(&self, receipt: &str) -> anyhow::Result<()> {
-        let Some(dlq) = &self.dead_letter_url else {
-            return Ok(());
-        };
-        self.client
-            .delete_message()
-            .queue_url(dlq)
-            .receipt_handle(receipt)
-            .send()
-            .await
-            .map_err(|e| anyhow!(e.into_service_error()))
-            .context("DeleteMessage (DLQ)")?;
-        Ok(())
+        match &self.dead_letter_url {
+            Some(dlq) => self.delete_from(dlq, receipt).await,
+            None => Ok(()),
+        }
     }
 
     fn is_dead_letter_source(&self, event_source_arn: &str) -> bool {
