@@ -12,7 +12,8 @@ case "${1:-}" in
       kill "$(cat "$PIDFILE")" 2>/dev/null || true
       sleep 0.5
     fi
-    "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$CACHE/moto.log" 2>&1 &
+    # moto_server with DynamoDB requests isolated as in DynamoDB (see the file).
+    "$VENV/bin/python" "$REPO/scripts/moto_server.py" -H 127.0.0.1 -p "$port" >"$CACHE/moto.log" 2>&1 &
     echo $! >"$PIDFILE"
     for _ in $(seq 1 100); do
       if curl -fsS "http://127.0.0.1:$port/moto-api/" >/dev/null 2>&1; then
