@@ -1,5 +1,6 @@
 """Helpers for scripts/lambda-invoke.sh: prepare moto and a Lance table,
 turn a queued task into an SQS event, and check results."""
+
 import argparse
 import json
 import sys
@@ -8,8 +9,12 @@ import boto3
 
 
 def clients(endpoint):
-    kwargs = dict(endpoint_url=endpoint, region_name="us-east-1",
-                  aws_access_key_id="testing", aws_secret_access_key="testing")
+    kwargs = dict(
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     return boto3.client("dynamodb", **kwargs), boto3.client("sqs", **kwargs)
 
 
@@ -21,13 +26,24 @@ def setup(args):
     dynamodb.create_table(
         TableName=args.table,
         BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("pk", "sk", "table_key", "created_sk")],
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        GlobalSecondaryIndexes=[{
-            "IndexName": "by_table",
-            "KeySchema": [{"AttributeName": "table_key", "KeyType": "HASH"}, {"AttributeName": "created_sk", "KeyType": "RANGE"}],
-            "Projection": {"ProjectionType": "ALL"},
-        }],
+        AttributeDefinitions=[
+            {"AttributeName": n, "AttributeType": "S"}
+            for n in ("pk", "sk", "table_key", "created_sk")
+        ],
+        KeySchema=[
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        GlobalSecondaryIndexes=[
+            {
+                "IndexName": "by_table",
+                "KeySchema": [
+                    {"AttributeName": "table_key", "KeyType": "HASH"},
+                    {"AttributeName": "created_sk", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            }
+        ],
     )
     url = sqs.create_queue(QueueName=args.queue)["QueueUrl"]
     x = pa.array(range(1000), pa.int64())
@@ -37,8 +53,13 @@ def setup(args):
 
 def sqs_event(args):
     _, sqs = clients(args.endpoint)
-    messages = sqs.receive_message(QueueUrl=args.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=2,
-                                   VisibilityTimeout=60, MessageSystemAttributeNames=["All"]).get("Messages", [])
+    messages = sqs.receive_message(
+        QueueUrl=args.queue_url,
+        MaxNumberOfMessages=10,
+        WaitTimeSeconds=2,
+        VisibilityTimeout=60,
+        MessageSystemAttributeNames=["All"],
+    ).get("Messages", [])
     if len(messages) != 1:
         sys.exit(f"expected one queued task, found {len(messages)}")
     with open(args.template) as f:
@@ -68,7 +89,7 @@ def verify(args):
     import lance
 
     table = lance.dataset(f"{args.root}/items.lance").to_table(columns=["x", "y"]).to_pydict()
-    bad = [(x, y) for x, y in zip(table["x"], table["y"]) if y != x * 2 + 1]
+    bad = [(x, y) for x, y in zip(table["x"], table["y"], strict=True) if y != x * 2 + 1]
     if bad or len(table["x"]) != 1000:
         sys.exit(f"{len(bad)} wrong values, e.g. {bad[:3]}")
     print(f"verified {len(table['x'])} rows: y = x * 2 + 1")
@@ -83,10 +104,29 @@ def job_state(args):
 
 parser = argparse.ArgumentParser()
 sub = parser.add_subparsers(dest="command", required=True)
-p = sub.add_parser("setup"); p.add_argument("--endpoint"); p.add_argument("--root"); p.add_argument("--table"); p.add_argument("--queue"); p.set_defaults(run=setup)
-p = sub.add_parser("sqs-event"); p.add_argument("--endpoint"); p.add_argument("--queue-url"); p.add_argument("--template"); p.set_defaults(run=sqs_event)
-p = sub.add_parser("expect"); p.add_argument("file"); p.add_argument("--status", type=int); p.add_argument("--equals"); p.add_argument("--print-field"); p.set_defaults(run=expect)
-p = sub.add_parser("verify"); p.add_argument("--root"); p.set_defaults(run=verify)
-p = sub.add_parser("job-state"); p.add_argument("file"); p.add_argument("--state"); p.set_defaults(run=job_state)
+p = sub.add_parser("setup")
+p.add_argument("--endpoint")
+p.add_argument("--root")
+p.add_argument("--table")
+p.add_argument("--queue")
+p.set_defaults(run=setup)
+p = sub.add_parser("sqs-event")
+p.add_argument("--endpoint")
+p.add_argument("--queue-url")
+p.add_argument("--template")
+p.set_defaults(run=sqs_event)
+p = sub.add_parser("expect")
+p.add_argument("file")
+p.add_argument("--status", type=int)
+p.add_argument("--equals")
+p.add_argument("--print-field")
+p.set_defaults(run=expect)
+p = sub.add_parser("verify")
+p.add_argument("--root")
+p.set_defaults(run=verify)
+p = sub.add_parser("job-state")
+p.add_argument("file")
+p.add_argument("--state")
+p.set_defaults(run=job_state)
 args = parser.parse_args()
 args.run(args)

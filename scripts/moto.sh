@@ -12,7 +12,9 @@ case "${1:-}" in
       kill "$(cat "$PIDFILE")" 2>/dev/null || true
       sleep 0.5
     fi
-    # moto_server with DynamoDB requests isolated as in DynamoDB (see the file).
+    # moto_server.py: DynamoDB requests isolated as in DynamoDB, AWS limits moto lacks,
+    # faults from MOTO_FAULTS (inherited; changed at runtime with POST /_faults), and
+    # a request log at GET /_stats (see the file).
     "$VENV/bin/python" "$REPO/scripts/moto_server.py" -H 127.0.0.1 -p "$port" >"$CACHE/moto.log" 2>&1 &
     echo $! >"$PIDFILE"
     for _ in $(seq 1 100); do

@@ -1,38 +1,1026 @@
-"""moto's server, with DynamoDB requests isolated from each other.
+"""moto's server, made to behave more like DynamoDB, SQS and S3 under load.
 
-moto runs requests on threads without a lock, and its TransactWriteItems
-applies items one by one and, on a failed condition, restores a copy of the
-whole table taken before it started. Two concurrent requests can then see
-each other half-done or undo each other, which DynamoDB never allows (each
-request, and each transaction, is atomic and serialisable). The tests rely
-on DynamoDB's behaviour, so the item operations run under one lock here.
+moto answers every request and never fails one; the real services do, and
+our code must be tested against that. This wraps moto's WSGI app and its
+backends with four additions, each in its own section below:
+
+1. **Isolation.** moto runs requests on threads without a lock, and its
+   TransactWriteItems applies items one by one and, on a failed condition,
+   restores a copy of the whole table taken before it started. Two
+   concurrent requests can then see each other half-done or undo each other,
+   which DynamoDB never allows. DynamoDB item operations run under one lock.
+
+2. **Fault injection**, seeded and rate-controlled: transaction conflicts,
+   throttling, internal errors and item conflicts (DynamoDB); internal
+   errors, empty receives and lost deletes (SQS); SlowDown (S3). Each fault
+   is answered exactly as the service answers it on the wire, and has no
+   side effect. Configured from the environment variable ``MOTO_FAULTS``
+   (JSON) at start and over HTTP on the same port at runtime:
+
+   - ``POST /_faults``        body replaces the config, reseeds the RNGs,
+                              zeroes the counters
+   - ``GET /_faults``         config and counters of injected faults
+   - ``POST /_faults/reset``  no faults, counters zero
+
+   Config (rates are probabilities per eligible request, absent = 0)::
+
+     {"seed": 7,
+      "dynamodb": {"transaction_conflict": 0.25, "throttling": 0.05,
+                   "internal_error": 0.02, "item_conflict": 0.05,
+                   "operations": ["TransactWriteItems", "UpdateItem"]},
+      "sqs": {"internal_error": 0.05, "empty_receive": 0.2,
+              "lost_delete": 0.1, "operations": ["ReceiveMessage"]},
+      "s3": {"slow_down": 0.05, "methods": ["GET", "PUT"]},
+      "tables": ["jobs-1"], "queues": ["tasks-"], "buckets": ["data"]}
+
+   ``operations``/``methods`` restrict a service's faults to those calls;
+   ``tables`` (exact names), ``queues`` (substrings of the queue name) and
+   ``buckets`` (exact, path-style requests) to those resources. Each kind
+   has its own ``random.Random`` seeded from ``seed`` and the kind's name,
+   drawn under a lock once per eligible request, so a seed and a request
+   sequence always give the same faults, and enabling one kind does not
+   change the draws of another (a request two kinds hit gets the first of
+   internal error, throttling, conflict; empty receive after internal error).
+
+3. **Limits moto lacks** (moto 5.2.5 already refuses more than 100
+   TransactWriteItems actions and more than 10 SQS batch entries; those are
+   left to it):
+
+   - DynamoDB items at most 400 KB (409,600 bytes) after the write, sized by
+     DynamoDB's rules (see ``item_size``), for PutItem, the result of
+     UpdateItem (including nested paths, which moto never checked) and each
+     TransactWriteItems action (cancellation reason ``ValidationError``).
+     moto's own check (405,000 by a measure counting binary values as
+     base64 and numbers as text) is removed so that there is one rule.
+   - TransactWriteItems at most 4 MB (Put items, updated items after the
+     write, keys of Delete and ConditionCheck): ``ValidationException``.
+   - SQS messages at most 262,144 bytes, counted in UTF-8 bytes with their
+     message attributes, and SendMessageBatch at most 262,144 bytes in
+     total. moto 5.2.5 follows AWS's 2025 raise of the limit to 1 MiB and
+     counts characters; 256 KiB is what a queue created before then (or
+     with ``MaximumMessageSize`` 262144) enforces, and what our code keeps to.
+
+4. **Request log**: calls per service and operation (``dynamodb.PutItem``,
+   ``sqs.ReceiveMessage``, ``s3.PUT``), faulted calls included, at
+   ``GET /_stats``; ``POST /_stats/reset`` zeroes them.
+
+Started by ``scripts/moto.sh`` with moto's own command line (``-H``, ``-p``).
 """
 
+from __future__ import annotations
+
+import copy
 import functools
+import inspect
+import io
+import json
+import os
+import random
 import sys
 import threading
+import uuid
+import zlib
+from base64 import b64decode
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape
 
+import moto.server
+import moto.sqs.models
+from moto.dynamodb.exceptions import (
+    ItemSizeTooLarge,
+    ItemSizeToUpdateTooLarge,
+    MockValidationException,
+)
 from moto.dynamodb.models import DynamoDBBackend
-from moto.server import main
+from moto.dynamodb.models.dynamo_type import LimitedSizeDict
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+from moto.sqs.exceptions import (
+    BatchRequestTooLong,
+    InvalidParameterValue,
+    QueueDoesNotExist,
+)
+from moto.sqs.models import SQSBackend
+from werkzeug.wrappers import Response
+
+# --------------------------------------------------------------------------
+# What is recognised: services, operations, fault kinds
+# --------------------------------------------------------------------------
+
+DYNAMODB_DATA_OPS = frozenset(
+    {
+        "GetItem",
+        "PutItem",
+        "UpdateItem",
+        "DeleteItem",
+        "Query",
+        "Scan",
+        "BatchGetItem",
+        "BatchWriteItem",
+        "TransactGetItems",
+        "TransactWriteItems",
+    }
+)
+SINGLE_ITEM_OPS = frozenset({"GetItem", "PutItem", "UpdateItem", "DeleteItem"})
+SQS_DATA_OPS = frozenset(
+    {
+        "SendMessage",
+        "SendMessageBatch",
+        "ReceiveMessage",
+        "DeleteMessage",
+        "DeleteMessageBatch",
+        "ChangeMessageVisibility",
+        "ChangeMessageVisibilityBatch",
+    }
+)
+
+# Per service: each fault kind and the operations it can hit, in the order
+# of precedence when several fire on one request. S3 kinds hit any method.
+FAULT_KINDS: dict[str, dict[str, frozenset[str] | None]] = {
+    "dynamodb": {
+        "internal_error": DYNAMODB_DATA_OPS,
+        "throttling": DYNAMODB_DATA_OPS,
+        "transaction_conflict": frozenset({"TransactWriteItems"}),
+        "item_conflict": frozenset({"PutItem", "UpdateItem", "DeleteItem"}),
+    },
+    "sqs": {
+        "internal_error": SQS_DATA_OPS,
+        "empty_receive": frozenset({"ReceiveMessage"}),
+        "lost_delete": frozenset({"DeleteMessage", "DeleteMessageBatch"}),
+    },
+    "s3": {"slow_down": None},
+}
+OPERATION_FILTER = {"dynamodb": "operations", "sqs": "operations", "s3": "methods"}
+RESOURCE_FILTER = {"dynamodb": "tables", "sqs": "queues", "s3": "buckets"}
+
+ITEM_MAX_BYTES = 400 * 1024
+TRANSACTION_MAX_BYTES = 4 * 1024 * 1024
+SQS_MAX_MESSAGE_BYTES = 262_144
+
+DDB = "com.amazonaws.dynamodb.v20120810#"
+
+# --------------------------------------------------------------------------
+# Fault configuration, RNGs and counters
+# --------------------------------------------------------------------------
+
+
+def validate_config(config: Any) -> dict[str, Any]:
+    """The config if it is well formed; ValueError or TypeError naming the
+    bad key if not."""
+    if not isinstance(config, dict):
+        raise TypeError("the fault config must be a JSON object")
+    allowed = {"seed", *FAULT_KINDS, *RESOURCE_FILTER.values()}
+    for key, value in config.items():
+        if key not in allowed:
+            raise ValueError(f"unknown key {key!r} (expected one of {sorted(allowed)})")
+        if key == "seed":
+            if not isinstance(value, (int, str)) or isinstance(value, bool):
+                raise ValueError("seed must be an integer or a string")
+        elif key in FAULT_KINDS:
+            _validate_service_section(key, value)
+        else:
+            _validate_names(key, value)
+    return config
+
+
+def _validate_service_section(service: str, section: Any) -> None:
+    if not isinstance(section, dict):
+        raise TypeError(f"{service} must be an object")
+    for key, value in section.items():
+        if key == OPERATION_FILTER[service]:
+            _validate_names(f"{service}.{key}", value)
+        elif key in FAULT_KINDS[service]:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not 0 <= value <= 1:
+                raise ValueError(f"{service}.{key} must be a probability in [0, 1]")
+        else:
+            expected = sorted([*FAULT_KINDS[service], OPERATION_FILTER[service]])
+            raise ValueError(f"unknown key {service}.{key} (expected one of {expected})")
+
+
+def _validate_names(key: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a list of strings")
+
+
+@dataclass
+class Injection:
+    """A fault that fired: its kind and an RNG for its details (which item,
+    which variant), split off the kind's RNG so it is deterministic too."""
+
+    service: str
+    kind: str
+    rng: random.Random
+
+
+class Faults:
+    """The current fault config, one RNG per kind and the counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.configure({})
+
+    def configure(self, config: dict[str, Any]) -> None:
+        """Replaces the config, reseeds every kind's RNG, zeroes the counters."""
+        seed = config.get("seed", 0)
+        with self._lock:
+            self._config = config
+            self._rngs = {
+                (service, kind): random.Random(f"{seed}/{service}.{kind}")
+                for service, kinds in FAULT_KINDS.items()
+                for kind in kinds
+            }
+            self._eligible: Counter[str] = Counter()
+            self._injected: Counter[str] = Counter()
+            self._errors: Counter[str] = Counter()
+
+    def draw(
+        self, service: str, kinds: list[str], op: str, resources: list[str]
+    ) -> Injection | None:
+        """Draws each of ``kinds`` that has a rate and applies to the call;
+        returns the first that fires (in ``kinds`` order), if any."""
+        with self._lock:
+            if not self._applies(service, op, resources):
+                return None
+            section = self._config.get(service, {})
+            fired = None
+            for kind in kinds:
+                rate = section.get(kind, 0)
+                if rate <= 0:
+                    continue
+                self._eligible[f"{service}.{kind}"] += 1
+                rng = self._rngs[service, kind]
+                if rng.random() < rate:
+                    # every hit takes its detail seed, injected or not, so a
+                    # kind's RNG never depends on the other kinds
+                    detail = random.Random(rng.getrandbits(64))
+                    if fired is None:
+                        fired = Injection(service, kind, detail)
+            if fired is not None:
+                self._injected[f"{service}.{fired.kind}"] += 1
+            return fired
+
+    def _applies(self, service: str, op: str, resources: list[str]) -> bool:
+        operations = self._config.get(service, {}).get(OPERATION_FILTER[service])
+        if operations is not None and op not in operations:
+            return False
+        wanted = self._config.get(RESOURCE_FILTER[service])
+        if wanted is None:
+            return True
+        if service == "sqs":
+            return any(w in r for r in resources for w in wanted)
+        return any(r in wanted for r in resources)
+
+    def note_error(self, injection: Injection, code: str) -> None:
+        """Counts the error code a fault was answered with (for variants)."""
+        with self._lock:
+            self._errors[f"{injection.service}.{injection.kind}.{code}"] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "config": self._config,
+                "injected": {
+                    f"{s}.{k}": self._injected[f"{s}.{k}"]
+                    for s, kinds in FAULT_KINDS.items()
+                    for k in kinds
+                },
+                "eligible": dict(sorted(self._eligible.items())),
+                "errors": dict(sorted(self._errors.items())),
+            }
+
+
+class Stats:
+    """Calls per service and operation."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: Counter[str] = Counter()
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self._calls[name] += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self._calls.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            calls = dict(sorted(self._calls.items()))
+        by_service: Counter[str] = Counter()
+        for name, n in calls.items():
+            by_service[name.split(".", 1)[0]] += n
+        return {
+            "calls": calls,
+            "by_service": dict(by_service),
+            "total": sum(calls.values()),
+        }
+
+
+FAULTS = Faults()
+STATS = Stats()
+
+# --------------------------------------------------------------------------
+# Telling requests apart (as moto routes them)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """One request to a service: which, what, on which resources."""
+
+    service: str  # dynamodb | sqs | s3 | another signing name
+    op: str  # DynamoDB/SQS action, or the HTTP method for S3
+    protocol: str  # json | query | rest
+    params: dict[str, Any] = field(default_factory=dict)
+    resources: list[str] = field(default_factory=list)
+    empty_receive: bool = False  # set when that fault fired; read by the backend
+
+
+# The call a thread is serving, for the backend hooks (werkzeug serves each
+# request on its own thread), and the open transaction's byte count.
+_REQUEST = threading.local()
+
+
+def current_call() -> Call | None:
+    return getattr(_REQUEST, "call", None)
+
+
+def classify(environ: dict[str, Any]) -> Call | None:
+    """The service call a request is, or None for moto's own API.
+
+    moto routes by ``X-Amz-Target`` (DynamoDB, SQS JSON), then by the
+    service in the SigV4 credential scope (SQS query protocol, S3), and
+    sends unsigned requests without a target to S3; so does this. The body
+    of a DynamoDB or SQS request is read here and put back for moto.
+    """
+    path = environ.get("PATH_INFO", "")
+    if path.startswith("/moto-api") or path == "/favicon.ico":
+        return None
+    target = environ.get("HTTP_X_AMZ_TARGET", "")
+    if target.startswith("DynamoDB_"):
+        params = _json(read_body(environ))
+        op = target.split(".", 1)[-1]
+        return Call("dynamodb", op, "json", params, dynamodb_tables(op, params))
+    if target.startswith("AmazonSQS."):
+        params = _json(read_body(environ))
+        return Call("sqs", target.split(".", 1)[1], "json", params, sqs_queue(params, path))
+    if target:
+        return Call(target.split(".", 1)[0], target.split(".", 1)[-1], "json")
+    service = signing_service(environ)
+    if service == "sqs":
+        params = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        if environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
+            body = read_body(environ).decode("utf-8", "replace")
+            params.update({k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()})
+        return Call("sqs", params.get("Action", "?"), "query", params, sqs_queue(params, path))
+    if service in (None, "s3"):
+        method = environ.get("REQUEST_METHOD", "GET")
+        return Call("s3", method, "rest", {}, s3_bucket(environ))
+    return Call(service, environ.get("REQUEST_METHOD", "GET"), "other")
+
+
+def read_body(environ: dict[str, Any]) -> bytes:
+    """The request body, left in place for the app to read again."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    stream = environ["wsgi.input"]
+    if environ.get("wsgi.input_terminated") and not length:
+        body = stream.read()
+    else:
+        body = stream.read(length) if length > 0 else b""
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    return body
+
+
+def drain_body(environ: dict[str, Any]) -> None:
+    """Reads and drops a body the app will not read (a request answered by a
+    fault), so the client is not cut off while it is still sending."""
+    stream = environ["wsgi.input"]
+    if environ.get("wsgi.input_terminated"):
+        while stream.read(65536):
+            pass
+        return
+    try:
+        left = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return
+    while left > 0:
+        chunk = stream.read(min(left, 65536))
+        if not chunk:
+            return
+        left -= len(chunk)
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def signing_service(environ: dict[str, Any]) -> str | None:
+    """The service of the SigV4 credential scope (header or presigned URL)."""
+    credential = None
+    auth = environ.get("HTTP_AUTHORIZATION", "")
+    if "Credential=" in auth:
+        credential = auth.split("Credential=", 1)[1].split(",", 1)[0]
+    else:
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        credential = query.get("X-Amz-Credential", [None])[0]
+    if not credential:
+        return None
+    parts = credential.strip().split("/")
+    return parts[3].lower() if len(parts) >= 5 else None
+
+
+def dynamodb_tables(op: str, params: dict[str, Any]) -> list[str]:
+    """The tables a DynamoDB request names (by name, ARNs reduced to it)."""
+    names: list[str] = []
+    if "TableName" in params:
+        names.append(params["TableName"])
+    names.extend(params.get("RequestItems", {}) or {})
+    for action in params.get("TransactItems", []) or []:
+        for body in action.values() if isinstance(action, dict) else []:
+            if isinstance(body, dict) and "TableName" in body:
+                names.append(body["TableName"])
+    return [n.split(":table/", 1)[-1].split("/", 1)[0] for n in names if isinstance(n, str)]
+
+
+def sqs_queue(params: dict[str, Any], path: str) -> list[str]:
+    """The queue name of an SQS request (from QueueUrl, else the path)."""
+    url = params.get("QueueUrl")
+    path = urlsplit(url).path if isinstance(url, str) else path
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return [name] if name else []
+
+
+def s3_bucket(environ: dict[str, Any]) -> list[str]:
+    """The bucket of a path-style S3 request (``/<bucket>/<key>``)."""
+    bucket = environ.get("PATH_INFO", "").lstrip("/").split("/", 1)[0]
+    return [bucket] if bucket else []
+
+
+# --------------------------------------------------------------------------
+# Faults as the services send them
+# --------------------------------------------------------------------------
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex.upper()
+
+
+def dynamodb_error(status: int, body: dict[str, Any]) -> Response:
+    """A DynamoDB (awsJson1_0) error: ``__type`` in the body and in
+    ``x-amzn-ErrorType``, with the CRC32 that botocore checks."""
+    data = json.dumps(body).encode()
+    return Response(
+        data,
+        status,
+        {
+            "Content-Type": "application/x-amz-json-1.0",
+            "x-amzn-RequestId": _request_id(),
+            "x-amzn-ErrorType": body["__type"],
+            "x-amz-crc32": str(zlib.crc32(data)),
+        },
+    )
+
+
+def error_body(name: str, message: str) -> dict[str, Any]:
+    """The body of a DynamoDB error other than a cancelled transaction."""
+    return {"__type": DDB + name, "message": message}
+
+
+def transaction_cancelled(count: int, culprit: int, reason: dict[str, str]) -> Response:
+    """TransactionCanceledException: one reason per action, ``reason`` for
+    action ``culprit`` and ``None`` for the others."""
+    reasons = [reason if i == culprit else {"Code": "None"} for i in range(count)]
+    codes = ", ".join(r["Code"] for r in reasons)
+    return dynamodb_error(
+        400,
+        {
+            "__type": DDB + "TransactionCanceledException",
+            "CancellationReasons": reasons,
+            "Message": "Transaction cancelled, please refer cancellation reasons "
+            f"for specific reasons [{codes}]",
+        },
+    )
+
+
+def sqs_error(call: Call, status: int, code: str, message: str, fault: str) -> Response:
+    """An SQS error in the protocol of the request: JSON (``__type`` plus the
+    ``x-amzn-query-error`` header of query-compatible services) or XML."""
+    headers = {"x-amzn-RequestId": _request_id()}
+    if call.protocol == "json":
+        headers["Content-Type"] = "application/x-amz-json-1.0"
+        headers["x-amzn-query-error"] = f"{code};{fault}"
+        body = json.dumps({"__type": f"com.amazonaws.sqs#{code}", "message": message})
+        return Response(body, status, headers)
+    headers["Content-Type"] = "text/xml"
+    body = (
+        '<?xml version="1.0"?><ErrorResponse '
+        'xmlns="http://queue.amazonaws.com/doc/2012-11-05/"><Error>'
+        f"<Type>{fault}</Type><Code>{code}</Code><Message>{escape(message)}</Message>"
+        f"<Detail/></Error><RequestId>{headers['x-amzn-RequestId']}</RequestId>"
+        "</ErrorResponse>"
+    )
+    return Response(body, status, headers)
+
+
+def s3_error(status: int, code: str, message: str) -> Response:
+    """An S3 REST error (no body on HEAD: werkzeug drops it)."""
+    request_id = _request_id()[:16]
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{escape(message)}</Message>"
+        f"<RequestId>{request_id}</RequestId><HostId>{uuid.uuid4().hex}</HostId></Error>"
+    )
+    headers = {"Content-Type": "application/xml", "x-amz-request-id": request_id}
+    return Response(body, status, headers)
+
+
+# --------------------------------------------------------------------------
+# Deciding faults, one function per service
+# --------------------------------------------------------------------------
+
+
+def _kinds(service: str, op: str) -> list[str]:
+    return [k for k, ops in FAULT_KINDS[service].items() if ops is None or op in ops]
+
+
+def dynamodb_fault(call: Call) -> Response | None:
+    hit = FAULTS.draw("dynamodb", _kinds("dynamodb", call.op), call.op, call.resources)
+    if hit is None:
+        return None
+    actions = len(call.params.get("TransactItems") or [])
+    culprit = hit.rng.randrange(actions) if actions else 0  # the action that fails
+    conflict = "Transaction is ongoing for the item"
+    if hit.kind == "internal_error":
+        code = "InternalServerError"
+        response = dynamodb_error(500, error_body(code, "Internal server error"))
+    elif hit.kind == "transaction_conflict":
+        code = "TransactionCanceledException"
+        reason = {"Code": "TransactionConflict", "Message": conflict}
+        response = transaction_cancelled(actions, culprit, reason)
+    elif hit.kind == "item_conflict":
+        code = "TransactionConflictException"
+        response = dynamodb_error(400, error_body(code, conflict))
+    else:
+        code, response = throttled(call, hit, actions, culprit)
+    FAULTS.note_error(hit, code)
+    return response
+
+
+THROTTLED_INDEX = (
+    "Throughput exceeds the current capacity for one or more global secondary "
+    "indexes. DynamoDB is automatically scaling your index so please be patient."
+)
+THROTTLED_TABLE = (
+    "The level of configured provisioned throughput for the table was exceeded. "
+    "Consider increasing your provisioning level with the UpdateTable API."
+)
+THROTTLED_REQUESTS = "Rate of requests exceeds the allowed throughput."
+
+
+def throttled(call: Call, hit: Injection, actions: int, culprit: int) -> tuple[str, Response]:
+    """Throttling as DynamoDB sends it: for a transaction, half the time a
+    cancellation with a ThrottlingError reason; for a single-item call, half
+    the time ProvisionedThroughputExceededException; else ThrottlingException
+    (whose ``__type`` DynamoDB puts in the ``com.amazon.coral.availability``
+    namespace)."""
+    variant = hit.rng.random() < 0.5
+    if call.op == "TransactWriteItems" and actions and variant:
+        reason = {"Code": "ThrottlingError", "Message": THROTTLED_INDEX}
+        code = "TransactionCanceledException"
+        return code, transaction_cancelled(actions, culprit, reason)
+    if call.op in SINGLE_ITEM_OPS and variant:
+        code = "ProvisionedThroughputExceededException"
+        return code, dynamodb_error(400, error_body(code, THROTTLED_TABLE))
+    body = error_body("ThrottlingException", THROTTLED_REQUESTS)
+    body["__type"] = "com.amazon.coral.availability#ThrottlingException"
+    return "ThrottlingException", dynamodb_error(400, body)
+
+
+def sqs_fault(call: Call) -> Response | None:
+    """Internal errors answered here; an empty receive is marked on the call
+    for the backend hook (moto then renders the empty result in the request's
+    protocol); lost deletes are drawn per message by the backend hook."""
+    kinds = [k for k in _kinds("sqs", call.op) if k != "lost_delete"]
+    hit = FAULTS.draw("sqs", kinds, call.op, call.resources)
+    if hit is None:
+        return None
+    FAULTS.note_error(hit, "InternalError" if hit.kind == "internal_error" else "Empty")
+    if hit.kind == "empty_receive":
+        call.empty_receive = True
+        return None
+    message = "We encountered an internal error. Please try again."
+    return sqs_error(call, 500, "InternalError", message, "Receiver")
+
+
+def s3_fault(call: Call) -> Response | None:
+    hit = FAULTS.draw("s3", _kinds("s3", call.op), call.op, call.resources)
+    if hit is None:
+        return None
+    FAULTS.note_error(hit, "SlowDown")
+    return s3_error(503, "SlowDown", "Please reduce your request rate.")
+
+
+FAULT_DECIDERS = {"dynamodb": dynamodb_fault, "sqs": sqs_fault, "s3": s3_fault}
+
+# --------------------------------------------------------------------------
+# The WSGI middleware and its control endpoints
+# --------------------------------------------------------------------------
+
+
+class FaultInjector:
+    """Wraps moto's dispatcher: answers ``/_faults`` and ``/_stats``, counts
+    every service call, and answers a call with a fault when one fires."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path in CONTROL_ROUTES:
+            return control(environ)(environ, start_response)
+        call = classify(environ)
+        if call is None:
+            return self.app(environ, start_response)
+        STATS.count(f"{call.service}.{call.op}")
+        decide = FAULT_DECIDERS.get(call.service)
+        fault = decide(call) if decide else None
+        if fault is not None:
+            drain_body(environ)
+            return fault(environ, start_response)
+        _REQUEST.call = call
+        try:
+            return self.app(environ, start_response)
+        finally:
+            _REQUEST.call = None
+
+
+def _json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, indent=1), status, {"Content-Type": "application/json"})
+
+
+def control(environ: dict[str, Any]) -> Response:
+    """``/_faults``, ``/_faults/reset``, ``/_stats``, ``/_stats/reset``."""
+    route = (environ.get("REQUEST_METHOD", "GET"), environ["PATH_INFO"])
+    if route == ("GET", "/_faults"):
+        return _json_response(FAULTS.snapshot())
+    if route == ("POST", "/_faults"):
+        try:
+            config = validate_config(json.loads(read_body(environ) or b"{}"))
+        except (ValueError, TypeError) as e:
+            return _json_response({"error": str(e)}, 400)
+        FAULTS.configure(config)
+        return _json_response(FAULTS.snapshot())
+    if route == ("POST", "/_faults/reset"):
+        FAULTS.configure({})
+        return _json_response(FAULTS.snapshot())
+    if route == ("GET", "/_stats"):
+        return _json_response(STATS.snapshot())
+    if route == ("POST", "/_stats/reset"):
+        STATS.reset()
+        return _json_response(STATS.snapshot())
+    return _json_response({"error": f"{route[0]} is not allowed on {route[1]}"}, 405)
+
+
+CONTROL_ROUTES = frozenset({"/_faults", "/_faults/reset", "/_stats", "/_stats/reset"})
+
+# --------------------------------------------------------------------------
+# Backend hooks: SQS faults that need the queue
+# --------------------------------------------------------------------------
+
+
+def _wrap(cls: type, name: str, make: Any) -> None:
+    """Replaces ``cls.name`` by ``make(original)``."""
+    original = getattr(cls, name)
+    setattr(cls, name, functools.wraps(original)(make(original)))
+
+
+def inject_sqs_backend_faults() -> None:
+    """Empty receives return no message without touching the queue; a lost
+    delete answers success but leaves the message, which comes back after
+    its visibility timeout. DeleteMessageBatch deletes through
+    ``delete_message``, so each of its entries is drawn on its own."""
+
+    def receive(original: Any) -> Any:
+        def receive_message(self: SQSBackend, queue_name: str, *args: Any, **kwargs: Any) -> Any:
+            call = current_call()
+            if call is not None and call.empty_receive:
+                self.get_queue(queue_name)  # a missing queue is still an error
+                return []
+            return original(self, queue_name, *args, **kwargs)
+
+        return receive_message
+
+    def delete(original: Any) -> Any:
+        def delete_message(self: SQSBackend, queue_name: str, receipt_handle: str) -> None:
+            call = current_call()
+            eligible = call is not None and call.op in FAULT_KINDS["sqs"]["lost_delete"]
+            if eligible and _holds_message(self, queue_name, receipt_handle):
+                hit = FAULTS.draw("sqs", ["lost_delete"], call.op, [queue_name])
+                if hit is not None:
+                    FAULTS.note_error(hit, "Lost")
+                    return None
+            return original(self, queue_name, receipt_handle)
+
+        return delete_message
+
+    _wrap(SQSBackend, "receive_message", receive)
+    _wrap(SQSBackend, "delete_message", delete)
+
+
+def _holds_message(backend: SQSBackend, queue_name: str, receipt_handle: str) -> bool:
+    """Whether the handle names a message still in the queue (only those
+    deletes can be lost; the others keep moto's answer)."""
+    try:
+        queue = backend.get_queue(queue_name)
+    except QueueDoesNotExist:
+        return False
+    return any(m.had_receipt_handle(receipt_handle) for m in queue._messages)
+
+
+# --------------------------------------------------------------------------
+# Limits: DynamoDB item and transaction size, SQS message size
+# --------------------------------------------------------------------------
+
+
+def item_size(item: dict[str, Any]) -> int:
+    """An item's size by DynamoDB's rules: each attribute's name in UTF-8
+    bytes plus its value's size (``value_size``)."""
+    return sum(len(name.encode()) + value_size(value) for name, value in item.items())
+
+
+def value_size(value: dict[str, Any]) -> int:
+    """An AttributeValue's size: strings in UTF-8 bytes; binary in raw bytes
+    (base64 decoded); numbers 1 byte per 2 significant digits plus 1 (plus 1
+    if negative); BOOL and NULL 1; sets the sum of their elements; lists and
+    maps 3 bytes plus, per element, 1 byte, its key (maps) and its size."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return len(json.dumps(value, default=str).encode())
+    kind, v = next(iter(value.items()))
+    if kind == "S":
+        return len(v.encode())
+    if kind == "N":
+        return number_size(v)
+    if kind == "B":
+        return binary_size(v)
+    if kind in ("BOOL", "NULL"):
+        return 1
+    if kind == "SS":
+        return sum(len(s.encode()) for s in v)
+    if kind == "NS":
+        return sum(number_size(n) for n in v)
+    if kind == "BS":
+        return sum(binary_size(b) for b in v)
+    if kind == "L":
+        return 3 + sum(1 + value_size(e) for e in v)
+    if kind == "M":
+        return 3 + sum(1 + len(k.encode()) + value_size(e) for k, e in v.items())
+    return len(json.dumps(v, default=str).encode())
+
+
+def number_size(text: Any) -> int:
+    try:
+        digits = Decimal(str(text)).normalize().as_tuple()
+    except InvalidOperation:
+        return len(str(text))
+    # normalize() drops trailing zeros; Decimal keeps no leading ones
+    return (len(digits.digits) + 1) // 2 + 1 + digits.sign
+
+
+def binary_size(value: Any) -> int:
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    try:
+        return len(b64decode(value))
+    except (ValueError, TypeError):
+        return len(str(value))
+
+
+def _moto_item_size(item: Any) -> int:
+    return item_size(item.to_json()["Attributes"]) if item is not None else 0
+
+
+class ValidationError(Exception):
+    """An item too large inside TransactWriteItems. moto's transaction turns
+    any other exception into a cancellation reason coded by the class name,
+    so this cancels the transaction with reason ``ValidationError``."""
+
+
+def _too_large(update: bool) -> Exception:
+    if getattr(_REQUEST, "transaction", None) is not None:
+        return ValidationError("Item size has exceeded the maximum allowed size")
+    return ItemSizeToUpdateTooLarge() if update else ItemSizeTooLarge()
+
+
+def _transaction_too_large() -> Exception:
+    return MockValidationException("Transaction request cannot be larger than 4 MB")
+
+
+def enforce_dynamodb_item_limits() -> None:
+    """Item size after the write (PutItem, UpdateItem, and each of their
+    TransactWriteItems actions) and the 4 MB transaction total."""
+    del LimitedSizeDict.__setitem__  # moto's own item size rule; ours replaces it
+    put_signature = inspect.signature(DynamoDBBackend.put_item)
+    update_signature = inspect.signature(DynamoDBBackend.update_item)
+
+    def put(original: Any) -> Any:
+        def put_item(self: DynamoDBBackend, *args: Any, **kwargs: Any) -> Any:
+            bound = put_signature.bind(self, *args, **kwargs)
+            if item_size(bound.arguments["item_attrs"]) > ITEM_MAX_BYTES:
+                raise _too_large(update=False)
+            return original(self, *args, **kwargs)
+
+        return put_item
+
+    def update(original: Any) -> Any:
+        def update_item(self: DynamoDBBackend, *args: Any, **kwargs: Any) -> Any:
+            bound = update_signature.bind(self, *args, **kwargs)
+            table = self.get_table(bound.arguments["table_name"])
+            try:
+                keys = self.get_keys_value(table, bound.arguments["key"])
+            except (MockValidationException, KeyError, TypeError):
+                return original(self, *args, **kwargs)  # moto reports the bad key
+            before = table.get_item(*keys)
+            saved = copy.deepcopy(before)
+            item = original(self, *args, **kwargs)
+            size = _moto_item_size(item)
+            transaction = getattr(_REQUEST, "transaction", None)
+            if transaction is not None:
+                transaction["bytes"] += size
+            if size > ITEM_MAX_BYTES or (
+                transaction is not None and transaction["bytes"] > TRANSACTION_MAX_BYTES
+            ):
+                if before is None:
+                    table.delete_item(*keys)
+                else:
+                    before.attrs = saved.attrs  # moto updated the stored item in place
+                raise (
+                    _too_large(update=True) if size > ITEM_MAX_BYTES else _transaction_too_large()
+                )
+            return item
+
+        return update_item
+
+    def transact(original: Any) -> Any:
+        def transact_write_items(self: DynamoDBBackend, transact_items: list[Any]) -> Any:
+            if len(transact_items) > 100:
+                return original(self, transact_items)  # moto refuses it
+            static = 0  # Puts' items and the keys of the others; Updates add theirs
+            for action in transact_items:
+                for kind, body in action.items() if isinstance(action, dict) else []:
+                    if not isinstance(body, dict):
+                        continue
+                    if kind == "Put":
+                        static += item_size(body.get("Item") or {})
+                    elif kind in ("Delete", "ConditionCheck"):
+                        static += item_size(body.get("Key") or {})
+            if static > TRANSACTION_MAX_BYTES:
+                raise _transaction_too_large()
+            _REQUEST.transaction = {"bytes": static}
+            try:
+                return original(self, transact_items)
+            finally:
+                _REQUEST.transaction = None
+
+        return transact_write_items
+
+    _wrap(DynamoDBBackend, "put_item", put)
+    _wrap(DynamoDBBackend, "update_item", update)
+    _wrap(DynamoDBBackend, "transact_write_items", transact)
+
+
+def message_size(body: str, attributes: dict[str, Any] | None) -> int:
+    """An SQS message's size: body and message attributes (names, types and
+    values) in UTF-8 bytes, binary values counted as sent (base64)."""
+    size = len(body.encode())
+    for name, attribute in (attributes or {}).items():
+        size += len(name.encode())
+        for part in ("DataType", "StringValue", "BinaryValue"):
+            value = attribute.get(part) if isinstance(attribute, dict) else None
+            if value is not None:
+                size += len(value if isinstance(value, bytes) else str(value).encode())
+    return size
+
+
+def enforce_sqs_message_limits() -> None:
+    """Messages at most 262,144 bytes (less if the queue's MaximumMessageSize
+    says so), a SendMessageBatch at most 262,144 bytes in total, with moto's
+    own error shapes (InvalidParameterValue, BatchRequestTooLong)."""
+    # The default MaximumMessageSize of new queues, and moto's batch limit
+    # and the number in its BatchRequestTooLong message.
+    moto.sqs.models.MAXIMUM_MESSAGE_LENGTH = SQS_MAX_MESSAGE_BYTES
+    send_signature = inspect.signature(SQSBackend.send_message)
+
+    def check(backend: SQSBackend, queue_name: str, body: str, attributes: Any) -> None:
+        queue = backend.get_queue(queue_name)
+        limit = min(int(queue.maximum_message_size), SQS_MAX_MESSAGE_BYTES)
+        if message_size(body, attributes) > limit:
+            raise InvalidParameterValue(
+                "One or more parameters are invalid. Reason: "
+                f"Message must be shorter than {limit} bytes."
+            )
+
+    def send(original: Any) -> Any:
+        def send_message(self: SQSBackend, *args: Any, **kwargs: Any) -> Any:
+            bound = send_signature.bind(self, *args, **kwargs)
+            arguments = bound.arguments
+            check(
+                self,
+                arguments["queue_name"],
+                arguments["message_body"],
+                arguments.get("message_attributes"),
+            )
+            return original(self, *args, **kwargs)
+
+        return send_message
+
+    def send_batch(original: Any) -> Any:
+        def send_message_batch(self: SQSBackend, queue_name: str, entries: Any) -> Any:
+            sizes = [
+                message_size(e.get("MessageBody", ""), e.get("MessageAttributes"))
+                for e in entries.values()
+            ]
+            if sum(sizes) > SQS_MAX_MESSAGE_BYTES:
+                raise BatchRequestTooLong(sum(sizes))
+            for entry in entries.values():  # every entry before sending any
+                check(
+                    self,
+                    queue_name,
+                    entry.get("MessageBody", ""),
+                    entry.get("MessageAttributes"),
+                )
+            return original(self, queue_name, entries)
+
+        return send_message_batch
+
+    _wrap(SQSBackend, "send_message", send)
+    _wrap(SQSBackend, "send_message_batch", send_batch)
+
+
+# --------------------------------------------------------------------------
+# Isolation: DynamoDB item operations one at a time
+# --------------------------------------------------------------------------
 
 _LOCK = threading.RLock()
 
-for _name in (
-    "put_item",
-    "get_item",
-    "update_item",
-    "delete_item",
-    "query",
-    "scan",
-    "transact_write_items",
-):
-    _method = getattr(DynamoDBBackend, _name)
 
-    def _locked(*args, _method=_method, **kwargs):
-        with _LOCK:
-            return _method(*args, **kwargs)
+def isolate_dynamodb_requests() -> None:
+    """Runs DynamoDB item operations under one lock (applied last, so the
+    size checks and their restores run inside it too)."""
+    for name in (
+        "put_item",
+        "get_item",
+        "update_item",
+        "delete_item",
+        "query",
+        "scan",
+        "transact_write_items",
+    ):
 
-    setattr(DynamoDBBackend, _name, functools.wraps(_method)(_locked))
+        def locked(original: Any) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                with _LOCK:
+                    return original(*args, **kwargs)
+
+            return run
+
+        _wrap(DynamoDBBackend, name, locked)
+
+
+# --------------------------------------------------------------------------
+# Start
+# --------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> None:
+    """moto's own server and command line, serving its dispatcher wrapped in
+    ``FaultInjector``, with the backend hooks installed and ``MOTO_FAULTS``
+    as the first fault config."""
+    try:
+        FAULTS.configure(validate_config(json.loads(os.environ.get("MOTO_FAULTS") or "{}")))
+    except (ValueError, TypeError) as e:
+        sys.exit(f"MOTO_FAULTS: {e}")
+    enforce_dynamodb_item_limits()
+    enforce_sqs_message_limits()
+    inject_sqs_backend_faults()
+    isolate_dynamodb_requests()
+    moto.server.DomainDispatcherApplication = lambda create_app: FaultInjector(
+        DomainDispatcherApplication(create_app)
+    )
+    moto.server.main(argv)
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])
