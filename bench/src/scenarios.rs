@@ -7,11 +7,11 @@ use anyhow::{Context, bail, ensure};
 use arrow_array::{Array, Int32Array, Int64Array, StringArray};
 use futures::TryStreamExt;
 use lance::Dataset;
-use lance_backfill::api::ApiSettings;
 use lance_backfill::engine::{Delivery, EngineConfig};
 use lance_backfill::job::JobState;
 use lance_backfill::queue::TaskQueue;
 use lance_backfill::runner::RunnerConfig;
+use lance_backfill::submit::SubmitSettings;
 use lance_backfill_tests::{Moto, Stack, StackOptions, write_sample_table};
 use serde_json::json;
 
@@ -35,7 +35,7 @@ fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-async fn local_stack(root: &Path, settings: ApiSettings) -> Stack {
+async fn local_stack(root: &Path, settings: SubmitSettings) -> Stack {
     let mut stack = Stack::embedded(StackOptions {
         root: Some(root.to_string_lossy().into_owned()),
         settings,
@@ -152,7 +152,7 @@ pub async fn throughput(options: &Options) -> anyhow::Result<()> {
         let root = fresh(&options.dir, &format!("throughput-{rows}"))?;
         let uri = format!("{}/items.lance", root.display());
         write_sample_table(&uri, rows, fragments).await?;
-        let stack = local_stack(&root, ApiSettings::default()).await;
+        let stack = local_stack(&root, SubmitSettings::default()).await;
         for (tag, expr) in EXPRESSIONS {
             let mut ours = Vec::new();
             let mut theirs = Vec::new();
@@ -194,7 +194,7 @@ pub async fn overheads(options: &Options) -> anyhow::Result<()> {
     let root = fresh(&options.dir, "overheads")?;
     let uri = format!("{}/items.lance", root.display());
     write_sample_table(&uri, rows, 16).await?;
-    let stack = local_stack(&root, ApiSettings::default()).await;
+    let stack = local_stack(&root, SubmitSettings::default()).await;
     println!(
         "## Overheads: many small tasks and checkpoints ({rows} rows, 16 fragments, `x * 2 + 1`)\n"
     );
@@ -342,7 +342,7 @@ pub async fn api_latency(options: &Options) -> anyhow::Result<()> {
             &moto,
             StackOptions {
                 root: Some(root.to_string_lossy().into_owned()),
-                settings: ApiSettings {
+                settings: SubmitSettings {
                     inline_plan_limit: inline_limit,
                     manifests: vec![],
                 },
@@ -504,7 +504,7 @@ fn status_kb(field: &str) -> u64 {
 pub async fn one_task(rows: u64, dir: &Path) -> anyhow::Result<()> {
     let uri = format!("{}/items.lance", dir.display());
     write_sample_table(&uri, rows, 1).await?;
-    let stack = local_stack(dir, ApiSettings::default()).await;
+    let stack = local_stack(dir, SubmitSettings::default()).await;
     stack.declare("items", &[("y", "x * 2 + 1")]).await;
     // Start the peak from here (Linux: writing 5 to clear_refs resets VmHWM).
     let _ = std::fs::write("/proc/self/clear_refs", "5");

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::api::{ApiSettings, Service};
-use crate::auth::Authenticator;
+use crate::api::Service;
+use crate::api::auth::Authenticator;
 use crate::config;
 use crate::embedded::EmbeddedDb;
 use crate::engine::{Engine, EngineConfig};
+use crate::lifecycle::Lifecycle;
 use crate::queue::{QueueSet, SqliteQueue, SqsQueue, TaskQueue};
 use crate::store::{DynamoJobStore, JobStore, SqliteJobStore};
+use crate::submit::{SubmitSettings, Submitter};
 use crate::table::Catalog;
 use crate::worker::Worker;
 
@@ -26,12 +28,25 @@ pub struct Components {
 }
 
 impl Components {
-    pub fn service(&self, auth: Authenticator, settings: ApiSettings) -> Service {
+    pub fn service(&self, auth: Authenticator, settings: SubmitSettings) -> Service {
         Service {
             catalog: self.catalog.clone(),
             store: self.store.clone(),
-            queues: self.queues.clone(),
+            submitter: self.submitter(settings),
+            lifecycle: Lifecycle::new(
+                self.store.clone(),
+                self.queues.clone(),
+                self.catalog.clone(),
+            ),
             auth,
+        }
+    }
+
+    pub fn submitter(&self, settings: SubmitSettings) -> Submitter {
+        Submitter {
+            catalog: self.catalog.clone(),
+            store: self.store.clone(),
+            queues: self.queues.clone(),
             settings,
         }
     }

@@ -1,4 +1,4 @@
-//! Checkpoints: computed values of a row range, kept as Arrow IPC files next
+//! Checkpoints (the `CheckpointStore` of the design): computed values of a row range, kept as Arrow IPC files next
 //! to the table (`_backfill/checkpoints/<digest>/<start>-<end>.arrow`).
 //!
 //! The digest covers everything the values depend on (column, expression,
@@ -19,7 +19,8 @@ use lance::io::ObjectStore;
 use object_store::path::Path;
 use sha2::{Digest, Sha256};
 
-use crate::computed::Program;
+use crate::error::{Error, Missing};
+use crate::job::JobSpec;
 
 /// A checkpointed range `[start, end)` of one fragment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +29,39 @@ pub struct Range {
     pub end: u64,
 }
 
-/// The checkpoints of one fragment under one program.
+/// What a fragment's computed values depend on besides the fragment: the
+/// column, its expression, the `where` and the column's type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub column: String,
+    pub expression: String,
+    pub filter: String,
+    pub output_type: String,
+}
+
+impl Key {
+    /// The key of a job's checkpoints, with the column's type at the job's
+    /// read version.
+    pub fn for_job(spec: &JobSpec, dataset: &Dataset) -> Result<Self, Error> {
+        let field = dataset.schema().field(&spec.column).ok_or_else(|| {
+            Error::not_found(
+                Missing::Column,
+                format!(
+                    "column '{}' is missing at version {}",
+                    spec.column, spec.read_version
+                ),
+            )
+        })?;
+        Ok(Self {
+            column: spec.column.clone(),
+            expression: spec.expression.clone(),
+            filter: spec.filter.clone(),
+            output_type: field.data_type().to_string(),
+        })
+    }
+}
+
+/// The checkpoints of one fragment under one key.
 pub struct FragmentCheckpoints {
     store: Arc<ObjectStore>,
     prefix: Path,
@@ -42,15 +75,16 @@ impl FragmentCheckpoints {
     pub async fn open(
         dataset: &Dataset,
         fragment: &FileFragment,
-        program: &Program,
+        key: &Key,
+        field: Arc<ArrowField>,
     ) -> lance::Result<Self> {
         let store = dataset.object_store(None).await?;
         let mut hasher = Sha256::new();
         for part in [
-            program.column.as_str(),
-            program.expression.as_str(),
-            program.filter.as_str(),
-            &program.output_field.data_type().to_string(),
+            key.column.as_str(),
+            key.expression.as_str(),
+            key.filter.as_str(),
+            key.output_type.as_str(),
             &fragment.id().to_string(),
         ] {
             hasher.update(part.as_bytes());
@@ -65,7 +99,7 @@ impl FragmentCheckpoints {
         Ok(Self {
             store,
             prefix,
-            field: program.output_field.clone(),
+            field,
         })
     }
 

@@ -11,7 +11,7 @@ use lance::datatypes::{Schema as LanceSchema, escape_field_path_for_project, par
 use lance::deps::datafusion::physical_plan::PhysicalExpr;
 use lance::io::exec::Planner;
 
-use crate::error::{ApiError, first_line};
+use crate::error::{Error, Missing, first_line};
 
 /// Field metadata key holding a computed column's SQL expression.
 pub const BINDING_KEY: &str = "lance-backfill:expression";
@@ -27,36 +27,37 @@ pub struct TargetColumn {
 
 /// Resolves `column` (a top-level name or a dot path with backtick quoting)
 /// and checks it is a computed column.
-pub fn resolve_target(schema: &LanceSchema, column: &str) -> Result<TargetColumn, ApiError> {
+pub fn resolve_target(schema: &LanceSchema, column: &str) -> Result<TargetColumn, Error> {
     if column.trim().is_empty() {
-        return Err(ApiError::invalid_input("field 'column' must not be empty"));
+        return Err(Error::invalid_input("field 'column' must not be empty"));
     }
     // A literal top-level name wins over a dot-path reading of it.
     let fields = match schema.field(column) {
         Some(field) => vec![field],
         None => {
             parse_field_path(column).map_err(|err| {
-                ApiError::invalid_input(format!(
+                Error::invalid_input(format!(
                     "field 'column': '{column}' is not a valid column path: {}",
                     first_line(&err)
                 ))
             })?;
             schema.resolve(column).ok_or_else(|| {
-                ApiError::column_not_found(format!(
-                    "field 'column': column '{column}' does not exist in the table"
-                ))
+                Error::not_found(
+                    Missing::Column,
+                    format!("field 'column': column '{column}' does not exist in the table"),
+                )
             })?
         }
     };
     let field = fields[fields.len() - 1];
     if fields.len() > 1 {
-        return Err(ApiError::invalid_input(format!(
+        return Err(Error::invalid_input(format!(
             "field 'column': '{column}' is a nested field; only top-level columns declared \
              with add_columns 'computed' can be backfilled"
         )));
     }
     let expression = field.metadata.get(BINDING_KEY).cloned().ok_or_else(|| {
-        ApiError::invalid_input(format!(
+        Error::invalid_input(format!(
             "field 'column': column '{column}' is not a computed column (declare it with \
              POST /v1/table/{{id}}/add_columns and a 'computed' expression)"
         ))
@@ -79,10 +80,10 @@ pub fn infer_expression(
     schema: &ArrowSchema,
     expression: &str,
     what: &str,
-) -> Result<(DataType, Vec<String>), ApiError> {
+) -> Result<(DataType, Vec<String>), Error> {
     let planner = Planner::new(Arc::new(schema.clone()));
     let bad = |err: &dyn std::fmt::Display| {
-        ApiError::invalid_input(format!(
+        Error::invalid_input(format!(
             "{what}: invalid expression '{expression}': {}",
             first_line(err)
         ))
@@ -95,7 +96,7 @@ pub fn infer_expression(
         .map_err(|e| bad(&e))?;
     let data_type = physical.data_type(schema).map_err(|e| bad(&e))?;
     if data_type == DataType::Null {
-        return Err(ApiError::invalid_input(format!(
+        return Err(Error::invalid_input(format!(
             "{what}: expression '{expression}' has no type (it is always NULL); cast it, e.g. CAST(NULL AS BIGINT)"
         )));
     }
@@ -134,121 +135,123 @@ pub struct Evaluated {
     pub changed: bool,
 }
 
-impl Program {
-    pub fn compile(
+/// The parsed (not yet planned) expression and predicate of a backfill.
+struct Parsed {
+    expression: String,
+    filter: String,
+    value: lance::deps::datafusion::prelude::Expr,
+    predicate: lance::deps::datafusion::prelude::Expr,
+}
+
+impl Parsed {
+    fn new(
         schema: &LanceSchema,
         target: &TargetColumn,
         filter: Option<&str>,
-    ) -> Result<Self, ApiError> {
-        let full = Arc::new(ArrowSchema::from(schema));
-        let planner = Planner::new(full.clone());
+    ) -> Result<Self, Error> {
+        let planner = Planner::new(Arc::new(ArrowSchema::from(schema)));
         let expression = target.expression.clone();
         let filter = filter
             .map(str::to_string)
             .unwrap_or_else(|| default_filter(&target.name));
-
         let value = planner.parse_expr(&expression).map_err(|err| {
-            ApiError::invalid_input(format!(
+            Error::invalid_input(format!(
                 "the expression of computed column '{}' ('{expression}') no longer fits the table: {}",
                 target.name,
                 first_line(&err)
             ))
         })?;
-        let predicate = planner.parse_filter(&filter).map_err(|err| {
-            ApiError::invalid_input(format!(
-                "field 'where': cannot use '{filter}': {}",
-                first_line(&err)
-            ))
-        })?;
+        let predicate = planner
+            .parse_filter(&filter)
+            .map_err(|err| bad_where(&filter, &err))?;
+        Ok(Self {
+            expression,
+            filter,
+            value,
+            predicate,
+        })
+    }
 
-        let value_columns = Planner::column_names_in_expr(&value);
-        let predicate_columns = Planner::column_names_in_expr(&predicate);
+    /// Every column the program reads: inputs, filter inputs and the target.
+    fn read_columns(
+        &self,
+        schema: &LanceSchema,
+        target: &TargetColumn,
+    ) -> Result<Vec<String>, Error> {
+        let value_columns = Planner::column_names_in_expr(&self.value);
+        let predicate_columns = Planner::column_names_in_expr(&self.predicate);
         if let Some(missing) = predicate_columns
             .iter()
             .find(|c| schema.resolve(c.as_str()).is_none())
         {
-            return Err(ApiError::invalid_input(format!(
-                "field 'where': column '{missing}' in '{filter}' does not exist in the table"
+            return Err(Error::invalid_input(format!(
+                "field 'where': column '{missing}' in '{}' does not exist in the table",
+                self.filter
             )));
         }
         if let Some(missing) = value_columns
             .iter()
             .find(|c| schema.resolve(c.as_str()).is_none())
         {
-            return Err(ApiError::invalid_input(format!(
-                "the expression of computed column '{}' ('{expression}') reads column '{missing}',                  which no longer exists in the table",
-                target.name
+            return Err(Error::invalid_input(format!(
+                "the expression of computed column '{}' ('{}') reads column '{missing}', which no longer exists in the table",
+                target.name, self.expression
             )));
         }
         let mut columns: BTreeSet<String> = value_columns.into_iter().collect();
         columns.extend(predicate_columns);
         columns.insert(escape_field_path_for_project(&target.name));
-        let columns: Vec<String> = columns.into_iter().collect();
+        Ok(columns.into_iter().collect())
+    }
+}
+
+fn bad_where(filter: &str, err: &dyn std::fmt::Display) -> Error {
+    Error::invalid_input(format!(
+        "field 'where': cannot use '{filter}': {}",
+        first_line(err)
+    ))
+}
+
+impl Program {
+    /// The key of this program's checkpoints.
+    pub fn checkpoint_key(&self) -> crate::checkpoint::Key {
+        crate::checkpoint::Key {
+            column: self.column.clone(),
+            expression: self.expression.clone(),
+            filter: self.filter.clone(),
+            output_type: self.output_field.data_type().to_string(),
+        }
+    }
+
+    pub fn compile(
+        schema: &LanceSchema,
+        target: &TargetColumn,
+        filter: Option<&str>,
+    ) -> Result<Self, Error> {
+        let parsed = Parsed::new(schema, target, filter)?;
+        let columns = parsed.read_columns(schema, target)?;
         let read_schema = schema.project(&columns).map_err(|err| {
-            ApiError::invalid_input(format!(
+            Error::invalid_input(format!(
                 "cannot read columns {columns:?}: {}",
                 first_line(&err)
             ))
         })?;
         let read_arrow = Arc::new(ArrowSchema::from(&read_schema));
         let target_index = read_arrow.index_of(&target.name).map_err(|_| {
-            ApiError::internal(format!(
+            Error::Internal(format!(
                 "column '{}' missing from its own projection",
                 target.name
             ))
         })?;
-
         let planner = Planner::new(read_arrow.clone());
-        let value = planner
-            .parse_expr(&expression)
-            .and_then(|e| planner.optimize_expr(e))
-            .and_then(|e| planner.create_physical_expr(&e))
-            .map_err(|err| {
-                ApiError::invalid_input(format!(
-                    "the expression of computed column '{}' ('{expression}') cannot be planned: {}",
-                    target.name,
-                    first_line(&err)
-                ))
-            })?;
-        let predicate = planner
-            .parse_filter(&filter)
-            .and_then(|e| planner.optimize_expr(e))
-            .and_then(|e| planner.create_physical_expr(&e))
-            .map_err(|err| {
-                ApiError::invalid_input(format!(
-                    "field 'where': cannot use '{filter}': {}",
-                    first_line(&err)
-                ))
-            })?;
-        let predicate_type = predicate.data_type(&read_arrow).map_err(|err| {
-            ApiError::invalid_input(format!("field 'where': '{filter}': {}", first_line(&err)))
-        })?;
-        if predicate_type != DataType::Boolean {
-            return Err(ApiError::invalid_input(format!(
-                "field 'where': '{filter}' is {predicate_type}, not a boolean predicate"
-            )));
-        }
-        let value_type = value.data_type(&read_arrow).map_err(|err| {
-            ApiError::invalid_input(format!(
-                "the expression of computed column '{}' has no type: {}",
-                target.name,
-                first_line(&err)
-            ))
-        })?;
-        if !arrow_cast::can_cast_types(&value_type, &target.data_type) {
-            return Err(ApiError::invalid_input(format!(
-                "the expression of computed column '{}' yields {value_type}, which cannot be \
-                 stored in the column's type {}",
-                target.name, target.data_type
-            )));
-        }
-        let output_field = Arc::new(read_arrow.field(target_index).clone());
+        let value = plan_value(&planner, &read_arrow, &parsed.expression, target)?;
+        let predicate = plan_predicate(&planner, &read_arrow, &parsed.filter)?;
         Ok(Self {
             column: target.name.clone(),
-            expression,
-            filter,
+            expression: parsed.expression,
+            filter: parsed.filter,
             read_schema,
-            output_field,
+            output_field: Arc::new(read_arrow.field(target_index).clone()),
             value,
             predicate,
             target_index,
@@ -317,4 +320,62 @@ impl Program {
             changed,
         })
     }
+}
+
+/// Plans the column's expression over the projected schema and checks its
+/// type can be stored in the column.
+fn plan_value(
+    planner: &Planner,
+    read_arrow: &ArrowSchema,
+    expression: &str,
+    target: &TargetColumn,
+) -> Result<Arc<dyn PhysicalExpr>, Error> {
+    let value = planner
+        .parse_expr(expression)
+        .and_then(|e| planner.optimize_expr(e))
+        .and_then(|e| planner.create_physical_expr(&e))
+        .map_err(|err| {
+            Error::invalid_input(format!(
+                "the expression of computed column '{}' ('{expression}') cannot be planned: {}",
+                target.name,
+                first_line(&err)
+            ))
+        })?;
+    let value_type = value.data_type(read_arrow).map_err(|err| {
+        Error::invalid_input(format!(
+            "the expression of computed column '{}' has no type: {}",
+            target.name,
+            first_line(&err)
+        ))
+    })?;
+    if !arrow_cast::can_cast_types(&value_type, &target.data_type) {
+        return Err(Error::invalid_input(format!(
+            "the expression of computed column '{}' yields {value_type}, which cannot be \
+             stored in the column's type {}",
+            target.name, target.data_type
+        )));
+    }
+    Ok(value)
+}
+
+/// Plans the `where` predicate and checks it is boolean.
+fn plan_predicate(
+    planner: &Planner,
+    read_arrow: &ArrowSchema,
+    filter: &str,
+) -> Result<Arc<dyn PhysicalExpr>, Error> {
+    let predicate = planner
+        .parse_filter(filter)
+        .and_then(|e| planner.optimize_expr(e))
+        .and_then(|e| planner.create_physical_expr(&e))
+        .map_err(|err| bad_where(filter, &err))?;
+    let predicate_type = predicate.data_type(read_arrow).map_err(|err| {
+        Error::invalid_input(format!("field 'where': '{filter}': {}", first_line(&err)))
+    })?;
+    if predicate_type != DataType::Boolean {
+        return Err(Error::invalid_input(format!(
+            "field 'where': '{filter}' is {predicate_type}, not a boolean predicate"
+        )));
+    }
+    Ok(predicate)
 }

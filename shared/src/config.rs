@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 
-use crate::auth::Authenticator;
+use crate::api::auth::Authenticator;
 use crate::engine::EngineConfig;
 
 /// Every variable the service reads (README lists them with their meaning).
@@ -117,13 +117,28 @@ pub fn manifests() -> Vec<String> {
 pub fn inline_plan_limit() -> anyhow::Result<u64> {
     number(
         env::INLINE_PLAN_LIMIT,
-        crate::api::DEFAULT_INLINE_PLAN_LIMIT,
+        crate::submit::DEFAULT_INLINE_PLAN_LIMIT,
     )
 }
 
+/// How submissions are planned and which manifests they may name.
+pub fn submit_settings() -> anyhow::Result<crate::submit::SubmitSettings> {
+    Ok(crate::submit::SubmitSettings {
+        inline_plan_limit: inline_plan_limit()?,
+        manifests: manifests(),
+    })
+}
+
+/// The queue's visibility timeout when nothing sets it: six times the
+/// worker function's 15-minute timeout, as AWS advises for event sources.
+const DEFAULT_VISIBILITY_SECONDS: u64 = 6 * 15 * 60;
+
 /// The task queue's visibility timeout (template.yaml sets it and passes it on).
 pub fn visibility() -> anyhow::Result<Duration> {
-    Ok(Duration::from_secs(number(env::VISIBILITY_SECONDS, 5400)?))
+    Ok(Duration::from_secs(number(
+        env::VISIBILITY_SECONDS,
+        DEFAULT_VISIBILITY_SECONDS,
+    )?))
 }
 
 pub fn engine() -> anyhow::Result<EngineConfig> {

@@ -21,11 +21,12 @@ use lance_namespace_reqwest_client::models::{
     AddColumnsEntry, AlterTableAddColumnsRequest, AlterTableBackfillColumnsRequest,
 };
 
-use crate::api::{ApiSettings, server};
-use crate::auth::Authenticator;
+use crate::api::auth::Authenticator;
+use crate::api::server;
 use crate::bootstrap;
 use crate::engine::EngineConfig;
 use crate::runner::{self, RunnerConfig};
+use crate::submit::SubmitSettings;
 
 /// Writes a table of `rows` rows in `fragments` fragments: `id`, `x = id`
 /// (int64) and `s` (a short string whose length varies).
@@ -78,6 +79,69 @@ pub struct DemoReport {
     pub versions_created: u64,
 }
 
+/// The API and a worker, in this process, on the embedded store and queue.
+struct LocalService {
+    client: Configuration,
+    api_key: String,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl LocalService {
+    async fn start(root: &str, state: &std::path::Path) -> anyhow::Result<Self> {
+        let (components, queue) = bootstrap::embedded(root, state, 5).await?;
+        let api_key = format!("demo-{}", uuid::Uuid::new_v4().simple());
+        let service = Arc::new(components.service(
+            Authenticator::default().with_plain_key(&api_key),
+            SubmitSettings::default(),
+        ));
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let mut server_shutdown = shutdown_rx.clone();
+        let (address, server) = server::serve(service, "127.0.0.1:0".parse()?, async move {
+            let _ = server_shutdown.changed().await;
+        })
+        .await?;
+        let worker = Arc::new(components.worker(EngineConfig::default(), VISIBILITY));
+        let pollers = tokio::spawn(runner::run(
+            worker,
+            Arc::new(queue),
+            VISIBILITY,
+            RunnerConfig::default(),
+            shutdown_rx,
+        ));
+        let server = tokio::spawn(async move {
+            let _ = server.await;
+        });
+        let client = Configuration {
+            base_path: format!("http://{address}"),
+            api_key: Some(ApiKey {
+                prefix: None,
+                key: api_key.clone(),
+            }),
+            ..Configuration::default()
+        };
+        Ok(Self {
+            client,
+            api_key,
+            shutdown,
+            tasks: vec![pollers, server],
+        })
+    }
+
+    async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// How often the demo polls its job: the job takes tens of milliseconds.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// The demo's visibility timeout: tasks take well under a second.
+const VISIBILITY: Duration = Duration::from_secs(60);
+
 pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     std::fs::create_dir_all(&options.root)
         .with_context(|| format!("creating {}", options.root.display()))?;
@@ -97,73 +161,65 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     write_sample_table(&table_uri, options.rows, options.fragments).await?;
     println!("    written in {:.2?}", began.elapsed());
 
-    let (components, queue) = bootstrap::embedded(&root, &state, 5).await?;
-    let api_key = format!("demo-{}", uuid::Uuid::new_v4().simple());
-    let service = Arc::new(components.service(
-        Authenticator::default().with_plain_key(&api_key),
-        ApiSettings::default(),
-    ));
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let mut server_shutdown = shutdown_rx.clone();
-    let (address, server) = server::serve(service, "127.0.0.1:0".parse()?, async move {
-        let _ = server_shutdown.changed().await;
-    })
-    .await?;
-    let worker = Arc::new(components.worker(EngineConfig::default(), Duration::from_secs(60)));
-    let pollers = tokio::spawn(runner::run(
-        worker,
-        Arc::new(queue),
-        Duration::from_secs(60),
-        RunnerConfig::default(),
-        shutdown_rx,
-    ));
+    let service = LocalService::start(&root, &state).await?;
+    let before_and_after = fill(&service, &table_uri, options.rows).await;
+    service.stop().await;
+    let (before, job, elapsed) = before_and_after?;
+    report(&table_uri, before, &job, elapsed).await
+}
 
-    let client = Configuration {
-        base_path: format!("http://{address}"),
-        api_key: Some(ApiKey {
-            prefix: None,
-            key: api_key.clone(),
-        }),
-        ..Configuration::default()
-    };
-    println!("2/4 declaring computed column y = x * 2 + 1 (POST add_columns on http://{address})");
+/// Declares `y` and backfills it through the API; returns the version
+/// before the backfill, the finished job and how long it took.
+async fn fill(
+    service: &LocalService,
+    table_uri: &str,
+    rows: u64,
+) -> anyhow::Result<(u64, serde_json::Value, Duration)> {
+    let client = &service.client;
+    println!(
+        "2/4 declaring computed column y = x * 2 + 1 (POST add_columns on {})",
+        client.base_path
+    );
     let mut entry = AddColumnsEntry::new("y".to_string());
     entry.computed = Some(Some("x * 2 + 1".to_string()));
     table_api::alter_table_add_columns(
-        &client,
+        client,
         "items",
         AlterTableAddColumnsRequest::new(vec![entry]),
         None,
     )
     .await
     .map_err(|e| anyhow::anyhow!("add_columns: {e}"))?;
-    let before = Dataset::open(&table_uri).await?.version().version;
+    let before = Dataset::open(table_uri).await?.version().version;
 
     println!("3/4 backfilling y (POST backfill_column)");
     let submitted = Instant::now();
     let response = table_api::alter_table_backfill_columns(
-        &client,
+        client,
         "items",
         AlterTableBackfillColumnsRequest::new("y".to_string()),
         None,
     )
     .await
     .map_err(|e| anyhow::anyhow!("backfill_column: {e}"))?;
-    let job = follow(&client, &api_key, &response.job_id, options.rows).await?;
-    let elapsed = submitted.elapsed();
+    let job = follow(client, &service.api_key, &response.job_id, rows).await?;
+    Ok((before, job, submitted.elapsed()))
+}
 
-    let _ = shutdown_tx.send(true);
-    let _ = pollers.await;
-    let _ = server.await;
-
+async fn report(
+    table_uri: &str,
+    before: u64,
+    job: &serde_json::Value,
+    elapsed: Duration,
+) -> anyhow::Result<DemoReport> {
     println!("4/4 verifying with a fresh reader");
-    let dataset = Dataset::open(&table_uri).await?;
+    let dataset = Dataset::open(table_uri).await?;
     let checked = verify(&dataset).await?;
     let versions_created = dataset.version().version - before;
     let rows_per_second = checked as f64 / elapsed.as_secs_f64();
     println!(
         "verified: all {checked} rows hold y = x * 2 + 1 (job {}, state {})",
-        response.job_id,
+        job["job_id"].as_str().unwrap_or("?"),
         job["state"].as_str().unwrap_or("?")
     );
     println!(
@@ -221,7 +277,7 @@ async fn follow(
                 bar.abandon();
                 bail!("job {job_id} ended {state}: {}", job["error"]);
             }
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => tokio::time::sleep(POLL_INTERVAL).await,
         }
     }
 }

@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, dead, visible_at_ms);
 "#;
 
+/// How long a statement waits for another process's write lock (a second
+/// `serve` on the same state file) before it fails.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A shared SQLite connection; every call runs on the blocking pool.
 #[derive(Clone)]
 pub struct EmbeddedDb {
@@ -87,7 +91,7 @@ impl EmbeddedDb {
         let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.execute_batch(SCHEMA)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),

@@ -1,203 +1,134 @@
-//! Errors that cross the API boundary carry a Lance Namespace error code and
-//! the HTTP status that goes with it; everything else is an internal fault.
+//! The domain's errors: what went wrong, in terms a caller can act on. The
+//! API maps them to HTTP statuses and Lance Namespace codes (`api::error`);
+//! the engine maps them to queue dispositions (`engine::dispatch`).
 
-use http::StatusCode;
 use lance_namespace::ErrorCode;
-use lance_namespace_reqwest_client::models::ErrorResponse;
 
-/// An error a client can act on: an HTTP status, a Lance Namespace code and a
-/// message naming what was wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: ErrorCode,
-    pub message: String,
+/// What a request named that does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    Namespace,
+    Table,
+    Version,
+    Column,
+    Branch,
+    Job,
 }
 
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.code, self.status, self.message)
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed, or names something that cannot work.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// Something this service does not do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Something the request named does not exist.
+    #[error("{message}")]
+    NotFound { what: Missing, message: String },
+    /// Another operation holds, or changed, what the request is about.
+    #[error("{0}")]
+    Conflict(String),
+    /// The object is in a state that does not allow the operation.
+    #[error("{0}")]
+    InvalidState(String),
+    /// No retry can fix it (a task whose data does not fit its expression).
+    #[error("{0}")]
+    Permanent(String),
+    /// A dependency failed or is busy; the same call may succeed later.
+    #[error("{message}")]
+    Transient { message: String, throttled: bool },
+    /// A fault of the service itself.
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn invalid_input(message: impl Into<String>) -> Self {
+        Self::InvalidInput(message.into())
     }
-}
 
-impl std::error::Error for ApiError {}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
+    pub fn not_found(what: Missing, message: impl Into<String>) -> Self {
+        Self::NotFound {
+            what,
             message: message.into(),
         }
     }
 
-    pub fn invalid_input(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, message)
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::Transient {
+            message: message.into(),
+            throttled: false,
+        }
     }
 
-    pub fn unsupported(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, message)
+    pub fn message(&self) -> String {
+        self.to_string()
     }
 
-    pub fn table_not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, ErrorCode::TableNotFound, message)
-    }
-
-    pub fn namespace_not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, ErrorCode::NamespaceNotFound, message)
-    }
-
-    pub fn version_not_found(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::TableVersionNotFound,
-            message,
-        )
-    }
-
-    pub fn column_not_found(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::TableColumnNotFound,
-            message,
-        )
-    }
-
-    pub fn branch_not_found(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::TableBranchNotFound,
-            message,
-        )
-    }
-
-    pub fn not_found(message: impl Into<String>) -> Self {
-        // Jobs are not a Lance Namespace object; "not found" for them is still a 404,
-        // and TableNotFound is the closest code the spec has. Routes use `route_not_found`.
-        Self::new(StatusCode::NOT_FOUND, ErrorCode::TableNotFound, message)
-    }
-
-    pub fn route_not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, ErrorCode::Unsupported, message)
-    }
-
-    pub fn method_not_allowed(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::Unsupported,
-            message,
-        )
-    }
-
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::CONFLICT,
-            ErrorCode::ConcurrentModification,
-            message,
-        )
-    }
-
-    pub fn invalid_state(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, ErrorCode::InvalidTableState, message)
-    }
-
-    pub fn unauthenticated(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthenticated,
-            message,
-        )
-    }
-
-    pub fn permission_denied(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, ErrorCode::PermissionDenied, message)
-    }
-
-    pub fn throttled(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::Throttling,
-            message,
-        )
-    }
-
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ServiceUnavailable,
-            message,
-        )
-    }
-
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            message,
-        )
-    }
-
-    /// The wire form: `{error, code, detail, instance}`.
-    pub fn to_response(&self, instance: Option<&str>) -> ErrorResponse {
-        let mut response = ErrorResponse::new(self.code.as_u32() as i32);
-        response.error = Some(self.message.clone());
-        response.detail = Some(format!("{}: {}", self.code, self.message));
-        response.instance = instance.map(str::to_string);
-        response
+    /// A request error seen by a worker: the job can never succeed.
+    pub fn into_permanent(self) -> Self {
+        match self {
+            Self::Transient { .. } | Self::Internal(_) | Self::Permanent(_) => self,
+            other => Self::Permanent(other.to_string()),
+        }
     }
 
     /// Maps an error raised by Lance (or by the namespace implementation it
-    /// wraps) to the closest API error. `what` names the object for messages.
+    /// wraps) to the closest domain error. `what` names the object.
     pub fn from_lance(err: lance::Error, what: &str) -> Self {
         if let lance::Error::Namespace { source, .. } = &err
             && let Some(ns) = source.downcast_ref::<lance_namespace::NamespaceError>()
         {
-            let status = status_for_code(ns.code());
-            return Self::new(status, ns.code(), format!("{what}: {}", ns.message()));
+            return Self::from_namespace_code(ns.code(), format!("{what}: {}", ns.message()));
         }
+        let message = format!("{what}: {}", first_line(&err));
         match &err {
             lance::Error::DatasetNotFound { .. } | lance::Error::NotFound { .. } => {
-                Self::table_not_found(format!("{what}: {}", first_line(&err)))
+                Self::not_found(Missing::Table, message)
             }
-            lance::Error::InvalidInput { .. } => {
-                Self::invalid_input(format!("{what}: {}", first_line(&err)))
-            }
+            lance::Error::InvalidInput { .. } => Self::InvalidInput(message),
             lance::Error::CommitConflict { .. }
             | lance::Error::RetryableCommitConflict { .. }
             | lance::Error::IncompatibleTransaction { .. }
-            | lance::Error::TooMuchWriteContention { .. } => {
-                Self::conflict(format!("{what}: {}", first_line(&err)))
-            }
-            _ => Self::internal(format!("{what}: {}", first_line(&err))),
+            | lance::Error::TooMuchWriteContention { .. } => Self::Conflict(message),
+            _ => Self::Internal(message),
+        }
+    }
+
+    fn from_namespace_code(code: ErrorCode, message: String) -> Self {
+        use ErrorCode::*;
+        match code {
+            NamespaceNotFound => Self::not_found(Missing::Namespace, message),
+            TableNotFound => Self::not_found(Missing::Table, message),
+            TableVersionNotFound => Self::not_found(Missing::Version, message),
+            TableColumnNotFound => Self::not_found(Missing::Column, message),
+            TableBranchNotFound => Self::not_found(Missing::Branch, message),
+            TransactionNotFound => Self::not_found(Missing::Job, message),
+            TableIndexNotFound | TableTagNotFound => Self::not_found(Missing::Table, message),
+            Unsupported => Self::Unsupported(message),
+            InvalidInput | TableSchemaValidationError => Self::InvalidInput(message),
+            ConcurrentModification
+            | NamespaceAlreadyExists
+            | TableAlreadyExists
+            | TableIndexAlreadyExists
+            | TableTagAlreadyExists
+            | TableBranchAlreadyExists
+            | NamespaceNotEmpty => Self::Conflict(message),
+            InvalidTableState => Self::InvalidState(message),
+            ServiceUnavailable => Self::transient(message),
+            Throttling => Self::Transient {
+                message,
+                throttled: true,
+            },
+            PermissionDenied | Unauthenticated | Internal => Self::Internal(message),
         }
     }
 }
 
-/// The HTTP status that fits a Lance Namespace code.
-pub fn status_for_code(code: ErrorCode) -> StatusCode {
-    use ErrorCode::*;
-    match code {
-        NamespaceNotFound | TableNotFound | TableIndexNotFound | TableTagNotFound
-        | TransactionNotFound | TableVersionNotFound | TableColumnNotFound
-        | TableBranchNotFound => StatusCode::NOT_FOUND,
-        NamespaceAlreadyExists
-        | TableAlreadyExists
-        | TableIndexAlreadyExists
-        | TableTagAlreadyExists
-        | TableBranchAlreadyExists
-        | ConcurrentModification
-        | NamespaceNotEmpty
-        | InvalidTableState => StatusCode::CONFLICT,
-        Unsupported | InvalidInput | TableSchemaValidationError => StatusCode::BAD_REQUEST,
-        PermissionDenied => StatusCode::FORBIDDEN,
-        Unauthenticated => StatusCode::UNAUTHORIZED,
-        ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Throttling => StatusCode::TOO_MANY_REQUESTS,
-        Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-/// Lance errors carry a source location after the first line; clients get the first.
+/// Lance errors carry a source location after the first line; callers get the first.
 pub fn first_line(err: &dyn std::fmt::Display) -> String {
     let text = err.to_string();
     let line = text.lines().next().unwrap_or_default();
@@ -207,7 +138,3 @@ pub fn first_line(err: &dyn std::fmt::Display) -> String {
         None => line.to_string(),
     }
 }
-
-/// Faults of the machinery (store, queue, object store): retried or logged,
-/// shown to clients as 500/503 without internals.
-pub type Fault = anyhow::Error;

@@ -1,29 +1,36 @@
 //! lance-backfill: fill computed columns of Lance tables with jobs that run
 //! as queued tasks, checkpoint their progress and commit in groups.
 //!
-//! One path through the crate: [`api`] validates a request and [`plan`]s it
-//! into tasks, [`store`] records the job and [`queue`] carries the tasks;
-//! a worker hands each message to the [`engine`], which computes values
-//! ([`computed`]), checkpoints them and stages fragment files; [`commit`]
-//! publishes them as Lance versions. [`worker`] and [`runner`] are the two
-//! ways messages reach the engine (Lambda's SQS event, the local poller).
+//! One path through the crate: [`api`] reads a request and hands it to
+//! [`submit`], which [`plan`]s it into tasks, records the job in the
+//! [`store`] and puts its tasks on a [`queue`]. A worker hands each message
+//! to the [`engine`], which computes values ([`computed`]), keeps
+//! [`checkpoint`]s and stages fragment files ([`staging`]); the
+//! [`commit`]ter publishes them as Lance versions and the [`lifecycle`]
+//! ends the job. [`worker`] and [`runner`] are the two ways messages reach
+//! the engine (Lambda's SQS event, the local poller). docs/architecture.md
+//! walks the same path.
 
 pub mod api;
-pub mod auth;
 pub mod bootstrap;
+pub mod checkpoint;
 pub mod commit;
 pub mod computed;
 pub mod config;
+pub mod declare;
 pub mod demo;
 pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod job;
+pub mod lifecycle;
 pub mod local;
 pub mod plan;
 pub mod queue;
 pub mod runner;
+pub mod staging;
 pub mod store;
+pub mod submit;
 pub mod table;
 pub mod telemetry;
 pub mod worker;

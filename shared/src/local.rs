@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tracing::info;
 
-use crate::api::{ApiSettings, server};
-use crate::auth::Authenticator;
+use crate::api::auth::Authenticator;
+use crate::api::server;
 use crate::bootstrap::{self, Components};
 use crate::config;
 use crate::engine::EngineConfig;
@@ -72,11 +72,7 @@ async fn run(
     auth: Authenticator,
     options: ServeOptions,
 ) -> anyhow::Result<()> {
-    let settings = ApiSettings {
-        inline_plan_limit: config::inline_plan_limit()?,
-        manifests: config::manifests(),
-    };
-    let service = Arc::new(components.service(auth, settings));
+    let service = Arc::new(components.service(auth, config::submit_settings()?));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_rx.clone();
     let (address, server) = server::serve(service, options.listen, async move {

@@ -29,14 +29,24 @@ pub struct RunnerConfig {
 impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
-            pollers: 2,
-            batch_size: 10,
+            pollers: DEFAULT_POLLERS,
+            batch_size: DEFAULT_BATCH_SIZE,
             invocation_timeout: None,
-            wait: Duration::from_secs(1),
+            wait: RECEIVE_WAIT,
             dead_letters: true,
         }
     }
 }
+
+/// Pollers of a local runner: one per core of a small machine.
+const DEFAULT_POLLERS: usize = 2;
+/// Messages per batch, as the SQS event source's default.
+const DEFAULT_BATCH_SIZE: usize = 10;
+
+/// How long a receive waits for a message (long polling).
+const RECEIVE_WAIT: Duration = Duration::from_secs(1);
+/// Pause after a failed receive (the queue is unreachable).
+const RECEIVE_RETRY: Duration = Duration::from_secs(1);
 
 /// How often a poller handles the dead letters (the DLQ's event source on AWS).
 const DEAD_LETTER_SWEEP: Duration = Duration::from_secs(1);
@@ -69,7 +79,7 @@ pub async fn run(
                     Ok(messages) => messages,
                     Err(err) => {
                         warn!(error = %format!("{err:#}"), "receive failed");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tokio::time::sleep(RECEIVE_RETRY).await;
                         continue;
                     }
                 };

@@ -11,7 +11,7 @@ use lance_namespace::LanceNamespace;
 use lance_namespace::models::DescribeTableRequest;
 use lance_namespace_impls::{DirectoryNamespace, DirectoryNamespaceBuilder};
 
-use crate::error::ApiError;
+use crate::error::{Error, Missing};
 
 pub const DEFAULT_DELIMITER: &str = "$";
 
@@ -22,14 +22,14 @@ pub struct TableId(pub Vec<String>);
 impl TableId {
     /// Parses the `{id}` path segment (already percent-decoded) with the
     /// request's delimiter.
-    pub fn parse(raw: &str, delimiter: &str) -> Result<Self, ApiError> {
+    pub fn parse(raw: &str, delimiter: &str) -> Result<Self, Error> {
         if delimiter.is_empty() {
-            return Err(ApiError::invalid_input(
+            return Err(Error::invalid_input(
                 "query parameter 'delimiter' must not be empty",
             ));
         }
         if raw.is_empty() || raw == delimiter {
-            return Err(ApiError::invalid_input(format!(
+            return Err(Error::invalid_input(format!(
                 "path parameter 'id' must name a table, got '{raw}' (the root namespace)"
             )));
         }
@@ -37,12 +37,12 @@ impl TableId {
         Self::from_parts(parts, "path parameter 'id'")
     }
 
-    pub fn from_parts(parts: Vec<String>, what: &str) -> Result<Self, ApiError> {
+    pub fn from_parts(parts: Vec<String>, what: &str) -> Result<Self, Error> {
         if parts.is_empty() {
-            return Err(ApiError::invalid_input(format!("{what} must not be empty")));
+            return Err(Error::invalid_input(format!("{what} must not be empty")));
         }
         if let Some(idx) = parts.iter().position(|p| p.is_empty()) {
-            return Err(ApiError::invalid_input(format!(
+            return Err(Error::invalid_input(format!(
                 "{what} has an empty part at position {idx}"
             )));
         }
@@ -80,6 +80,7 @@ pub struct Catalog {
     loading: tokio::sync::Mutex<()>,
 }
 
+/// Datasets kept open at fixed versions (one per recent job and table).
 const PINNED_CACHE_SIZE: usize = 32;
 
 impl Catalog {
@@ -116,8 +117,8 @@ impl Catalog {
         self.session.clone()
     }
 
-    /// The table's location (URI), or the namespace error as an API error.
-    pub async fn locate(&self, id: &TableId) -> Result<String, ApiError> {
+    /// The table's location (URI), or why it cannot be found.
+    pub async fn locate(&self, id: &TableId) -> Result<String, Error> {
         let mut request = DescribeTableRequest::new();
         request.id = Some(id.0.clone());
         request.vend_credentials = Some(false);
@@ -126,16 +127,16 @@ impl Catalog {
             .describe_table(request)
             .await
             .map_err(|err| {
-                let api = ApiError::from_lance(err, &format!("table '{}'", id.display()));
-                if api.status == http::StatusCode::INTERNAL_SERVER_ERROR {
-                    tracing::warn!(table = %id.display(), error = %api.message, "describe_table failed");
+                let err = Error::from_lance(err, &format!("table '{}'", id.display()));
+                if matches!(err, Error::Internal(_)) {
+                    tracing::warn!(table = %id.display(), error = %err, "describe_table failed");
                 }
-                api
+                err
             })?;
         response
             .location
             .or(response.table_uri)
-            .ok_or_else(|| ApiError::table_not_found(format!("table '{}'", id.display())))
+            .ok_or_else(|| Error::not_found(Missing::Table, format!("table '{}'", id.display())))
     }
 
     fn builder(&self, uri: &str) -> DatasetBuilder {
@@ -244,9 +245,18 @@ mod tests {
         );
         assert_eq!(TableId::parse("items", "$").unwrap().0, vec!["items"]);
         assert_eq!(TableId::parse("a.b.c", ".").unwrap().0, vec!["a", "b", "c"]);
-        assert_eq!(TableId::parse("$", "$").unwrap_err().status, 400);
-        assert_eq!(TableId::parse("a$$b", "$").unwrap_err().status, 400);
-        assert_eq!(TableId::parse("a", "").unwrap_err().status, 400);
+        assert!(matches!(
+            TableId::parse("$", "$"),
+            Err(Error::InvalidInput(_))
+        ));
+        assert!(matches!(
+            TableId::parse("a$$b", "$"),
+            Err(Error::InvalidInput(_))
+        ));
+        assert!(matches!(
+            TableId::parse("a", ""),
+            Err(Error::InvalidInput(_))
+        ));
     }
 
     #[test]

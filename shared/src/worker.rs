@@ -32,6 +32,11 @@ pub struct BatchReport {
 /// Visibility is extended at least this often while a message is worked on.
 const HEARTBEAT_CAP: Duration = Duration::from_secs(60);
 
+/// Dead letters taken per sweep, and how long they stay hidden while a
+/// sweep handles them.
+const DEAD_LETTER_BATCH: usize = 10;
+const DEAD_LETTER_VISIBILITY: Duration = Duration::from_secs(60);
+
 /// How long a poison message stays hidden before its next (counted) receive.
 const POISON_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -104,10 +109,7 @@ impl Worker {
             Disposition::Requeue { delay } => {
                 match self
                     .queue
-                    .send_many(vec![Outgoing {
-                        body: message.body.clone(),
-                        delay,
-                    }])
+                    .send_many(vec![Outgoing::raw(&message.body, delay)])
                     .await
                 {
                     Ok(()) => true,
@@ -156,7 +158,7 @@ impl Worker {
     pub async fn sweep_dead_letters(&self) {
         let taken = match self
             .queue
-            .take_dead_letters(10, Duration::from_secs(60))
+            .take_dead_letters(DEAD_LETTER_BATCH, DEAD_LETTER_VISIBILITY)
             .await
         {
             Ok(taken) => taken,

@@ -13,8 +13,6 @@ use lance_backfill_tests::{read_i64, write_sample_table};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::rt_test;
-
 const KEY: &str = "crash-key";
 
 /// Where in a job a kill lands.
@@ -139,120 +137,161 @@ async fn replacements_per_fragment(uri: &str, from: u64) -> HashMap<u64, u32> {
     changes
 }
 
-rt_test! {
-    async fn serve_survives_sigkill_at_random_points() {
-        let runs: u64 = std::env::var("LANCE_BACKFILL_CRASH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
-        let seed: u64 = std::env::var("LANCE_BACKFILL_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let client = reqwest::Client::new();
-        let mut kills = 0;
-        let mut phases: std::collections::BTreeMap<Phase, u32> = Default::default();
-        let mut killed_while_running = 0;
-        for run in 0..runs {
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().to_string_lossy().into_owned();
-            let uri = format!("{root}/items.lance");
-            let log = dir.path().join("serve.log");
-            write_sample_table(&uri, 80_000, 8).await.unwrap();
-            let port = free_port();
-            let mut serve = start(&root, port, &log);
-            ready(&client, &serve.url).await;
-            let declared = client
-                .post(format!("{}/v1/table/items/add_columns", serve.url))
-                .header("x-api-key", KEY)
-                .json(&json!({"new_columns": [{"name": "y", "computed": "x * 2 + 1"}]}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(declared.status(), 200);
-            let before = lance::Dataset::open(&uri).await.unwrap().version().version;
-            let body = json!({
-                "column": "y", "task_size": 2500, "checkpoint_size": 250,
-                "batch_checkpoint_flush_interval_seconds": 0, "commit_granularity": 1, "concurrency": 2,
-            });
-            let response: serde_json::Value = client
-                .post(format!("{}/v1/table/items/backfill_column", serve.url))
-                .header("x-api-key", KEY)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let job_id = response["job_id"].as_str().expect("job id").to_string();
-            // One to three kills, each when the job reaches a random point:
-            // rows computed (mid-compute, mid-flush), fragments finished (around
-            // staging) or commits made (just after one).
-            for _ in 0..rng.random_range(1..=3) {
-                let (phase, threshold) = match rng.random_range(0..3) {
-                    0 => (Phase::Computing, rng.random_range(0..80_000u64)),
-                    1 => (Phase::Staging, rng.random_range(1..=8u64)),
-                    _ => (Phase::Committing, rng.random_range(1..=8u64)),
-                };
-                let until = Instant::now() + Duration::from_secs(60);
-                let running = loop {
-                    let Some(current) = job(&client, &serve.url, &job_id).await else { break false };
-                    let state = current["state"].as_str().unwrap_or("");
-                    if state != "PENDING" && state != "RUNNING" {
-                        break false;
-                    }
-                    let metrics = &current["metrics"];
-                    let reached = match phase {
-                        Phase::Computing => metrics["rows_computed"]["done"].as_u64().unwrap_or(0) >= threshold,
-                        Phase::Staging => metrics["fragments"]["done"].as_u64().unwrap_or(0) + 1 >= threshold,
-                        Phase::Committing => metrics["commits"]["done"].as_u64().unwrap_or(0) >= threshold,
-                    };
-                    if reached || Instant::now() > until {
-                        break true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                };
-                serve.child.kill().unwrap();
-                serve.child.wait().unwrap();
-                kills += 1;
-                if running {
-                    killed_while_running += 1;
-                    *phases.entry(phase).or_insert(0) += 1;
-                }
-                serve = start(&root, port, &log);
-                ready(&client, &serve.url).await;
-            }
-            let until = Instant::now() + Duration::from_secs(120);
-            let final_job = loop {
-                let current = job(&client, &serve.url, &job_id).await.expect("job readable");
-                let state = current["state"].as_str().unwrap_or("").to_string();
-                if state == "DONE" || state == "FAILED" || state == "CANCELLED" {
-                    break current;
-                }
-                assert!(Instant::now() < until, "run {run}: job stuck: {current}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
-            // Stragglers (a holder still computing when the job ended, a
-            // message redelivered after a kill, a retry after its backoff)
-            // remove what they left once they run: wait for the queue to empty.
-            let state = lance_backfill::bootstrap::default_state_path(&root).unwrap();
-            let queue = lance_backfill::queue::SqliteQueue::new(lance_backfill::embedded::EmbeddedDb::open(&state).unwrap(), "tasks", 10);
-            lance_backfill_tests::eventually(Duration::from_secs(120), || {
-                let queue = queue.clone();
-                async move { queue.depth().await.unwrap_or(1) == 0 }
-            })
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_survives_sigkill_at_random_points() {
+    let runs: u64 = std::env::var("LANCE_BACKFILL_CRASH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("LANCE_BACKFILL_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let client = reqwest::Client::new();
+    let mut kills = 0;
+    let mut phases: std::collections::BTreeMap<Phase, u32> = Default::default();
+    let mut killed_while_running = 0;
+    for run in 0..runs {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_string_lossy().into_owned();
+        let uri = format!("{root}/items.lance");
+        let log = dir.path().join("serve.log");
+        write_sample_table(&uri, 80_000, 8).await.unwrap();
+        let port = free_port();
+        let mut serve = start(&root, port, &log);
+        ready(&client, &serve.url).await;
+        let declared = client
+            .post(format!("{}/v1/table/items/add_columns", serve.url))
+            .header("x-api-key", KEY)
+            .json(&json!({"new_columns": [{"name": "y", "computed": "x * 2 + 1"}]}))
+            .send()
             .await
-            .expect("the queue empties after the job is done");
+            .unwrap();
+        assert_eq!(declared.status(), 200);
+        let before = lance::Dataset::open(&uri).await.unwrap().version().version;
+        let body = json!({
+            "column": "y", "task_size": 2500, "checkpoint_size": 250,
+            "batch_checkpoint_flush_interval_seconds": 0, "commit_granularity": 1, "concurrency": 2,
+        });
+        let response: serde_json::Value = client
+            .post(format!("{}/v1/table/items/backfill_column", serve.url))
+            .header("x-api-key", KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let job_id = response["job_id"].as_str().expect("job id").to_string();
+        // One to three kills, each when the job reaches a random point:
+        // rows computed (mid-compute, mid-flush), fragments finished (around
+        // staging) or commits made (just after one).
+        for _ in 0..rng.random_range(1..=3) {
+            let (phase, threshold) = match rng.random_range(0..3) {
+                0 => (Phase::Computing, rng.random_range(0..80_000u64)),
+                1 => (Phase::Staging, rng.random_range(1..=8u64)),
+                _ => (Phase::Committing, rng.random_range(1..=8u64)),
+            };
+            let until = Instant::now() + Duration::from_secs(60);
+            let running = loop {
+                let Some(current) = job(&client, &serve.url, &job_id).await else {
+                    break false;
+                };
+                let state = current["state"].as_str().unwrap_or("");
+                if state != "PENDING" && state != "RUNNING" {
+                    break false;
+                }
+                let metrics = &current["metrics"];
+                let reached = match phase {
+                    Phase::Computing => {
+                        metrics["rows_computed"]["done"].as_u64().unwrap_or(0) >= threshold
+                    }
+                    Phase::Staging => {
+                        metrics["fragments"]["done"].as_u64().unwrap_or(0) + 1 >= threshold
+                    }
+                    Phase::Committing => {
+                        metrics["commits"]["done"].as_u64().unwrap_or(0) >= threshold
+                    }
+                };
+                if reached || Instant::now() > until {
+                    break true;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            };
             serve.child.kill().unwrap();
             serve.child.wait().unwrap();
-            assert_eq!(final_job["state"], "DONE", "run {run} (seed {seed}): {final_job}");
-            let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
-            let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
-            let expected: Vec<Option<i64>> = x.iter().map(|v| v.map(|x| x * 2 + 1)).collect();
-            assert!(y == expected, "run {run}: wrong values");
-            let changes = replacements_per_fragment(&uri, before).await;
-            assert_eq!(changes.len(), 8, "run {run}: every fragment replaced: {changes:?}");
-            assert!(changes.values().all(|c| *c == 1), "run {run}: a fragment committed twice: {changes:?}");
-            let leftovers = crate::worker_runs::walk(&format!("{uri}/_backfill"));
-            assert!(leftovers.is_empty(), "run {run}: leftover checkpoints {leftovers:?}");
+            kills += 1;
+            if running {
+                killed_while_running += 1;
+                *phases.entry(phase).or_insert(0) += 1;
+            }
+            serve = start(&root, port, &log);
+            ready(&client, &serve.url).await;
         }
-        println!("FIGURES crash: {runs} runs, {kills} kills ({killed_while_running} while the job ran: {phases:?}), failures: 0 (seed {seed})");
-        assert!(killed_while_running * 2 >= kills, "most kills must hit a running job: {killed_while_running} of {kills}");
+        let until = Instant::now() + Duration::from_secs(120);
+        let final_job = loop {
+            let current = job(&client, &serve.url, &job_id)
+                .await
+                .expect("job readable");
+            let state = current["state"].as_str().unwrap_or("").to_string();
+            if state == "DONE" || state == "FAILED" || state == "CANCELLED" {
+                break current;
+            }
+            assert!(
+                Instant::now() < until,
+                "run {run}: job stuck: {current}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // Stragglers (a holder still computing when the job ended, a
+        // message redelivered after a kill, a retry after its backoff)
+        // remove what they left once they run: wait for the queue to empty.
+        let state = lance_backfill::bootstrap::default_state_path(&root).unwrap();
+        let queue = lance_backfill::queue::SqliteQueue::new(
+            lance_backfill::embedded::EmbeddedDb::open(&state).unwrap(),
+            "tasks",
+            10,
+        );
+        lance_backfill_tests::eventually(Duration::from_secs(120), || {
+            let queue = queue.clone();
+            async move { queue.depth().await.unwrap_or(1) == 0 }
+        })
+        .await
+        .expect("the queue empties after the job is done");
+        serve.child.kill().unwrap();
+        serve.child.wait().unwrap();
+        assert_eq!(
+            final_job["state"], "DONE",
+            "run {run} (seed {seed}): {final_job}"
+        );
+        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+        let expected: Vec<Option<i64>> = x.iter().map(|v| v.map(|x| x * 2 + 1)).collect();
+        assert!(y == expected, "run {run}: wrong values");
+        let changes = replacements_per_fragment(&uri, before).await;
+        assert_eq!(
+            changes.len(),
+            8,
+            "run {run}: every fragment replaced: {changes:?}"
+        );
+        assert!(
+            changes.values().all(|c| *c == 1),
+            "run {run}: a fragment committed twice: {changes:?}"
+        );
+        let leftovers = crate::worker_runs::walk(&format!("{uri}/_backfill"));
+        assert!(
+            leftovers.is_empty(),
+            "run {run}: leftover checkpoints {leftovers:?}"
+        );
     }
+    println!(
+        "FIGURES crash: {runs} runs, {kills} kills ({killed_while_running} while the job ran: {phases:?}), failures: 0 (seed {seed})"
+    );
+    assert!(
+        killed_while_running * 2 >= kills,
+        "most kills must hit a running job: {killed_while_running} of {kills}"
+    );
 }

@@ -13,119 +13,163 @@ use lance_backfill_tests::{
 };
 use serde_json::json;
 
-use crate::rt_test;
-
-rt_test! {
-    async fn three_holders_of_every_task_at_once_commit_each_group_once() {
-        // A late delivery (after the visibility timeout) runs while the first
-        // holder still works: here every task has three holders at once.
-        let stack = Stack::embedded(StackOptions::default()).await;
-        let uri = stack.table_uri("items");
-        write_sample_table(&uri, 60_000, 6).await.unwrap();
-        stack.declare("items", &[("y", "x * 2 + 1")]).await;
-        let before = latest_version(&uri).await;
-        let job_id = stack
-            .submit("items", json!({"column": "y", "task_size": 4000, "checkpoint_size": 1000,
-                "batch_checkpoint_flush_interval_seconds": 0, "commit_granularity": 2, "concurrency": 64}))
-            .await;
-        let bodies = stack.drain().await;
-        assert_eq!(bodies.len(), 6 * 3);
-        let engine = stack.components.engine(fast_engine());
-        let mut handles = Vec::new();
-        for holder in 0..3 {
-            for body in &bodies {
-                let engine = engine.clone();
-                let body = body.clone();
-                handles.push(tokio::spawn(async move {
-                    let delivery = Delivery { message_id: format!("{holder}"), receive_count: 1, deadline: None };
-                    engine.handle(&body, &delivery).await
-                }));
-            }
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_holders_of_every_task_at_once_commit_each_group_once() {
+    // A late delivery (after the visibility timeout) runs while the first
+    // holder still works: here every task has three holders at once.
+    let stack = Stack::embedded(StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 60_000, 6).await.unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    let before = latest_version(&uri).await;
+    let job_id = stack
+        .submit("items", json!({"column": "y", "task_size": 4000, "checkpoint_size": 1000,
+            "batch_checkpoint_flush_interval_seconds": 0, "commit_granularity": 2, "concurrency": 64}))
+        .await;
+    let bodies = stack.drain().await;
+    assert_eq!(bodies.len(), 6 * 3);
+    let engine = stack.components.engine(fast_engine());
+    let mut handles = Vec::new();
+    for holder in 0..3 {
+        for body in &bodies {
+            let engine = engine.clone();
+            let body = body.clone();
+            handles.push(tokio::spawn(async move {
+                let delivery = Delivery {
+                    message_id: format!("{holder}"),
+                    receive_count: 1,
+                    deadline: None,
+                };
+                engine.handle(&body, &delivery).await
+            }));
         }
-        for handle in handles {
-            let disposition = handle.await.unwrap();
-            assert!(matches!(disposition, Disposition::Done | Disposition::Requeue { .. }), "{disposition:?}");
-        }
-        // Requeued holders (all slots busy) are simply finished by a worker.
-        let mut stack = stack;
-        stack.start_worker(fast_engine(), RunnerConfig::default(), Duration::from_secs(30));
-        let job = stack.wait_done(&job_id, Duration::from_secs(120)).await;
-        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
-        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
-        assert_eq!(y, x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>());
-        assert_eq!(job.metrics.get(Counter::TasksDone), 18);
-        assert_eq!(job.metrics.get(Counter::FragmentsCommitted), 6);
-        let versions = latest_version(&uri).await - before;
-        assert_eq!(versions, job.metrics.get(Counter::CommitsDone));
-        assert!(versions <= 3, "{versions} commits for 3 groups of 2");
     }
+    for handle in handles {
+        let disposition = handle.await.unwrap();
+        assert!(
+            matches!(disposition, Disposition::Done | Disposition::Requeue { .. }),
+            "{disposition:?}"
+        );
+    }
+    // Requeued holders (all slots busy) are simply finished by a worker.
+    let mut stack = stack;
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    let job = stack.wait_done(&job_id, Duration::from_secs(120)).await;
+    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+    let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+    assert_eq!(
+        y,
+        x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>()
+    );
+    assert_eq!(job.metrics.get(Counter::TasksDone), 18);
+    assert_eq!(job.metrics.get(Counter::FragmentsCommitted), 6);
+    let versions = latest_version(&uri).await - before;
+    assert_eq!(versions, job.metrics.get(Counter::CommitsDone));
+    assert!(versions <= 3, "{versions} commits for 3 groups of 2");
 }
 
-rt_test! {
-    async fn deletes_during_a_job_keep_rows_aligned() {
-        let mut stack = Stack::embedded(StackOptions::default()).await;
-        let uri = stack.table_uri("items");
-        write_sample_table(&uri, 40_000, 4).await.unwrap();
-        stack.declare("items", &[("y", "x * 2 + 1")]).await;
-        let job_id = stack
-            .submit("items", json!({"column": "y", "checkpoint_size": 500, "commit_granularity": 1}))
-            .await;
-        stack.start_worker(fast_engine(), RunnerConfig { pollers: 1, batch_size: 1, ..RunnerConfig::default() }, Duration::from_secs(30));
-        let mut dataset = lance::Dataset::open(&uri).await.unwrap();
-        dataset.delete("x % 7 = 0").await.unwrap();
-        stack.wait_done(&job_id, Duration::from_secs(120)).await;
-        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
-        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
-        assert!(x.iter().all(|x| x.unwrap() % 7 != 0));
-        assert_eq!(y, x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>());
-    }
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deletes_during_a_job_keep_rows_aligned() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 40_000, 4).await.unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    let job_id = stack
+        .submit(
+            "items",
+            json!({"column": "y", "checkpoint_size": 500, "commit_granularity": 1}),
+        )
+        .await;
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig {
+            pollers: 1,
+            batch_size: 1,
+            ..RunnerConfig::default()
+        },
+        Duration::from_secs(30),
+    );
+    let mut dataset = lance::Dataset::open(&uri).await.unwrap();
+    dataset.delete("x % 7 = 0").await.unwrap();
+    stack.wait_done(&job_id, Duration::from_secs(120)).await;
+    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+    let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+    assert!(x.iter().all(|x| x.unwrap() % 7 != 0));
+    assert_eq!(
+        y,
+        x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>()
+    );
 }
 
-rt_test! {
-    async fn compaction_during_a_job_never_puts_values_on_wrong_rows() {
-        let mut stack = Stack::embedded(StackOptions::default()).await;
-        let uri = stack.table_uri("items");
-        write_sample_table(&uri, 16_000, 8).await.unwrap();
-        stack.declare("items", &[("y", "x * 2 + 1")]).await;
-        // Deletions make every fragment a compaction candidate.
-        lance::Dataset::open(&uri).await.unwrap().delete("x % 2 = 0").await.unwrap();
-        let job_id = stack.submit("items", json!({"column": "y", "commit_granularity": 1})).await;
-        let bodies = stack.drain().await;
-        assert_eq!(bodies.len(), 8);
-        let engine = stack.components.engine(fast_engine());
-        let delivery = Delivery { message_id: "m".into(), receive_count: 1, deadline: None };
-        // Half the fragments are filled and committed...
-        for body in &bodies[..4] {
-            assert_eq!(engine.handle(body, &delivery).await, Disposition::Done);
-        }
-        // ...then compaction rewrites every fragment into one...
-        let mut dataset = lance::Dataset::open(&uri).await.unwrap();
-        let options = CompactionOptions { target_rows_per_fragment: 1_000_000, ..Default::default() };
-        let metrics = compact_files(&mut dataset, options, None).await.unwrap();
-        assert!(metrics.fragments_removed >= 8, "{metrics:?}");
-        // ...and the rest of the job meets fragments that no longer exist.
-        for body in &bodies[4..] {
-            engine.handle(body, &delivery).await;
-        }
-        let job = stack.wait(&job_id, Duration::from_secs(60)).await;
-        assert_eq!(job.state, JobState::Failed, "{:?}", job.events);
-        let error = job.error.clone().unwrap_or_default();
-        assert!(error.contains("fragments 4 were rewritten"), "{error}");
-        let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
-        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
-        let filled = y.iter().filter(|v| v.is_some()).count();
-        assert_eq!(filled, 4000, "the committed half survives compaction");
-        for (x, y) in x.iter().zip(&y) {
-            let x = x.unwrap();
-            assert!(y.is_none() || *y == Some(x * 2 + 1), "x = {x} got {y:?}");
-        }
-        // Submitting again fills what is left.
-        stack.start_worker(fast_engine(), RunnerConfig::default(), Duration::from_secs(30));
-        let again = stack.submit("items", json!({"column": "y"})).await;
-        stack.wait_done(&again, Duration::from_secs(120)).await;
-        let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
-        assert_eq!(y, x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>());
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compaction_during_a_job_never_puts_values_on_wrong_rows() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 16_000, 8).await.unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    // Deletions make every fragment a compaction candidate.
+    lance::Dataset::open(&uri)
+        .await
+        .unwrap()
+        .delete("x % 2 = 0")
+        .await
+        .unwrap();
+    let job_id = stack
+        .submit("items", json!({"column": "y", "commit_granularity": 1}))
+        .await;
+    let bodies = stack.drain().await;
+    assert_eq!(bodies.len(), 8);
+    let engine = stack.components.engine(fast_engine());
+    let delivery = Delivery {
+        message_id: "m".into(),
+        receive_count: 1,
+        deadline: None,
+    };
+    // Half the fragments are filled and committed...
+    for body in &bodies[..4] {
+        assert_eq!(engine.handle(body, &delivery).await, Disposition::Done);
     }
+    // ...then compaction rewrites every fragment into one...
+    let mut dataset = lance::Dataset::open(&uri).await.unwrap();
+    let options = CompactionOptions {
+        target_rows_per_fragment: 1_000_000,
+        ..Default::default()
+    };
+    let metrics = compact_files(&mut dataset, options, None).await.unwrap();
+    assert!(metrics.fragments_removed >= 8, "{metrics:?}");
+    // ...and the rest of the job meets fragments that no longer exist.
+    for body in &bodies[4..] {
+        engine.handle(body, &delivery).await;
+    }
+    let job = stack.wait(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Failed, "{:?}", job.events);
+    let error = job.error.clone().unwrap_or_default();
+    assert!(error.contains("fragments 4 were rewritten"), "{error}");
+    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+    let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+    let filled = y.iter().filter(|v| v.is_some()).count();
+    assert_eq!(filled, 4000, "the committed half survives compaction");
+    for (x, y) in x.iter().zip(&y) {
+        let x = x.unwrap();
+        assert!(y.is_none() || *y == Some(x * 2 + 1), "x = {x} got {y:?}");
+    }
+    // Submitting again fills what is left.
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    let again = stack.submit("items", json!({"column": "y"})).await;
+    stack.wait_done(&again, Duration::from_secs(120)).await;
+    let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+    assert_eq!(
+        y,
+        x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>()
+    );
 }
 
 /// The worker takes any message without panicking.
@@ -136,7 +180,7 @@ fn message_parsing_never_panics() {
     let json_value = proptest::arbitrary::any::<String>().prop_map(|s| s);
     runner
         .run(&json_value, |body| {
-            let _ = lance_backfill::plan::Message::parse(&body);
+            let _ = lance_backfill::queue::Message::parse(&body);
             Ok(())
         })
         .unwrap();
@@ -151,7 +195,7 @@ fn message_parsing_never_panics() {
         .run(&shaped, |(kind, v, start, end, rows)| {
             let body = json!({"kind": kind, "v": v, "job_id": "j", "first": start, "count": end,
                 "task": {"fragment_id": rows, "task": 0, "tasks_in_fragment": 1, "start": start, "end": end, "fragment_rows": rows}});
-            let _ = lance_backfill::plan::Message::parse(&body.to_string());
+            let _ = lance_backfill::queue::Message::parse(&body.to_string());
             Ok(())
         })
         .unwrap();

@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lance::Dataset;
-use lance_backfill::api::{ApiSettings, Service, server};
-use lance_backfill::auth::Authenticator;
+use lance_backfill::api::auth::Authenticator;
+use lance_backfill::api::{Service, server};
 use lance_backfill::bootstrap::{self, Components};
 use lance_backfill::engine::EngineConfig;
 use lance_backfill::job::{Job, JobState};
 use lance_backfill::queue::{QueueSet, SqsQueue, TaskQueue};
 use lance_backfill::runner::{self, RunnerConfig};
 use lance_backfill::store::{DynamoJobStore, JobStore};
+use lance_backfill::submit::SubmitSettings;
 use lance_backfill::table::Catalog;
 use lance_namespace_reqwest_client::apis::configuration::{ApiKey, Configuration};
 use tokio::sync::watch;
@@ -150,7 +151,7 @@ pub struct Stack {
 }
 
 pub struct StackOptions {
-    pub settings: ApiSettings,
+    pub settings: SubmitSettings,
     pub max_receive_count: u32,
     pub visibility: Duration,
     pub storage_options: HashMap<String, String>,
@@ -161,7 +162,7 @@ pub struct StackOptions {
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
-            settings: ApiSettings {
+            settings: SubmitSettings {
                 inline_plan_limit: 1000,
                 manifests: vec!["py311".to_string()],
             },

@@ -1,5 +1,8 @@
 //! The API Lambda function.
 
+// Layout of the deeply nested request future needs more than the default 128.
+#![recursion_limit = "256"]
+
 use lambda_http::{Error, service_fn};
 use lance_backfill::{api, bootstrap, config, telemetry};
 
@@ -7,10 +10,6 @@ use lance_backfill::{api, bootstrap, config, telemetry};
 async fn main() -> Result<(), Error> {
     telemetry::init();
     let components = bootstrap::aws(&config::root()?).await?;
-    let settings = api::ApiSettings {
-        inline_plan_limit: config::inline_plan_limit()?,
-        manifests: config::manifests(),
-    };
-    let service = components.service(config::authenticator()?, settings);
+    let service = components.service(config::authenticator()?, config::submit_settings()?);
     lambda_http::run(service_fn(|request| api::lambda::handle(&service, request))).await
 }

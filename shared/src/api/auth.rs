@@ -8,7 +8,7 @@ use lance_namespace_reqwest_client::models::Identity;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
+use crate::api::ApiError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {

@@ -3,8 +3,11 @@
 //! Transport-neutral: the Lambda adapter and the local HTTP server both
 //! turn their requests into an [`ApiRequest`].
 
+pub mod auth;
 pub mod backfill;
 pub mod columns;
+pub mod error;
+mod job_json;
 pub mod jobs;
 pub mod lambda;
 pub mod request;
@@ -17,18 +20,14 @@ use http::{HeaderMap, Method, StatusCode};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::auth::Authenticator;
-use crate::error::ApiError;
-use crate::queue::QueueSet;
-use crate::store::JobStore;
+use crate::lifecycle::Lifecycle;
+use crate::store::{JobStore, StoreError};
+use crate::submit::Submitter;
 use crate::table::Catalog;
+use auth::Authenticator;
+pub use error::ApiError;
 
 pub use request::ApiRequest;
-
-/// Jobs with more tasks than this are fanned out by a worker from one
-/// planning message: the API then answers after one queue call, whatever
-/// the table's size (sending 1,000 tasks inline is 100 SendMessageBatch calls).
-pub const DEFAULT_INLINE_PLAN_LIMIT: u64 = 100;
 
 /// Largest request body accepted (bodies are small JSON documents).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -52,31 +51,13 @@ impl ApiResponse {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct ApiSettings {
-    /// Above this many tasks the API queues one planning message and a
-    /// worker fans the tasks out, so the API answers in bounded time.
-    pub inline_plan_limit: u64,
-    /// Named runtime environments jobs may ask for (`manifest`).
-    pub manifests: Vec<String>,
-}
-
-impl Default for ApiSettings {
-    fn default() -> Self {
-        Self {
-            inline_plan_limit: DEFAULT_INLINE_PLAN_LIMIT,
-            manifests: Vec::new(),
-        }
-    }
-}
-
 /// Everything a request needs, built once per process.
 pub struct Service {
     pub catalog: Arc<Catalog>,
     pub store: Arc<dyn JobStore>,
-    pub queues: QueueSet,
+    pub submitter: Submitter,
+    pub lifecycle: Lifecycle,
     pub auth: Authenticator,
-    pub settings: ApiSettings,
 }
 
 /// A route with its path parameter.
@@ -147,11 +128,26 @@ impl Service {
     }
 
     /// Requests without a JSON body authenticate from headers only.
-    fn authenticate_headers(
-        &self,
-        headers: &HeaderMap,
-    ) -> Result<crate::auth::Principal, ApiError> {
+    fn authenticate_headers(&self, headers: &HeaderMap) -> Result<auth::Principal, ApiError> {
         self.auth.authenticate(headers, None)
+    }
+}
+
+/// A store failure as clients see it: busy (429) or unavailable (503),
+/// without internals (they go to the log).
+pub(crate) fn store_unavailable(err: StoreError) -> ApiError {
+    match err {
+        StoreError::Contention(_) => ApiError::coded(
+            lance_namespace::ErrorCode::Throttling,
+            "the job store is busy; retry shortly",
+        ),
+        StoreError::BadPageToken => {
+            ApiError::invalid_input("query parameter 'page_token' is not a token this API issued")
+        }
+        other => {
+            warn!(error = %format!("{other:#}"), "job store call failed");
+            ApiError::unavailable("the job store is not reachable; retry shortly")
+        }
     }
 }
 

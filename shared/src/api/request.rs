@@ -6,7 +6,7 @@ use http::{HeaderMap, Method};
 use percent_encoding::percent_decode_str;
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::api::ApiError;
 use crate::table::{DEFAULT_DELIMITER, TableId};
 
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ impl ApiRequest {
             .query_param("delimiter")?
             .unwrap_or_else(|| DEFAULT_DELIMITER.to_string());
         let id = decode(raw, "path parameter 'id'")?;
-        TableId::parse(&id, &delimiter)
+        Ok(TableId::parse(&id, &delimiter)?)
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {

@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 
 use super::{ApiResponse, MAX_BODY_BYTES, Service};
-use crate::error::ApiError;
+use crate::api::ApiError;
 
 async fn handle(State(service): State<Arc<Service>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();

@@ -3,7 +3,7 @@
 //! aligned), evaluate, and hand back batches in order.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow_array::{BooleanArray, RecordBatch};
 use arrow_schema::Schema as ArrowSchema;
@@ -13,7 +13,7 @@ use lance::dataset::fragment::{FileFragment, FragReadConfig, FragmentReader};
 use lance_core::utils::deletion::DeletionVector;
 
 use super::batching::BatchSizer;
-use super::checkpoint::Range;
+use crate::checkpoint::Range;
 use crate::computed::Program;
 
 /// Values computed for one batch of rows.
@@ -172,6 +172,3 @@ fn deleted_mask(deletions: &DeletionVector, range: Range) -> BooleanArray {
         .map(|offset| Some(deletions.contains(offset)))
         .collect()
 }
-
-/// How often a running task looks at the job's state (cancellation).
-pub const STATE_CHECK_INTERVAL: Duration = Duration::from_secs(1);

@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::table::TableId;
 
+mod params;
+pub use params::*;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum JobState {
@@ -57,25 +60,6 @@ impl JobState {
                 | (Running, Cancelled)
         )
     }
-}
-
-/// The effective value of every request parameter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Params {
-    pub concurrency: u32,
-    pub intra_applier_concurrency: u32,
-    /// Rows per task; `None` means one task per fragment.
-    pub task_size: Option<u64>,
-    pub num_frags: Option<u64>,
-    pub checkpoint_size: u32,
-    pub min_checkpoint_size: u32,
-    pub max_checkpoint_size: u32,
-    /// Adaptive batch sizing is on only when the request set a bound.
-    pub adaptive_checkpoint: bool,
-    pub batch_checkpoint_flush_interval_seconds: f64,
-    pub commit_granularity: u32,
-    pub cluster: Option<String>,
-    pub manifest: Option<String>,
 }
 
 /// What the planner found at submission.
@@ -199,20 +183,6 @@ impl Metrics {
         self.get(Counter::FragmentsStaged) + self.get(Counter::FragmentsSkipped)
             >= self.get(Counter::FragmentsTotal)
     }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        let pair = |done: u64, total: u64| serde_json::json!({ "done": done, "total": total });
-        serde_json::json!({
-            "fragments": pair(self.fragments_finished(), self.get(Counter::FragmentsTotal)),
-            "fragments_skipped": self.get(Counter::FragmentsSkipped),
-            "tasks": pair(self.get(Counter::TasksDone), self.get(Counter::TasksTotal)),
-            "rows_computed": pair(self.get(Counter::RowsComputed), self.get(Counter::RowsTotal)),
-            "rows_checkpointed": pair(self.get(Counter::RowsCheckpointed), self.get(Counter::RowsTotal)),
-            "rows_committed": pair(self.get(Counter::RowsCommitted), self.get(Counter::RowsTotal)),
-            "commits": pair(self.get(Counter::CommitsDone), self.get(Counter::CommitsPlanned).max(self.get(Counter::CommitsDone))),
-            "commit_conflict_retries": pair(self.get(Counter::ConflictRetries), crate::commit::MAX_CONFLICT_RETRIES as u64 * self.get(Counter::CommitsPlanned).max(1)),
-        })
-    }
 }
 
 /// A change to counters, applied atomically.
@@ -250,47 +220,6 @@ pub struct Job {
     pub events: Vec<JobEvent>,
 }
 
-impl Job {
-    pub fn to_json(&self) -> serde_json::Value {
-        let spec = &self.spec;
-        let p = &spec.params;
-        serde_json::json!({
-            "job_id": self.job_id,
-            "table_id": spec.table_id.0,
-            "column": spec.column,
-            "expression": spec.expression,
-            "state": self.state.as_str(),
-            "error": self.error,
-            "read_version": spec.read_version,
-            "submitted_by": spec.submitted_by,
-            "parameters": {
-                "branch": spec.branch.clone().unwrap_or_else(|| "main".to_string()),
-                "where": spec.filter,
-                "read_version": spec.read_version,
-                "concurrency": p.concurrency,
-                "intra_applier_concurrency": p.intra_applier_concurrency,
-                "task_size": p.task_size,
-                "num_frags": p.num_frags,
-                "checkpoint_size": p.checkpoint_size,
-                "min_checkpoint_size": p.min_checkpoint_size,
-                "max_checkpoint_size": p.max_checkpoint_size,
-                "adaptive_checkpoint_size": p.adaptive_checkpoint,
-                "batch_checkpoint_flush_interval_seconds": p.batch_checkpoint_flush_interval_seconds,
-                "commit_granularity": p.commit_granularity,
-                "cluster": p.cluster,
-                "manifest": p.manifest,
-            },
-            "plan": spec.plan,
-            "metrics": self.metrics.to_json(),
-            "events": self.events,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-        })
-    }
-}
-
 /// Microseconds: a small job runs in a few milliseconds, and its
 /// `created_at`/`finished_at` should still tell how long it took.
 pub fn now_rfc3339() -> String {
@@ -304,4 +233,24 @@ pub fn now_millis() -> i64 {
 pub fn new_job_id() -> String {
     // Time-ordered, so ids sort by submission.
     uuid::Uuid::now_v7().simple().to_string()
+}
+
+impl JobSpec {
+    /// The table at the job's read version (cached by the catalog: a fixed
+    /// version never changes).
+    pub async fn read_dataset(
+        &self,
+        catalog: &crate::table::Catalog,
+    ) -> anyhow::Result<std::sync::Arc<lance::Dataset>> {
+        use anyhow::Context;
+        catalog
+            .at_version(&self.table_uri, self.branch.as_deref(), self.read_version)
+            .await
+            .with_context(|| {
+                format!(
+                    "opening {} at version {}",
+                    self.table_uri, self.read_version
+                )
+            })
+    }
 }

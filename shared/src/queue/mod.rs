@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod message;
 pub mod sqlite;
 pub mod sqs;
+
+pub use message::{MESSAGE_VERSION, Message};
 
 pub use sqlite::SqliteQueue;
 pub use sqs::SqsQueue;
@@ -28,10 +31,12 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    pub fn now(body: String) -> Self {
+    /// A body as it is: a received message sent again after `delay` (a
+    /// requeue), or one that is not a [`Message`] at all (tests).
+    pub fn raw(body: &str, delay: Duration) -> Self {
         Self {
-            body,
-            delay: Duration::ZERO,
+            body: body.to_string(),
+            delay,
         }
     }
 }

@@ -16,6 +16,9 @@ use crate::job::now_millis;
 /// redrives to a DLQ), [`DEAD_HANDLED`] seen by a dead-letter handler and
 /// kept for operators.
 const LIVE: i64 = 0;
+/// A waiting receive looks again this often for messages whose delay or
+/// visibility timeout ran out (sends wake it at once).
+const VISIBILITY_POLL: Duration = Duration::from_millis(100);
 const DEAD: i64 = 1;
 const DEAD_HANDLED: i64 = 2;
 
@@ -164,7 +167,7 @@ impl TaskQueue for SqliteQueue {
                 return Ok(received);
             }
             // Woken by a send, or re-check soon for messages becoming visible.
-            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            let _ = tokio::time::timeout(VISIBILITY_POLL, notified).await;
         }
     }
 

@@ -15,7 +15,18 @@ use super::{MAX_DELAY, Outgoing, Received, TaskQueue};
 
 /// Parallel `SendMessageBatch` calls when enqueueing many tasks.
 const SEND_PARALLELISM: usize = 16;
+/// Tries of the entries of a SendMessageBatch that SQS reported failed,
+/// waiting 50, 100, 200 ms between them.
 const SEND_ATTEMPTS: usize = 4;
+const SEND_BACKOFF_BASE: Duration = Duration::from_millis(50);
+/// Entries of one SendMessageBatch (SQS's limit).
+const BATCH_ENTRIES: usize = 10;
+/// Longest receive wait SQS allows (long polling).
+const MAX_WAIT_SECONDS: u64 = 20;
+/// Longest visibility timeout SQS allows: 12 hours.
+const MAX_VISIBILITY_SECONDS: u64 = 43_200;
+/// Receives of the DLQ while peeking at it (10 messages each).
+const PEEK_ROUNDS: usize = 10;
 
 #[derive(Clone)]
 pub struct SqsQueue {
@@ -112,7 +123,7 @@ impl SqsQueue {
                 return Ok(());
             }
             pending.retain(|(id, _)| failed.contains(id));
-            tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            tokio::time::sleep(SEND_BACKOFF_BASE * (1 << attempt)).await;
         }
         Err(anyhow!(
             "SendMessageBatch: {} messages kept failing",
@@ -143,9 +154,9 @@ impl SqsQueue {
             .client
             .receive_message()
             .queue_url(url)
-            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .max_number_of_messages(max.clamp(1, BATCH_ENTRIES) as i32)
             .visibility_timeout(visibility.as_secs() as i32)
-            .wait_time_seconds(wait.as_secs().min(20) as i32)
+            .wait_time_seconds(wait.as_secs().min(MAX_WAIT_SECONDS) as i32)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .send()
             .await
@@ -171,7 +182,10 @@ impl SqsQueue {
 #[async_trait]
 impl TaskQueue for SqsQueue {
     async fn send_many(&self, messages: Vec<Outgoing>) -> anyhow::Result<()> {
-        let chunks: Vec<Vec<Outgoing>> = messages.chunks(10).map(<[Outgoing]>::to_vec).collect();
+        let chunks: Vec<Vec<Outgoing>> = messages
+            .chunks(BATCH_ENTRIES)
+            .map(<[Outgoing]>::to_vec)
+            .collect();
         futures::stream::iter(chunks)
             .map(|chunk| self.send_chunk(chunk))
             .buffer_unordered(SEND_PARALLELISM)
@@ -198,7 +212,7 @@ impl TaskQueue for SqsQueue {
             .change_message_visibility()
             .queue_url(&self.url)
             .receipt_handle(receipt)
-            .visibility_timeout(timeout.as_secs().min(43_200) as i32)
+            .visibility_timeout(timeout.as_secs().min(MAX_VISIBILITY_SECONDS) as i32)
             .send()
             .await
             .map_err(|e| anyhow!(e.into_service_error()))
@@ -244,9 +258,9 @@ impl TaskQueue for SqsQueue {
         // Peek: receive with a zero visibility timeout so they stay in the DLQ.
         let mut bodies = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for _ in 0..10 {
+        for _ in 0..PEEK_ROUNDS {
             let batch = self
-                .receive_from(dlq, 10, Duration::ZERO, Duration::ZERO)
+                .receive_from(dlq, BATCH_ENTRIES, Duration::ZERO, Duration::ZERO)
                 .await?;
             if batch.is_empty() {
                 break;

@@ -1,5 +1,6 @@
 //! The job store port: jobs, their counters and events, per-fragment
-//! progress, and leases. DynamoDB in the cloud, SQLite on one machine.
+//! progress, and leases. DynamoDB in the cloud, SQLite on one machine;
+//! both pass the same conformance suite (tests/integration/store_conformance.rs).
 
 use std::time::Duration;
 
@@ -9,12 +10,16 @@ use serde::{Deserialize, Serialize};
 use crate::job::{Job, JobState, Metrics, MetricsDelta};
 
 pub mod dynamodb;
+mod error;
+pub mod lease;
 pub mod sqlite;
 
 pub use dynamodb::DynamoJobStore;
+pub use error::StoreError;
+pub use lease::{COMMIT_LEASE, HeldLease};
 pub use sqlite::SqliteJobStore;
 
-pub type StoreResult<T> = Result<T, anyhow::Error>;
+pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Makes a retried submit return the job it created the first time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,8 +206,3 @@ pub(crate) fn column_lock_key(job: &Job) -> String {
         job.spec.column
     )
 }
-
-/// Error returned by stores for a page token they did not issue.
-#[derive(Debug, thiserror::Error)]
-#[error("page_token is not valid")]
-pub struct BadPageToken;

@@ -2,17 +2,20 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use async_trait::async_trait;
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Transaction, params};
 
 use super::{
-    BadPageToken, CreateOutcome, FragmentRecord, FragmentStatus, IdempotencyClaim, JobPage,
-    JobStore, StagedFragment, StoreResult, TaskMark, column_lock_key, decode_token, encode_token,
+    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, StagedFragment, StoreError,
+    StoreResult, TaskMark, column_lock_key, decode_token, encode_token,
 };
 use crate::embedded::EmbeddedDb;
-use crate::job::{
-    Counter, Job, JobEvent, JobSpec, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339,
+
+mod rows;
+use crate::job::{Counter, Job, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339};
+use rows::{
+    active_lock_holder, add_counters, fragment_status, idempotency_outcome, insert_job, push_event,
+    read_job, read_metrics,
 };
 
 #[derive(Clone)]
@@ -24,101 +27,15 @@ impl SqliteJobStore {
     pub fn new(db: EmbeddedDb) -> Self {
         Self { db }
     }
-}
 
-fn read_job(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Option<Job>> {
-    let row = tx
-        .query_row(
-            "SELECT state, spec, created_at, updated_at, started_at, finished_at, error, events
-             FROM jobs WHERE job_id = ?1",
-            params![job_id],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                    r.get::<_, Option<String>>(6)?,
-                    r.get::<_, String>(7)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((state, spec, created_at, updated_at, started_at, finished_at, error, events)) = row
-    else {
-        return Ok(None);
-    };
-    let spec: JobSpec = serde_json::from_str(&spec).context("job spec")?;
-    let events: Vec<JobEvent> = serde_json::from_str(&events).context("job events")?;
-    Ok(Some(Job {
-        job_id: job_id.to_string(),
-        spec,
-        state: JobState::parse(&state).with_context(|| format!("job state {state}"))?,
-        created_at,
-        updated_at,
-        started_at,
-        finished_at,
-        error,
-        metrics: read_metrics(tx, job_id)?,
-        events,
-    }))
-}
-
-fn read_metrics(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Metrics> {
-    let mut stmt = tx.prepare_cached("SELECT name, value FROM counters WHERE job_id = ?1")?;
-    let mut metrics = Metrics::default();
-    let rows = stmt.query_map(params![job_id], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-    })?;
-    for row in rows {
-        let (name, value) = row?;
-        if let Some(counter) = Counter::from_name(&name) {
-            metrics.set(counter, value);
-        }
+    /// Runs `f` in one SQLite transaction.
+    async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> anyhow::Result<T> + Send + 'static,
+    {
+        Ok(self.db.call(f).await?)
     }
-    Ok(metrics)
-}
-
-fn add_counters(tx: &Transaction<'_>, job_id: &str, delta: &MetricsDelta) -> anyhow::Result<()> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO counters (job_id, name, value) VALUES (?1, ?2, ?3)
-         ON CONFLICT (job_id, name) DO UPDATE SET value = value + excluded.value",
-    )?;
-    for (counter, by) in &delta.0 {
-        stmt.execute(params![job_id, counter.name(), by])?;
-    }
-    Ok(())
-}
-
-fn push_event(tx: &Transaction<'_>, job_id: &str, message: &str) -> anyhow::Result<()> {
-    let event = serde_json::to_string(&JobEvent {
-        at: now_rfc3339(),
-        message: message.to_string(),
-    })?;
-    tx.execute(
-        "UPDATE jobs SET events = json_insert(events, '$[#]', json(?2)), updated_at = ?3 WHERE job_id = ?1",
-        params![job_id, event, now_rfc3339()],
-    )?;
-    Ok(())
-}
-
-fn fragment_status(
-    tx: &Transaction<'_>,
-    job_id: &str,
-    fragment_id: u64,
-) -> anyhow::Result<FragmentStatus> {
-    let status: Option<String> = tx
-        .query_row(
-            "SELECT status FROM fragments WHERE job_id = ?1 AND fragment_id = ?2",
-            params![job_id, fragment_id as i64],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(status
-        .map(|s| FragmentStatus::parse(&s))
-        .unwrap_or(FragmentStatus::Open))
 }
 
 #[async_trait]
@@ -130,81 +47,30 @@ impl JobStore for SqliteJobStore {
     ) -> StoreResult<CreateOutcome> {
         let job = job.clone();
         let claim = idempotency.cloned();
-        self.db
-            .call(move |tx| {
-                if let Some(claim) = &claim {
-                    let seen: Option<(String, String)> = tx
-                        .query_row(
-                            "SELECT fingerprint, job_id FROM idempotency WHERE key = ?1",
-                            params![claim.key],
-                            |r| Ok((r.get(0)?, r.get(1)?)),
-                        )
-                        .optional()?;
-                    if let Some((fingerprint, job_id)) = seen {
-                        return Ok(if fingerprint == claim.fingerprint {
-                            CreateOutcome::Replayed { job_id }
-                        } else {
-                            CreateOutcome::IdempotencyMismatch { job_id }
-                        });
-                    }
-                }
-                let lock_key = column_lock_key(&job);
-                let holder: Option<String> = tx
-                    .query_row(
-                        "SELECT job_id FROM column_locks WHERE lock_key = ?1",
-                        params![lock_key],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                if let Some(holder) = holder {
-                    let active = read_job(tx, &holder)?
-                        .map(|j| !j.state.is_terminal())
-                        .unwrap_or(false);
-                    if active {
-                        return Ok(CreateOutcome::ColumnBusy { job_id: holder });
-                    }
-                    tx.execute("DELETE FROM column_locks WHERE lock_key = ?1", params![lock_key])?;
-                }
+        self.run(move |tx| {
+            if let Some(claim) = &claim
+                && let Some(outcome) = idempotency_outcome(tx, claim)?
+            {
+                return Ok(outcome);
+            }
+            if let Some(holder) = active_lock_holder(tx, &job)? {
+                return Ok(CreateOutcome::ColumnBusy { job_id: holder });
+            }
+            insert_job(tx, &job)?;
+            if let Some(claim) = &claim {
                 tx.execute(
-                    "INSERT INTO jobs (job_id, table_key, created_ms, state, spec, created_at, updated_at, events)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![
-                        job.job_id,
-                        job.spec.table_id.key(),
-                        now_millis(),
-                        job.state.as_str(),
-                        serde_json::to_string(&job.spec)?,
-                        job.created_at,
-                        job.updated_at,
-                        serde_json::to_string(&job.events)?,
-                    ],
+                    "INSERT INTO idempotency (key, fingerprint, job_id, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![claim.key, claim.fingerprint, job.job_id, now_millis()],
                 )?;
-                let mut delta = MetricsDelta::new();
-                for counter in Counter::ALL {
-                    let value = job.metrics.get(counter) as i64;
-                    if value != 0 {
-                        delta = delta.add(counter, value);
-                    }
-                }
-                add_counters(tx, &job.job_id, &delta)?;
-                tx.execute(
-                    "INSERT INTO column_locks (lock_key, job_id) VALUES (?1, ?2)",
-                    params![lock_key, job.job_id],
-                )?;
-                if let Some(claim) = &claim {
-                    tx.execute(
-                        "INSERT INTO idempotency (key, fingerprint, job_id, created_ms) VALUES (?1, ?2, ?3, ?4)",
-                        params![claim.key, claim.fingerprint, job.job_id, now_millis()],
-                    )?;
-                }
-                Ok(CreateOutcome::Created)
-            })
-            .await
+            }
+            Ok(CreateOutcome::Created)
+        })
+        .await
     }
 
     async fn get_job(&self, job_id: &str) -> StoreResult<Option<Job>> {
         let job_id = job_id.to_string();
-        self.db.call(move |tx| read_job(tx, &job_id)).await
+        self.run(move |tx| read_job(tx, &job_id)).await
     }
 
     async fn list_jobs(
@@ -215,55 +81,53 @@ impl JobStore for SqliteJobStore {
     ) -> StoreResult<JobPage> {
         let cursor = match page_token {
             Some(token) => {
-                let value = decode_token(token).ok_or(BadPageToken)?;
+                let value = decode_token(token).ok_or(StoreError::BadPageToken)?;
                 let created = value
                     .get("c")
                     .and_then(|v| v.as_i64())
-                    .ok_or(BadPageToken)?;
+                    .ok_or(StoreError::BadPageToken)?;
                 let id = value
                     .get("j")
                     .and_then(|v| v.as_str())
-                    .ok_or(BadPageToken)?
+                    .ok_or(StoreError::BadPageToken)?
                     .to_string();
                 Some((created, id))
             }
             None => None,
         };
         let table_key = table_key.to_string();
-        self.db
-            .call(move |tx| {
-                let (after_ms, after_id) = cursor.unwrap_or((i64::MAX, String::from("\u{10ffff}")));
-                let mut stmt = tx.prepare(
-                    "SELECT job_id, created_ms FROM jobs WHERE table_key = ?1
+        self.run(move |tx| {
+            let (after_ms, after_id) = cursor.unwrap_or((i64::MAX, String::from("\u{10ffff}")));
+            let mut stmt = tx.prepare(
+                "SELECT job_id, created_ms FROM jobs WHERE table_key = ?1
                        AND (created_ms < ?2 OR (created_ms = ?2 AND job_id < ?3))
                      ORDER BY created_ms DESC, job_id DESC LIMIT ?4",
-                )?;
-                let ids: Vec<(String, i64)> = stmt
-                    .query_map(
-                        params![table_key, after_ms, after_id, (limit + 1) as i64],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )?
-                    .collect::<Result<_, _>>()?;
-                let more = ids.len() > limit;
-                let mut jobs = Vec::new();
-                for (id, _) in ids.iter().take(limit) {
-                    if let Some(job) = read_job(tx, id)? {
-                        jobs.push(job);
-                    }
+            )?;
+            let ids: Vec<(String, i64)> = stmt
+                .query_map(
+                    params![table_key, after_ms, after_id, (limit + 1) as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
+                .collect::<Result<_, _>>()?;
+            let more = ids.len() > limit;
+            let mut jobs = Vec::new();
+            for (id, _) in ids.iter().take(limit) {
+                if let Some(job) = read_job(tx, id)? {
+                    jobs.push(job);
                 }
-                let next_page_token = if more {
-                    ids.get(limit - 1).map(|(id, created)| {
-                        encode_token(&serde_json::json!({"c": created, "j": id}))
-                    })
-                } else {
-                    None
-                };
-                Ok(JobPage {
-                    jobs,
-                    next_page_token,
-                })
+            }
+            let next_page_token = if more {
+                ids.get(limit - 1)
+                    .map(|(id, created)| encode_token(&serde_json::json!({"c": created, "j": id})))
+            } else {
+                None
+            };
+            Ok(JobPage {
+                jobs,
+                next_page_token,
             })
-            .await
+        })
+        .await
     }
 
     async fn transition(
@@ -276,8 +140,7 @@ impl JobStore for SqliteJobStore {
         let job_id = job_id.to_string();
         let event = event.map(str::to_string);
         let error = error.map(str::to_string);
-        self.db
-            .call(move |tx| {
+        self.run(move |tx| {
                 let Some(job) = read_job(tx, &job_id)? else {
                     return Ok(None);
                 };
@@ -310,26 +173,22 @@ impl JobStore for SqliteJobStore {
     async fn add_event(&self, job_id: &str, message: &str) -> StoreResult<()> {
         let job_id = job_id.to_string();
         let message = message.to_string();
-        self.db
-            .call(move |tx| push_event(tx, &job_id, &message))
-            .await
+        self.run(move |tx| push_event(tx, &job_id, &message)).await
     }
 
     async fn add_metrics(&self, job_id: &str, delta: &MetricsDelta) -> StoreResult<Metrics> {
         let job_id = job_id.to_string();
         let delta = delta.clone();
-        self.db
-            .call(move |tx| {
-                add_counters(tx, &job_id, &delta)?;
-                read_metrics(tx, &job_id)
-            })
-            .await
+        self.run(move |tx| {
+            add_counters(tx, &job_id, &delta)?;
+            read_metrics(tx, &job_id)
+        })
+        .await
     }
 
     async fn get_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<FragmentRecord> {
         let job_id = job_id.to_string();
-        self.db
-            .call(move |tx| {
+        self.run(move |tx| {
                 let status = fragment_status(tx, &job_id, fragment_id)?;
                 let mut stmt = tx.prepare_cached(
                     "SELECT task FROM fragment_tasks WHERE job_id = ?1 AND fragment_id = ?2 ORDER BY task",
@@ -349,8 +208,7 @@ impl JobStore for SqliteJobStore {
         task: u32,
     ) -> StoreResult<TaskMark> {
         let job_id = job_id.to_string();
-        self.db
-            .call(move |tx| {
+        self.run(move |tx| {
                 let inserted = tx.execute(
                     "INSERT OR IGNORE INTO fragment_tasks (job_id, fragment_id, task) VALUES (?1, ?2, ?3)",
                     params![job_id, fragment_id as i64, task],
@@ -374,8 +232,7 @@ impl JobStore for SqliteJobStore {
     async fn stage_fragment(&self, job_id: &str, staged: &StagedFragment) -> StoreResult<bool> {
         let job_id = job_id.to_string();
         let staged = staged.clone();
-        self.db
-            .call(move |tx| {
+        self.run(move |tx| {
                 if fragment_status(tx, &job_id, staged.fragment_id)?.is_resolved() {
                     return Ok(false);
                 }
@@ -392,30 +249,28 @@ impl JobStore for SqliteJobStore {
 
     async fn skip_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<bool> {
         let job_id = job_id.to_string();
-        self.db
-            .call(move |tx| {
-                if fragment_status(tx, &job_id, fragment_id)?.is_resolved() {
-                    return Ok(false);
-                }
-                tx.execute(
-                    "INSERT INTO fragments (job_id, fragment_id, status) VALUES (?1, ?2, 'SKIPPED')
+        self.run(move |tx| {
+            if fragment_status(tx, &job_id, fragment_id)?.is_resolved() {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO fragments (job_id, fragment_id, status) VALUES (?1, ?2, 'SKIPPED')
                      ON CONFLICT (job_id, fragment_id) DO UPDATE SET status = 'SKIPPED'",
-                    params![job_id, fragment_id as i64],
-                )?;
-                add_counters(
-                    tx,
-                    &job_id,
-                    &MetricsDelta::new().add(Counter::FragmentsSkipped, 1),
-                )?;
-                Ok(true)
-            })
-            .await
+                params![job_id, fragment_id as i64],
+            )?;
+            add_counters(
+                tx,
+                &job_id,
+                &MetricsDelta::new().add(Counter::FragmentsSkipped, 1),
+            )?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn staged_fragments(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>> {
         let job_id = job_id.to_string();
-        self.db
-            .call(move |tx| {
+        self.run(move |tx| {
                 let mut stmt = tx.prepare(
                     "SELECT staged FROM fragments WHERE job_id = ?1 AND status = 'STAGED' ORDER BY fragment_id",
                 )?;
@@ -432,8 +287,7 @@ impl JobStore for SqliteJobStore {
     async fn mark_committed(&self, job_id: &str, fragments: &[StagedFragment]) -> StoreResult<()> {
         let job_id = job_id.to_string();
         let fragments = fragments.to_vec();
-        self.db
-            .call(move |tx| {
+        self.run(move |tx| {
                 for fragment in &fragments {
                     let changed = tx.execute(
                         "UPDATE fragments SET status = 'COMMITTED' WHERE job_id = ?1 AND fragment_id = ?2 AND status = 'STAGED'",
@@ -464,8 +318,7 @@ impl JobStore for SqliteJobStore {
         let job_id = job_id.to_string();
         let name = name.to_string();
         let owner = owner.to_string();
-        self.db
-            .call(move |tx| {
+        self.run(move |tx| {
                 let now = now_millis();
                 let changed = tx.execute(
                     "INSERT INTO leases (job_id, name, owner, until_ms) VALUES (?1, ?2, ?3, ?4)
@@ -482,14 +335,13 @@ impl JobStore for SqliteJobStore {
         let job_id = job_id.to_string();
         let name = name.to_string();
         let owner = owner.to_string();
-        self.db
-            .call(move |tx| {
-                tx.execute(
-                    "DELETE FROM leases WHERE job_id = ?1 AND name = ?2 AND owner = ?3",
-                    params![job_id, name, owner],
-                )?;
-                Ok(())
-            })
-            .await
+        self.run(move |tx| {
+            tx.execute(
+                "DELETE FROM leases WHERE job_id = ?1 AND name = ?2 AND owner = ?3",
+                params![job_id, name, owner],
+            )?;
+            Ok(())
+        })
+        .await
     }
 }

@@ -1,0 +1,65 @@
+//! A job as the API shows it: state, parameters, metrics with done/total,
+//! events.
+
+use serde_json::{Value, json};
+
+use crate::commit::MAX_CONFLICT_RETRIES;
+use crate::job::{Counter, Job, Metrics};
+
+pub(crate) fn metrics_json(metrics: &Metrics) -> Value {
+    let pair = |done: u64, total: u64| json!({ "done": done, "total": total });
+    let total_rows = metrics.get(Counter::RowsTotal);
+    let commits_planned = metrics.get(Counter::CommitsPlanned);
+    json!({
+        "fragments": pair(metrics.fragments_finished(), metrics.get(Counter::FragmentsTotal)),
+        "fragments_skipped": metrics.get(Counter::FragmentsSkipped),
+        "tasks": pair(metrics.get(Counter::TasksDone), metrics.get(Counter::TasksTotal)),
+        "rows_computed": pair(metrics.get(Counter::RowsComputed), total_rows),
+        "rows_checkpointed": pair(metrics.get(Counter::RowsCheckpointed), total_rows),
+        "rows_committed": pair(metrics.get(Counter::RowsCommitted), total_rows),
+        "commits": pair(metrics.get(Counter::CommitsDone), commits_planned.max(metrics.get(Counter::CommitsDone))),
+        "commit_conflict_retries": pair(
+            metrics.get(Counter::ConflictRetries),
+            MAX_CONFLICT_RETRIES as u64 * commits_planned.max(1)
+        ),
+    })
+}
+
+pub(crate) fn job_json(job: &Job) -> Value {
+    let spec = &job.spec;
+    let p = &spec.params;
+    json!({
+        "job_id": job.job_id,
+        "table_id": spec.table_id.0,
+        "column": spec.column,
+        "expression": spec.expression,
+        "state": job.state.as_str(),
+        "error": job.error,
+        "read_version": spec.read_version,
+        "submitted_by": spec.submitted_by,
+        "parameters": {
+            "branch": spec.branch.clone().unwrap_or_else(|| "main".to_string()),
+            "where": spec.filter,
+            "read_version": spec.read_version,
+            "concurrency": p.concurrency,
+            "intra_applier_concurrency": p.intra_applier_concurrency,
+            "task_size": p.task_size,
+            "num_frags": p.num_frags,
+            "checkpoint_size": p.checkpoint_size,
+            "min_checkpoint_size": p.min_checkpoint_size,
+            "max_checkpoint_size": p.max_checkpoint_size,
+            "adaptive_checkpoint_size": p.adaptive_checkpoint,
+            "batch_checkpoint_flush_interval_seconds": p.batch_checkpoint_flush_interval_seconds,
+            "commit_granularity": p.commit_granularity,
+            "cluster": p.cluster,
+            "manifest": p.manifest,
+        },
+        "plan": spec.plan,
+        "metrics": metrics_json(&job.metrics),
+        "events": job.events,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    })
+}

@@ -1,0 +1,51 @@
+//! Fan-out: a big job's API answers after queueing one planning message; a
+//! worker then queues the tasks of the fragments it names.
+
+use tracing::info;
+
+use super::{Disposition, Engine, permanent};
+use crate::plan;
+use crate::queue::{Message, Outgoing};
+
+impl Engine {
+    pub(super) async fn fan_out(
+        &self,
+        job_id: &str,
+        first: u64,
+        count: u64,
+    ) -> anyhow::Result<Disposition> {
+        let Some(job) = self.store.get_job(job_id).await? else {
+            return Ok(Disposition::Poison {
+                reason: format!("job {job_id} does not exist"),
+            });
+        };
+        if job.state.is_terminal() {
+            return Ok(Disposition::Done);
+        }
+        let dataset = self.read_dataset(&job).await?;
+        let fragments = plan::fragments(&dataset, job.spec.params.num_frags).await?;
+        let slice = plan::fragment_slice(&fragments, first, count);
+        let messages: Vec<Outgoing> = plan::tasks(slice, job.spec.params.task_size)
+            .into_iter()
+            .map(|task| Outgoing::message(&Message::run(job_id, task)))
+            .collect();
+        let cluster = job.spec.params.cluster.as_deref();
+        let queue = self
+            .queues
+            .for_cluster(cluster)
+            .ok_or_else(|| permanent(format!("cluster {cluster:?} has no queue")))?;
+        let sent = messages.len();
+        queue.send_many(messages).await?;
+        info!(tasks = sent, "fanned out");
+        self.store
+            .add_event(
+                job_id,
+                &format!(
+                    "queued {sent} tasks for fragments {first}..{}",
+                    first + slice.len() as u64
+                ),
+            )
+            .await?;
+        Ok(Disposition::Done)
+    }
+}

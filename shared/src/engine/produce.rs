@@ -1,0 +1,298 @@
+//! Producing a row range's values: checkpointed ranges are reused, gaps
+//! computed and checkpointed every flush interval. While a fragment's file
+//! is being written, every batch is also sent on to the writer, in order.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_array::RecordBatch;
+use futures::StreamExt;
+use lance::Dataset;
+use lance::dataset::fragment::FileFragment;
+use tokio::sync::mpsc;
+use tracing::info;
+
+use super::batching::BatchSizer;
+use super::compute::{ComputedBatch, FragmentComputer};
+use super::stop::{Stop, StopCheck};
+use super::{Engine, permanent};
+use crate::checkpoint::{FragmentCheckpoints, Range};
+use crate::computed::Program;
+use crate::job::{Counter, Job, MetricsDelta};
+use crate::plan::TaskRef;
+use crate::store::JobStore;
+
+/// Where a fragment's values go while its file is written.
+pub(super) type Sink = mpsc::Sender<lance::Result<RecordBatch>>;
+
+/// How producing a range ended.
+pub(super) enum Produced {
+    /// `checkpointed`: some checkpoint of the fragment existed or was written.
+    Completed {
+        changed: bool,
+        checkpointed: bool,
+    },
+    Stopped(Stop),
+}
+
+/// Counters gathered while a task runs and written in one update.
+#[derive(Default)]
+struct Counts {
+    computed: u64,
+    checkpointed: u64,
+}
+
+impl Counts {
+    async fn flush(&mut self, store: &dyn JobStore, job_id: &str) -> anyhow::Result<()> {
+        let delta = MetricsDelta::new()
+            .add(Counter::RowsComputed, self.computed as i64)
+            .add(Counter::RowsCheckpointed, self.checkpointed as i64);
+        if !delta.is_empty() {
+            store.add_metrics(job_id, &delta).await?;
+        }
+        *self = Self::default();
+        Ok(())
+    }
+}
+
+/// Computed batches not yet in a checkpoint.
+struct Buffer {
+    batches: Vec<RecordBatch>,
+    start: u64,
+    changed: bool,
+    flushed_at: Instant,
+}
+
+impl Buffer {
+    fn starting_at(start: u64) -> Self {
+        Self {
+            batches: Vec::new(),
+            start,
+            changed: false,
+            flushed_at: Instant::now(),
+        }
+    }
+}
+
+/// One range's production: what it reads, where it writes, what it counted.
+pub(super) struct Producer<'a> {
+    engine: &'a Engine,
+    job: &'a Job,
+    computer: &'a FragmentComputer,
+    checkpoints: &'a FragmentCheckpoints,
+    sink: Option<Sink>,
+    sizer: Arc<Mutex<BatchSizer>>,
+    flush_every: Duration,
+    counts: Counts,
+    changed: bool,
+    checkpointed: bool,
+}
+
+/// How computing a gap between checkpoints ended.
+enum Gap {
+    Reached(u64),
+    Stopped(Stop),
+}
+
+impl<'a> Producer<'a> {
+    pub(super) fn new(
+        engine: &'a Engine,
+        job: &'a Job,
+        computer: &'a FragmentComputer,
+        checkpoints: &'a FragmentCheckpoints,
+        sink: Option<Sink>,
+    ) -> Self {
+        let params = &job.spec.params;
+        Self {
+            engine,
+            job,
+            computer,
+            checkpoints,
+            sink,
+            sizer: Arc::new(Mutex::new(BatchSizer::new(params))),
+            flush_every: Duration::from_secs_f64(
+                params.batch_checkpoint_flush_interval_seconds.max(0.0),
+            ),
+            counts: Counts::default(),
+            changed: false,
+            checkpointed: false,
+        }
+    }
+
+    /// Produces `[start, end)`.
+    pub(super) async fn run(
+        mut self,
+        start: u64,
+        end: u64,
+        stop: &mut StopCheck<'_>,
+    ) -> anyhow::Result<Produced> {
+        let existing = self.checkpoints.list().await?;
+        self.checkpointed = !existing.is_empty();
+        let mut at = start;
+        while at < end {
+            at = self.replay(&existing, at, end).await?;
+            if at >= end {
+                break;
+            }
+            // Compute up to the next checkpoint (or the end).
+            let gap_end = existing
+                .iter()
+                .filter(|r| r.start > at)
+                .map(|r| r.start)
+                .min()
+                .unwrap_or(end)
+                .min(end);
+            match self.compute_gap(at, gap_end, end, stop).await? {
+                Gap::Reached(next) => at = next,
+                Gap::Stopped(reason) => return Ok(Produced::Stopped(reason)),
+            }
+        }
+        self.counts
+            .flush(self.engine.store.as_ref(), &self.job.job_id)
+            .await?;
+        Ok(Produced::Completed {
+            changed: self.changed,
+            checkpointed: self.checkpointed,
+        })
+    }
+
+    /// Reuses the checkpoints that continue from `at`; returns where they end.
+    async fn replay(&mut self, existing: &[Range], mut at: u64, end: u64) -> anyhow::Result<u64> {
+        for range in FragmentCheckpoints::covered_from(existing, at, end) {
+            if self.sink.is_some() {
+                let (batches, changed) = self.checkpoints.read(range).await?;
+                self.changed |= changed;
+                for batch in batches {
+                    self.send(batch).await?;
+                }
+            }
+            at = range.end;
+        }
+        Ok(at)
+    }
+
+    async fn send(&self, batch: RecordBatch) -> anyhow::Result<()> {
+        if let Some(sink) = &self.sink {
+            sink.send(Ok(batch))
+                .await
+                .map_err(|_| anyhow::anyhow!("the fragment writer stopped"))?;
+        }
+        Ok(())
+    }
+
+    async fn compute_gap(
+        &mut self,
+        mut at: u64,
+        gap_end: u64,
+        end: u64,
+        stop: &mut StopCheck<'_>,
+    ) -> anyhow::Result<Gap> {
+        let parallelism = self.job.spec.params.intra_applier_concurrency as usize;
+        let mut batches = self
+            .computer
+            .stream(at, gap_end, self.sizer.clone(), parallelism);
+        let mut buffer = Buffer::starting_at(at);
+        while let Some(batch) = batches.next().await {
+            let batch = batch.map_err(classify_compute_error)?;
+            at = batch.range.end;
+            self.take(&mut buffer, batch).await?;
+            let stopping = if at < end { stop.check().await? } else { None };
+            if stopping.is_some() || buffer.flushed_at.elapsed() >= self.flush_every {
+                self.checkpoint(&mut buffer, at).await?;
+                self.counts
+                    .flush(self.engine.store.as_ref(), &self.job.job_id)
+                    .await?;
+            }
+            if let Some(reason) = stopping {
+                drop(batches);
+                if let Some(sink) = &self.sink {
+                    let why = format!("task stopped: {reason:?}");
+                    let _ = sink.try_send(Err(lance::Error::io(why)));
+                }
+                info!(?reason, at, "task stopped early, progress checkpointed");
+                return Ok(Gap::Stopped(reason));
+            }
+        }
+        // While a file is written, the file itself stands for the last values.
+        if self.sink.is_none() {
+            self.checkpoint(&mut buffer, at).await?;
+        }
+        Ok(Gap::Reached(at))
+    }
+
+    async fn take(&mut self, buffer: &mut Buffer, batch: ComputedBatch) -> anyhow::Result<()> {
+        self.changed |= batch.changed;
+        buffer.changed |= batch.changed;
+        self.counts.computed += batch.range.end - batch.range.start;
+        buffer.batches.push(batch.values.clone());
+        self.send(batch.values).await
+    }
+
+    /// Makes the buffered batches `[buffer.start, at)` durable.
+    async fn checkpoint(&mut self, buffer: &mut Buffer, at: u64) -> anyhow::Result<()> {
+        if at > buffer.start {
+            let range = Range {
+                start: buffer.start,
+                end: at,
+            };
+            self.checkpoints
+                .write(range, &buffer.batches, buffer.changed)
+                .await?;
+            self.counts.checkpointed += at - buffer.start;
+            self.checkpointed = true;
+        }
+        *buffer = Buffer::starting_at(at);
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Computes and checkpoints a task's rows of a fragment others share;
+    /// `Some(stop)` when it stopped early.
+    pub(super) async fn checkpoint_range(
+        &self,
+        job: &Job,
+        dataset: &Dataset,
+        fragment: &FileFragment,
+        program: &Arc<Program>,
+        task: &TaskRef,
+        stop: &mut StopCheck<'_>,
+    ) -> anyhow::Result<Option<Stop>> {
+        let checkpoints = FragmentCheckpoints::open(
+            dataset,
+            fragment,
+            &program.checkpoint_key(),
+            program.output_field.clone(),
+        )
+        .await?;
+        let computer = FragmentComputer::open(fragment, program.clone()).await?;
+        let produced = Producer::new(self, job, &computer, &checkpoints, None)
+            .run(task.start, task.end, stop)
+            .await?;
+        Ok(match produced {
+            Produced::Stopped(reason) => Some(reason),
+            Produced::Completed { .. } => None,
+        })
+    }
+}
+
+/// Evaluation errors (a cast that overflows, a division by zero) fail the
+/// job; I/O errors are retried.
+fn classify_compute_error(err: anyhow::Error) -> anyhow::Error {
+    let is_evaluation = err.chain().any(|cause| {
+        cause.downcast_ref::<arrow_schema::ArrowError>().is_some()
+            || cause
+                .downcast_ref::<lance::deps::datafusion::error::DataFusionError>()
+                .is_some()
+    }) || err.downcast_ref::<lance::Error>().is_some_and(|e| {
+        matches!(
+            e,
+            lance::Error::Arrow { .. } | lance::Error::InvalidInput { .. }
+        )
+    });
+    if is_evaluation {
+        permanent(format!("computing values failed: {err:#}"))
+    } else {
+        err
+    }
+}

@@ -1,0 +1,85 @@
+//! When a running task stops early: its invocation's deadline is near
+//! (checkpoint and requeue the rest), or its job ended (leave).
+
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use super::{Disposition, Engine};
+use crate::job::JobState;
+
+/// How often a running task looks at the job's state (cancellation).
+pub const STATE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a running task stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stop {
+    Deadline,
+    Cancelled,
+}
+
+/// Looks at the deadline every batch and at the job's state every second.
+pub(super) struct StopCheck<'a> {
+    engine: &'a Engine,
+    job_id: &'a str,
+    deadline: Option<Instant>,
+    next_state_check: Instant,
+}
+
+impl<'a> StopCheck<'a> {
+    pub(super) fn new(engine: &'a Engine, job_id: &'a str, deadline: Option<Instant>) -> Self {
+        Self {
+            engine,
+            job_id,
+            deadline,
+            next_state_check: Instant::now() + STATE_CHECK_INTERVAL,
+        }
+    }
+
+    pub(super) async fn check(&mut self) -> anyhow::Result<Option<Stop>> {
+        let now = Instant::now();
+        if let Some(deadline) = self.deadline
+            && now + self.engine.config.deadline_margin >= deadline
+        {
+            return Ok(Some(Stop::Deadline));
+        }
+        if now >= self.next_state_check {
+            self.next_state_check = now + STATE_CHECK_INTERVAL;
+            let state = self
+                .engine
+                .store
+                .get_job(self.job_id)
+                .await?
+                .map(|j| j.state);
+            if state.is_none_or(JobState::is_terminal) {
+                return Ok(Some(Stop::Cancelled));
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Engine {
+    /// What becomes of a task that stopped early: near its deadline it goes
+    /// back to the queue at once (its progress is checkpointed); when its
+    /// job ended it is done, and leaves nothing behind if the job is DONE.
+    pub(super) async fn stopped(&self, job_id: &str, fragment_id: u64, stop: Stop) -> Disposition {
+        match stop {
+            Stop::Deadline => Disposition::Requeue {
+                delay: Duration::ZERO,
+            },
+            Stop::Cancelled => {
+                match self.store.get_job(job_id).await {
+                    Ok(Some(job)) if job.state == JobState::Done => {
+                        self.forget_checkpoints(&job, fragment_id).await
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        warn!(job_id, error = %format!("{err:#}"), "could not read the job")
+                    }
+                }
+                Disposition::Done
+            }
+        }
+    }
+}

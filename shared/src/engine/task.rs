@@ -1,0 +1,173 @@
+//! Running one task: take a concurrency slot, compute the task's rows (or
+//! the whole fragment), record it done, and commit what is due.
+
+use lance::Dataset;
+use lance::dataset::fragment::FileFragment;
+use tracing::info;
+
+use super::stop::StopCheck;
+use super::{Delivery, Disposition, Engine, permanent};
+use crate::checkpoint::FragmentCheckpoints;
+use crate::job::{Job, JobState};
+use crate::plan::TaskRef;
+
+impl Engine {
+    pub(super) async fn run_task(
+        &self,
+        job_id: &str,
+        task: &TaskRef,
+        delivery: &Delivery,
+    ) -> anyhow::Result<Disposition> {
+        let Some(job) = self.store.get_job(job_id).await? else {
+            return Ok(Disposition::Poison {
+                reason: format!("job {job_id} does not exist"),
+            });
+        };
+        if job.state.is_terminal() {
+            if job.state == JobState::Done {
+                self.forget_checkpoints(&job, task.fragment_id).await;
+            }
+            return Ok(Disposition::Done);
+        }
+        let record = self.store.get_fragment(job_id, task.fragment_id).await?;
+        if record.status.is_resolved() {
+            // A repeated delivery: whatever an earlier holder of this task
+            // checkpointed after the fragment was written is of no use.
+            self.forget_checkpoints(&job, task.fragment_id).await;
+            self.committer.advance(&job).await?;
+            return Ok(Disposition::Done);
+        }
+        let Some(slot) = self.wait_for_slot(&job).await? else {
+            return Ok(Disposition::Requeue {
+                delay: self.config.busy_delay,
+            });
+        };
+        let result = self
+            .run_in_slot(&job, task, &record.tasks_done, delivery)
+            .await;
+        self.release_slot(slot).await;
+        let disposition = match result {
+            Ok(disposition) => disposition,
+            Err(err) => self.after_error(&job, task, err).await?,
+        };
+        if disposition == Disposition::Done {
+            self.committer.advance(&job).await?;
+        }
+        Ok(disposition)
+    }
+
+    /// Another holder of the same task (a repeated or late delivery) may
+    /// have finished the fragment under us, removing the checkpoints we
+    /// read: then all is well. Otherwise the error stands.
+    async fn after_error(
+        &self,
+        job: &Job,
+        task: &TaskRef,
+        err: anyhow::Error,
+    ) -> anyhow::Result<Disposition> {
+        let record = self
+            .store
+            .get_fragment(&job.job_id, task.fragment_id)
+            .await?;
+        if !record.status.is_resolved() {
+            return Err(err);
+        }
+        info!(error = %format!("{err:#}"), "another delivery finished the fragment first");
+        self.forget_checkpoints(job, task.fragment_id).await;
+        Ok(Disposition::Done)
+    }
+
+    async fn run_in_slot(
+        &self,
+        job: &Job,
+        task: &TaskRef,
+        tasks_done: &[u32],
+        delivery: &Delivery,
+    ) -> anyhow::Result<Disposition> {
+        self.mark_running(job).await?;
+        let dataset = self.read_dataset(job).await?;
+        let program = self.program(job, &dataset)?;
+        let fragment = task_fragment(job, &dataset, task)?;
+        let mut stop = StopCheck::new(self, &job.job_id, delivery.deadline);
+        if task.covers_fragment() {
+            // The whole fragment in one pass: its file directly, no checkpoints.
+            return self
+                .finish_fragment(job, &dataset, &fragment, &program, &mut stop, Some(task))
+                .await;
+        }
+        if !tasks_done.contains(&task.task) {
+            let stopped = self
+                .checkpoint_range(job, &dataset, &fragment, &program, task, &mut stop)
+                .await?;
+            if let Some(stopped) = stopped {
+                return Ok(self.stopped(&job.job_id, task.fragment_id, stopped).await);
+            }
+        }
+        let mark = self
+            .store
+            .mark_task_done(&job.job_id, task.fragment_id, task.task)
+            .await?;
+        if mark.tasks_done < task.tasks_in_fragment {
+            return Ok(Disposition::Done);
+        }
+        // Every task of the fragment is checkpointed: assemble its file.
+        self.finish_fragment(job, &dataset, &fragment, &program, &mut stop, None)
+            .await
+    }
+
+    async fn mark_running(&self, job: &Job) -> anyhow::Result<()> {
+        if job.state == JobState::Pending {
+            let event = format!("running: first task started on {}", self.config.worker_id);
+            self.store
+                .transition(&job.job_id, JobState::Running, Some(&event), None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A task of a finished job (a late or repeated delivery, or one that
+    /// was computing when the job ended) removes what it or an earlier
+    /// holder left of its fragment's checkpoints.
+    pub(super) async fn forget_checkpoints(&self, job: &Job, fragment_id: u64) {
+        let result = async {
+            let dataset = self.read_dataset(job).await?;
+            let program = self.program(job, &dataset)?;
+            if let Some(fragment) = dataset.get_fragment(fragment_id as usize) {
+                FragmentCheckpoints::open(
+                    &dataset,
+                    &fragment,
+                    &program.checkpoint_key(),
+                    program.output_field.clone(),
+                )
+                .await?
+                .clear()
+                .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(err) = result {
+            tracing::warn!(job_id = %job.job_id, fragment = fragment_id, error = %format!("{err:#}"), "could not remove checkpoints");
+        }
+    }
+}
+
+/// The task's fragment at the read version, with the row count it was planned with.
+fn task_fragment(job: &Job, dataset: &Dataset, task: &TaskRef) -> anyhow::Result<FileFragment> {
+    let fragment = dataset
+        .get_fragment(task.fragment_id as usize)
+        .ok_or_else(|| {
+            permanent(format!(
+                "fragment {} does not exist at version {}",
+                task.fragment_id, job.spec.read_version
+            ))
+        })?;
+    let rows = fragment.metadata().physical_rows.map(|r| r as u64);
+    if rows != Some(task.fragment_rows) {
+        return Err(permanent(format!(
+            "fragment {} has {rows:?} physical rows at version {}, the task expected {}",
+            task.fragment_id, job.spec.read_version, task.fragment_rows
+        )));
+    }
+    Ok(fragment)
+}

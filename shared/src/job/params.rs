@@ -1,0 +1,250 @@
+//! The parameters of a backfill: their defaults, their bounds, and the
+//! effective value of each for a request.
+
+use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+pub const DEFAULT_CONCURRENCY: u32 = 8;
+pub const DEFAULT_INTRA_APPLIER_CONCURRENCY: u32 = 1;
+pub const DEFAULT_CHECKPOINT_SIZE: u32 = 10_240;
+pub const DEFAULT_FLUSH_INTERVAL_SECONDS: f64 = 10.0;
+/// Batches computed at once inside one task; more only costs memory.
+pub const MAX_INTRA_APPLIER_CONCURRENCY: u32 = 256;
+/// Concurrency slots are leases in the job store; more than this many is
+/// no longer a limit anyone means.
+pub const MAX_CONCURRENCY: u32 = 10_000;
+/// Aim for about this many commits in a big table's job.
+const COMMITS_PER_JOB: u64 = 20;
+/// ... but never fewer fragments than this per commit.
+const MIN_DEFAULT_COMMIT_GRANULARITY: u64 = 64;
+
+/// The effective value of every request parameter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    pub concurrency: u32,
+    pub intra_applier_concurrency: u32,
+    /// Rows per task; `None` means one task per fragment.
+    pub task_size: Option<u64>,
+    pub num_frags: Option<u64>,
+    pub checkpoint_size: u32,
+    pub min_checkpoint_size: u32,
+    pub max_checkpoint_size: u32,
+    /// Adaptive batch sizing is on only when the request set a bound.
+    pub adaptive_checkpoint: bool,
+    pub batch_checkpoint_flush_interval_seconds: f64,
+    pub commit_granularity: u32,
+    pub cluster: Option<String>,
+    pub manifest: Option<String>,
+}
+
+/// `max(64, ceil(fragments / 20))`: about twenty commits for a big table.
+pub fn default_commit_granularity(fragments: u64) -> u32 {
+    fragments
+        .div_ceil(COMMITS_PER_JOB)
+        .max(MIN_DEFAULT_COMMIT_GRANULARITY)
+        .min(u32::MAX as u64) as u32
+}
+
+fn at_least_one(value: Option<i32>, field: &str) -> Result<Option<u32>, Error> {
+    match value {
+        None => Ok(None),
+        Some(v) if v >= 1 => Ok(Some(v as u32)),
+        Some(v) => Err(Error::invalid_input(format!(
+            "field '{field}' must be at least 1, got {v}"
+        ))),
+    }
+}
+
+fn at_most(value: u32, max: u32, field: &str) -> Result<u32, Error> {
+    if value > max {
+        return Err(Error::invalid_input(format!(
+            "field '{field}' must be at most {max}, got {value}"
+        )));
+    }
+    Ok(value)
+}
+
+fn named(value: &Option<Option<String>>, field: &str) -> Result<Option<String>, Error> {
+    match value.clone().flatten() {
+        Some(name) if name.trim().is_empty() => Err(Error::invalid_input(format!(
+            "field '{field}' must not be empty"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// `(min, max, adaptive)`: adaptive sizing is on only when a bound was set.
+fn checkpoint_bounds(
+    request: &AlterTableBackfillColumnsRequest,
+    checkpoint_size: u32,
+) -> Result<(u32, u32, bool), Error> {
+    let min = at_least_one(request.min_checkpoint_size.flatten(), "min_checkpoint_size")?;
+    let max = at_least_one(request.max_checkpoint_size.flatten(), "max_checkpoint_size")?;
+    let adaptive = min.is_some() || max.is_some();
+    let min = min.unwrap_or(1);
+    let max = max.unwrap_or(checkpoint_size.max(min));
+    if min > max {
+        return Err(Error::invalid_input(format!(
+            "field 'min_checkpoint_size' ({min}) must not exceed 'max_checkpoint_size' ({max})"
+        )));
+    }
+    Ok((min, max, adaptive))
+}
+
+fn flush_interval(request: &AlterTableBackfillColumnsRequest) -> Result<f64, Error> {
+    let flush = request
+        .batch_checkpoint_flush_interval_seconds
+        .flatten()
+        .unwrap_or(DEFAULT_FLUSH_INTERVAL_SECONDS);
+    if !flush.is_finite() || flush < 0.0 {
+        return Err(Error::invalid_input(format!(
+            "field 'batch_checkpoint_flush_interval_seconds' must be 0 or more, got {flush}"
+        )));
+    }
+    Ok(flush)
+}
+
+impl Params {
+    /// The effective parameters of a request over a table of `fragments`
+    /// fragments (the commit granularity's default depends on it).
+    pub fn effective(
+        request: &AlterTableBackfillColumnsRequest,
+        fragments: u64,
+    ) -> Result<Self, Error> {
+        let concurrency = at_least_one(request.concurrency.flatten(), "concurrency")?
+            .unwrap_or(DEFAULT_CONCURRENCY);
+        let intra = at_least_one(
+            request.intra_applier_concurrency.flatten(),
+            "intra_applier_concurrency",
+        )?
+        .unwrap_or(DEFAULT_INTRA_APPLIER_CONCURRENCY);
+        let checkpoint_size = at_least_one(request.checkpoint_size.flatten(), "checkpoint_size")?
+            .unwrap_or(DEFAULT_CHECKPOINT_SIZE);
+        let (min_checkpoint_size, max_checkpoint_size, adaptive_checkpoint) =
+            checkpoint_bounds(request, checkpoint_size)?;
+        Ok(Self {
+            concurrency: at_most(concurrency, MAX_CONCURRENCY, "concurrency")?,
+            intra_applier_concurrency: at_most(
+                intra,
+                MAX_INTRA_APPLIER_CONCURRENCY,
+                "intra_applier_concurrency",
+            )?,
+            task_size: request
+                .task_size
+                .flatten()
+                .filter(|s| *s > 0)
+                .map(|s| s as u64),
+            num_frags: at_least_one(request.num_frags.flatten(), "num_frags")?.map(u64::from),
+            checkpoint_size,
+            min_checkpoint_size,
+            max_checkpoint_size,
+            adaptive_checkpoint,
+            batch_checkpoint_flush_interval_seconds: flush_interval(request)?,
+            commit_granularity: at_least_one(
+                request.commit_granularity.flatten(),
+                "commit_granularity",
+            )?
+            .unwrap_or_else(|| default_commit_granularity(fragments)),
+            cluster: named(&request.cluster, "cluster")?,
+            manifest: named(&request.manifest, "manifest")?,
+        })
+    }
+
+    /// Commits a job of `fragments` fragments is expected to make.
+    pub fn commits_expected(&self, fragments: u64) -> u64 {
+        fragments.div_ceil(self.commit_granularity.max(1) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: serde_json::Value) -> AlterTableBackfillColumnsRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn message(err: Error) -> String {
+        match err {
+            Error::InvalidInput(message) => message,
+            other => panic!("not invalid input: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let params = Params::effective(&request(serde_json::json!({"column": "c"})), 100).unwrap();
+        assert_eq!(params.concurrency, 8);
+        assert_eq!(params.intra_applier_concurrency, 1);
+        assert_eq!(params.task_size, None);
+        assert_eq!(params.checkpoint_size, 10_240);
+        assert!(!params.adaptive_checkpoint);
+        assert_eq!(params.batch_checkpoint_flush_interval_seconds, 10.0);
+        assert_eq!(params.commit_granularity, 64);
+        let params =
+            Params::effective(&request(serde_json::json!({"column": "c"})), 10_000).unwrap();
+        assert_eq!(params.commit_granularity, 500);
+        assert_eq!(default_commit_granularity(16), 64);
+    }
+
+    #[test]
+    fn adaptive_bounds() {
+        let params = Params::effective(
+            &request(serde_json::json!({"column": "c", "min_checkpoint_size": 100})),
+            1,
+        )
+        .unwrap();
+        assert!(params.adaptive_checkpoint);
+        assert_eq!(
+            (params.min_checkpoint_size, params.max_checkpoint_size),
+            (100, 10_240)
+        );
+        let err = Params::effective(
+            &request(serde_json::json!({"column": "c", "min_checkpoint_size": 10, "max_checkpoint_size": 5})),
+            1,
+        )
+        .unwrap_err();
+        assert!(message(err).contains("min_checkpoint_size"));
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        for (field, value) in [
+            ("concurrency", serde_json::json!(0)),
+            ("concurrency", serde_json::json!(10_001)),
+            ("intra_applier_concurrency", serde_json::json!(-1)),
+            ("num_frags", serde_json::json!(0)),
+            ("checkpoint_size", serde_json::json!(0)),
+            ("min_checkpoint_size", serde_json::json!(0)),
+            ("max_checkpoint_size", serde_json::json!(0)),
+            (
+                "batch_checkpoint_flush_interval_seconds",
+                serde_json::json!(-0.5),
+            ),
+            ("commit_granularity", serde_json::json!(0)),
+            ("cluster", serde_json::json!(" ")),
+        ] {
+            let mut body = serde_json::json!({"column": "c"});
+            body[field] = value;
+            let err = message(Params::effective(&request(body), 1).unwrap_err());
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        // task_size 0 or less means whole fragments.
+        let params = Params::effective(
+            &request(serde_json::json!({"column": "c", "task_size": -5})),
+            1,
+        )
+        .unwrap();
+        assert_eq!(params.task_size, None);
+        let params = Params::effective(
+            &request(
+                serde_json::json!({"column": "c", "batch_checkpoint_flush_interval_seconds": 0}),
+            ),
+            1,
+        )
+        .unwrap();
+        assert_eq!(params.batch_checkpoint_flush_interval_seconds, 0.0);
+    }
+}

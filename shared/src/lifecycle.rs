@@ -1,0 +1,215 @@
+//! A job's life after submission: failing it, finishing it, cancelling it,
+//! and removing what a stopped job left behind. Workers, the committer and
+//! the API all end jobs through here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arrow_schema::Field as ArrowField;
+use futures::{StreamExt, TryStreamExt};
+use tracing::{info, warn};
+
+use crate::checkpoint::{self, FragmentCheckpoints, checkpoints_root};
+use crate::job::{Counter, Job, JobState};
+use crate::plan;
+use crate::queue::{Message, Outgoing, QueueSet};
+use crate::staging::{delete_data_file, is_committed};
+use crate::store::{COMMIT_LEASE, HeldLease, JobStore, StoreResult};
+use crate::table::Catalog;
+
+/// Fragments whose leftover checkpoints are removed at once when a job ends.
+const SWEEP_PARALLELISM: usize = 16;
+
+#[derive(Clone)]
+pub struct Lifecycle {
+    store: Arc<dyn JobStore>,
+    queues: QueueSet,
+    catalog: Arc<Catalog>,
+}
+
+/// How removing a stopped job's staged files went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cleanup {
+    Done,
+    /// The commit lease is held (a committer still at work): try later.
+    Busy,
+}
+
+impl Lifecycle {
+    pub fn new(store: Arc<dyn JobStore>, queues: QueueSet, catalog: Arc<Catalog>) -> Self {
+        Self {
+            store,
+            queues,
+            catalog,
+        }
+    }
+
+    /// Marks the job FAILED (once) and queues the removal of its staged files.
+    pub async fn fail(&self, job_id: &str, reason: &str) {
+        let moved = self
+            .store
+            .transition(
+                job_id,
+                JobState::Failed,
+                Some(&format!("failed: {reason}")),
+                Some(reason),
+            )
+            .await;
+        match moved {
+            Ok(Some(_)) => {
+                if let Ok(Some(job)) = self.store.get_job(job_id).await {
+                    self.queue_cleanup(&job).await;
+                }
+            }
+            Ok(None) => {}
+            Err(err) => warn!(job_id, error = %format!("{err:#}"), "could not mark job failed"),
+        }
+    }
+
+    /// Marks the job CANCELLED; returns the state it left, or `None` when it
+    /// had already ended. Staged files are then removed by a worker.
+    pub async fn cancel(&self, job: &Job, by: &str) -> StoreResult<Option<JobState>> {
+        let moved = self
+            .store
+            .transition(
+                &job.job_id,
+                JobState::Cancelled,
+                Some(&format!("cancelled by {by}")),
+                None,
+            )
+            .await?;
+        if moved.is_some() {
+            self.queue_cleanup(job).await;
+        }
+        Ok(moved)
+    }
+
+    /// Queues the removal of the job's staged, uncommitted files.
+    pub async fn queue_cleanup(&self, job: &Job) {
+        let Some(queue) = self.queues.for_cluster(job.spec.params.cluster.as_deref()) else {
+            return;
+        };
+        let message = Outgoing::message(&Message::cleanup(&job.job_id));
+        if let Err(err) = queue.send_many(vec![message]).await {
+            warn!(job_id = %job.job_id, error = %format!("{err:#}"), "could not queue cleanup");
+        }
+    }
+
+    /// Ends a job whose every fragment is committed or skipped: sweeps the
+    /// checkpoints a crash may have left, then marks it DONE.
+    pub async fn finish(&self, job: &Job) -> anyhow::Result<()> {
+        let metrics = &job.metrics;
+        // The versions are in the "committed ... as version" events.
+        let message = format!(
+            "done: {} fragments committed in {} commits, {} unchanged",
+            metrics.get(Counter::FragmentsCommitted),
+            metrics.get(Counter::CommitsDone),
+            metrics.get(Counter::FragmentsSkipped),
+        );
+        // Sweep first: a process killed after the sweep repeats it when its
+        // message comes back; one killed after DONE would leave them forever.
+        self.sweep_checkpoints(job).await?;
+        if self
+            .store
+            .transition(&job.job_id, JobState::Done, Some(&message), None)
+            .await?
+            .is_some()
+        {
+            info!(job_id = %job.job_id, "{message}");
+        }
+        Ok(())
+    }
+
+    /// Removes checkpoints of the job's fragments that a crash left behind
+    /// (normally they are removed as each fragment is staged).
+    async fn sweep_checkpoints(&self, job: &Job) -> anyhow::Result<()> {
+        let dataset = job.spec.read_dataset(&self.catalog).await?;
+        let store = dataset.object_store(None).await?;
+        let leftovers: Vec<_> = store
+            .list(Some(checkpoints_root(&dataset)))
+            .try_collect()
+            .await?;
+        if leftovers.is_empty() {
+            return Ok(());
+        }
+        let key = checkpoint::Key::for_job(&job.spec, &dataset)?;
+        let field = dataset
+            .schema()
+            .field(&job.spec.column)
+            .map(|f| Arc::new(ArrowField::from(f)))
+            .context("the job's column")?;
+        let fragments = plan::fragments(&dataset, job.spec.params.num_frags).await?;
+        futures::stream::iter(fragments)
+            .map(|planned| {
+                let (dataset, key, field) = (dataset.clone(), key.clone(), field.clone());
+                async move {
+                    if let Some(fragment) = dataset.get_fragment(planned.id as usize) {
+                        FragmentCheckpoints::open(&dataset, &fragment, &key, field)
+                            .await?
+                            .clear()
+                            .await?;
+                    }
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(SWEEP_PARALLELISM)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Removes the staged files of a job that stopped (cancelled or failed),
+    /// under the commit lease so no committer publishes one meanwhile.
+    pub async fn cleanup(
+        &self,
+        job_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> anyhow::Result<Cleanup> {
+        let Some(job) = self.store.get_job(job_id).await? else {
+            return Ok(Cleanup::Done);
+        };
+        if !matches!(job.state, JobState::Cancelled | JobState::Failed) {
+            return Ok(Cleanup::Done);
+        }
+        let Some(lease) = HeldLease::acquire(&self.store, job_id, COMMIT_LEASE, owner, ttl).await?
+        else {
+            return Ok(Cleanup::Busy);
+        };
+        let result = self.remove_uncommitted(&job).await;
+        lease.release().await;
+        result?;
+        Ok(Cleanup::Done)
+    }
+
+    async fn remove_uncommitted(&self, job: &Job) -> anyhow::Result<()> {
+        let job_id = job.job_id.as_str();
+        let dataset = job.spec.read_dataset(&self.catalog).await?;
+        let latest = self
+            .catalog
+            .latest(&job.spec.table_uri, job.spec.branch.as_deref())
+            .await?;
+        let staged = self.store.staged_fragments(job_id).await?;
+        let (committed, uncommitted): (Vec<_>, Vec<_>) =
+            staged.into_iter().partition(|s| is_committed(&latest, s));
+        if !committed.is_empty() {
+            self.store.mark_committed(job_id, &committed).await?;
+        }
+        for staged in &uncommitted {
+            delete_data_file(&dataset, staged).await;
+        }
+        if !uncommitted.is_empty() {
+            self.store
+                .add_event(
+                    job_id,
+                    &format!(
+                        "removed {} staged, uncommitted fragment files",
+                        uncommitted.len()
+                    ),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}

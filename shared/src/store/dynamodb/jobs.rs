@@ -1,0 +1,366 @@
+//! Jobs on DynamoDB: creating one with its column lock and idempotency
+//! record, reading and listing them, moving their state, events, counters.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, ReturnValue, TransactWriteItem, Update};
+
+use super::calls::{Failure, classify, retry_busy};
+use super::items::{
+    Item, counters_update, create_only, event_value, get_s, job_from_item, job_key, job_pk,
+    job_put, key, metrics_from_item, n, s,
+};
+use super::{BY_TABLE_INDEX, DynamoJobStore, unavailable};
+use crate::job::{Job, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339};
+use crate::store::{
+    CreateOutcome, IdempotencyClaim, JobPage, StoreError, StoreResult, column_lock_key,
+    decode_token, encode_token,
+};
+
+/// Idempotency records expire after a day (DynamoDB TTL on `expires_at`).
+const IDEMPOTENCY_TTL_SECS: i64 = 24 * 3600;
+/// A create finding the column lock of a job that already ended releases it
+/// and tries again; the lock changing hands more often than this is a conflict.
+const CREATE_ATTEMPTS: usize = 3;
+/// A transition re-reads the job when its state moved under it; that
+/// happens at most once or twice in a job's life, so more is contention.
+const TRANSITION_ATTEMPTS: usize = 16;
+
+fn lock_pk(job: &Job) -> String {
+    format!("LOCK#{}", column_lock_key(job))
+}
+
+fn idempotency_pk(claim: &IdempotencyClaim) -> String {
+    format!("IDEMP#{}", claim.key)
+}
+
+impl DynamoJobStore {
+    /// The job, its column lock and its idempotency record, all or nothing.
+    fn create_items(
+        &self,
+        job: &Job,
+        idempotency: Option<&IdempotencyClaim>,
+    ) -> anyhow::Result<Vec<TransactWriteItem>> {
+        let mut lock = key(lock_pk(job), "LOCK");
+        lock.insert("job_id".into(), s(&job.job_id));
+        let mut items = vec![
+            TransactWriteItem::builder()
+                .put(job_put(&self.table, job, now_millis())?)
+                .build(),
+            TransactWriteItem::builder()
+                .put(create_only(&self.table, lock)?)
+                .build(),
+        ];
+        if let Some(claim) = idempotency {
+            let mut item = key(idempotency_pk(claim), "IDEMP");
+            item.insert("fingerprint".into(), s(&claim.fingerprint));
+            item.insert("job_id".into(), s(&job.job_id));
+            item.insert(
+                "expires_at".into(),
+                n(now_millis() / 1000 + IDEMPOTENCY_TTL_SECS),
+            );
+            items.push(
+                TransactWriteItem::builder()
+                    .put(create_only(&self.table, item)?)
+                    .build(),
+            );
+        }
+        Ok(items)
+    }
+
+    pub(super) async fn create(
+        &self,
+        job: &Job,
+        idempotency: Option<&IdempotencyClaim>,
+    ) -> StoreResult<CreateOutcome> {
+        for _ in 0..CREATE_ATTEMPTS {
+            let items = self.create_items(job, idempotency).map_err(unavailable)?;
+            if self.transact(items).await? {
+                return Ok(CreateOutcome::Created);
+            }
+            if let Some(claim) = idempotency
+                && let Some(outcome) = self.idempotency_outcome(claim).await?
+            {
+                return Ok(outcome);
+            }
+            if let Some(holder) = self.active_lock_holder(job).await? {
+                return Ok(CreateOutcome::ColumnBusy { job_id: holder });
+            }
+        }
+        Err(StoreError::Contention(format!(
+            "could not create job {}: the column lock kept changing",
+            job.job_id
+        )))
+    }
+
+    /// The job holding the column lock if it is still active; a lock left by
+    /// a job that ended is removed.
+    async fn active_lock_holder(&self, job: &Job) -> StoreResult<Option<String>> {
+        let Some(lock_item) = self.get_item(lock_pk(job), "LOCK").await? else {
+            return Ok(None);
+        };
+        let holder = get_s(&lock_item, "job_id").unwrap_or_default().to_string();
+        let active = match self.get_item(job_pk(&holder), "JOB").await? {
+            Some(item) => get_s(&item, "state")
+                .and_then(JobState::parse)
+                .is_some_and(|state| !state.is_terminal()),
+            None => false,
+        };
+        if active {
+            return Ok(Some(holder));
+        }
+        let released = retry_busy(|| async {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(key(lock_pk(job), "LOCK")))
+                .condition_expression("job_id = :j")
+                .expression_attribute_values(":j", s(&holder))
+                .send()
+                .await
+                .map_err(|err| classify(err, "DeleteItem lock"))
+        })
+        .await;
+        match released {
+            Ok(_) | Err(Failure::Condition(_)) => Ok(None),
+            Err(failure) => Err(failure.into_store_error()),
+        }
+    }
+
+    async fn idempotency_outcome(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> StoreResult<Option<CreateOutcome>> {
+        let Some(item) = self.get_item(idempotency_pk(claim), "IDEMP").await? else {
+            return Ok(None);
+        };
+        let job_id = get_s(&item, "job_id").unwrap_or_default().to_string();
+        Ok(Some(
+            if get_s(&item, "fingerprint") == Some(claim.fingerprint.as_str()) {
+                CreateOutcome::Replayed { job_id }
+            } else {
+                CreateOutcome::IdempotencyMismatch { job_id }
+            },
+        ))
+    }
+
+    pub(super) async fn job(&self, job_id: &str) -> StoreResult<Option<Job>> {
+        match self.get_item(job_pk(job_id), "JOB").await? {
+            Some(item) => Ok(Some(job_from_item(&item).map_err(unavailable)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) async fn list(
+        &self,
+        table_key: &str,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> StoreResult<JobPage> {
+        let start = page_token
+            .map(|token| start_key(token, table_key))
+            .transpose()?;
+        let output = retry_busy(|| async {
+            self.client
+                .query()
+                .table_name(&self.table)
+                .index_name(BY_TABLE_INDEX)
+                .key_condition_expression("table_key = :t")
+                .expression_attribute_values(":t", s(table_key))
+                .scan_index_forward(false)
+                .limit(limit as i32)
+                .set_exclusive_start_key(start.clone())
+                .send()
+                .await
+                .map_err(|err| classify(err, "Query by_table"))
+        })
+        .await
+        .map_err(Failure::into_store_error)?;
+        let jobs = output
+            .items()
+            .iter()
+            .map(job_from_item)
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(unavailable)?;
+        let next_page_token = output
+            .last_evaluated_key()
+            .filter(|_| jobs.len() == limit)
+            .map(page_token_of);
+        Ok(JobPage {
+            jobs,
+            next_page_token,
+        })
+    }
+
+    pub(super) async fn move_to(
+        &self,
+        job_id: &str,
+        to: JobState,
+        event: Option<&str>,
+        error: Option<&str>,
+    ) -> StoreResult<Option<JobState>> {
+        for _ in 0..TRANSITION_ATTEMPTS {
+            let Some(job) = self.job(job_id).await? else {
+                return Ok(None);
+            };
+            if !job.state.can_become(to) {
+                return Ok(None);
+            }
+            let items = self
+                .transition_items(&job, to, event, error)
+                .map_err(unavailable)?;
+            if self.transact(items).await? {
+                return Ok(Some(job.state));
+            }
+            // The state moved under us: look again.
+        }
+        Err(StoreError::Contention(format!(
+            "job {job_id}: its state kept changing while moving it to {}",
+            to.as_str()
+        )))
+    }
+
+    /// The update of the job's state (conditional on the state it was read
+    /// in) and, for a terminal state, the release of its column lock.
+    fn transition_items(
+        &self,
+        job: &Job,
+        to: JobState,
+        event: Option<&str>,
+        error: Option<&str>,
+    ) -> anyhow::Result<Vec<TransactWriteItem>> {
+        let mut sets = vec!["#state = :to", "updated_at = :now"];
+        let mut values = HashMap::from([
+            (":to".to_string(), s(to.as_str())),
+            (":from".to_string(), s(job.state.as_str())),
+            (":now".to_string(), s(now_rfc3339())),
+        ]);
+        let mut names = HashMap::from([("#state".to_string(), "state".to_string())]);
+        if to == JobState::Running {
+            sets.push("started_at = :now");
+        }
+        if to.is_terminal() {
+            sets.push("finished_at = :now");
+        }
+        if let Some(error) = error {
+            sets.push("#error = :error");
+            values.insert(":error".into(), s(error));
+            names.insert("#error".into(), "error".into());
+        }
+        if let Some(event) = event {
+            sets.push("events = list_append(if_not_exists(events, :empty), :event)");
+            values.insert(":event".into(), event_value(event)?);
+            values.insert(":empty".into(), AttributeValue::L(vec![]));
+        }
+        let update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(job_key(&job.job_id)))
+            .update_expression(format!("SET {}", sets.join(", ")))
+            .condition_expression("#state = :from")
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .build()?;
+        let mut items = vec![TransactWriteItem::builder().update(update).build()];
+        if to.is_terminal() {
+            let release = Delete::builder()
+                .table_name(&self.table)
+                .set_key(Some(key(lock_pk(job), "LOCK")))
+                .condition_expression("attribute_not_exists(pk) OR job_id = :j")
+                .expression_attribute_values(":j", s(&job.job_id))
+                .build()?;
+            items.push(TransactWriteItem::builder().delete(release).build());
+        }
+        Ok(items)
+    }
+
+    pub(super) async fn append_event(&self, job_id: &str, message: &str) -> StoreResult<()> {
+        let event = event_value(message).map_err(unavailable)?;
+        retry_busy(|| async {
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(job_key(job_id)))
+                .update_expression(
+                    "SET events = list_append(if_not_exists(events, :empty), :event), updated_at = :now",
+                )
+                .condition_expression("attribute_exists(pk)")
+                .expression_attribute_values(":event", event.clone())
+                .expression_attribute_values(":empty", AttributeValue::L(vec![]))
+                .expression_attribute_values(":now", s(now_rfc3339()))
+                .send()
+                .await
+                .map_err(|err| classify(err, "UpdateItem events"))
+        })
+        .await
+        .map_err(|failure| match failure {
+            Failure::Condition(_) => StoreError::NotFound(format!("job {job_id}")),
+            other => other.into_store_error(),
+        })?;
+        Ok(())
+    }
+
+    pub(super) async fn add_counters(
+        &self,
+        job_id: &str,
+        delta: &MetricsDelta,
+    ) -> StoreResult<Metrics> {
+        if delta.is_empty() {
+            let item = self
+                .get_item(job_pk(job_id), "JOB")
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?;
+            return Ok(metrics_from_item(&item));
+        }
+        let update = counters_update(&self.table, job_id, delta).map_err(unavailable)?;
+        let output = retry_busy(|| async {
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(update.key.clone()))
+                .update_expression(update.update_expression.clone())
+                .set_expression_attribute_names(update.expression_attribute_names.clone())
+                .set_expression_attribute_values(update.expression_attribute_values.clone())
+                .return_values(ReturnValue::AllNew)
+                .send()
+                .await
+                .map_err(|err| classify(err, "UpdateItem counters"))
+        })
+        .await
+        .map_err(Failure::into_store_error)?;
+        Ok(output
+            .attributes
+            .as_ref()
+            .map(metrics_from_item)
+            .unwrap_or_default())
+    }
+}
+
+/// The exclusive start key a page token stands for (only for this table's listing).
+fn start_key(token: &str, table_key: &str) -> StoreResult<Item> {
+    let value = decode_token(token).ok_or(StoreError::BadPageToken)?;
+    let object = value.as_object().ok_or(StoreError::BadPageToken)?;
+    let mut start = Item::new();
+    for name in ["pk", "sk", "table_key", "created_sk"] {
+        let text = object
+            .get(name)
+            .and_then(|v| v.as_str())
+            .ok_or(StoreError::BadPageToken)?;
+        start.insert(name.to_string(), s(text));
+    }
+    if get_s(&start, "table_key") != Some(table_key) {
+        return Err(StoreError::BadPageToken);
+    }
+    Ok(start)
+}
+
+fn page_token_of(last: &Item) -> String {
+    let cursor: serde_json::Map<String, serde_json::Value> = last
+        .iter()
+        .filter_map(|(k, v)| {
+            v.as_s()
+                .ok()
+                .map(|v| (k.clone(), serde_json::Value::from(v.clone())))
+        })
+        .collect();
+    encode_token(&serde_json::Value::Object(cursor))
+}

@@ -1,0 +1,228 @@
+//! The job store on DynamoDB: one table, items keyed by `pk`/`sk`, a sparse
+//! GSI `by_table` for listing a table's jobs newest first. Every state change
+//! that must happen once (a task counted, a fragment staged or committed) is
+//! a conditional write or a transaction, so repeated deliveries are harmless.
+//! Calls DynamoDB refuses for now (a conflicting transaction, throttling)
+//! are retried with bounded backoff ([`calls`]).
+
+mod calls;
+mod fragments;
+mod items;
+mod jobs;
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ScalarAttributeType, TransactWriteItem,
+};
+
+use super::{
+    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, StagedFragment, StoreError,
+    StoreResult, TaskMark,
+};
+use crate::job::{Job, JobState, Metrics, MetricsDelta};
+use calls::{Failure, classify, classify_transaction, retry_busy};
+use items::{Item, key};
+
+pub const BY_TABLE_INDEX: &str = "by_table";
+
+#[derive(Clone)]
+pub struct DynamoJobStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoJobStore {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    pub fn table_name(&self) -> &str {
+        &self.table
+    }
+
+    /// Creates the table as template.yaml declares it, if missing. For local
+    /// emulators and tests; in AWS the stack owns the table.
+    pub async fn ensure_table(&self) -> anyhow::Result<()> {
+        let attr = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+        };
+        let key_el = |name: &str, kind: KeyType| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+        };
+        let result = self
+            .client
+            .create_table()
+            .table_name(&self.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(attr("pk")?)
+            .attribute_definitions(attr("sk")?)
+            .attribute_definitions(attr("table_key")?)
+            .attribute_definitions(attr("created_sk")?)
+            .key_schema(key_el("pk", KeyType::Hash)?)
+            .key_schema(key_el("sk", KeyType::Range)?)
+            .global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(BY_TABLE_INDEX)
+                    .key_schema(key_el("table_key", KeyType::Hash)?)
+                    .key_schema(key_el("created_sk", KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::All)
+                            .build(),
+                    )
+                    .build()?,
+            )
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                let service = err.into_service_error();
+                if service.is_resource_in_use_exception() {
+                    Ok(())
+                } else {
+                    Err(anyhow!(service).context(format!("creating table {}", self.table)))
+                }
+            }
+        }
+    }
+
+    /// A consistent read of one item.
+    async fn get_item(&self, pk: String, sk: &str) -> StoreResult<Option<Item>> {
+        let key = key(pk, sk);
+        retry_busy(|| async {
+            self.client
+                .get_item()
+                .table_name(&self.table)
+                .set_key(Some(key.clone()))
+                .consistent_read(true)
+                .send()
+                .await
+                .map(|output| output.item)
+                .map_err(|err| classify(err, "GetItem"))
+        })
+        .await
+        .map_err(Failure::into_store_error)
+    }
+
+    /// Applies `items` all or nothing: `Ok(false)` when a condition did not hold.
+    async fn transact(&self, items: Vec<TransactWriteItem>) -> StoreResult<bool> {
+        let result = retry_busy(|| async {
+            self.client
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
+                .send()
+                .await
+                .map_err(classify_transaction)
+        })
+        .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(Failure::Condition(_)) => Ok(false),
+            Err(failure) => Err(failure.into_store_error()),
+        }
+    }
+}
+
+#[async_trait]
+impl JobStore for DynamoJobStore {
+    async fn create_job(
+        &self,
+        job: &Job,
+        idempotency: Option<&IdempotencyClaim>,
+    ) -> StoreResult<CreateOutcome> {
+        self.create(job, idempotency).await
+    }
+
+    async fn get_job(&self, job_id: &str) -> StoreResult<Option<Job>> {
+        self.job(job_id).await
+    }
+
+    async fn list_jobs(
+        &self,
+        table_key: &str,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> StoreResult<JobPage> {
+        self.list(table_key, limit, page_token).await
+    }
+
+    async fn transition(
+        &self,
+        job_id: &str,
+        to: JobState,
+        event: Option<&str>,
+        error: Option<&str>,
+    ) -> StoreResult<Option<JobState>> {
+        self.move_to(job_id, to, event, error).await
+    }
+
+    async fn add_event(&self, job_id: &str, message: &str) -> StoreResult<()> {
+        self.append_event(job_id, message).await
+    }
+
+    async fn add_metrics(&self, job_id: &str, delta: &MetricsDelta) -> StoreResult<Metrics> {
+        self.add_counters(job_id, delta).await
+    }
+
+    async fn get_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<FragmentRecord> {
+        self.fragment(job_id, fragment_id).await
+    }
+
+    async fn mark_task_done(
+        &self,
+        job_id: &str,
+        fragment_id: u64,
+        task: u32,
+    ) -> StoreResult<TaskMark> {
+        self.task_done(job_id, fragment_id, task).await
+    }
+
+    async fn stage_fragment(&self, job_id: &str, staged: &StagedFragment) -> StoreResult<bool> {
+        self.stage(job_id, staged).await
+    }
+
+    async fn skip_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<bool> {
+        self.skip(job_id, fragment_id).await
+    }
+
+    async fn staged_fragments(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>> {
+        self.staged(job_id).await
+    }
+
+    async fn mark_committed(&self, job_id: &str, fragments: &[StagedFragment]) -> StoreResult<()> {
+        self.committed(job_id, fragments).await
+    }
+
+    async fn try_lease(
+        &self,
+        job_id: &str,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        self.lease(job_id, name, owner, ttl).await
+    }
+
+    async fn release_lease(&self, job_id: &str, name: &str, owner: &str) -> StoreResult<()> {
+        self.release(job_id, name, owner).await
+    }
+}
+
+fn unavailable(err: impl Into<anyhow::Error>) -> StoreError {
+    StoreError::Unavailable(err.into())
+}

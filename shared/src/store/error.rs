@@ -1,0 +1,51 @@
+//! What can go wrong in a job store, told apart by what the caller should do.
+
+/// A job store call that did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A conditional write found the item in another state (the caller's
+    /// premise no longer holds: look again).
+    #[error("the item changed: {0}")]
+    ConditionFailed(String),
+    /// The store is busy (a conflicting transaction on the same item,
+    /// throttling) and bounded retries did not get through: retry later.
+    #[error("the job store is busy: {0}")]
+    Contention(String),
+    /// The write would make an item larger than the store allows; retrying
+    /// cannot help.
+    #[error("a job store item would be too large: {0}")]
+    ItemTooLarge(String),
+    /// The item the call is about does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A page token this store did not issue.
+    #[error("page_token is not valid")]
+    BadPageToken,
+    /// The store could not be reached or failed in another way.
+    #[error(transparent)]
+    Unavailable(#[from] anyhow::Error),
+}
+
+impl StoreError {
+    /// Whether a later retry of the same call may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Contention(_) | Self::Unavailable(_))
+    }
+}
+
+impl From<StoreError> for crate::error::Error {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::ItemTooLarge(_) => Self::Permanent(err.to_string()),
+            StoreError::BadPageToken => Self::invalid_input(err.to_string()),
+            StoreError::NotFound(_) => Self::Internal(err.to_string()),
+            StoreError::Contention(_) => Self::Transient {
+                message: err.to_string(),
+                throttled: true,
+            },
+            StoreError::ConditionFailed(_) | StoreError::Unavailable(_) => {
+                Self::transient(format!("{err:#}"))
+            }
+        }
+    }
+}

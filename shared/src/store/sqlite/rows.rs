@@ -1,0 +1,187 @@
+//! Reading and writing the embedded store's rows inside a transaction.
+
+use anyhow::Context;
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use crate::job::{
+    Counter, Job, JobEvent, JobSpec, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339,
+};
+use crate::store::{CreateOutcome, FragmentStatus, IdempotencyClaim, column_lock_key};
+
+pub(super) fn read_job(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Option<Job>> {
+    let row = tx
+        .query_row(
+            "SELECT state, spec, created_at, updated_at, started_at, finished_at, error, events
+             FROM jobs WHERE job_id = ?1",
+            params![job_id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, String>(7)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((state, spec, created_at, updated_at, started_at, finished_at, error, events)) = row
+    else {
+        return Ok(None);
+    };
+    let spec: JobSpec = serde_json::from_str(&spec).context("job spec")?;
+    let events: Vec<JobEvent> = serde_json::from_str(&events).context("job events")?;
+    Ok(Some(Job {
+        job_id: job_id.to_string(),
+        spec,
+        state: JobState::parse(&state).with_context(|| format!("job state {state}"))?,
+        created_at,
+        updated_at,
+        started_at,
+        finished_at,
+        error,
+        metrics: read_metrics(tx, job_id)?,
+        events,
+    }))
+}
+
+pub(super) fn read_metrics(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Metrics> {
+    let mut stmt = tx.prepare_cached("SELECT name, value FROM counters WHERE job_id = ?1")?;
+    let mut metrics = Metrics::default();
+    let rows = stmt.query_map(params![job_id], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })?;
+    for row in rows {
+        let (name, value) = row?;
+        if let Some(counter) = Counter::from_name(&name) {
+            metrics.set(counter, value);
+        }
+    }
+    Ok(metrics)
+}
+
+pub(super) fn add_counters(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    delta: &MetricsDelta,
+) -> anyhow::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO counters (job_id, name, value) VALUES (?1, ?2, ?3)
+         ON CONFLICT (job_id, name) DO UPDATE SET value = value + excluded.value",
+    )?;
+    for (counter, by) in &delta.0 {
+        stmt.execute(params![job_id, counter.name(), by])?;
+    }
+    Ok(())
+}
+
+pub(super) fn push_event(tx: &Transaction<'_>, job_id: &str, message: &str) -> anyhow::Result<()> {
+    let event = serde_json::to_string(&JobEvent {
+        at: now_rfc3339(),
+        message: message.to_string(),
+    })?;
+    tx.execute(
+        "UPDATE jobs SET events = json_insert(events, '$[#]', json(?2)), updated_at = ?3 WHERE job_id = ?1",
+        params![job_id, event, now_rfc3339()],
+    )?;
+    Ok(())
+}
+
+pub(super) fn fragment_status(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    fragment_id: u64,
+) -> anyhow::Result<FragmentStatus> {
+    let status: Option<String> = tx
+        .query_row(
+            "SELECT status FROM fragments WHERE job_id = ?1 AND fragment_id = ?2",
+            params![job_id, fragment_id as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(status
+        .map(|s| FragmentStatus::parse(&s))
+        .unwrap_or(FragmentStatus::Open))
+}
+
+/// The earlier job of an idempotency key, if the key was seen.
+pub(super) fn idempotency_outcome(
+    tx: &Transaction<'_>,
+    claim: &IdempotencyClaim,
+) -> anyhow::Result<Option<CreateOutcome>> {
+    let seen: Option<(String, String)> = tx
+        .query_row(
+            "SELECT fingerprint, job_id FROM idempotency WHERE key = ?1",
+            params![claim.key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(seen.map(|(fingerprint, job_id)| {
+        if fingerprint == claim.fingerprint {
+            CreateOutcome::Replayed { job_id }
+        } else {
+            CreateOutcome::IdempotencyMismatch { job_id }
+        }
+    }))
+}
+
+/// The active job holding the column's lock; a lock left by a job that
+/// ended is removed.
+pub(super) fn active_lock_holder(
+    tx: &Transaction<'_>,
+    job: &Job,
+) -> anyhow::Result<Option<String>> {
+    let lock_key = column_lock_key(job);
+    let holder: Option<String> = tx
+        .query_row(
+            "SELECT job_id FROM column_locks WHERE lock_key = ?1",
+            params![lock_key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(holder) = holder else {
+        return Ok(None);
+    };
+    if read_job(tx, &holder)?.is_some_and(|j| !j.state.is_terminal()) {
+        return Ok(Some(holder));
+    }
+    tx.execute(
+        "DELETE FROM column_locks WHERE lock_key = ?1",
+        params![lock_key],
+    )?;
+    Ok(None)
+}
+
+/// The job's row, its counters and its column lock.
+pub(super) fn insert_job(tx: &Transaction<'_>, job: &Job) -> anyhow::Result<()> {
+    tx.execute(
+        "INSERT INTO jobs (job_id, table_key, created_ms, state, spec, created_at, updated_at, events)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            job.job_id,
+            job.spec.table_id.key(),
+            now_millis(),
+            job.state.as_str(),
+            serde_json::to_string(&job.spec)?,
+            job.created_at,
+            job.updated_at,
+            serde_json::to_string(&job.events)?,
+        ],
+    )?;
+    let mut delta = MetricsDelta::new();
+    for counter in Counter::ALL {
+        let value = job.metrics.get(counter) as i64;
+        if value != 0 {
+            delta = delta.add(counter, value);
+        }
+    }
+    add_counters(tx, &job.job_id, &delta)?;
+    tx.execute(
+        "INSERT INTO column_locks (lock_key, job_id) VALUES (?1, ?2)",
+        params![column_lock_key(job), job.job_id],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,430 @@
+//! Submitting a backfill: validate the request against the table, plan its
+//! tasks, record the job and queue its work. The HTTP handler calls this;
+//! so can anything else that starts jobs (an event trigger).
+
+use std::sync::Arc;
+
+use lance::Dataset;
+use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::computed::{Program, resolve_target};
+use crate::error::{Error, Missing};
+use crate::job::{
+    Counter, Job, JobEvent, JobSpec, JobState, Metrics, Params, PlanSummary, new_job_id,
+    now_rfc3339,
+};
+use crate::plan::{self, PlannedFragment};
+use crate::queue::{Message, Outgoing, QueueSet, TaskQueue};
+use crate::store::{CreateOutcome, IdempotencyClaim, JobStore, StoreError};
+use crate::table::{Catalog, TableId, branch_name};
+
+/// Jobs with more tasks than this are fanned out by a worker from one
+/// planning message: the API then answers after one queue call, whatever
+/// the table's size (sending 1,000 tasks inline is 100 SendMessageBatch calls).
+pub const DEFAULT_INLINE_PLAN_LIMIT: u64 = 100;
+
+#[derive(Debug, Clone)]
+pub struct SubmitSettings {
+    /// Above this many tasks one planning message is queued and a worker
+    /// fans the tasks out, so submission takes bounded time.
+    pub inline_plan_limit: u64,
+    /// Named runtime environments jobs may ask for (`manifest`).
+    pub manifests: Vec<String>,
+}
+
+impl Default for SubmitSettings {
+    fn default() -> Self {
+        Self {
+            inline_plan_limit: DEFAULT_INLINE_PLAN_LIMIT,
+            manifests: Vec::new(),
+        }
+    }
+}
+
+/// A backfill to submit.
+#[derive(Debug, Clone)]
+pub struct SubmitRequest {
+    pub table: TableId,
+    pub request: AlterTableBackfillColumnsRequest,
+    /// Who asks (recorded on the job; scopes the idempotency key).
+    pub submitted_by: String,
+    /// The client's `Idempotency-Key`: a retry with the same key and request
+    /// returns the job the first call created.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    /// A new job, its tasks queued (or already DONE when nothing matched).
+    Created { job_id: String },
+    /// The idempotency key's earlier job.
+    Replayed { job_id: String },
+}
+
+impl SubmitOutcome {
+    pub fn job_id(&self) -> &str {
+        match self {
+            Self::Created { job_id } | Self::Replayed { job_id } => job_id,
+        }
+    }
+}
+
+/// What submission needs, built once per process.
+#[derive(Clone)]
+pub struct Submitter {
+    pub catalog: Arc<Catalog>,
+    pub store: Arc<dyn JobStore>,
+    pub queues: QueueSet,
+    pub settings: SubmitSettings,
+}
+
+/// The table as the job will read it, and what the job will do there.
+struct Planned {
+    uri: String,
+    branch: Option<String>,
+    read_version: u64,
+    program: Program,
+    fragments: Vec<PlannedFragment>,
+}
+
+fn store_unavailable(err: StoreError) -> Error {
+    match err {
+        StoreError::Contention(message) => Error::Transient {
+            message: format!("the job store is busy ({message}); retry shortly"),
+            throttled: true,
+        },
+        other => {
+            warn!(error = %format!("{other:#}"), "job store call failed");
+            Error::transient("the job store is not reachable; retry shortly")
+        }
+    }
+}
+
+impl Submitter {
+    pub async fn submit(&self, submit: SubmitRequest) -> Result<SubmitOutcome, Error> {
+        let request = &submit.request;
+        check_id(&submit.table, request)?;
+        // Cheap checks first: nothing here needs the table.
+        Params::effective(request, 0)?;
+        let queue = self.queue_of(request)?;
+        self.check_manifest(request)?;
+        let idempotency = submit
+            .idempotency_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .map(|key| IdempotencyClaim {
+                key: hex::encode(Sha256::digest(format!("{}\n{key}", submit.submitted_by))),
+                fingerprint: fingerprint(&submit.table, request),
+            });
+        let planned = self.plan(&submit.table, request).await?;
+        let params = Params::effective(request, planned.fragments.len() as u64)?;
+        let mut job = new_job(&submit, &planned, params);
+        job.spec.plan.fanned_out = job.spec.plan.tasks > self.settings.inline_plan_limit;
+        let created = self
+            .store
+            .create_job(&job, idempotency.as_ref())
+            .await
+            .map_err(store_unavailable)?;
+        match created {
+            CreateOutcome::Created => self.start(&job, &planned.fragments, &queue).await,
+            CreateOutcome::Replayed { job_id } => {
+                info!(%job_id, "idempotent replay");
+                self.requeue_if_stalled(&job_id, &queue).await?;
+                Ok(SubmitOutcome::Replayed { job_id })
+            }
+            CreateOutcome::IdempotencyMismatch { job_id } => Err(Error::Conflict(format!(
+                "the Idempotency-Key was already used for a different request (job {job_id})"
+            ))),
+            CreateOutcome::ColumnBusy { job_id } => Err(Error::Conflict(format!(
+                "column '{}' of table '{}' is already being backfilled by job {job_id}; wait for it or cancel it",
+                job.spec.column,
+                submit.table.display()
+            ))),
+        }
+    }
+
+    fn queue_of(
+        &self,
+        request: &AlterTableBackfillColumnsRequest,
+    ) -> Result<Arc<dyn TaskQueue>, Error> {
+        let cluster = request.cluster.clone().flatten();
+        self.queues.for_cluster(cluster.as_deref()).ok_or_else(|| {
+            Error::invalid_input(format!(
+                "field 'cluster': unknown cluster '{}' (known: default{})",
+                cluster.clone().unwrap_or_default(),
+                self.queues
+                    .cluster_names()
+                    .iter()
+                    .map(|c| format!(", {c}"))
+                    .collect::<String>()
+            ))
+        })
+    }
+
+    fn check_manifest(&self, request: &AlterTableBackfillColumnsRequest) -> Result<(), Error> {
+        let Some(manifest) = request.manifest.clone().flatten() else {
+            return Ok(());
+        };
+        if self.settings.manifests.contains(&manifest) {
+            return Ok(());
+        }
+        Err(Error::invalid_input(format!(
+            "field 'manifest': unknown manifest '{manifest}' (known: {})",
+            if self.settings.manifests.is_empty() {
+                "none".to_string()
+            } else {
+                self.settings.manifests.join(", ")
+            }
+        )))
+    }
+
+    /// Opens the table as the job will read it and plans the work.
+    async fn plan(
+        &self,
+        table: &TableId,
+        request: &AlterTableBackfillColumnsRequest,
+    ) -> Result<Planned, Error> {
+        let uri = self.catalog.locate(table).await?;
+        let branch = request
+            .branch
+            .clone()
+            .filter(|b| branch_name(Some(b)).is_some());
+        let dataset = self
+            .open_for_backfill(&uri, branch.as_deref(), request.read_version.flatten())
+            .await?;
+        let dataset = Arc::new(dataset);
+        self.catalog.pin(&uri, branch.as_deref(), dataset.clone());
+        let target = resolve_target(dataset.schema(), &request.column)?;
+        let filter = match request.r#where.clone().flatten() {
+            Some(text) if text.trim().is_empty() => {
+                return Err(Error::invalid_input("field 'where' must not be empty"));
+            }
+            other => other,
+        };
+        let program = Program::compile(dataset.schema(), &target, filter.as_deref())?;
+        let num_frags = request
+            .num_frags
+            .flatten()
+            .filter(|n| *n > 0)
+            .map(|n| n as u64);
+        let fragments = plan::fragments(&dataset, num_frags)
+            .await
+            .map_err(|err| Error::from_lance(err, "listing fragments"))?;
+        Ok(Planned {
+            uri,
+            branch,
+            read_version: dataset.version().version,
+            program,
+            fragments,
+        })
+    }
+
+    /// Queues the new job's work (or ends it at once when it has none).
+    async fn start(
+        &self,
+        job: &Job,
+        fragments: &[PlannedFragment],
+        queue: &Arc<dyn TaskQueue>,
+    ) -> Result<SubmitOutcome, Error> {
+        let job_id = job.job_id.clone();
+        if job.spec.plan.fragments == 0 {
+            self.store
+                .transition(
+                    &job_id,
+                    JobState::Done,
+                    Some("done: no fragment to fill"),
+                    None,
+                )
+                .await
+                .map_err(store_unavailable)?;
+            return Ok(SubmitOutcome::Created { job_id });
+        }
+        let messages = if job.spec.plan.fanned_out {
+            vec![Message::plan(&job_id, 0, job.spec.plan.fragments)]
+        } else {
+            plan::tasks(fragments, job.spec.params.task_size)
+                .into_iter()
+                .map(|task| Message::run(&job_id, task))
+                .collect()
+        };
+        let outgoing = messages.iter().map(Outgoing::message).collect();
+        if let Err(err) = queue.send_many(outgoing).await {
+            return Err(self.unqueued(&job_id, err).await);
+        }
+        info!(%job_id, table = %job.spec.table_id.display(), column = %job.spec.column, tasks = job.spec.plan.tasks, "job accepted");
+        Ok(SubmitOutcome::Created { job_id })
+    }
+
+    /// A job whose tasks could not be queued is marked FAILED at once.
+    async fn unqueued(&self, job_id: &str, err: anyhow::Error) -> Error {
+        let reason = format!("could not queue the job's tasks: {err:#}");
+        warn!(%job_id, %reason);
+        let _ = self
+            .store
+            .transition(
+                job_id,
+                JobState::Failed,
+                Some(&format!("failed: {reason}")),
+                Some(&reason),
+            )
+            .await;
+        Error::transient(format!("{reason}; the job was marked FAILED, submit again"))
+    }
+
+    /// A submit that died between recording its job and queueing the tasks
+    /// leaves a PENDING job with no work done; its retry (same
+    /// Idempotency-Key) queues the tasks again, through one planning
+    /// message. Tasks are idempotent, so a needless repeat costs only time.
+    async fn requeue_if_stalled(
+        &self,
+        job_id: &str,
+        queue: &Arc<dyn TaskQueue>,
+    ) -> Result<(), Error> {
+        let Some(job) = self
+            .store
+            .get_job(job_id)
+            .await
+            .map_err(store_unavailable)?
+        else {
+            return Ok(());
+        };
+        let untouched =
+            job.metrics.get(Counter::TasksDone) == 0 && job.metrics.get(Counter::RowsComputed) == 0;
+        if job.state != JobState::Pending || !untouched || job.spec.plan.fragments == 0 {
+            return Ok(());
+        }
+        let message = Message::plan(job_id, 0, job.spec.plan.fragments);
+        queue
+            .send_many(vec![Outgoing::message(&message)])
+            .await
+            .map_err(|err| Error::transient(format!("could not queue the job's tasks: {err:#}")))
+    }
+
+    async fn open_for_backfill(
+        &self,
+        uri: &str,
+        branch: Option<&str>,
+        version: Option<i32>,
+    ) -> Result<Dataset, Error> {
+        if let Some(branch) = branch {
+            self.check_branch(uri, branch).await?;
+        }
+        match version {
+            Some(v) if v < 1 => Err(Error::not_found(
+                Missing::Version,
+                format!("field 'read_version': version {v} does not exist (versions start at 1)"),
+            )),
+            Some(v) => match self.catalog.at_version(uri, branch, v as u64).await {
+                Ok(dataset) => Ok(dataset.as_ref().clone()),
+                Err(err) => match Error::from_lance(err, "field 'read_version'") {
+                    Error::Internal(_) | Error::NotFound { .. } => Err(Error::not_found(
+                        Missing::Version,
+                        format!("field 'read_version': version {v} of the table does not exist"),
+                    )),
+                    other => Err(other),
+                },
+            },
+            None => self
+                .catalog
+                .latest(uri, branch)
+                .await
+                .map_err(|err| Error::from_lance(err, "opening the table")),
+        }
+    }
+
+    async fn check_branch(&self, uri: &str, branch: &str) -> Result<(), Error> {
+        let main = self
+            .catalog
+            .latest(uri, None)
+            .await
+            .map_err(|err| Error::from_lance(err, "opening the table"))?;
+        let branches = main
+            .list_branches()
+            .await
+            .map_err(|err| Error::from_lance(err, "listing branches"))?;
+        if !branches.contains_key(branch) {
+            return Err(Error::not_found(
+                Missing::Branch,
+                format!("field 'branch': the table has no branch '{branch}'"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_id(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> Result<(), Error> {
+    match &request.id {
+        Some(body_id) if body_id != &table.0 => Err(Error::invalid_input(format!(
+            "field 'id' ({body_id:?}) does not match the table in the path ({:?})",
+            table.0
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A digest of what the request asks for, to tell a retry from a new request
+/// under the same idempotency key.
+fn fingerprint(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> String {
+    let mut canonical = request.clone();
+    canonical.identity = None;
+    canonical.id = None;
+    let mut hasher = Sha256::new();
+    hasher.update(table.key().as_bytes());
+    hasher.update([0]);
+    hasher.update(serde_json::to_vec(&canonical).unwrap_or_default());
+    hex::encode(hasher.finalize())
+}
+
+fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params) -> Job {
+    let now = now_rfc3339();
+    let fragments = &planned.fragments;
+    let tasks = plan::task_count(fragments, params.task_size);
+    let rows: u64 = fragments.iter().map(|f| f.physical_rows).sum();
+    let mut metrics = Metrics::default();
+    metrics.set(Counter::FragmentsTotal, fragments.len() as i64);
+    metrics.set(Counter::TasksTotal, tasks as i64);
+    metrics.set(Counter::RowsTotal, rows as i64);
+    metrics.set(
+        Counter::CommitsPlanned,
+        params.commits_expected(fragments.len() as u64) as i64,
+    );
+    let event = format!(
+        "planned {tasks} tasks over {} fragments ({rows} rows) at version {}",
+        fragments.len(),
+        planned.read_version
+    );
+    Job {
+        job_id: new_job_id(),
+        spec: JobSpec {
+            table_id: submit.table.clone(),
+            table_uri: planned.uri.clone(),
+            branch: planned.branch.clone(),
+            column: planned.program.column.clone(),
+            expression: planned.program.expression.clone(),
+            filter: planned.program.filter.clone(),
+            read_version: planned.read_version,
+            params,
+            submitted_by: submit.submitted_by.clone(),
+            plan: PlanSummary {
+                fragments: fragments.len() as u64,
+                tasks,
+                rows,
+                fanned_out: false,
+            },
+        },
+        state: JobState::Pending,
+        created_at: now.clone(),
+        updated_at: now.clone(),
+        started_at: None,
+        finished_at: None,
+        error: None,
+        metrics,
+        events: vec![JobEvent {
+            at: now,
+            message: event,
+        }],
+    }
+}
