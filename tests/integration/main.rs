@@ -6,6 +6,8 @@ mod api_jobs;
 mod crash;
 mod fuzz;
 mod official_client;
+mod queue_conformance;
 mod reliability;
+mod store_conformance;
 mod template;
 mod worker_runs;

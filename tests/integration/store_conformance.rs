@@ -1,0 +1,432 @@
+//! One contract, two adapters: every `JobStore` behaviour the engine relies
+//! on, checked against the embedded SQLite store and against DynamoDB (moto).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lance_backfill::embedded::EmbeddedDb;
+use lance_backfill::job::{
+    Counter, Job, JobSpec, JobState, Metrics, MetricsDelta, Params, PlanSummary, new_job_id,
+    now_rfc3339,
+};
+use lance_backfill::store::{
+    CreateOutcome, FragmentStatus, IdempotencyClaim, JobStore, SqliteJobStore, StagedFragment,
+    StoreError,
+};
+use lance_backfill::table::TableId;
+use lance_backfill_tests::Moto;
+use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
+
+/// A store under test and what keeps it alive.
+struct Adapter {
+    store: Arc<dyn JobStore>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn sqlite() -> Adapter {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = EmbeddedDb::open(&dir.path().join("state.db")).expect("open state");
+    Adapter {
+        store: Arc::new(SqliteJobStore::new(db)),
+        _dir: Some(dir),
+    }
+}
+
+async fn dynamodb() -> Adapter {
+    let (store, _) = Moto::connect().await.fresh_store().await;
+    Adapter {
+        store: Arc::new(store),
+        _dir: None,
+    }
+}
+
+/// Runs each named check against both adapters: `sqlite::<name>` and
+/// `dynamodb::<name>`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::sqlite().await).await
+                }
+            )*
+        }
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::dynamodb().await).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    create_replays_and_refuses,
+    a_column_is_free_again_once_its_job_ends,
+    counters_add_up_under_concurrency,
+    transitions_follow_the_state_machine,
+    leases_are_exclusive_expire_and_renew,
+    tasks_and_fragments_are_recorded_once,
+    committed_fragments_leave_the_staged_list,
+    listing_pages_newest_first,
+    missing_jobs_and_bad_tokens,
+);
+
+fn job(table: &str, column: &str) -> Job {
+    let params = Params::effective(&AlterTableBackfillColumnsRequest::new(column.into()), 4)
+        .expect("default parameters");
+    let mut metrics = Metrics::default();
+    metrics.set(Counter::FragmentsTotal, 4);
+    metrics.set(Counter::RowsTotal, 400);
+    let now = now_rfc3339();
+    Job {
+        job_id: new_job_id(),
+        spec: JobSpec {
+            table_id: TableId(vec!["ns".into(), table.into()]),
+            table_uri: format!("/tmp/{table}.lance"),
+            branch: None,
+            column: column.into(),
+            expression: "x + 1".into(),
+            filter: format!("{column} IS NULL"),
+            read_version: 3,
+            params,
+            submitted_by: "tester".into(),
+            plan: PlanSummary {
+                fragments: 4,
+                tasks: 4,
+                rows: 400,
+                fanned_out: false,
+            },
+        },
+        state: JobState::Pending,
+        created_at: now.clone(),
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+        error: None,
+        metrics,
+        events: Vec::new(),
+    }
+}
+
+fn claim(key: &str, fingerprint: &str) -> IdempotencyClaim {
+    IdempotencyClaim {
+        key: key.into(),
+        fingerprint: fingerprint.into(),
+    }
+}
+
+fn staged(fragment_id: u64, rows: u64) -> StagedFragment {
+    StagedFragment {
+        fragment_id,
+        data_file: serde_json::json!({"path": format!("{fragment_id}.lance")}),
+        rows,
+    }
+}
+
+async fn create_replays_and_refuses(adapter: Adapter) {
+    let store = adapter.store;
+    let first = job("t", "y");
+    let created = store
+        .create_job(&first, Some(&claim("k1", "f1")))
+        .await
+        .unwrap();
+    assert_eq!(created, CreateOutcome::Created);
+    let stored = store.get_job(&first.job_id).await.unwrap().unwrap();
+    assert_eq!(stored.spec, first.spec);
+    assert_eq!(stored.state, JobState::Pending);
+    assert_eq!(stored.metrics.get(Counter::FragmentsTotal), 4);
+    // The same key and request: the first job.
+    let again = store
+        .create_job(&job("t", "y"), Some(&claim("k1", "f1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        CreateOutcome::Replayed {
+            job_id: first.job_id.clone()
+        }
+    );
+    // The same key, another request.
+    let other = store
+        .create_job(&job("t", "y"), Some(&claim("k1", "f2")))
+        .await
+        .unwrap();
+    assert_eq!(
+        other,
+        CreateOutcome::IdempotencyMismatch {
+            job_id: first.job_id.clone()
+        }
+    );
+    // Another key, the same column: busy.
+    let busy = store
+        .create_job(&job("t", "y"), Some(&claim("k2", "f1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        busy,
+        CreateOutcome::ColumnBusy {
+            job_id: first.job_id.clone()
+        }
+    );
+    // Another column of the same table is free.
+    let z = store.create_job(&job("t", "z"), None).await.unwrap();
+    assert_eq!(z, CreateOutcome::Created);
+}
+
+async fn a_column_is_free_again_once_its_job_ends(adapter: Adapter) {
+    let store = adapter.store;
+    let first = job("t", "y");
+    store.create_job(&first, None).await.unwrap();
+    let moved = store
+        .transition(&first.job_id, JobState::Cancelled, Some("cancelled"), None)
+        .await
+        .unwrap();
+    assert_eq!(moved, Some(JobState::Pending));
+    let second = job("t", "y");
+    assert_eq!(
+        store.create_job(&second, None).await.unwrap(),
+        CreateOutcome::Created
+    );
+}
+
+async fn counters_add_up_under_concurrency(adapter: Adapter) {
+    let store = adapter.store;
+    let job = job("t", "y");
+    store.create_job(&job, None).await.unwrap();
+    let adds = (0..20).map(|i| {
+        let store = store.clone();
+        let job_id = job.job_id.clone();
+        tokio::spawn(async move {
+            let delta = MetricsDelta::new()
+                .add(Counter::RowsComputed, 10)
+                .add(Counter::RowsCheckpointed, i);
+            store.add_metrics(&job_id, &delta).await.unwrap()
+        })
+    });
+    for add in adds.collect::<Vec<_>>() {
+        add.await.unwrap();
+    }
+    let metrics = store
+        .add_metrics(&job.job_id, &MetricsDelta::new())
+        .await
+        .unwrap();
+    assert_eq!(metrics.get(Counter::RowsComputed), 200);
+    assert_eq!(
+        metrics.get(Counter::RowsCheckpointed),
+        (0..20).sum::<i64>() as u64
+    );
+    assert_eq!(metrics.get(Counter::FragmentsTotal), 4);
+    let after = store
+        .add_metrics(
+            &job.job_id,
+            &MetricsDelta::new().add(Counter::CommitsDone, 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.get(Counter::CommitsDone), 1);
+    assert_eq!(after.get(Counter::RowsComputed), 200);
+}
+
+async fn transitions_follow_the_state_machine(adapter: Adapter) {
+    let store = adapter.store;
+    let job = job("t", "y");
+    store.create_job(&job, None).await.unwrap();
+    let id = job.job_id.as_str();
+    assert_eq!(
+        store
+            .transition(id, JobState::Running, Some("running"), None)
+            .await
+            .unwrap(),
+        Some(JobState::Pending)
+    );
+    // Not allowed: back to PENDING, or RUNNING again.
+    assert_eq!(
+        store
+            .transition(id, JobState::Pending, None, None)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .transition(id, JobState::Running, None, None)
+            .await
+            .unwrap(),
+        None
+    );
+    store.add_event(id, "an event").await.unwrap();
+    assert_eq!(
+        store
+            .transition(id, JobState::Failed, Some("failed: boom"), Some("boom"))
+            .await
+            .unwrap(),
+        Some(JobState::Running)
+    );
+    // Terminal states are final.
+    assert_eq!(
+        store
+            .transition(id, JobState::Done, None, None)
+            .await
+            .unwrap(),
+        None
+    );
+    let stored = store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(stored.state, JobState::Failed);
+    assert_eq!(stored.error.as_deref(), Some("boom"));
+    assert!(stored.started_at.is_some() && stored.finished_at.is_some());
+    let events: Vec<&str> = stored.events.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(events, vec!["running", "an event", "failed: boom"]);
+}
+
+async fn leases_are_exclusive_expire_and_renew(adapter: Adapter) {
+    let store = adapter.store;
+    let job = job("t", "y");
+    store.create_job(&job, None).await.unwrap();
+    let id = job.job_id.as_str();
+    let ttl = Duration::from_millis(1500);
+    assert!(store.try_lease(id, "commit", "a", ttl).await.unwrap());
+    assert!(!store.try_lease(id, "commit", "b", ttl).await.unwrap());
+    // Other names are independent; the owner renews.
+    assert!(store.try_lease(id, "slot-0", "b", ttl).await.unwrap());
+    assert!(store.try_lease(id, "commit", "a", ttl).await.unwrap());
+    // Only the owner releases.
+    store.release_lease(id, "commit", "b").await.unwrap();
+    assert!(!store.try_lease(id, "commit", "b", ttl).await.unwrap());
+    store.release_lease(id, "commit", "a").await.unwrap();
+    assert!(store.try_lease(id, "commit", "b", ttl).await.unwrap());
+    // An expired lease goes to whoever asks.
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    assert!(store.try_lease(id, "commit", "c", ttl).await.unwrap());
+    assert!(!store.try_lease(id, "commit", "b", ttl).await.unwrap());
+}
+
+async fn tasks_and_fragments_are_recorded_once(adapter: Adapter) {
+    let store = adapter.store;
+    let job = job("t", "y");
+    store.create_job(&job, None).await.unwrap();
+    let id = job.job_id.as_str();
+    let first = store.mark_task_done(id, 7, 0).await.unwrap();
+    assert!(first.newly_done);
+    assert_eq!(first.tasks_done, 1);
+    let repeated = store.mark_task_done(id, 7, 0).await.unwrap();
+    assert!(!repeated.newly_done);
+    assert_eq!(repeated.tasks_done, 1);
+    let second = store.mark_task_done(id, 7, 2).await.unwrap();
+    assert_eq!(second.tasks_done, 2);
+    let record = store.get_fragment(id, 7).await.unwrap();
+    assert_eq!(record.status, FragmentStatus::Open);
+    assert_eq!(record.tasks_done, vec![0, 2]);
+    assert!(store.stage_fragment(id, &staged(7, 100)).await.unwrap());
+    assert!(!store.stage_fragment(id, &staged(7, 100)).await.unwrap());
+    assert!(!store.skip_fragment(id, 7).await.unwrap());
+    assert!(store.skip_fragment(id, 8).await.unwrap());
+    assert!(!store.stage_fragment(id, &staged(8, 100)).await.unwrap());
+    assert_eq!(
+        store.get_fragment(id, 7).await.unwrap().status,
+        FragmentStatus::Staged
+    );
+    assert_eq!(
+        store.get_fragment(id, 8).await.unwrap().status,
+        FragmentStatus::Skipped
+    );
+    let metrics = store.get_job(id).await.unwrap().unwrap().metrics;
+    assert_eq!(metrics.get(Counter::TasksDone), 2);
+    assert_eq!(metrics.get(Counter::FragmentsStaged), 1);
+    assert_eq!(metrics.get(Counter::FragmentsSkipped), 1);
+}
+
+async fn committed_fragments_leave_the_staged_list(adapter: Adapter) {
+    let store = adapter.store;
+    let job = job("t", "y");
+    store.create_job(&job, None).await.unwrap();
+    let id = job.job_id.as_str();
+    for fragment in [3, 1, 2, 60] {
+        assert!(
+            store
+                .stage_fragment(id, &staged(fragment, 100))
+                .await
+                .unwrap()
+        );
+    }
+    let listed = store.staged_fragments(id).await.unwrap();
+    let ids: Vec<u64> = listed.iter().map(|s| s.fragment_id).collect();
+    assert_eq!(ids, vec![1, 2, 3, 60]);
+    assert_eq!(listed[0], staged(1, 100));
+    store
+        .mark_committed(id, &[staged(1, 100), staged(3, 100)])
+        .await
+        .unwrap();
+    // Again (a committer whose lease expired under it): counted once.
+    store
+        .mark_committed(id, &[staged(1, 100), staged(2, 100)])
+        .await
+        .unwrap();
+    let rest: Vec<u64> = store
+        .staged_fragments(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.fragment_id)
+        .collect();
+    assert_eq!(rest, vec![60]);
+    let metrics = store.get_job(id).await.unwrap().unwrap().metrics;
+    assert_eq!(metrics.get(Counter::FragmentsCommitted), 3);
+    assert_eq!(metrics.get(Counter::RowsCommitted), 300);
+    assert_eq!(metrics.fragments_pending_commit(), 1);
+    assert_eq!(
+        store.get_fragment(id, 2).await.unwrap().status,
+        FragmentStatus::Committed
+    );
+}
+
+async fn listing_pages_newest_first(adapter: Adapter) {
+    let store = adapter.store;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let job = job("listed", &format!("c{i}"));
+        store.create_job(&job, None).await.unwrap();
+        ids.push(job.job_id);
+        // Creation times differ, so the order is by time.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    store.create_job(&job("other", "c0"), None).await.unwrap();
+    let key = TableId(vec!["ns".into(), "listed".into()]).key();
+    let mut seen = Vec::new();
+    let mut token = None;
+    let mut pages = 0;
+    loop {
+        let page = store.list_jobs(&key, 3, token.as_deref()).await.unwrap();
+        pages += 1;
+        assert!(page.jobs.len() <= 3);
+        seen.extend(page.jobs.into_iter().map(|j| j.job_id));
+        token = page.next_page_token;
+        if token.is_none() {
+            break;
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids);
+    assert_eq!(pages, 3);
+}
+
+async fn missing_jobs_and_bad_tokens(adapter: Adapter) {
+    let store = adapter.store;
+    assert!(store.get_job(&new_job_id()).await.unwrap().is_none());
+    let key = TableId(vec!["ns".into(), "t".into()]).key();
+    let err = store
+        .list_jobs(&key, 10, Some("not-a-token"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::BadPageToken), "{err:?}");
+    assert_eq!(
+        store
+            .transition(&new_job_id(), JobState::Running, None, None)
+            .await
+            .unwrap(),
+        None
+    );
+}
