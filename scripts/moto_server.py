@@ -9,6 +9,9 @@ backends with four additions, each in its own section below:
    restores a copy of the whole table taken before it started. Two
    concurrent requests can then see each other half-done or undo each other,
    which DynamoDB never allows. DynamoDB item operations run under one lock.
+   That copy also made every transaction cost the size of its tables (a job
+   filling one table was quadratic); a transaction here saves and restores
+   only the items it touches instead (``undo_transactions_by_item``).
 
 2. **Fault injection**, seeded and rate-controlled: transaction conflicts,
    throttling, internal errors and item conflicts (DynamoDB); internal
@@ -19,7 +22,7 @@ backends with four additions, each in its own section below:
 
    - ``POST /_faults``        body replaces the config, reseeds the RNGs,
                               zeroes the counters
-   - ``GET /_faults``         config and counters of injected faults
+   - ``GET /_faults``         config, counters of injected faults, settings
    - ``POST /_faults/reset``  no faults, counters zero
 
    Config (rates are probabilities per eligible request, absent = 0)::
@@ -27,7 +30,8 @@ backends with four additions, each in its own section below:
      {"seed": 7,
       "dynamodb": {"transaction_conflict": 0.25, "throttling": 0.05,
                    "internal_error": 0.02, "item_conflict": 0.05,
-                   "operations": ["TransactWriteItems", "UpdateItem"]},
+                   "operations": ["TransactWriteItems", "UpdateItem"],
+                   "page_bytes": 65536},
       "sqs": {"internal_error": 0.05, "empty_receive": 0.2,
               "lost_delete": 0.1, "operations": ["ReceiveMessage"]},
       "s3": {"slow_down": 0.05, "methods": ["GET", "PUT"]},
@@ -41,6 +45,11 @@ backends with four additions, each in its own section below:
    sequence always give the same faults, and enabling one kind does not
    change the draws of another (a request two kinds hit gets the first of
    internal error, throttling, conflict; empty receive after internal error).
+
+   ``dynamodb.page_bytes`` is not a fault but the Query/Scan page size of
+   section 3 (a positive integer, default 1,048,576), so that tests can
+   page small tables; ``operations`` and ``tables`` do not restrict it, and
+   a config without it (``/_faults/reset`` too) restores the default.
 
 3. **Limits moto lacks** (moto 5.2.5 already refuses more than 100
    TransactWriteItems actions and more than 10 SQS batch entries; those are
@@ -59,6 +68,20 @@ backends with four additions, each in its own section below:
      total. moto 5.2.5 follows AWS's 2025 raise of the limit to 1 MiB and
      counts characters; 256 KiB is what a queue created before then (or
      with ``MaximumMessageSize`` 262144) enforces, and what our code keeps to.
+   - DynamoDB Query and Scan pages at most 1 MB (1,048,576 bytes, or
+     ``dynamodb.page_bytes``) of items read, each sized by ``item_size``.
+     A page ends before the item that would take it past the limit, even
+     with Limit not reached, and carries a LastEvaluatedKey (for an index:
+     the index keys and the table keys); an item larger than the limit is a
+     page of its own. Items are counted as read, before FilterExpression and
+     ProjectionExpression, so Count (also with ``Select: COUNT``) and
+     ScannedCount cover that page only; an index read counts its index
+     entries (the attributes the index projects), not the table's items.
+     moto 5.2.5 has the same cut, hard-wired at 1,000,000 bytes by its own
+     measure (numbers as text, no list/map overhead, whole items for
+     indexes), and raises an IndexError (a 500) if the first item of a page
+     is larger than its limit. Its loop is kept; the limit and the measure
+     are replaced (BatchGetItem's 16 MB check now uses the measure too).
 
 4. **Request log**: calls per service and operation (``dynamodb.PutItem``,
    ``sqs.ReceiveMessage``, ``s3.PUT``), faulted calls included, at
@@ -88,6 +111,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
+import moto.dynamodb.models
+import moto.dynamodb.models.table
 import moto.server
 import moto.sqs.models
 from moto.dynamodb.exceptions import (
@@ -96,7 +121,8 @@ from moto.dynamodb.exceptions import (
     MockValidationException,
 )
 from moto.dynamodb.models import DynamoDBBackend
-from moto.dynamodb.models.dynamo_type import LimitedSizeDict
+from moto.dynamodb.models.dynamo_type import DynamoType, Item, LimitedSizeDict
+from moto.dynamodb.models.table import Table
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication
 from moto.sqs.exceptions import (
     BatchRequestTooLong,
@@ -154,6 +180,8 @@ FAULT_KINDS: dict[str, dict[str, frozenset[str] | None]] = {
     "s3": {"slow_down": None},
 }
 OPERATION_FILTER = {"dynamodb": "operations", "sqs": "operations", "s3": "methods"}
+# Per service: settings that are not faults, with their defaults.
+SETTINGS: dict[str, dict[str, int]] = {"dynamodb": {"page_bytes": 1024 * 1024}}
 RESOURCE_FILTER = {"dynamodb": "tables", "sqs": "queues", "s3": "buckets"}
 
 ITEM_MAX_BYTES = 400 * 1024
@@ -196,8 +224,13 @@ def _validate_service_section(service: str, section: Any) -> None:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not ok or not 0 <= value <= 1:
                 raise ValueError(f"{service}.{key} must be a probability in [0, 1]")
+        elif key in SETTINGS.get(service, {}):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{service}.{key} must be a positive integer")
         else:
-            expected = sorted([*FAULT_KINDS[service], OPERATION_FILTER[service]])
+            expected = sorted(
+                [*FAULT_KINDS[service], *SETTINGS.get(service, {}), OPERATION_FILTER[service]]
+            )
             raise ValueError(f"unknown key {service}.{key} (expected one of {expected})")
 
 
@@ -274,6 +307,11 @@ class Faults:
             return any(w in r for r in resources for w in wanted)
         return any(r in wanted for r in resources)
 
+    def setting(self, service: str, key: str) -> int:
+        """A setting of ``SETTINGS``: the config's value, else the default."""
+        with self._lock:
+            return self._config.get(service, {}).get(key, SETTINGS[service][key])
+
     def note_error(self, injection: Injection, code: str) -> None:
         """Counts the error code a fault was answered with (for variants)."""
         with self._lock:
@@ -290,6 +328,11 @@ class Faults:
                 },
                 "eligible": dict(sorted(self._eligible.items())),
                 "errors": dict(sorted(self._errors.items())),
+                "settings": {
+                    f"{s}.{k}": self._config.get(s, {}).get(k, default)
+                    for s, defaults in SETTINGS.items()
+                    for k, default in defaults.items()
+                },
             }
 
 
@@ -751,7 +794,7 @@ def _holds_message(backend: SQSBackend, queue_name: str, receipt_handle: str) ->
 
 
 # --------------------------------------------------------------------------
-# Limits: DynamoDB item and transaction size, SQS message size
+# Limits: DynamoDB item, transaction and page size, SQS message size
 # --------------------------------------------------------------------------
 
 
@@ -765,10 +808,14 @@ def value_size(value: dict[str, Any]) -> int:
     """An AttributeValue's size: strings in UTF-8 bytes; binary in raw bytes
     (base64 decoded); numbers 1 byte per 2 significant digits plus 1 (plus 1
     if negative); BOOL and NULL 1; sets the sum of their elements; lists and
-    maps 3 bytes plus, per element, 1 byte, its key (maps) and its size."""
-    if not isinstance(value, dict) or len(value) != 1:
+    maps 3 bytes plus, per element, 1 byte, its key (maps) and its size.
+    Takes moto's stored values (``DynamoType``) as well as wire JSON."""
+    if isinstance(value, DynamoType):
+        kind, v = value.type, value.value
+    elif isinstance(value, dict) and len(value) == 1:
+        kind, v = next(iter(value.items()))
+    else:
         return len(json.dumps(value, default=str).encode())
-    kind, v = next(iter(value.items()))
     if kind == "S":
         return len(v.encode())
     if kind == "N":
@@ -901,6 +948,70 @@ def enforce_dynamodb_item_limits() -> None:
     _wrap(DynamoDBBackend, "transact_write_items", transact)
 
 
+@dataclass
+class Read:
+    """The Query or Scan a thread is running: its page limit and, for an
+    index, the attributes of its entries (None: whole items)."""
+
+    page_bytes: int
+    attributes: frozenset[str] | None
+
+
+def index_attributes(table: Table, index_name: str | None) -> frozenset[str] | None:
+    """The attributes an index's entries hold (keys of the table and the
+    index, plus NonKeyAttributes for INCLUDE), None for ALL or no index (an
+    unknown one is left to moto to refuse)."""
+    index = {i.name: i for i in table.all_indexes()}.get(index_name) if index_name else None
+    projection = (getattr(index, "projection", None) or {}).get("ProjectionType", "ALL")
+    if index is None or projection not in ("KEYS_ONLY", "INCLUDE"):
+        return None
+    keys = [table.hash_key_attr, table.range_key_attr, *index.schema_key_attrs]
+    if projection == "INCLUDE":
+        keys.extend(index.projection.get("NonKeyAttributes", []))
+    return frozenset(k for k in keys if k)
+
+
+def limit_dynamodb_pages() -> None:
+    """Query and Scan pages at most ``dynamodb.page_bytes`` of items read.
+
+    moto's Table.query and Table.scan stop a page before the item for which
+    ``result_size + item.size() > RESULT_SIZE_LIMIT`` (a module global), and
+    then return the last item's key as LastEvaluatedKey. So that loop stays
+    and is given the limit (set under the DynamoDB lock, per call) and the
+    measure: while a read runs, ``Item.size`` is the size of the index entry
+    or item by ``item_size``, at most the limit, so that an item larger than
+    the limit fills a page alone instead of failing on an empty page."""
+    query_signature = inspect.signature(Table.query)
+    scan_signature = inspect.signature(Table.scan)
+
+    def size(self: Item) -> int:
+        read = getattr(_REQUEST, "read", None)
+        if read is None:
+            return item_size(self.attrs)
+        attrs = self.attrs
+        if read.attributes is not None:
+            attrs = {k: v for k, v in attrs.items() if k in read.attributes}
+        return min(item_size(attrs), read.page_bytes)
+
+    def paged(original: Any, signature: inspect.Signature) -> Any:
+        def read(self: Table, *args: Any, **kwargs: Any) -> Any:
+            index_name = signature.bind(self, *args, **kwargs).arguments.get("index_name")
+            with _LOCK:
+                page_bytes = FAULTS.setting("dynamodb", "page_bytes")
+                moto.dynamodb.models.table.RESULT_SIZE_LIMIT = page_bytes
+                _REQUEST.read = Read(page_bytes, index_attributes(self, index_name))
+                try:
+                    return original(self, *args, **kwargs)
+                finally:
+                    _REQUEST.read = None
+
+        return read
+
+    Item.size = size
+    _wrap(Table, "query", lambda original: paged(original, query_signature))
+    _wrap(Table, "scan", lambda original: paged(original, scan_signature))
+
+
 def message_size(body: str, attributes: dict[str, Any] | None) -> int:
     """An SQS message's size: body and message attributes (names, types and
     values) in UTF-8 bytes, binary values counted as sent (base64)."""
@@ -970,6 +1081,145 @@ def enforce_sqs_message_limits() -> None:
 
 
 # --------------------------------------------------------------------------
+# Transactions: undo the items they touched, not a copy of their tables
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Saved:
+    """An item as it was before a transaction: a deep copy, or None if there
+    was none; for a table with a range key, also whether its hash key had a
+    bucket in ``Table.items`` (moto leaves empty ones, and its get_item, a
+    defaultdict lookup, makes them)."""
+
+    table: Table
+    hash_key: DynamoType
+    range_key: DynamoType | None
+    item: Item | None
+    had_bucket: bool
+
+
+class UndoLog:
+    """What a TransactWriteItems can change: each item it names (Put, Update,
+    Delete, ConditionCheck) and the records of its tables' streams.
+
+    moto keeps no other state per item: ``Table.items`` is ``{hash: Item}``,
+    or ``{hash: {range: Item}}`` with a range key, and indexes (global and
+    local) are computed from it at each read; every read sorts what it
+    returns, so the dict's order, which a restore may change, is not seen."""
+
+    def __init__(self, backend: DynamoDBBackend, transact_items: list[Any]) -> None:
+        self.saved: dict[tuple[int, DynamoType, DynamoType | None], Saved] = {}
+        self.streams: dict[int, tuple[Any, list[Any], int]] = {}
+        for action in transact_items:
+            target = _target(backend, action)
+            if target is not None:
+                self._save(*target)
+
+    def _save(self, table: Table, hash_key: DynamoType, range_key: DynamoType | None) -> None:
+        if (id(table), hash_key, range_key) in self.saved:
+            return  # moto refuses the transaction; the first copy is the one
+        if table.has_range_key:
+            bucket = table.items.get(hash_key)  # not table.items[...]: no bucket made
+            item = bucket.get(range_key) if bucket is not None else None
+        else:
+            bucket, item = None, table.items.get(hash_key)
+        self.saved[id(table), hash_key, range_key] = Saved(
+            table, hash_key, range_key, copy.deepcopy(item), bucket is not None
+        )
+        shard = table.stream_shard
+        if shard is not None and id(table) not in self.streams:
+            # the list and its length: moto appends to it (or, when a Lambda
+            # took the records, replaces it)
+            self.streams[id(table)] = (shard, shard.items, len(shard.items))
+
+    def restore(self) -> None:
+        """Puts back every saved item (or its absence) and stream."""
+        for s in self.saved.values():
+            if not s.table.has_range_key:
+                if s.item is None:
+                    s.table.items.pop(s.hash_key, None)
+                else:
+                    s.table.items[s.hash_key] = s.item
+            elif s.item is not None:
+                s.table.items[s.hash_key][s.range_key] = s.item
+            elif s.hash_key in s.table.items:
+                s.table.items[s.hash_key].pop(s.range_key, None)
+        for s in self.saved.values():
+            if s.table.has_range_key and not s.had_bucket:
+                bucket = s.table.items.get(s.hash_key)
+                if bucket is not None and not bucket:
+                    del s.table.items[s.hash_key]  # was absent, is empty again
+        for shard, records, count in self.streams.values():
+            shard.items = records[:count]
+
+
+def _target(
+    backend: DynamoDBBackend, action: Any
+) -> tuple[Table, DynamoType, DynamoType | None] | None:
+    """The table and key of a transaction's action, found as moto finds them
+    (a Put's key from its item); None for an action moto cannot apply (a
+    malformed one, an unknown table), which it reports and never writes."""
+    if not isinstance(action, dict) or len(action) != 1:
+        return None
+    kind, body = next(iter(action.items()))
+    if kind not in ("Put", "Update", "Delete", "ConditionCheck") or not isinstance(body, dict):
+        return None
+    try:
+        table = backend.get_table(body["TableName"])
+        key = body["Item"] if kind == "Put" else body["Key"]
+        return (table, *backend.get_keys_value(table, key))
+    except Exception:
+        return None
+
+
+class _TransactionCopy:
+    """The ``copy`` module as moto's DynamoDB backend sees it: while this
+    thread runs a transaction under an ``UndoLog``, ``deepcopy`` of a table
+    (moto's backup of each table the transaction names) returns the table
+    itself, so moto's rollback (putting that "copy" back in ``tables``)
+    changes nothing and the log restores what the transaction wrote."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(copy, name)
+
+    def deepcopy(self, x: Any, memo: Any = None) -> Any:
+        if isinstance(x, Table) and getattr(_REQUEST, "undo", None) is not None:
+            return x
+        return copy.deepcopy(x, memo)
+
+
+def undo_transactions_by_item() -> None:
+    """TransactWriteItems saves the items it touches and, if it fails in any
+    way (a cancellation, a refusal after some writes, a size limit), restores
+    them and raises what moto raised; moto's copy of whole tables is skipped.
+    Applied first, so it runs inside the size checks and the lock."""
+    models = moto.dynamodb.models
+    source = inspect.getsource(DynamoDBBackend.transact_write_items)
+    if models.copy is not copy or "copy.deepcopy(" not in source:
+        raise RuntimeError("moto's transact_write_items no longer copies tables as expected")
+    models.copy = _TransactionCopy()
+
+    def undo(original: Any) -> Any:
+        def transact_write_items(self: DynamoDBBackend, transact_items: list[Any]) -> Any:
+            if not isinstance(transact_items, list) or len(transact_items) > 100:
+                return original(self, transact_items)  # moto refuses it, writing nothing
+            log = UndoLog(self, transact_items)
+            _REQUEST.undo = log
+            try:
+                return original(self, transact_items)
+            except BaseException:
+                log.restore()
+                raise
+            finally:
+                _REQUEST.undo = None
+
+        return transact_write_items
+
+    _wrap(DynamoDBBackend, "transact_write_items", undo)
+
+
+# --------------------------------------------------------------------------
 # Isolation: DynamoDB item operations one at a time
 # --------------------------------------------------------------------------
 
@@ -1012,7 +1262,9 @@ def main(argv: list[str]) -> None:
         FAULTS.configure(validate_config(json.loads(os.environ.get("MOTO_FAULTS") or "{}")))
     except (ValueError, TypeError) as e:
         sys.exit(f"MOTO_FAULTS: {e}")
+    undo_transactions_by_item()
     enforce_dynamodb_item_limits()
+    limit_dynamodb_pages()
     enforce_sqs_message_limits()
     inject_sqs_backend_faults()
     isolate_dynamodb_requests()

@@ -1,4 +1,5 @@
-"""Tests of scripts/moto_server.py: injected faults, limits, request log.
+"""Tests of scripts/moto_server.py: injected faults, limits, transaction rollback,
+request log.
 
 Starts the server on a free port (as scripts/moto.sh does) and talks to it
 with boto3, retries off, so each call is one request. Run with the project
@@ -167,6 +168,7 @@ def put(table_name: str, pk: str, **attributes: dict) -> dict:
 
 def test_moto_faults_from_the_environment_apply_at_start(server: Moto) -> None:
     assert server.initial_faults["config"] == INITIAL_FAULTS
+    assert server.initial_faults["settings"] == {"dynamodb.page_bytes": 1_048_576}
 
 
 def test_bad_configs_are_refused_and_the_old_one_kept(moto: Moto) -> None:
@@ -175,6 +177,10 @@ def test_bad_configs_are_refused_and_the_old_one_kept(moto: Moto) -> None:
         {"dynamodb": {"throttling": 2}},
         {"dynamodb": {"throtling": 0.1}},
         {"sqs": {"operations": "ReceiveMessage"}},
+        {"dynamodb": {"page_bytes": 0}},
+        {"dynamodb": {"page_bytes": 1.5}},
+        {"dynamodb": {"page_bytes": True}},
+        {"sqs": {"page_bytes": 1024}},
         {"colour": "red"},
         [1],
     ):
@@ -577,6 +583,181 @@ def test_sqs_messages_are_at_most_262144_bytes(moto: Moto) -> None:
     assert len(receive(moto, url)) == 1  # only the first message was sent
 
 
+# --- DynamoDB pages ------------------------------------------------------------
+
+ITEM_BYTES = 40 * 1024  # each item of the paged table, by DynamoDB's rules
+PAGE_ITEMS = 1_048_576 // ITEM_BYTES  # 25 such items make a 1 MB page
+ITEMS = 60
+BY_PK = {"KeyConditionExpression": "pk = :p", "ExpressionAttributeValues": {":p": {"S": "p"}}}
+BY_G = {
+    "IndexName": "by_g",
+    "KeyConditionExpression": "g = :g",
+    "ExpressionAttributeValues": {":g": {"S": "g"}},
+}
+
+
+def paged_item(i: int) -> dict:
+    """Item i: table key (p, s<i>), index key (g, t<i % 7>: ties, which the
+    table key orders), and a string that makes it ITEM_BYTES."""
+    key = {"pk": "p", "sk": f"s{i:03d}", "g": "g", "gs": f"t{i % 7}"}
+    filler = ITEM_BYTES - sum(len(k) + len(v) for k, v in key.items()) - len("v")
+    return {**{k: {"S": v} for k, v in key.items()}, "v": {"S": "x" * filler}}
+
+
+@pytest.fixture(scope="module")
+def paged(server: Moto) -> str:
+    """A table of ITEMS items in one partition, with an index on (g, gs)
+    projecting everything and one projecting keys only."""
+    server.call("POST", "/_faults/reset")
+    ddb, t = server.clients["dynamodb"], name("paged")
+    index_key = [
+        {"AttributeName": "g", "KeyType": "HASH"},
+        {"AttributeName": "gs", "KeyType": "RANGE"},
+    ]
+    ddb.create_table(
+        TableName=t,
+        KeySchema=[
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": a, "AttributeType": "S"} for a in ("pk", "sk", "g", "gs")
+        ],
+        GlobalSecondaryIndexes=[
+            {"IndexName": "by_g", "KeySchema": index_key, "Projection": {"ProjectionType": "ALL"}},
+            {
+                "IndexName": "keys",
+                "KeySchema": index_key,
+                "Projection": {"ProjectionType": "KEYS_ONLY"},
+            },
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    for i in range(ITEMS):
+        ddb.put_item(TableName=t, Item=paged_item(i))
+    return t
+
+
+def pages(moto: Moto, operation: str, **params) -> list[dict]:
+    """Every page of a Query or Scan, following LastEvaluatedKey."""
+    result = []
+    while True:
+        page = getattr(moto.clients["dynamodb"], operation)(**params)
+        result.append(page)
+        if "LastEvaluatedKey" not in page:
+            return result
+        assert len(result) <= ITEMS, "paging does not end"
+        params = {**params, "ExclusiveStartKey": page["LastEvaluatedKey"]}
+
+
+def sort_keys(page_list: list[dict]) -> list[str]:
+    return [item["sk"]["S"] for page in page_list for item in page["Items"]]
+
+
+def test_a_query_page_stops_at_1_mb_before_its_limit(moto: Moto, paged: str) -> None:
+    ddb = moto.clients["dynamodb"]
+    page = ddb.query(TableName=paged, Limit=100, **BY_PK)
+    assert PAGE_ITEMS == 25 and page["Count"] == page["ScannedCount"] == PAGE_ITEMS
+    assert [item["sk"]["S"] for item in page["Items"]] == [f"s{i:03d}" for i in range(25)]
+    assert page["Items"][0] == paged_item(0)
+    assert page["LastEvaluatedKey"] == {"pk": {"S": "p"}, "sk": {"S": "s024"}}
+    page = ddb.query(TableName=paged, Limit=10, **BY_PK)  # Limit first when it is smaller
+    assert page["Count"] == 10 and page["LastEvaluatedKey"]["sk"] == {"S": "s009"}
+    start = {"pk": {"S": "p"}, "sk": {"S": "s050"}}  # any key, not only a returned one
+    page = ddb.query(TableName=paged, ExclusiveStartKey=start, **BY_PK)
+    assert sort_keys([page]) == [f"s{i:03d}" for i in range(51, ITEMS)]
+    assert "LastEvaluatedKey" not in page
+    backward = pages(
+        moto,
+        "query",
+        TableName=paged,
+        ScanIndexForward=False,
+        KeyConditionExpression="pk = :p AND sk BETWEEN :lo AND :hi",
+        ExpressionAttributeValues={":p": {"S": "p"}, ":lo": {"S": "s005"}, ":hi": {"S": "s054"}},
+    )
+    assert [p["Count"] for p in backward] == [25, 25, 0]  # the cut came at the range's end
+    assert sort_keys(backward) == [f"s{i:03d}" for i in range(54, 4, -1)]
+
+
+@pytest.mark.parametrize("limit", [None, 100])
+@pytest.mark.parametrize("forward", [True, False], ids=["forward", "backward"])
+@pytest.mark.parametrize("index", [False, True], ids=["table", "index"])
+def test_query_pages_read_every_item_once_in_order(
+    moto: Moto, paged: str, index: bool, forward: bool, limit: int | None
+) -> None:
+    params = {"TableName": paged, "ScanIndexForward": forward, **(BY_G if index else BY_PK)}
+    if limit is not None:
+        params["Limit"] = limit
+    result = pages(moto, "query", **params)
+    assert [p["Count"] for p in result] == [25, 25, 10]
+    keys = {"pk", "sk", "g", "gs"} if index else {"pk", "sk"}
+    assert [set(p["LastEvaluatedKey"]) for p in result[:-1]] == [keys, keys]
+    items = [item for p in result for item in p["Items"]]
+    for p in result[:-1]:  # the key of the page's last item
+        assert p["LastEvaluatedKey"] == {k: p["Items"][-1][k] for k in keys}
+    assert sorted(sort_keys(result)) == [f"s{i:03d}" for i in range(ITEMS)]  # each once
+    order = [item["gs" if index else "sk"]["S"] for item in items]
+    assert order == sorted(order, reverse=not forward)
+
+
+def test_scan_pages_read_every_item_once(moto: Moto, paged: str) -> None:
+    table_pages = pages(moto, "scan", TableName=paged)
+    assert [p["Count"] for p in table_pages] == [25, 25, 10]
+    assert sort_keys(table_pages) == [f"s{i:03d}" for i in range(ITEMS)]
+    assert table_pages[0]["LastEvaluatedKey"] == {"pk": {"S": "p"}, "sk": {"S": "s024"}}
+    index_pages = pages(moto, "scan", TableName=paged, IndexName="by_g", Limit=40)
+    assert [p["Count"] for p in index_pages] == [25, 25, 10]
+    assert set(index_pages[0]["LastEvaluatedKey"]) == {"pk", "sk", "g", "gs"}
+    assert sorted(sort_keys(index_pages)) == [f"s{i:03d}" for i in range(ITEMS)]
+
+
+def test_index_pages_count_index_entries(moto: Moto, paged: str) -> None:
+    page = moto.clients["dynamodb"].query(TableName=paged, **{**BY_G, "IndexName": "keys"})
+    assert page["Count"] == ITEMS and "LastEvaluatedKey" not in page  # 60 small entries
+    assert set(page["Items"][0]) == {"pk", "sk", "g", "gs"}
+
+
+def test_count_and_filters_cover_one_page(moto: Moto, paged: str) -> None:
+    counted = pages(moto, "query", TableName=paged, Select="COUNT", **BY_PK)
+    assert [(p["Count"], p["ScannedCount"]) for p in counted] == [(25, 25), (25, 25), (10, 10)]
+    assert all("Items" not in p for p in counted)
+    assert counted[0]["LastEvaluatedKey"] == {"pk": {"S": "p"}, "sk": {"S": "s024"}}
+    filtered = pages(
+        moto,
+        "scan",
+        TableName=paged,
+        Select="COUNT",
+        FilterExpression="gs = :t",
+        ExpressionAttributeValues={":t": {"S": "t0"}},
+    )  # the page limit counts the items read, not those the filter keeps
+    assert [(p["Count"], p["ScannedCount"]) for p in filtered] == [
+        (4, 25),
+        (4, 25),
+        (1, 10),
+    ]  # i % 7 == 0
+    projected = pages(moto, "query", TableName=paged, ProjectionExpression="sk", **BY_PK)
+    assert [p["Count"] for p in projected] == [25, 25, 10]
+
+
+def test_page_bytes_lowers_the_page_limit(moto: Moto, paged: str) -> None:
+    ddb = moto.clients["dynamodb"]
+    # a setting, not a fault: the tables filter does not restrict it
+    body = moto.faults({"dynamodb": {"page_bytes": 3 * ITEM_BYTES}, "tables": ["none"]})
+    assert body["settings"] == {"dynamodb.page_bytes": 3 * ITEM_BYTES}
+    assert ddb.query(TableName=paged, Limit=100, **BY_PK)["Count"] == 3  # exactly the limit
+    moto.faults({"dynamodb": {"page_bytes": 3 * ITEM_BYTES - 1}})
+    assert ddb.query(TableName=paged, Limit=100, **BY_PK)["Count"] == 2
+    assert ddb.scan(TableName=paged, IndexName="by_g")["Count"] == 2
+    moto.faults({"dynamodb": {"page_bytes": 1000}})  # smaller than an item: one a page
+    result = pages(moto, "query", TableName=paged, ScanIndexForward=False, **BY_G)
+    assert [p["Count"] for p in result] == [1] * ITEMS
+    assert sorted(sort_keys(result)) == [f"s{i:03d}" for i in range(ITEMS)]
+    moto.faults({"dynamodb": {"page_bytes": 20 * 15}})  # keys-only entries are 15 bytes
+    assert ddb.query(TableName=paged, **{**BY_G, "IndexName": "keys"})["Count"] == 20
+    moto.call("POST", "/_faults/reset")
+    assert ddb.query(TableName=paged, Limit=100, **BY_PK)["Count"] == 25
+
+
 # --- request log ---------------------------------------------------------------
 
 
@@ -609,3 +790,277 @@ def test_stats_count_calls_per_service_and_operation(moto: Moto) -> None:
     assert stats["by_service"] == {"dynamodb": 4, "sqs": 2, "s3": 2} and stats["total"] == 8
     status, body = moto.call("POST", "/_stats/reset")
     assert status == 200 and body["calls"] == {} and moto.stats()["total"] == 0
+
+
+# --- DynamoDB transactions: rollback of the items they touch -------------------
+
+
+def indexed_table(moto: Moto) -> str:
+    """A table keyed (pk, sk) with a global index on g and a local one on l."""
+    table_name = name("ix")
+    moto.clients["dynamodb"].create_table(
+        TableName=table_name,
+        KeySchema=[
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": a, "AttributeType": "S"} for a in ("pk", "sk", "g", "l")
+        ],
+        GlobalSecondaryIndexes=[
+            {
+                "IndexName": "by_g",
+                "KeySchema": [{"AttributeName": "g", "KeyType": "HASH"}],
+                "Projection": {"ProjectionType": "ALL"},
+            }
+        ],
+        LocalSecondaryIndexes=[
+            {
+                "IndexName": "by_l",
+                "KeySchema": [
+                    {"AttributeName": "pk", "KeyType": "HASH"},
+                    {"AttributeName": "l", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            }
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    return table_name
+
+
+def contents(moto: Moto, *tables: str) -> dict:
+    """Every item of the tables and every entry of indexed tables' indexes."""
+    result = {}
+    for t in tables:
+        indexes = [None]
+        if t.startswith("ix-"):
+            indexes += ["by_g", "by_l"]
+        for index in indexes:
+            params = {"TableName": t, **({"IndexName": index} if index else {})}
+            items = [item for page in pages(moto, "scan", **params) for item in page["Items"]]
+            result[t, index] = sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
+    return result
+
+
+def by_g(moto: Moto, t: str, g: str) -> list[dict]:
+    return moto.clients["dynamodb"].query(
+        TableName=t,
+        IndexName="by_g",
+        KeyConditionExpression="g = :g",
+        ExpressionAttributeValues={":g": {"S": g}},
+    )["Items"]
+
+
+def seed_transaction_tables(moto: Moto) -> tuple[str, str, str]:
+    """A plain table and an indexed one, seeded; and the indexed one's ARN."""
+    ddb, t, ix = moto.clients["dynamodb"], table(moto), indexed_table(moto)
+    for item in (
+        {"pk": {"S": "over"}, "v": {"S": "old"}},
+        {"pk": {"S": "upd"}, "n": {"N": "5"}, "l": {"L": [{"S": "a"}]}, "s": {"SS": ["x"]}},
+        {"pk": {"S": "del"}, "v": {"S": "doomed"}},
+        {"pk": {"S": "guard"}, "v": {"S": "here"}},
+    ):
+        ddb.put_item(TableName=t, Item=item)
+    for item in (
+        {"pk": {"S": "a"}, "sk": {"S": "1"}, "g": {"S": "ga"}, "l": {"S": "la"}},
+        {"pk": {"S": "a"}, "sk": {"S": "2"}, "g": {"S": "gb"}, "l": {"S": "lb"}},
+    ):
+        ddb.put_item(TableName=ix, Item=item)
+    arn = ddb.describe_table(TableName=ix)["Table"]["TableArn"]
+    return t, ix, arn
+
+
+def writes(t: str, ix: str) -> list[dict]:
+    """Puts (new and overwriting), updates (ADD to a counter and a set, a
+    list append, one creating its item) and deletes in both tables."""
+    one = {":one": {"N": "1"}}
+    return [
+        put(t, "new", v={"S": "new"}),
+        put(t, "over", v={"S": "replaced"}),
+        {
+            "Update": {
+                "TableName": t,
+                "Key": {"pk": {"S": "upd"}},
+                "UpdateExpression": "ADD n :one, s :y SET l = list_append(l, :b), w = :b",
+                "ExpressionAttributeValues": {
+                    **one,
+                    ":y": {"SS": ["y"]},
+                    ":b": {"L": [{"S": "b"}]},
+                },
+            }
+        },
+        {
+            "Update": {
+                "TableName": t,
+                "Key": {"pk": {"S": "fresh"}},
+                "UpdateExpression": "ADD n :one",
+                "ExpressionAttributeValues": one,
+            }
+        },
+        {"Delete": {"TableName": t, "Key": {"pk": {"S": "del"}}}},
+        {
+            "Put": {
+                "TableName": ix,
+                "Item": {"pk": {"S": "b"}, "sk": {"S": "1"}, "g": {"S": "gnew"}, "l": {"S": "l"}},
+            }
+        },
+        {
+            "Update": {
+                "TableName": ix,
+                "Key": {"pk": {"S": "a"}, "sk": {"S": "1"}},
+                "UpdateExpression": "SET g = :g, l = :l",
+                "ExpressionAttributeValues": {":g": {"S": "gmoved"}, ":l": {"S": "lmoved"}},
+            }
+        },
+        {"Delete": {"TableName": ix, "Key": {"pk": {"S": "a"}, "sk": {"S": "2"}}}},
+    ]
+
+
+FAILED_CONDITION = {"Code": "ConditionalCheckFailed", "Message": "The conditional request failed"}
+
+
+@pytest.mark.parametrize("last", ["ConditionCheck", "Put", "Update", "Delete"])
+def test_a_failed_condition_undoes_every_write_of_the_transaction(moto: Moto, last: str) -> None:
+    ddb = moto.clients["dynamodb"]
+    t, ix, arn = seed_transaction_tables(moto)
+    before = contents(moto, t, ix)
+    guard = {"TableName": t, "ConditionExpression": "v = :other"}
+    guard["ExpressionAttributeValues"] = {":other": {"S": "elsewhere"}}
+    if last == "Put":
+        guard["Item"] = {"pk": {"S": "guard"}, "v": {"S": "taken"}}
+        guard["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+    else:
+        guard["Key"] = {"pk": {"S": "guard"}}
+    if last == "Update":
+        guard["UpdateExpression"] = "SET v = :other"
+    # the indexed table by its ARN, which moto's own rollback missed
+    response = error(ddb.transact_write_items, TransactItems=[*writes(t, arn), {last: guard}])
+    assert code(response) == "TransactionCanceledException"
+    failed = dict(FAILED_CONDITION)
+    if last == "Put":
+        failed["Item"] = {"pk": {"S": "guard"}, "v": {"S": "here"}}
+    assert response["CancellationReasons"] == [{"Code": "None"}] * 8 + [failed]
+    assert contents(moto, t, ix) == before
+    assert by_g(moto, ix, "gnew") == [] and by_g(moto, ix, "gmoved") == []
+    assert [item["sk"] for item in by_g(moto, ix, "ga")] == [{"S": "1"}]
+
+
+def test_a_transaction_that_succeeds_applies_every_write(moto: Moto) -> None:
+    ddb = moto.clients["dynamodb"]
+    t, ix, _ = seed_transaction_tables(moto)
+    check = {"TableName": t, "Key": {"pk": {"S": "guard"}}, "ConditionExpression": "v = :here"}
+    check["ExpressionAttributeValues"] = {":here": {"S": "here"}}
+    ddb.transact_write_items(TransactItems=[*writes(t, ix), {"ConditionCheck": check}])
+    assert get(moto, t, "new") == {"pk": {"S": "new"}, "v": {"S": "new"}}
+    assert get(moto, t, "over") == {"pk": {"S": "over"}, "v": {"S": "replaced"}}
+    assert get(moto, t, "upd") == {
+        "pk": {"S": "upd"},
+        "n": {"N": "6"},
+        "l": {"L": [{"S": "a"}, {"S": "b"}]},
+        "s": {"SS": ["x", "y"]},
+        "w": {"L": [{"S": "b"}]},
+    }
+    assert get(moto, t, "fresh") == {"pk": {"S": "fresh"}, "n": {"N": "1"}}
+    assert get(moto, t, "del") is None
+    assert get(moto, t, "guard") == {"pk": {"S": "guard"}, "v": {"S": "here"}}
+    assert contents(moto, ix)[ix, None] == [
+        {"pk": {"S": "a"}, "sk": {"S": "1"}, "g": {"S": "gmoved"}, "l": {"S": "lmoved"}},
+        {"pk": {"S": "b"}, "sk": {"S": "1"}, "g": {"S": "gnew"}, "l": {"S": "l"}},
+    ]
+    assert [item["pk"] for item in by_g(moto, ix, "gnew")] == [{"S": "b"}]
+    assert by_g(moto, ix, "ga") == [] and by_g(moto, ix, "gb") == []
+
+
+def test_a_transaction_cancelled_for_size_changes_nothing(moto: Moto) -> None:
+    ddb = moto.clients["dynamodb"]
+    t, ix, _ = seed_transaction_tables(moto)
+    before = contents(moto, t, ix)
+    big = put(t, "big", v={"S": "x" * 409_600})
+    response = error(ddb.transact_write_items, TransactItems=[*writes(t, ix), big])
+    assert [r["Code"] for r in response["CancellationReasons"]] == ["None"] * 8 + [
+        "ValidationError"
+    ]
+    assert contents(moto, t, ix) == before
+    # updates that each fit but together pass 4 MB, after eight other writes
+    grow = [
+        {
+            "Update": {
+                "TableName": t,
+                "Key": {"pk": {"S": f"g{i}"}},
+                "UpdateExpression": "SET v = :v",
+                "ExpressionAttributeValues": {":v": {"S": "x" * 390_000}},
+            }
+        }
+        for i in range(11)
+    ]
+    response = error(ddb.transact_write_items, TransactItems=[*writes(t, ix), *grow])
+    assert code(response) == "ValidationException"
+    assert "4 MB" in response["Error"]["Message"]
+    assert contents(moto, t, ix) == before
+
+
+def test_a_transaction_refused_midway_changes_nothing(moto: Moto) -> None:
+    ddb = moto.clients["dynamodb"]
+    t, ix, _ = seed_transaction_tables(moto)
+    before = contents(moto, t, ix)
+    # moto applies the writes before it notices the second action on "new"
+    again = put(t, "new", v={"S": "again"})
+    response = error(ddb.transact_write_items, TransactItems=[*writes(t, ix), again])
+    assert code(response) == "ValidationException"
+    assert "multiple operations on one item" in response["Error"]["Message"]
+    assert contents(moto, t, ix) == before
+
+
+def test_a_cancelled_transaction_leaves_no_stream_records(moto: Moto) -> None:
+    ddb, t = moto.clients["dynamodb"], name("st")
+    ddb.create_table(
+        TableName=t,
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+        StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
+    )
+    ddb.put_item(TableName=t, Item={"pk": {"S": "a"}})
+    absent = {"TableName": t, "Key": {"pk": {"S": "z"}}}
+    absent["ConditionExpression"] = "attribute_exists(pk)"
+    error(ddb.transact_write_items, TransactItems=[put(t, "b"), {"ConditionCheck": absent}])
+    ddb.transact_write_items(TransactItems=[put(t, "c")])
+    streams = boto3.client(
+        "dynamodbstreams",
+        endpoint_url=moto.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    arn = ddb.describe_table(TableName=t)["Table"]["LatestStreamArn"]
+    shard = streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"][0]
+    iterator = streams.get_shard_iterator(
+        StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+    )["ShardIterator"]
+    records = streams.get_records(ShardIterator=iterator)["Records"]
+    assert [r["dynamodb"]["Keys"]["pk"]["S"] for r in records] == ["a", "c"]
+
+
+def test_a_transaction_costs_what_it_touches_not_the_table(moto: Moto) -> None:
+    """1,000 transactions of two puts into a table that grows to 2,000
+    items. moto copied every table a transaction touched, which made this
+    quadratic; the figures are printed (speed is measured, not asserted:
+    the Rust suite's 10,000-fragment job is what would time out)."""
+    ddb, t = moto.clients["dynamodb"], table(moto)
+    filler = {"v": {"S": "x" * 200}, "n": {"N": "12345"}}
+    n, window, times = 1000, 100, []
+    start = time.monotonic()
+    for i in range(n):
+        ddb.transact_write_items(
+            TransactItems=[put(t, f"a{i}", **filler), put(t, f"b{i}", **filler)]
+        )
+        if (i + 1) % window == 0:
+            times.append(time.monotonic())
+    total = time.monotonic() - start
+    first, last = times[0] - start, times[-1] - times[-2]
+    print(
+        f"\n{n} transactions in {total:.1f} s; "
+        f"first {window}: {first:.2f} s, last {window}: {last:.2f} s"
+    )
+    assert ddb.describe_table(TableName=t)["Table"]["ItemCount"] == 2 * n
