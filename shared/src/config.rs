@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 
 use crate::api::auth::Authenticator;
+use crate::api::policy::Access;
 use crate::engine::EngineConfig;
 
 /// Every variable the service reads (README lists them with their meaning).
@@ -30,6 +31,7 @@ pub mod env {
     pub const JWT_PUBLIC_KEY: &str = "LANCE_BACKFILL_JWT_PUBLIC_KEY";
     pub const JWT_JWKS: &str = "LANCE_BACKFILL_JWT_JWKS";
     pub const AUTH: &str = "LANCE_BACKFILL_AUTH";
+    pub const POLICY: &str = "LANCE_BACKFILL_POLICY";
     pub const LOG_FORMAT: &str = "LANCE_BACKFILL_LOG_FORMAT";
 }
 
@@ -158,7 +160,7 @@ pub fn authenticator() -> anyhow::Result<Authenticator> {
     if var(env::AUTH).as_deref() == Some("none") {
         return Ok(Authenticator::open());
     }
-    let mut auth = Authenticator::default();
+    let mut auth = Authenticator::default().with_access(access()?);
     for key in var(env::API_KEYS).iter().flat_map(|t| t.split(',')) {
         let key = key.trim();
         if !key.is_empty() {
@@ -183,6 +185,15 @@ pub fn authenticator() -> anyhow::Result<Authenticator> {
             .map_err(|e| anyhow!(e))?;
     }
     Ok(auth)
+}
+
+/// The authorization policy (`LANCE_BACKFILL_POLICY`: JSON, or `@path` of a
+/// JSON file); without one every authenticated caller may do everything.
+pub fn access() -> anyhow::Result<Access> {
+    match var(env::POLICY) {
+        Some(spec) => Access::parse(&spec).map_err(|e| anyhow!("{}: {e}", env::POLICY)),
+        None => Ok(Access::Open),
+    }
 }
 
 /// AWS SDK configuration; `AWS_ENDPOINT_URL` points it at an emulator.

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field as ArrowField, Schema as ArrowSchema};
+use futures::FutureExt;
 use lance::Dataset;
 use lance::dataset::NewColumnTransform;
 use lance_namespace_reqwest_client::models::AddColumnsEntry;
@@ -150,14 +151,19 @@ fn check(schema: &ArrowSchema, columns: &[NewColumn]) -> Result<Additions, Error
 
 async fn apply(dataset: &mut Dataset, additions: &Additions) -> Result<(), Error> {
     if !additions.fills.is_empty() {
-        dataset
-            .add_columns(
-                NewColumnTransform::SqlExpressions(additions.fills.clone()),
-                None,
-                None,
-            )
+        let transform = NewColumnTransform::SqlExpressions(additions.fills.clone());
+        // Evaluating the expressions over the table may panic inside Arrow
+        // (a value past a 2 GB array): that is the request's fault, not the
+        // process's.
+        let filled = std::panic::AssertUnwindSafe(dataset.add_columns(transform, None, None))
+            .catch_unwind()
             .await
-            .map_err(|err| Error::from_lance(err, "adding expression columns"))?;
+            .map_err(|_| {
+                Error::invalid_input(
+                    "evaluating the expression columns failed: their values are too large",
+                )
+            })?;
+        filled.map_err(|err| Error::from_lance(err, "adding expression columns"))?;
     }
     if !additions.declared.is_empty() {
         let schema = Arc::new(ArrowSchema::new(additions.declared.clone()));

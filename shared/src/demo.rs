@@ -31,6 +31,16 @@ use crate::submit::SubmitSettings;
 /// Writes a table of `rows` rows in `fragments` fragments: `id`, `x = id`
 /// (int64) and `s` (a short string whose length varies).
 pub async fn write_sample_table(uri: &str, rows: u64, fragments: u64) -> anyhow::Result<Dataset> {
+    write_sample_table_with(uri, rows, fragments, Default::default()).await
+}
+
+/// [`write_sample_table`] on an object store reached with `storage` options.
+pub async fn write_sample_table_with(
+    uri: &str,
+    rows: u64,
+    fragments: u64,
+    storage: std::collections::HashMap<String, String>,
+) -> anyhow::Result<Dataset> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
         Field::new("x", DataType::Int64, true),
@@ -61,6 +71,12 @@ pub async fn write_sample_table(uri: &str, rows: u64, fragments: u64) -> anyhow:
         max_rows_per_file: per_fragment as usize,
         max_rows_per_group: batch_rows as usize,
         mode: WriteMode::Overwrite,
+        store_params: Some(lance::io::ObjectStoreParams {
+            storage_options_accessor: Some(Arc::new(
+                lance::io::StorageOptionsAccessor::with_static_options(storage),
+            )),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let reader = RecordBatchIterator::new(batches.into_iter().map(Ok), schema);

@@ -22,6 +22,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     events      TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_table ON jobs (table_key, created_ms DESC, job_id DESC);
+CREATE TABLE IF NOT EXISTS events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id  TEXT NOT NULL,
+    at      TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE TABLE IF NOT EXISTS counters (
     job_id TEXT NOT NULL,
     name   TEXT NOT NULL,

@@ -138,3 +138,77 @@ pub fn first_line(err: &dyn std::fmt::Display) -> String {
         None => line.to_string(),
     }
 }
+
+/// Longest reason kept on a job or shown to a client.
+pub const MAX_REASON_CHARS: usize = 2_000;
+
+/// A reason fit to show outside the service: object-store URIs, ARNs,
+/// filesystem paths and source locations are replaced by a placeholder
+/// (they stay in the log), and the text is cut to [`MAX_REASON_CHARS`].
+pub fn scrub(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_REASON_CHARS));
+    for (i, word) in text.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(&scrub_word(word));
+    }
+    match out.char_indices().nth(MAX_REASON_CHARS) {
+        Some((cut, _)) => format!("{}…", &out[..cut]),
+        None => out,
+    }
+}
+
+fn scrub_word(word: &str) -> String {
+    let trimmed = word.trim_start_matches(['(', '\'', '"', '[']);
+    let lead = &word[..word.len() - trimmed.len()];
+    let tail_len = trimmed.len()
+        - trimmed
+            .trim_end_matches([')', '\'', '"', ']', ',', ';', '.', ':'])
+            .len();
+    let core = &trimmed[..trimmed.len() - tail_len];
+    let tail = &trimmed[trimmed.len() - tail_len..];
+    let placeholder = if core.contains("://") {
+        Some("<uri>")
+    } else if core.starts_with("arn:") {
+        Some("<arn>")
+    } else if core.starts_with('/') && core.len() > 1 {
+        Some(if core.contains(".rs:") {
+            "<source>"
+        } else {
+            "<path>"
+        })
+    } else {
+        None
+    };
+    match placeholder {
+        Some(placeholder) => format!("{lead}{placeholder}{tail}"),
+        None => word.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrubbed_reasons_keep_the_words_and_drop_the_locations() {
+        assert_eq!(
+            scrub("opening s3://bucket/t/items.lance at version 3: SlowDown"),
+            "opening <uri> at version 3: SlowDown"
+        );
+        assert_eq!(
+            scrub("queue arn:aws:sqs:us-east-1:123456789012:tasks refused (/root/x/y.rs:10:4)"),
+            "queue <arn> refused (<source>)"
+        );
+        assert_eq!(
+            scrub("file '/tmp/a/b.lance' missing"),
+            "file '<path>' missing"
+        );
+        assert_eq!(
+            scrub("rows 0..10 of fragment 3"),
+            "rows 0..10 of fragment 3"
+        );
+        assert!(scrub(&"x ".repeat(5000)).chars().count() <= MAX_REASON_CHARS + 1);
+    }
+}

@@ -32,5 +32,6 @@ pub mod staging;
 pub mod store;
 pub mod submit;
 pub mod table;
+pub mod tasks;
 pub mod telemetry;
 pub mod worker;

@@ -46,7 +46,10 @@ impl Lifecycle {
     }
 
     /// Marks the job FAILED (once) and queues the removal of its staged files.
+    /// The job keeps a scrubbed reason; the log keeps the whole of it.
     pub async fn fail(&self, job_id: &str, reason: &str) {
+        warn!(job_id, %reason, "job failed");
+        let reason = &crate::error::scrub(reason);
         let moved = self
             .store
             .transition(

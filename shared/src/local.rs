@@ -38,6 +38,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     } else {
         config::authenticator()?
     };
+    if !auth.is_open() && auth.access().is_open() {
+        println!(
+            "no {} is set: every authenticated caller may read, submit, declare (user functions \
+             included) and cancel on every table",
+            config::env::POLICY
+        );
+    }
     if !auth.is_open() && !auth.has_credentials() {
         bail!(
             "no credentials are configured: set {} (comma-separated API keys) or the JWT variables, \

@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use crate::computed::{Program, resolve_target};
 use crate::error::{Error, Missing};
 use crate::job::{
-    Counter, Job, JobEvent, JobSpec, JobState, Metrics, Params, PlanSummary, new_job_id,
-    now_rfc3339,
+    Counter, Job, JobSpec, JobState, MAX_TASKS_PER_JOB, Metrics, MetricsDelta, Params, PlanSummary,
+    new_job_id, now_rfc3339,
 };
 use crate::plan::{self, PlannedFragment};
 use crate::queue::{Message, Outgoing, QueueSet, TaskQueue};
@@ -121,15 +121,29 @@ impl Submitter {
             });
         let planned = self.plan(&submit.table, request).await?;
         let params = Params::effective(request, planned.fragments.len() as u64)?;
+        check_task_count(&planned.fragments, &params)?;
         let mut job = new_job(&submit, &planned, params);
         job.spec.plan.fanned_out = job.spec.plan.tasks > self.settings.inline_plan_limit;
         let created = self
             .store
-            .create_job(&job, idempotency.as_ref())
+            .create_job(&job, &planned_event(&job), idempotency.as_ref())
             .await
             .map_err(store_unavailable)?;
         match created {
-            CreateOutcome::Created => self.start(&job, &planned.fragments, &queue).await,
+            CreateOutcome::Created => {
+                let started = self.start(&job, &planned.fragments, &queue).await;
+                if started.is_err()
+                    && let Some(claim) = &idempotency
+                {
+                    // A retry with the same key must start a new job, not
+                    // find this failed one.
+                    let _ = self
+                        .store
+                        .release_idempotency(&claim.key, &job.job_id)
+                        .await;
+                }
+                started
+            }
             CreateOutcome::Replayed { job_id } => {
                 info!(%job_id, "idempotent replay");
                 self.requeue_if_stalled(&job_id, &queue).await?;
@@ -254,24 +268,31 @@ impl Submitter {
         if let Err(err) = queue.send_many(outgoing).await {
             return Err(self.unqueued(&job_id, err).await);
         }
+        // Recorded, so an idempotent replay knows not to queue it again.
+        self.store
+            .add_metrics(&job_id, &MetricsDelta::new().add(Counter::Queued, 1))
+            .await
+            .map_err(store_unavailable)?;
         info!(%job_id, table = %job.spec.table_id.display(), column = %job.spec.column, tasks = job.spec.plan.tasks, "job accepted");
         Ok(SubmitOutcome::Created { job_id })
     }
 
     /// A job whose tasks could not be queued is marked FAILED at once.
     async fn unqueued(&self, job_id: &str, err: anyhow::Error) -> Error {
-        let reason = format!("could not queue the job's tasks: {err:#}");
-        warn!(%job_id, %reason);
+        warn!(%job_id, error = %format!("{err:#}"), "could not queue the job's tasks");
+        let reason = "could not queue the job's tasks (the task queue did not answer)";
         let _ = self
             .store
             .transition(
                 job_id,
                 JobState::Failed,
                 Some(&format!("failed: {reason}")),
-                Some(&reason),
+                Some(reason),
             )
             .await;
-        Error::transient(format!("{reason}; the job was marked FAILED, submit again"))
+        Error::transient(format!(
+            "{reason}; job {job_id} was marked FAILED: submit again"
+        ))
     }
 
     /// A submit that died between recording its job and queueing the tasks
@@ -291,16 +312,18 @@ impl Submitter {
         else {
             return Ok(());
         };
-        let untouched =
-            job.metrics.get(Counter::TasksDone) == 0 && job.metrics.get(Counter::RowsComputed) == 0;
-        if job.state != JobState::Pending || !untouched || job.spec.plan.fragments == 0 {
+        let queued = job.metrics.get(Counter::Queued) > 0;
+        if job.state != JobState::Pending || queued || job.spec.plan.fragments == 0 {
             return Ok(());
         }
         let message = Message::plan(job_id, 0, job.spec.plan.fragments);
         queue
             .send_many(vec![Outgoing::message(&message)])
             .await
-            .map_err(|err| Error::transient(format!("could not queue the job's tasks: {err:#}")))
+            .map_err(|err| {
+                warn!(%job_id, error = %format!("{err:#}"), "could not queue the job's tasks again");
+                Error::transient("could not queue the job's tasks; retry shortly")
+            })
     }
 
     async fn open_for_backfill(
@@ -355,6 +378,19 @@ impl Submitter {
     }
 }
 
+/// A job's tasks are queue messages and store records: their number is bounded.
+fn check_task_count(fragments: &[PlannedFragment], params: &Params) -> Result<(), Error> {
+    let tasks = plan::task_count(fragments, params.task_size);
+    if tasks > MAX_TASKS_PER_JOB {
+        return Err(Error::invalid_input(format!(
+            "field 'task_size': the job would have {tasks} tasks, more than the limit of \
+             {MAX_TASKS_PER_JOB}; raise task_size (or leave it unset: one task per fragment) \
+             or backfill fewer fragments with num_frags"
+        )));
+    }
+    Ok(())
+}
+
 fn check_id(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> Result<(), Error> {
     match &request.id {
         Some(body_id) if body_id != &table.0 => Err(Error::invalid_input(format!(
@@ -366,16 +402,51 @@ fn check_id(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> Resu
 }
 
 /// A digest of what the request asks for, to tell a retry from a new request
-/// under the same idempotency key.
+/// under the same idempotency key: the same fields and values give the same
+/// digest whatever their order, and a null is the same as an absent field.
 fn fingerprint(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> String {
     let mut canonical = request.clone();
     canonical.identity = None;
     canonical.id = None;
+    let value = serde_json::to_value(&canonical).unwrap_or_default();
+    let mut text = String::new();
+    write_canonical(&value, &mut text);
     let mut hasher = Sha256::new();
     hasher.update(table.key().as_bytes());
     hasher.update([0]);
-    hasher.update(serde_json::to_vec(&canonical).unwrap_or_default());
+    hasher.update(text.as_bytes());
     hex::encode(hasher.finalize())
+}
+
+/// JSON with object keys sorted and null members left out.
+fn write_canonical(value: &serde_json::Value, out: &mut String) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut members: Vec<_> = map.iter().filter(|(_, v)| !v.is_null()).collect();
+            members.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (key, member)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::from(key.as_str()).to_string());
+                out.push(':');
+                write_canonical(member, out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params) -> Job {
@@ -390,11 +461,6 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params) -> Job {
     metrics.set(
         Counter::CommitsPlanned,
         params.commits_expected(fragments.len() as u64) as i64,
-    );
-    let event = format!(
-        "planned {tasks} tasks over {} fragments ({rows} rows) at version {}",
-        fragments.len(),
-        planned.read_version
     );
     Job {
         job_id: new_job_id(),
@@ -417,14 +483,61 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params) -> Job {
         },
         state: JobState::Pending,
         created_at: now.clone(),
-        updated_at: now.clone(),
+        updated_at: now,
         started_at: None,
         finished_at: None,
         error: None,
         metrics,
-        events: vec![JobEvent {
-            at: now,
-            message: event,
-        }],
+    }
+}
+
+/// The job's first event.
+fn planned_event(job: &Job) -> String {
+    let plan = &job.spec.plan;
+    format!(
+        "planned {} tasks over {} fragments ({} rows) at version {}",
+        plan.tasks, plan.fragments, plan.rows, job.spec.read_version
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: &str) -> AlterTableBackfillColumnsRequest {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn fingerprints_ignore_member_order_and_nulls() {
+        let table = TableId(vec!["t".into()]);
+        let context = |pairs: &[(&str, &str)]| {
+            let mut request = request(r#"{"column": "y"}"#);
+            request.context = Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            fingerprint(&table, &request)
+        };
+        let pairs: Vec<(String, String)> = (0..50)
+            .map(|i| (format!("k{i}"), format!("v{i}")))
+            .collect();
+        let forward: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut backward = forward.clone();
+        backward.reverse();
+        assert_eq!(context(&forward), context(&backward));
+        assert_eq!(
+            fingerprint(&table, &request(r#"{"column": "y", "where": null}"#)),
+            fingerprint(&table, &request(r#"{"column": "y"}"#))
+        );
+        assert_ne!(
+            fingerprint(&table, &request(r#"{"column": "y", "concurrency": 2}"#)),
+            fingerprint(&table, &request(r#"{"column": "y"}"#))
+        );
     }
 }

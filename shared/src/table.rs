@@ -14,6 +14,10 @@ use lance_namespace_impls::{DirectoryNamespace, DirectoryNamespaceBuilder};
 use crate::error::{Error, Missing};
 
 pub const DEFAULT_DELIMITER: &str = "$";
+/// Namespace levels and table name of one id, at most.
+const MAX_ID_PARTS: usize = 64;
+/// Longest part of an id (a namespace or table name).
+const MAX_ID_PART_BYTES: usize = 256;
 
 /// A table id: namespace parts followed by the table name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -41,10 +45,30 @@ impl TableId {
         if parts.is_empty() {
             return Err(Error::invalid_input(format!("{what} must not be empty")));
         }
-        if let Some(idx) = parts.iter().position(|p| p.is_empty()) {
+        if parts.len() > MAX_ID_PARTS {
             return Err(Error::invalid_input(format!(
-                "{what} has an empty part at position {idx}"
+                "{what} has {} parts; the limit is {MAX_ID_PARTS}",
+                parts.len()
             )));
+        }
+        for (idx, part) in parts.iter().enumerate() {
+            if part.is_empty() {
+                return Err(Error::invalid_input(format!(
+                    "{what} has an empty part at position {idx}"
+                )));
+            }
+            if part.len() > MAX_ID_PART_BYTES {
+                return Err(Error::invalid_input(format!(
+                    "{what}: part {idx} is longer than {MAX_ID_PART_BYTES} bytes"
+                )));
+            }
+            // Control characters (the unit separator among them) would make
+            // two ids one key.
+            if part.chars().any(char::is_control) {
+                return Err(Error::invalid_input(format!(
+                    "{what}: part {idx} contains a control character"
+                )));
+            }
         }
         Ok(Self(parts))
     }
@@ -54,7 +78,7 @@ impl TableId {
     }
 
     /// A stable text form used as a key in the job store (unit separator
-    /// between parts, so no delimiter choice can make two ids collide).
+    /// between parts, which no part may contain, so no two ids collide).
     pub fn key(&self) -> String {
         self.0.join("\u{1f}")
     }
@@ -263,5 +287,14 @@ mod tests {
     fn keys_round_trip() {
         let id = TableId(vec!["a$b".into(), "c".into()]);
         assert_eq!(TableId::from_key(&id.key()), id);
+    }
+
+    #[test]
+    fn no_two_ids_share_a_key() {
+        let joined = TableId::from_parts(vec!["a\u{1f}b".into()], "id");
+        assert!(matches!(joined, Err(Error::InvalidInput(_))));
+        assert!(TableId::from_parts(vec!["a".into(), "b".into()], "id").is_ok());
+        assert!(TableId::from_parts(vec!["x".repeat(300)], "id").is_err());
+        assert!(TableId::from_parts(vec!["p".into(); 65], "id").is_err());
     }
 }

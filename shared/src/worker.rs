@@ -10,6 +10,7 @@ use tracing::{Instrument, warn};
 
 use crate::engine::{Delivery, Disposition, Engine};
 use crate::queue::{Outgoing, Received, TaskQueue};
+use crate::tasks::AbortOnDrop;
 
 #[derive(Clone)]
 pub struct Worker {
@@ -62,7 +63,7 @@ impl Worker {
                 let span = tracing::info_span!("message", message_id = %message.message_id, receive_count = message.receive_count);
                 let worker = self.clone();
                 let ids = (message.message_id.clone(), message.receipt.clone());
-                let handle = tokio::spawn(
+                let handle = AbortOnDrop::spawn(
                     async move { worker.process_one(&message, deadline).await }.instrument(span),
                 );
                 (ids, handle)
@@ -84,11 +85,12 @@ impl Worker {
 
     /// Returns whether the message is finished with.
     async fn process_one(&self, message: &Received, deadline: Option<Instant>) -> bool {
+        // Ends with this call, however it ends (a panic included).
         let heartbeat = {
             let queue = self.queue.clone();
             let receipt = message.receipt.clone();
             let visibility = self.visibility;
-            tokio::spawn(async move {
+            AbortOnDrop::spawn(async move {
                 loop {
                     tokio::time::sleep((visibility / 3).min(HEARTBEAT_CAP)).await;
                     if let Err(err) = queue.change_visibility(&receipt, visibility).await {
@@ -103,7 +105,7 @@ impl Worker {
             deadline,
         };
         let disposition = self.engine.handle(&message.body, &delivery).await;
-        heartbeat.abort();
+        drop(heartbeat);
         match disposition {
             Disposition::Done => true,
             Disposition::Requeue { delay } => {

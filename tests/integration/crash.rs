@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lance_backfill_tests::{read_i64, write_sample_table};
+use lance_backfill::queue::SqsQueue;
+use lance_backfill_tests::{Moto, read_i64, replacements_per_fragment, write_sample_table};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -52,13 +53,75 @@ struct Serve {
     url: String,
 }
 
-fn start(root: &str, port: u16, log: &Path) -> Serve {
+/// Where `serve` keeps its jobs and tasks.
+pub(crate) enum Backend {
+    /// The embedded SQLite store and queue beside the tables.
+    Embedded,
+    /// DynamoDB and SQS in a moto (`serve --aws`), named per run.
+    Aws(Box<AwsBackend>),
+}
+
+pub(crate) struct AwsBackend {
+    moto: Moto,
+    table: String,
+    queue: SqsQueue,
+}
+
+impl Backend {
+    /// A fresh AWS backend: its own jobs table and queue.
+    pub(crate) async fn aws(moto: &Moto) -> Self {
+        let (_, table) = moto.fresh_store().await;
+        let queue = moto.fresh_queue(10, Duration::from_secs(2)).await;
+        Self::Aws(Box::new(AwsBackend {
+            moto: moto.clone(),
+            table,
+            queue,
+        }))
+    }
+
+    fn configure(&self, command: &mut Command) {
+        if let Self::Aws(aws) = self {
+            let AwsBackend { moto, table, queue } = aws.as_ref();
+            command
+                .arg("--aws")
+                .env("AWS_ENDPOINT_URL", &moto.endpoint)
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_REGION", "us-east-1")
+                .env("LANCE_BACKFILL_JOBS_TABLE", table)
+                .env("LANCE_BACKFILL_QUEUE_URL", queue.url())
+                .env(
+                    "LANCE_BACKFILL_DLQ_URL",
+                    queue.dead_letter_url().unwrap_or_default(),
+                );
+        }
+    }
+
+    /// Whether the task queue holds no message (waiting or in flight).
+    async fn queue_empty(&self, root: &str) -> bool {
+        match self {
+            Self::Embedded => {
+                let state = lance_backfill::bootstrap::default_state_path(root).unwrap();
+                let queue = lance_backfill::queue::SqliteQueue::new(
+                    lance_backfill::embedded::EmbeddedDb::open(&state).unwrap(),
+                    "tasks",
+                    10,
+                );
+                queue.depth().await.unwrap_or(1) == 0
+            }
+            Self::Aws(aws) => aws.queue.approximate_depth().await.unwrap_or(1) == 0,
+        }
+    }
+}
+
+fn start(backend: &Backend, root: &str, port: u16, log: &Path) -> Serve {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    let child = Command::new(binary())
+    let mut command = Command::new(binary());
+    command
         .args([
             "serve",
             "--root",
@@ -82,9 +145,9 @@ fn start(root: &str, port: u16, log: &Path) -> Serve {
         .env("LANCE_BACKFILL_LEASE_SECONDS", "1")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start serve");
+        .stderr(log);
+    backend.configure(&mut command);
+    let child = command.spawn().expect("start serve");
     Serve {
         child,
         url: format!("http://127.0.0.1:{port}"),
@@ -112,41 +175,27 @@ async fn job(client: &reqwest::Client, url: &str, id: &str) -> Option<serde_json
     response.json().await.ok()
 }
 
-/// How often each fragment's `y` file changed across the versions after `from`.
-async fn replacements_per_fragment(uri: &str, from: u64) -> HashMap<u64, u32> {
-    let latest = lance::Dataset::open(uri).await.unwrap();
-    let field = latest.schema().field("y").unwrap().id;
-    let mut previous: HashMap<u64, Option<String>> = HashMap::new();
-    let mut changes = HashMap::new();
-    for version in from..=latest.version().version {
-        let dataset = latest.checkout_version(version).await.unwrap();
-        for fragment in dataset.get_fragments() {
-            let id = fragment.id() as u64;
-            let file = fragment
-                .metadata()
-                .files
-                .iter()
-                .find(|f| f.fields.contains(&field))
-                .map(|f| f.path.clone());
-            if version > from && previous.get(&id) != Some(&file) {
-                *changes.entry(id).or_insert(0) += 1;
-            }
-            previous.insert(id, file);
-        }
-    }
-    changes
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_survives_sigkill_at_random_points() {
-    let runs: u64 = std::env::var("LANCE_BACKFILL_CRASH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let seed: u64 = std::env::var("LANCE_BACKFILL_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
+    let runs = env_number("LANCE_BACKFILL_CRASH_RUNS", 20);
+    crash_loop(|| async { Backend::Embedded }, runs, "crash").await;
+}
+
+/// Runs of: write a table, start `serve`, declare, submit, kill it one to
+/// three times at random points of the job, and check the outcome.
+pub(crate) async fn crash_loop<B, F>(backend: B, runs: u64, label: &str)
+where
+    B: Fn() -> F,
+    F: std::future::Future<Output = Backend>,
+{
+    let seed = env_number("LANCE_BACKFILL_CRASH_SEED", 7);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let client = reqwest::Client::new();
     let mut kills = 0;
@@ -158,8 +207,9 @@ async fn serve_survives_sigkill_at_random_points() {
         let uri = format!("{root}/items.lance");
         let log = dir.path().join("serve.log");
         write_sample_table(&uri, 80_000, 8).await.unwrap();
+        let backend = backend().await;
         let port = free_port();
-        let mut serve = start(&root, port, &log);
+        let mut serve = start(&backend, &root, port, &log);
         ready(&client, &serve.url).await;
         let declared = client
             .post(format!("{}/v1/table/items/add_columns", serve.url))
@@ -227,7 +277,7 @@ async fn serve_survives_sigkill_at_random_points() {
                 killed_while_running += 1;
                 *phases.entry(phase).or_insert(0) += 1;
             }
-            serve = start(&root, port, &log);
+            serve = start(&backend, &root, port, &log);
             ready(&client, &serve.url).await;
         }
         let until = Instant::now() + Duration::from_secs(120);
@@ -249,18 +299,9 @@ async fn serve_survives_sigkill_at_random_points() {
         // Stragglers (a holder still computing when the job ended, a
         // message redelivered after a kill, a retry after its backoff)
         // remove what they left once they run: wait for the queue to empty.
-        let state = lance_backfill::bootstrap::default_state_path(&root).unwrap();
-        let queue = lance_backfill::queue::SqliteQueue::new(
-            lance_backfill::embedded::EmbeddedDb::open(&state).unwrap(),
-            "tasks",
-            10,
-        );
-        lance_backfill_tests::eventually(Duration::from_secs(120), || {
-            let queue = queue.clone();
-            async move { queue.depth().await.unwrap_or(1) == 0 }
-        })
-        .await
-        .expect("the queue empties after the job is done");
+        lance_backfill_tests::eventually(Duration::from_secs(120), || backend.queue_empty(&root))
+            .await
+            .expect("the queue empties after the job is done");
         serve.child.kill().unwrap();
         serve.child.wait().unwrap();
         assert_eq!(
@@ -271,7 +312,7 @@ async fn serve_survives_sigkill_at_random_points() {
         let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
         let expected: Vec<Option<i64>> = x.iter().map(|v| v.map(|x| x * 2 + 1)).collect();
         assert!(y == expected, "run {run}: wrong values");
-        let changes = replacements_per_fragment(&uri, before).await;
+        let changes = replacements_per_fragment(&uri, &HashMap::new(), "y", before).await;
         assert_eq!(
             changes.len(),
             8,
@@ -288,7 +329,7 @@ async fn serve_survives_sigkill_at_random_points() {
         );
     }
     println!(
-        "FIGURES crash: {runs} runs, {kills} kills ({killed_while_running} while the job ran: {phases:?}), failures: 0 (seed {seed})"
+        "FIGURES {label}: {runs} runs, {kills} kills ({killed_while_running} while the job ran: {phases:?}), failures: 0 (seed {seed})"
     );
     assert!(
         killed_while_running * 2 >= kills,

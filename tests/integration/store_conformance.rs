@@ -10,8 +10,8 @@ use lance_backfill::job::{
     now_rfc3339,
 };
 use lance_backfill::store::{
-    CreateOutcome, FragmentStatus, IdempotencyClaim, JobStore, SqliteJobStore, StagedFragment,
-    StoreError,
+    CreateOutcome, FragmentStatus, HeldLease, IdempotencyClaim, JobStore, SqliteJobStore,
+    StagedFragment, StoreError,
 };
 use lance_backfill::table::TableId;
 use lance_backfill_tests::Moto;
@@ -69,11 +69,24 @@ conformance!(
     counters_add_up_under_concurrency,
     transitions_follow_the_state_machine,
     leases_are_exclusive_expire_and_renew,
+    a_dropped_lease_is_given_back,
     tasks_and_fragments_are_recorded_once,
     committed_fragments_leave_the_staged_list,
     listing_pages_newest_first,
     missing_jobs_and_bad_tokens,
 );
+
+/// The embedded store's run of the 10,000-fragment job; DynamoDB's runs on
+/// its own moto (faults::a_job_of_ten_thousand_fragments_on_dynamodb), so
+/// its 30,000 writes do not slow the other suites.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_of_ten_thousand_fragments_in_sqlite() {
+    a_job_of_ten_thousand_fragments_committed_one_by_one(sqlite().await.store).await
+}
+
+pub(crate) async fn a_job_of_ten_thousand_fragments_on(store: Arc<dyn JobStore>) {
+    a_job_of_ten_thousand_fragments_committed_one_by_one(store).await
+}
 
 fn job(table: &str, column: &str) -> Job {
     let params = Params::effective(&AlterTableBackfillColumnsRequest::new(column.into()), 4)
@@ -108,7 +121,6 @@ fn job(table: &str, column: &str) -> Job {
         finished_at: None,
         error: None,
         metrics,
-        events: Vec::new(),
     }
 }
 
@@ -131,7 +143,7 @@ async fn create_replays_and_refuses(adapter: Adapter) {
     let store = adapter.store;
     let first = job("t", "y");
     let created = store
-        .create_job(&first, Some(&claim("k1", "f1")))
+        .create_job(&first, "planned", Some(&claim("k1", "f1")))
         .await
         .unwrap();
     assert_eq!(created, CreateOutcome::Created);
@@ -141,7 +153,7 @@ async fn create_replays_and_refuses(adapter: Adapter) {
     assert_eq!(stored.metrics.get(Counter::FragmentsTotal), 4);
     // The same key and request: the first job.
     let again = store
-        .create_job(&job("t", "y"), Some(&claim("k1", "f1")))
+        .create_job(&job("t", "y"), "planned", Some(&claim("k1", "f1")))
         .await
         .unwrap();
     assert_eq!(
@@ -152,7 +164,7 @@ async fn create_replays_and_refuses(adapter: Adapter) {
     );
     // The same key, another request.
     let other = store
-        .create_job(&job("t", "y"), Some(&claim("k1", "f2")))
+        .create_job(&job("t", "y"), "planned", Some(&claim("k1", "f2")))
         .await
         .unwrap();
     assert_eq!(
@@ -163,7 +175,7 @@ async fn create_replays_and_refuses(adapter: Adapter) {
     );
     // Another key, the same column: busy.
     let busy = store
-        .create_job(&job("t", "y"), Some(&claim("k2", "f1")))
+        .create_job(&job("t", "y"), "planned", Some(&claim("k2", "f1")))
         .await
         .unwrap();
     assert_eq!(
@@ -173,14 +185,17 @@ async fn create_replays_and_refuses(adapter: Adapter) {
         }
     );
     // Another column of the same table is free.
-    let z = store.create_job(&job("t", "z"), None).await.unwrap();
+    let z = store
+        .create_job(&job("t", "z"), "planned", None)
+        .await
+        .unwrap();
     assert_eq!(z, CreateOutcome::Created);
 }
 
 async fn a_column_is_free_again_once_its_job_ends(adapter: Adapter) {
     let store = adapter.store;
     let first = job("t", "y");
-    store.create_job(&first, None).await.unwrap();
+    store.create_job(&first, "planned", None).await.unwrap();
     let moved = store
         .transition(&first.job_id, JobState::Cancelled, Some("cancelled"), None)
         .await
@@ -188,7 +203,7 @@ async fn a_column_is_free_again_once_its_job_ends(adapter: Adapter) {
     assert_eq!(moved, Some(JobState::Pending));
     let second = job("t", "y");
     assert_eq!(
-        store.create_job(&second, None).await.unwrap(),
+        store.create_job(&second, "planned", None).await.unwrap(),
         CreateOutcome::Created
     );
 }
@@ -196,7 +211,7 @@ async fn a_column_is_free_again_once_its_job_ends(adapter: Adapter) {
 async fn counters_add_up_under_concurrency(adapter: Adapter) {
     let store = adapter.store;
     let job = job("t", "y");
-    store.create_job(&job, None).await.unwrap();
+    store.create_job(&job, "planned", None).await.unwrap();
     let adds = (0..20).map(|i| {
         let store = store.clone();
         let job_id = job.job_id.clone();
@@ -234,7 +249,7 @@ async fn counters_add_up_under_concurrency(adapter: Adapter) {
 async fn transitions_follow_the_state_machine(adapter: Adapter) {
     let store = adapter.store;
     let job = job("t", "y");
-    store.create_job(&job, None).await.unwrap();
+    store.create_job(&job, "planned", None).await.unwrap();
     let id = job.job_id.as_str();
     assert_eq!(
         store
@@ -278,14 +293,26 @@ async fn transitions_follow_the_state_machine(adapter: Adapter) {
     assert_eq!(stored.state, JobState::Failed);
     assert_eq!(stored.error.as_deref(), Some("boom"));
     assert!(stored.started_at.is_some() && stored.finished_at.is_some());
-    let events: Vec<&str> = stored.events.iter().map(|e| e.message.as_str()).collect();
-    assert_eq!(events, vec!["running", "an event", "failed: boom"]);
+    let events: Vec<String> = store
+        .list_events(id, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(
+        events,
+        vec!["planned", "running", "an event", "failed: boom"]
+    );
+    let latest = store.list_events(id, 2).await.unwrap();
+    assert_eq!(latest[0].message, "an event");
+    assert_eq!(latest[1].message, "failed: boom");
 }
 
 async fn leases_are_exclusive_expire_and_renew(adapter: Adapter) {
     let store = adapter.store;
     let job = job("t", "y");
-    store.create_job(&job, None).await.unwrap();
+    store.create_job(&job, "planned", None).await.unwrap();
     let id = job.job_id.as_str();
     let ttl = Duration::from_millis(1500);
     assert!(store.try_lease(id, "commit", "a", ttl).await.unwrap());
@@ -304,10 +331,38 @@ async fn leases_are_exclusive_expire_and_renew(adapter: Adapter) {
     assert!(!store.try_lease(id, "commit", "b", ttl).await.unwrap());
 }
 
+/// A lease ends with its holder: dropped (a panic, a cancelled task) it is
+/// released at once instead of being renewed for ever or waiting to expire.
+async fn a_dropped_lease_is_given_back(adapter: Adapter) {
+    let store = adapter.store;
+    let job = job("t", "y");
+    store.create_job(&job, "planned", None).await.unwrap();
+    let id = job.job_id.as_str();
+    let ttl = Duration::from_secs(60);
+    let held = HeldLease::acquire(&store, id, "slot-0", "holder", ttl)
+        .await
+        .unwrap()
+        .expect("a free lease");
+    assert!(!store.try_lease(id, "slot-0", "other", ttl).await.unwrap());
+    drop(held);
+    let mut taken = false;
+    for _ in 0..50 {
+        if store.try_lease(id, "slot-0", "other", ttl).await.unwrap() {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        taken,
+        "the dropped lease was released long before its minute"
+    );
+}
+
 async fn tasks_and_fragments_are_recorded_once(adapter: Adapter) {
     let store = adapter.store;
     let job = job("t", "y");
-    store.create_job(&job, None).await.unwrap();
+    store.create_job(&job, "planned", None).await.unwrap();
     let id = job.job_id.as_str();
     let first = store.mark_task_done(id, 7, 0).await.unwrap();
     assert!(first.newly_done);
@@ -342,7 +397,7 @@ async fn tasks_and_fragments_are_recorded_once(adapter: Adapter) {
 async fn committed_fragments_leave_the_staged_list(adapter: Adapter) {
     let store = adapter.store;
     let job = job("t", "y");
-    store.create_job(&job, None).await.unwrap();
+    store.create_job(&job, "planned", None).await.unwrap();
     let id = job.job_id.as_str();
     for fragment in [3, 1, 2, 60] {
         assert!(
@@ -388,12 +443,15 @@ async fn listing_pages_newest_first(adapter: Adapter) {
     let mut ids = Vec::new();
     for i in 0..7 {
         let job = job("listed", &format!("c{i}"));
-        store.create_job(&job, None).await.unwrap();
+        store.create_job(&job, "planned", None).await.unwrap();
         ids.push(job.job_id);
         // Creation times differ, so the order is by time.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    store.create_job(&job("other", "c0"), None).await.unwrap();
+    store
+        .create_job(&job("other", "c0"), "planned", None)
+        .await
+        .unwrap();
     let key = TableId(vec!["ns".into(), "listed".into()]).key();
     let mut seen = Vec::new();
     let mut token = None;
@@ -428,5 +486,53 @@ async fn missing_jobs_and_bad_tokens(adapter: Adapter) {
             .await
             .unwrap(),
         None
+    );
+}
+
+/// What the engine writes for a 10,000-fragment job with commit_granularity
+/// 1: every fragment staged, committed alone and announced by an event.
+/// No record may grow with the job (DynamoDB refuses items over 400 KB).
+async fn a_job_of_ten_thousand_fragments_committed_one_by_one(store: Arc<dyn JobStore>) {
+    use futures::StreamExt;
+    const FRAGMENTS: u64 = 10_000;
+    let mut job = job("big", "y");
+    job.metrics.set(Counter::FragmentsTotal, FRAGMENTS as i64);
+    store.create_job(&job, "planned", None).await.unwrap();
+    let id = job.job_id.as_str();
+    let began = std::time::Instant::now();
+    futures::stream::iter(0..FRAGMENTS)
+        .map(|fragment| {
+            let store = store.clone();
+            async move {
+                let one = staged(fragment, 10);
+                assert!(store.stage_fragment(id, &one).await.unwrap());
+                store.mark_committed(id, &[one]).await.unwrap();
+                store
+                    .add_metrics(id, &MetricsDelta::new().add(Counter::CommitsDone, 1))
+                    .await
+                    .unwrap();
+                let event =
+                    format!("committed fragments {fragment} (10 rows) as version {fragment}");
+                store.add_event(id, &event).await.unwrap();
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let metrics = store.get_job(id).await.unwrap().unwrap().metrics;
+    assert_eq!(metrics.get(Counter::FragmentsCommitted), FRAGMENTS);
+    assert_eq!(metrics.get(Counter::CommitsDone), FRAGMENTS);
+    assert_eq!(metrics.fragments_pending_commit(), 0);
+    assert_eq!(store.list_events(id, 100).await.unwrap().len(), 100);
+    assert!(
+        store
+            .transition(id, JobState::Done, Some("done"), None)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    println!(
+        "FIGURES ten thousand fragments: staged, committed and announced one by one in {:.1} s",
+        began.elapsed().as_secs_f64()
     );
 }

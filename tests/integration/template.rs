@@ -130,6 +130,50 @@ fn functions_queue_and_table_fit_together() {
     assert!(template["Outputs"]["ApiUrl"] != Value::Null);
 }
 
+/// The API is throttled and logged at the gateway, its function has reserved
+/// concurrency, and it reads the authorization policy the stack names.
+#[test]
+fn the_api_is_throttled_logged_and_governed_by_the_policy() {
+    let template = template();
+    let api = &resource(&template, "HttpApi")["Properties"];
+    let throttling = &api["DefaultRouteSettings"];
+    assert_eq!(
+        reference(&throttling["ThrottlingBurstLimit"]).as_deref(),
+        Some("ApiThrottleBurst")
+    );
+    assert_eq!(
+        reference(&throttling["ThrottlingRateLimit"]).as_deref(),
+        Some("ApiThrottleRate")
+    );
+    let logs = &api["AccessLogSettings"];
+    assert_eq!(
+        serde_yaml::to_string(&logs["DestinationArn"])
+            .unwrap()
+            .trim(),
+        "!GetAtt ApiAccessLogs.Arn"
+    );
+    let format = logs["Format"].as_str().expect("access log format");
+    for field in ["$context.requestId", "$context.status", "$context.path"] {
+        assert!(
+            format.contains(field),
+            "{field} missing from the access log"
+        );
+    }
+    assert!(resource(&template, "ApiAccessLogs")["Properties"]["RetentionInDays"] != Value::Null);
+    let function = &resource(&template, "ApiFunction")["Properties"];
+    assert_eq!(
+        reference(&function["ReservedConcurrentExecutions"]).as_deref(),
+        Some("ApiReservedConcurrency")
+    );
+    let policy =
+        serde_yaml::to_string(&function["Environment"]["Variables"]["LANCE_BACKFILL_POLICY"])
+            .unwrap();
+    assert!(
+        policy.contains("resolve:ssm:${PolicyParameterName}"),
+        "{policy}"
+    );
+}
+
 #[test]
 fn events_cover_every_route_and_the_worker() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../events");

@@ -96,7 +96,8 @@ async fn million_rows_in_sixteen_fragments_through_sqs() {
     assert_eq!(job.metrics.get(Counter::FragmentsCommitted), 16);
     assert_eq!(job.metrics.get(Counter::RowsCommitted), 1_000_000);
     assert_eq!(job.metrics.get(Counter::CommitsDone), 1);
-    assert!(job.events.iter().any(|e| e.message.starts_with("done:")));
+    let events = stack.events(&job_id).await;
+    assert!(events.iter().any(|e| e.starts_with("done:")), "{events:?}");
     println!(
         "FIGURES million_rows: {} rows in {:.3} s = {:.0} rows/s (moto SQS + DynamoDB, debug build), {versions} version(s) created",
         x.len(),
@@ -218,8 +219,13 @@ async fn deleted_rows_stay_aligned_and_a_noop_rerun_makes_no_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_delivered_twice_commits_each_group_once() {
-    let moto = Moto::connect().await;
-    let mut stack = Stack::aws(&moto, StackOptions::default()).await;
+    delivered_twice(&Moto::connect().await, None).await;
+}
+
+/// Every task message delivered twice, in reverse order; with `faults`,
+/// the emulator injects them once the messages are queued.
+pub(crate) async fn delivered_twice(moto: &Moto, faults: Option<serde_json::Value>) {
+    let mut stack = Stack::aws(moto, StackOptions::default()).await;
     let uri = stack.table_uri("items");
     write_sample_table(&uri, 8000, 8).await.unwrap();
     stack.declare("items", &[("y", "x * 2 + 1")]).await;
@@ -239,6 +245,9 @@ async fn every_message_delivered_twice_commits_each_group_once() {
     twice.reverse();
     sqs.send_many(twice).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    if let Some(faults) = faults {
+        moto.set_faults(faults).await;
+    }
     stack.start_worker(
         fast_engine(),
         RunnerConfig {

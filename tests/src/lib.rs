@@ -38,6 +38,69 @@ impl Moto {
     pub async fn connect() -> Self {
         let endpoint = std::env::var("MOTO_ENDPOINT")
             .expect("MOTO_ENDPOINT is not set: run the tests with scripts/test, which starts moto");
+        Self::at(endpoint).await
+    }
+
+    /// The fault-injecting moto of this run (`MOTO_FAULTS_ENDPOINT`), its
+    /// faults cleared. Tests using it run one at a time (`faults::`).
+    pub async fn faulty() -> Self {
+        let endpoint = std::env::var("MOTO_FAULTS_ENDPOINT").expect(
+            "MOTO_FAULTS_ENDPOINT is not set: run the tests with scripts/test, which starts it",
+        );
+        let moto = Self::at(endpoint).await;
+        moto.clear_faults().await;
+        moto
+    }
+
+    /// Replaces the fault configuration (see scripts/moto_server.py).
+    pub async fn set_faults(&self, config: serde_json::Value) {
+        reqwest::Client::new()
+            .post(format!("{}/_faults", self.endpoint))
+            .json(&config)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("configure faults");
+    }
+
+    pub async fn clear_faults(&self) {
+        reqwest::Client::new()
+            .post(format!("{}/_faults/reset", self.endpoint))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("reset faults");
+    }
+
+    /// Faults injected so far, by kind.
+    pub async fn faults_injected(&self) -> serde_json::Value {
+        let state: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/_faults", self.endpoint))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("read faults")
+            .json()
+            .await
+            .expect("faults json");
+        state["injected"].clone()
+    }
+
+    /// Calls per operation since the last reset (`dynamodb.TransactWriteItems`, ...).
+    pub async fn calls(&self) -> serde_json::Value {
+        let stats: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/_stats", self.endpoint))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("read stats")
+            .json()
+            .await
+            .expect("stats json");
+        stats["calls"].clone()
+    }
+
+    async fn at(endpoint: String) -> Self {
         let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .endpoint_url(&endpoint)
             .region(aws_config::Region::new("us-east-1"))
@@ -399,27 +462,39 @@ impl Stack {
             if job.state.is_terminal() {
                 return job;
             }
-            assert!(
-                Instant::now() < until,
-                "job {job_id} still {:?} after {timeout:?}: {:?}",
-                job.state,
-                job.events
-            );
+            if Instant::now() >= until {
+                panic!(
+                    "job {job_id} still {:?} after {timeout:?}: {:?}",
+                    job.state,
+                    self.events(job_id).await
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     pub async fn wait_done(&self, job_id: &str, timeout: Duration) -> Job {
         let job = self.wait(job_id, timeout).await;
-        assert_eq!(
-            job.state,
-            JobState::Done,
-            "job ended {:?}: {:?} {:?}",
-            job.state,
-            job.error,
-            job.events
-        );
+        if job.state != JobState::Done {
+            panic!(
+                "job ended {:?}: {:?} {:?}",
+                job.state,
+                job.error,
+                self.events(job_id).await
+            );
+        }
         job
+    }
+
+    /// The job's latest events' messages (oldest first).
+    pub async fn events(&self, job_id: &str) -> Vec<String> {
+        self.store()
+            .list_events(job_id, 100)
+            .await
+            .expect("list events")
+            .into_iter()
+            .map(|e| e.message)
+            .collect()
     }
 }
 
@@ -488,4 +563,51 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("condition not met within {timeout:?}")
+}
+
+/// How often each fragment's `column` file changed across the versions
+/// after `from`: exactly once per fragment for a job that replaced each
+/// fragment once.
+pub async fn replacements_per_fragment(
+    uri: &str,
+    storage: &HashMap<String, String>,
+    column: &str,
+    from: u64,
+) -> HashMap<u64, u32> {
+    let latest = lance::dataset::builder::DatasetBuilder::from_uri(uri)
+        .with_storage_options(storage.clone())
+        .load()
+        .await
+        .expect("open the table");
+    let field = latest.schema().field(column).expect("the column").id;
+    let mut previous: HashMap<u64, Option<String>> = HashMap::new();
+    let mut changes = HashMap::new();
+    for version in from..=latest.version().version {
+        let dataset = latest.checkout_version(version).await.expect("a version");
+        for fragment in dataset.get_fragments() {
+            let id = fragment.id() as u64;
+            let file = fragment
+                .metadata()
+                .files
+                .iter()
+                .find(|f| f.fields.contains(&field))
+                .map(|f| f.path.clone());
+            if version > from && previous.get(&id) != Some(&file) {
+                *changes.entry(id).or_insert(0) += 1;
+            }
+            previous.insert(id, file);
+        }
+    }
+    changes
+}
+
+/// Writes the sample table (`id`, `x`, `s`) to any object store.
+pub async fn write_table(
+    uri: &str,
+    rows: u64,
+    fragments: u64,
+    storage: &HashMap<String, String>,
+) -> anyhow::Result<()> {
+    lance_backfill::demo::write_sample_table_with(uri, rows, fragments, storage.clone()).await?;
+    Ok(())
 }

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::api::ApiError;
+use crate::api::policy::Access;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -42,6 +43,18 @@ pub struct Authenticator {
     jwt: Option<JwtConfig>,
     /// No credentials needed (local runs with --insecure-no-auth only).
     open: bool,
+    /// What each principal may do (open when no policy is configured).
+    access: Access,
+}
+
+/// Whether the headers carry credentials (then the body's are not read).
+pub fn has_credentials(headers: &HeaderMap) -> bool {
+    ["x-api-key", "authorization"].iter().any(|name| {
+        headers
+            .get(*name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| !v.trim().is_empty())
+    })
 }
 
 pub fn sha256_hex(text: &str) -> String {
@@ -59,6 +72,16 @@ impl Authenticator {
 
     pub fn is_open(&self) -> bool {
         self.open
+    }
+
+    /// Decides what each principal may do from now on.
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    pub fn access(&self) -> &Access {
+        &self.access
     }
 
     pub fn has_credentials(&self) -> bool {

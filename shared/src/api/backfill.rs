@@ -6,6 +6,7 @@ use lance_namespace_reqwest_client::models::{
     AlterTableBackfillColumnsRequest, AlterTableBackfillColumnsResponse,
 };
 
+use super::policy::Action;
 use super::{ApiError, ApiRequest, ApiResponse, Service};
 use crate::submit::SubmitRequest;
 
@@ -16,10 +17,9 @@ impl Service {
         raw_id: &str,
     ) -> Result<ApiResponse, ApiError> {
         let table = http.table_id(raw_id)?;
+        let principal = self.authenticate(http)?;
+        self.authorize(&principal, &table, Action::Submit)?;
         let request: AlterTableBackfillColumnsRequest = http.json()?;
-        let principal = self
-            .auth
-            .authenticate(&http.headers, request.identity.as_deref())?;
         let outcome = self
             .submitter
             .submit(SubmitRequest {

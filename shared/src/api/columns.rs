@@ -6,6 +6,7 @@ use lance_namespace_reqwest_client::models::{
     AlterTableAddColumnsRequest, AlterTableAddColumnsResponse,
 };
 
+use super::policy::Action;
 use super::{ApiError, ApiRequest, ApiResponse, Service};
 use crate::declare;
 
@@ -16,10 +17,10 @@ impl Service {
         raw_id: &str,
     ) -> Result<ApiResponse, ApiError> {
         let table = http.table_id(raw_id)?;
+        let principal = self.authenticate(http)?;
+        self.authorize(&principal, &table, Action::Declare)?;
         refuse_virtual_columns(http)?;
         let request: AlterTableAddColumnsRequest = http.json()?;
-        self.auth
-            .authenticate(&http.headers, request.identity.as_deref())?;
         if let Some(body_id) = &request.id
             && body_id != &table.0
         {

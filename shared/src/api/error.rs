@@ -65,13 +65,40 @@ impl ApiError {
         Self::coded(ErrorCode::ServiceUnavailable, message)
     }
 
-    /// The wire form: `{error, code, detail, instance}`.
-    pub fn to_response(&self, instance: Option<&str>) -> ErrorResponse {
+    /// The wire form: `{error, code, detail, instance}`; the detail names
+    /// the request, so a client's report can be found in the log.
+    pub fn to_response(&self, instance: Option<&str>, request_id: &str) -> ErrorResponse {
         let mut response = ErrorResponse::new(self.code.as_u32() as i32);
         response.error = Some(self.message.clone());
-        response.detail = Some(format!("{}: {}", self.code, self.message));
+        response.detail = Some(format!(
+            "{}: {} (request {request_id})",
+            self.code, self.message
+        ));
         response.instance = instance.map(str::to_string);
         response
+    }
+
+    /// What a client is told: a fault of the service (5xx) is a short
+    /// sentence (the log holds the details under the request id); a
+    /// client's mistake keeps its message, scrubbed of locations.
+    pub fn public(&self) -> Self {
+        let message = match self.status {
+            StatusCode::INTERNAL_SERVER_ERROR => {
+                "the service failed to handle the request; retry, or report the request id".into()
+            }
+            StatusCode::SERVICE_UNAVAILABLE if self.message.contains("marked FAILED") => {
+                crate::error::scrub(&self.message)
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                "a service the API depends on is not reachable; retry shortly".into()
+            }
+            _ => crate::error::scrub(&self.message),
+        };
+        Self {
+            status: self.status,
+            code: self.code,
+            message,
+        }
     }
 }
 

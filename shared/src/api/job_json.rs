@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::commit::MAX_CONFLICT_RETRIES;
-use crate::job::{Counter, Job, Metrics};
+use crate::job::{Counter, Job, JobEvent, Metrics};
 
 pub(crate) fn metrics_json(metrics: &Metrics) -> Value {
     let pair = |done: u64, total: u64| json!({ "done": done, "total": total });
@@ -25,10 +25,11 @@ pub(crate) fn metrics_json(metrics: &Metrics) -> Value {
     })
 }
 
-pub(crate) fn job_json(job: &Job) -> Value {
+/// The job; with `events`, its latest events too (a job's own page).
+pub(crate) fn job_json(job: &Job, events: Option<&[JobEvent]>) -> Value {
     let spec = &job.spec;
     let p = &spec.params;
-    json!({
+    let mut value = json!({
         "job_id": job.job_id,
         "table_id": spec.table_id.0,
         "column": spec.column,
@@ -56,10 +57,13 @@ pub(crate) fn job_json(job: &Job) -> Value {
         },
         "plan": spec.plan,
         "metrics": metrics_json(&job.metrics),
-        "events": job.events,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
-    })
+    });
+    if let Some(events) = events {
+        value["events"] = json!(events);
+    }
+    value
 }

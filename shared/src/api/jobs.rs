@@ -3,13 +3,17 @@
 
 use http::StatusCode;
 
+use super::auth::Principal;
 use super::job_json::job_json;
+use super::policy::Action;
 use super::{ApiError, ApiRequest, ApiResponse, Service, store_unavailable};
 use crate::error::{Error, Missing};
 use crate::job::{Job, JobState};
 
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// A job's page shows its latest this many events (commits, failures...).
+pub const EVENTS_SHOWN: usize = 100;
 /// Job ids are UUIDs (32 hex digits); anything longer is not one of ours.
 const MAX_JOB_ID_LEN: usize = 64;
 
@@ -32,13 +36,23 @@ fn valid_job_id(job_id: &str) -> Result<&str, ApiError> {
 }
 
 impl Service {
-    async fn load_job(&self, job_id: &str) -> Result<Job, ApiError> {
+    /// The job, if it exists and `principal` may read its table: to anyone
+    /// else it does not exist.
+    async fn load_job(&self, principal: &Principal, job_id: &str) -> Result<Job, ApiError> {
         let job_id = valid_job_id(job_id)?;
-        self.store
+        let job = self
+            .store
             .get_job(job_id)
             .await
             .map_err(store_unavailable)?
-            .ok_or_else(|| job_not_found(job_id))
+            .ok_or_else(|| job_not_found(job_id))?;
+        if self
+            .authorize(principal, &job.spec.table_id, Action::Read)
+            .is_err()
+        {
+            return Err(job_not_found(job_id));
+        }
+        Ok(job)
     }
 
     pub(super) async fn get_job(
@@ -46,9 +60,17 @@ impl Service {
         http: &ApiRequest,
         job_id: &str,
     ) -> Result<ApiResponse, ApiError> {
-        self.authenticate_headers(&http.headers)?;
-        let job = self.load_job(job_id).await?;
-        Ok(ApiResponse::json(StatusCode::OK, &job_json(&job)))
+        let principal = self.authenticate(http)?;
+        let job = self.load_job(&principal, job_id).await?;
+        let events = self
+            .store
+            .list_events(&job.job_id, EVENTS_SHOWN)
+            .await
+            .map_err(store_unavailable)?;
+        Ok(ApiResponse::json(
+            StatusCode::OK,
+            &job_json(&job, Some(&events)),
+        ))
     }
 
     pub(super) async fn list_jobs(
@@ -57,7 +79,8 @@ impl Service {
         raw_id: &str,
     ) -> Result<ApiResponse, ApiError> {
         let table = http.table_id(raw_id)?;
-        self.authenticate_headers(&http.headers)?;
+        let principal = self.authenticate(http)?;
+        self.authorize(&principal, &table, Action::Read)?;
         let limit = page_size(http.query_param("limit")?)?;
         let token = http.query_param("page_token")?.filter(|t| !t.is_empty());
         // The table must exist, so a typo is a 404 rather than an empty list.
@@ -67,7 +90,7 @@ impl Service {
             .list_jobs(&table.key(), limit, token.as_deref())
             .await
             .map_err(store_unavailable)?;
-        let jobs: Vec<serde_json::Value> = page.jobs.iter().map(job_json).collect();
+        let jobs: Vec<serde_json::Value> = page.jobs.iter().map(|j| job_json(j, None)).collect();
         Ok(ApiResponse::json(
             StatusCode::OK,
             &serde_json::json!({ "jobs": jobs, "page_token": page.next_page_token }),
@@ -79,14 +102,15 @@ impl Service {
         http: &ApiRequest,
         job_id: &str,
     ) -> Result<ApiResponse, ApiError> {
-        let principal = self.authenticate_headers(&http.headers)?;
-        let job = self.load_job(job_id).await?;
+        let principal = self.authenticate(http)?;
+        let job = self.load_job(&principal, job_id).await?;
+        self.authorize(&principal, &job.spec.table_id, Action::Cancel)?;
         let moved = self
             .lifecycle
             .cancel(&job, &principal.subject)
             .await
             .map_err(store_unavailable)?;
-        let current = self.load_job(job_id).await?;
+        let current = self.load_job(&principal, job_id).await?;
         if moved.is_none() && current.state != JobState::Cancelled {
             return Err(Error::InvalidState(format!(
                 "job '{job_id}' is already {} and cannot be cancelled",
@@ -94,7 +118,7 @@ impl Service {
             ))
             .into());
         }
-        Ok(ApiResponse::json(StatusCode::OK, &job_json(&current)))
+        Ok(ApiResponse::json(StatusCode::OK, &job_json(&current, None)))
     }
 }
 

@@ -35,6 +35,13 @@ pub fn to_lambda(response: ApiResponse) -> Response<Body> {
         String::from_utf8_lossy(&response.body).into_owned(),
     ));
     *out.status_mut() = response.status;
+    if let Some(id) = response
+        .request_id
+        .as_deref()
+        .and_then(|id| http::HeaderValue::from_str(id).ok())
+    {
+        out.headers_mut().insert("x-request-id", id);
+    }
     out.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),

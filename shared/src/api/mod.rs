@@ -10,7 +10,9 @@ pub mod error;
 mod job_json;
 pub mod jobs;
 pub mod lambda;
+pub mod policy;
 pub mod request;
+mod routes;
 pub mod server;
 
 use std::sync::Arc;
@@ -23,9 +25,11 @@ use tracing::{info, warn};
 use crate::lifecycle::Lifecycle;
 use crate::store::{JobStore, StoreError};
 use crate::submit::Submitter;
-use crate::table::Catalog;
+use crate::table::{Catalog, TableId};
 use auth::Authenticator;
 pub use error::ApiError;
+use policy::{Action, Decision};
+use routes::Route;
 
 pub use request::ApiRequest;
 
@@ -36,6 +40,8 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct ApiResponse {
     pub status: StatusCode,
     pub body: Vec<u8>,
+    /// Names this request in the log; sent back as `x-request-id`.
+    pub request_id: Option<String>,
 }
 
 impl ApiResponse {
@@ -43,11 +49,14 @@ impl ApiResponse {
         Self {
             status,
             body: serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+            request_id: None,
         }
     }
 
-    pub fn error(err: &ApiError, instance: &str) -> Self {
-        Self::json(err.status, &err.to_response(Some(instance)))
+    pub fn error(err: &ApiError, instance: &str, request_id: &str) -> Self {
+        let mut response = Self::json(err.status, &err.to_response(Some(instance), request_id));
+        response.request_id = Some(request_id.to_string());
+        response
     }
 }
 
@@ -60,61 +69,47 @@ pub struct Service {
     pub auth: Authenticator,
 }
 
-/// A route with its path parameter.
-enum Route<'a> {
-    Backfill(&'a str),
-    AddColumns(&'a str),
-    TableJobs(&'a str),
-    Job(&'a str),
-    CancelJob(&'a str),
-    Health,
-}
+/// A client's `x-request-id` is kept when it is a short visible token;
+/// otherwise the request gets one of ours.
+const MAX_REQUEST_ID_LEN: usize = 128;
 
-fn route<'a>(method: &Method, segments: &[&'a str]) -> Result<Route<'a>, ApiError> {
-    let route = match segments {
-        ["v1", "table", id, "backfill_column"] => (Method::POST, Route::Backfill(id)),
-        ["v1", "table", id, "add_columns"] => (Method::POST, Route::AddColumns(id)),
-        ["v1", "table", id, "jobs"] => (Method::GET, Route::TableJobs(id)),
-        ["v1", "job", id] => (Method::GET, Route::Job(id)),
-        ["v1", "job", id, "cancel"] => (Method::POST, Route::CancelJob(id)),
-        ["health"] => (Method::GET, Route::Health),
-        _ => {
-            return Err(ApiError::route_not_found(format!(
-                "no route for {method} /{}",
-                segments.join("/")
-            )));
-        }
-    };
-    if route.0 != method {
-        return Err(ApiError::method_not_allowed(format!(
-            "{method} is not allowed here; use {}",
-            route.0
-        )));
-    }
-    Ok(route.1)
+fn request_id_of(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID_LEN
+                && id.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
 }
 
 impl Service {
     pub async fn handle(&self, request: ApiRequest) -> ApiResponse {
         let started = std::time::Instant::now();
+        let request_id = request_id_of(&request.headers);
         let path = request.path.clone();
         let method = request.method.clone();
-        let response = match self.dispatch(&request).await {
+        let mut response = match self.dispatch(&request).await {
             Ok(response) => response,
             Err(err) => {
                 if err.status.is_server_error() {
-                    warn!(%method, %path, status = err.status.as_u16(), error = %err.message, "request failed");
+                    warn!(%request_id, %method, %path, status = err.status.as_u16(), error = %err.message, "request failed");
                 }
-                ApiResponse::error(&err, &path)
+                ApiResponse::error(&err.public(), &path, &request_id)
             }
         };
-        info!(%method, %path, status = response.status.as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+        response.request_id = Some(request_id.clone());
+        info!(%request_id, %method, %path, status = response.status.as_u16(), ms = started.elapsed().as_millis() as u64, "request");
         response
     }
 
     async fn dispatch(&self, request: &ApiRequest) -> Result<ApiResponse, ApiError> {
         let segments = request.segments();
-        match route(&request.method, &segments)? {
+        match routes::route(&request.method, &segments)? {
             Route::Health => Ok(ApiResponse::json(
                 StatusCode::OK,
                 &serde_json::json!({"status": "ok"}),
@@ -127,9 +122,28 @@ impl Service {
         }
     }
 
-    /// Requests without a JSON body authenticate from headers only.
-    fn authenticate_headers(&self, headers: &HeaderMap) -> Result<auth::Principal, ApiError> {
-        self.auth.authenticate(headers, None)
+    /// Who is calling: the headers' credentials, or the body's `identity`
+    /// (read leniently, before anything else of the body is looked at).
+    fn authenticate(&self, http: &ApiRequest) -> Result<auth::Principal, ApiError> {
+        let identity = if auth::has_credentials(&http.headers) {
+            None
+        } else {
+            http.identity()
+        };
+        self.auth.authenticate(&http.headers, identity.as_ref())
+    }
+
+    /// 403 (code 15) unless the policy lets `principal` do `action` on `table`.
+    fn authorize(
+        &self,
+        principal: &auth::Principal,
+        table: &TableId,
+        action: Action,
+    ) -> Result<(), ApiError> {
+        match self.auth.access().decide(&principal.subject, table, action) {
+            Decision::Allowed => Ok(()),
+            Decision::Denied(reason) => Err(ApiError::permission_denied(reason)),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::ApiError;
 use crate::table::{DEFAULT_DELIMITER, TableId};
+use lance_namespace_reqwest_client::models::Identity;
 
 #[derive(Debug, Clone)]
 pub struct ApiRequest {
@@ -55,6 +56,16 @@ impl ApiRequest {
             .unwrap_or_else(|| DEFAULT_DELIMITER.to_string());
         let id = decode(raw, "path parameter 'id'")?;
         Ok(TableId::parse(&id, &delimiter)?)
+    }
+
+    /// The body's `identity` (API key or token), read leniently: nothing
+    /// else of the body is looked at before the caller is known.
+    pub fn identity(&self) -> Option<Identity> {
+        if self.body.len() > super::MAX_BODY_BYTES {
+            return None;
+        }
+        let value: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        serde_json::from_value(value.get("identity")?.clone()).ok()
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {

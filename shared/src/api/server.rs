@@ -29,6 +29,7 @@ async fn handle(State(service): State<Arc<Service>>, request: Request) -> Respon
                 "request body is larger than {MAX_BODY_BYTES} bytes"
             )),
             parts.uri.path(),
+            &uuid::Uuid::new_v4().simple().to_string(),
         ),
     };
     let mut out = Response::new(Body::from(response.body));
@@ -37,6 +38,12 @@ async fn handle(State(service): State<Arc<Service>>, request: Request) -> Respon
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    if let Some(id) = response
+        .request_id
+        .and_then(|id| http::HeaderValue::from_str(&id).ok())
+    {
+        out.headers_mut().insert("x-request-id", id);
+    }
     out
 }
 

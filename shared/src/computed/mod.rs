@@ -13,6 +13,8 @@ use lance::io::exec::Planner;
 
 use crate::error::{Error, Missing, first_line};
 
+pub mod limits;
+
 /// Field metadata key holding a computed column's SQL expression.
 pub const BINDING_KEY: &str = "lance-backfill:expression";
 
@@ -81,6 +83,15 @@ pub fn infer_expression(
     expression: &str,
     what: &str,
 ) -> Result<(DataType, Vec<String>), Error> {
+    limits::check_text(expression, what)?;
+    limits::on_planning_stack(|| infer_checked(schema, expression, what))
+}
+
+fn infer_checked(
+    schema: &ArrowSchema,
+    expression: &str,
+    what: &str,
+) -> Result<(DataType, Vec<String>), Error> {
     let planner = Planner::new(Arc::new(schema.clone()));
     let bad = |err: &dyn std::fmt::Display| {
         Error::invalid_input(format!(
@@ -89,6 +100,7 @@ pub fn infer_expression(
         ))
     };
     let logical = planner.parse_expr(expression).map_err(|e| bad(&e))?;
+    limits::check_constants(&logical, what)?;
     let inputs = Planner::column_names_in_expr(&logical);
     let logical = planner.optimize_expr(logical).map_err(|e| bad(&e))?;
     let physical = planner
@@ -154,6 +166,9 @@ impl Parsed {
         let filter = filter
             .map(str::to_string)
             .unwrap_or_else(|| default_filter(&target.name));
+        let expression_what = format!("the expression of computed column '{}'", target.name);
+        limits::check_text(&expression, &expression_what)?;
+        limits::check_text(&filter, "field 'where'")?;
         let value = planner.parse_expr(&expression).map_err(|err| {
             Error::invalid_input(format!(
                 "the expression of computed column '{}' ('{expression}') no longer fits the table: {}",
@@ -164,6 +179,8 @@ impl Parsed {
         let predicate = planner
             .parse_filter(&filter)
             .map_err(|err| bad_where(&filter, &err))?;
+        limits::check_constants(&value, &expression_what)?;
+        limits::check_constants(&predicate, "field 'where'")?;
         Ok(Self {
             expression,
             filter,
@@ -223,7 +240,18 @@ impl Program {
         }
     }
 
+    /// Compiles a backfill of `target`, choosing rows with `filter` (default:
+    /// the rows whose value is missing). Planned on a thread of its own with
+    /// a large stack; every bound of [`limits`] is checked first.
     pub fn compile(
+        schema: &LanceSchema,
+        target: &TargetColumn,
+        filter: Option<&str>,
+    ) -> Result<Self, Error> {
+        limits::on_planning_stack(|| Self::compile_here(schema, target, filter))
+    }
+
+    fn compile_here(
         schema: &LanceSchema,
         target: &TargetColumn,
         filter: Option<&str>,

@@ -3,6 +3,8 @@
 //! aligned), evaluate, and hand back batches in order.
 
 use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
 use std::time::Instant;
 
 use arrow_array::{BooleanArray, RecordBatch};
@@ -15,6 +17,8 @@ use lance_core::utils::deletion::DeletionVector;
 use super::batching::BatchSizer;
 use crate::checkpoint::Range;
 use crate::computed::Program;
+use crate::error::Error;
+use crate::tasks::AbortOnDrop;
 
 /// Values computed for one batch of rows.
 pub struct ComputedBatch {
@@ -27,14 +31,25 @@ pub struct ComputedBatch {
 
 /// Reads and evaluates one fragment's rows.
 pub struct FragmentComputer {
-    reader: Arc<FragmentReader>,
+    shared: Arc<Evaluator>,
+}
+
+/// What every batch of a fragment needs, shared by the batches in flight.
+struct Evaluator {
+    reader: FragmentReader,
     program: Arc<Program>,
     deletions: Option<Arc<DeletionVector>>,
     output_schema: Arc<ArrowSchema>,
+    max_batch_bytes: usize,
 }
 
 impl FragmentComputer {
-    pub async fn open(fragment: &FileFragment, program: Arc<Program>) -> lance::Result<Self> {
+    /// `max_batch_bytes` bounds the values one batch may compute.
+    pub async fn open(
+        fragment: &FileFragment,
+        program: Arc<Program>,
+        max_batch_bytes: usize,
+    ) -> lance::Result<Self> {
         let config = FragReadConfig {
             ignore_deletions: true,
             ..Default::default()
@@ -48,15 +63,18 @@ impl FragmentComputer {
             program.output_field.as_ref().clone(),
         ]));
         Ok(Self {
-            reader: Arc::new(reader),
-            program,
-            deletions,
-            output_schema,
+            shared: Arc::new(Evaluator {
+                reader,
+                program,
+                deletions,
+                output_schema,
+                max_batch_bytes,
+            }),
         })
     }
 
     pub fn output_schema(&self) -> Arc<ArrowSchema> {
-        self.output_schema.clone()
+        self.shared.output_schema.clone()
     }
 
     /// Batches for `[start, end)`, in order, with up to `parallelism`
@@ -69,42 +87,15 @@ impl FragmentComputer {
         sizer: Arc<Mutex<BatchSizer>>,
         parallelism: usize,
     ) -> BoxStream<'static, anyhow::Result<ComputedBatch>> {
-        let ranges = {
-            let sizer = sizer.clone();
-            stream::unfold(start, move |at| {
-                let sizer = sizer.clone();
-                async move {
-                    if at >= end {
-                        return None;
-                    }
-                    let size = sizer.lock().unwrap_or_else(|p| p.into_inner()).size();
-                    let next = (at + size.max(1)).min(end);
-                    Some((
-                        Range {
-                            start: at,
-                            end: next,
-                        },
-                        next,
-                    ))
-                }
-            })
-        };
-        let reader = self.reader.clone();
-        let program = self.program.clone();
-        let deletions = self.deletions.clone();
-        let schema = self.output_schema.clone();
-        ranges
+        let shared = self.shared.clone();
+        ranges(start, end, sizer.clone())
             .map(move |range| {
-                let reader = reader.clone();
-                let program = program.clone();
-                let deletions = deletions.clone();
-                let schema = schema.clone();
-                let sizer = sizer.clone();
-                // Spawned, so batches of one task use every core.
-                tokio::spawn(async move {
+                let (shared, sizer) = (shared.clone(), sizer.clone());
+                // Spawned, so batches of one task use every core; aborted
+                // when the task stops reading them.
+                AbortOnDrop::spawn(async move {
                     let began = Instant::now();
-                    let batch =
-                        compute_range(&reader, &program, deletions.as_deref(), schema, range).await;
+                    let batch = shared.compute(range).await;
                     if batch.is_ok() {
                         sizer
                             .lock()
@@ -123,48 +114,80 @@ impl FragmentComputer {
     }
 }
 
-async fn compute_range(
-    reader: &FragmentReader,
-    program: &Program,
-    deletions: Option<&DeletionVector>,
-    schema: Arc<ArrowSchema>,
-    range: Range,
-) -> anyhow::Result<ComputedBatch> {
-    let rows = (range.end - range.start) as u32;
-    let batches: Vec<RecordBatch> = reader
-        .read_range(range.start as u32..range.end as u32, rows)
-        .await?
-        .buffered(2)
-        .try_collect()
-        .await?;
-    let input = match batches.len() {
-        1 => batches
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())),
-        _ => {
-            let schema = batches
-                .first()
-                .map(|b| b.schema())
-                .ok_or_else(|| anyhow::anyhow!("no rows read for {range:?}"))?;
-            arrow_select::concat::concat_batches(&schema, &batches)?
+/// The row ranges of `[start, end)`, each as large as `sizer` says when it
+/// is drawn.
+fn ranges(start: u64, end: u64, sizer: Arc<Mutex<BatchSizer>>) -> BoxStream<'static, Range> {
+    stream::unfold(start, move |at| {
+        let sizer = sizer.clone();
+        async move {
+            if at >= end {
+                return None;
+            }
+            let size = sizer.lock().unwrap_or_else(|p| p.into_inner()).size();
+            let next = (at + size.max(1)).min(end);
+            Some((
+                Range {
+                    start: at,
+                    end: next,
+                },
+                next,
+            ))
         }
-    };
-    anyhow::ensure!(
-        input.num_rows() as u32 == rows,
-        "read {} rows for physical rows {}..{}",
-        input.num_rows(),
-        range.start,
-        range.end
-    );
-    let deleted = deletions.map(|dv| deleted_mask(dv, range));
-    let evaluated = program.evaluate(&input, deleted.as_ref())?;
-    Ok(ComputedBatch {
-        range,
-        values: RecordBatch::try_new(schema, vec![evaluated.values])?,
-        selected: evaluated.selected,
-        changed: evaluated.changed,
     })
+    .boxed()
+}
+
+impl Evaluator {
+    async fn compute(&self, range: Range) -> anyhow::Result<ComputedBatch> {
+        let input = self.read(range).await?;
+        let deleted = self.deletions.as_deref().map(|dv| deleted_mask(dv, range));
+        let evaluated = self.program.evaluate(&input, deleted.as_ref())?;
+        let bytes = evaluated.values.get_array_memory_size();
+        if bytes > self.max_batch_bytes {
+            return Err(Error::Permanent(format!(
+                "the values computed for rows {}..{} take {bytes} bytes, more than the {} a \
+                 batch may hold; lower checkpoint_size",
+                range.start, range.end, self.max_batch_bytes
+            ))
+            .into());
+        }
+        Ok(ComputedBatch {
+            range,
+            values: RecordBatch::try_new(self.output_schema.clone(), vec![evaluated.values])?,
+            selected: evaluated.selected,
+            changed: evaluated.changed,
+        })
+    }
+
+    /// Every physical row of the range, deleted ones included.
+    async fn read(&self, range: Range) -> anyhow::Result<RecordBatch> {
+        let rows = (range.end - range.start) as u32;
+        let batches: Vec<RecordBatch> = self
+            .reader
+            .read_range(range.start as u32..range.end as u32, rows)
+            .await?
+            .buffered(2)
+            .try_collect()
+            .await?;
+        let input = match batches.len() {
+            1 => batches.into_iter().next().context("no rows read")?,
+            _ => {
+                let schema = batches
+                    .first()
+                    .map(|b| b.schema())
+                    .ok_or_else(|| anyhow::anyhow!("no rows read for {range:?}"))?;
+                arrow_select::concat::concat_batches(&schema, &batches)?
+            }
+        };
+        anyhow::ensure!(
+            input.num_rows() as u32 == rows,
+            "read {} rows for physical rows {}..{}",
+            input.num_rows(),
+            range.start,
+            range.end
+        );
+        Ok(input)
+    }
 }
 
 fn deleted_mask(deletions: &DeletionVector, range: Range) -> BooleanArray {

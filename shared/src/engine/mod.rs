@@ -71,6 +71,9 @@ pub struct EngineConfig {
     pub busy_wait: Duration,
     /// How long it then stays in the queue.
     pub busy_delay: Duration,
+    /// Largest set of values one batch may compute; beyond it the task
+    /// fails (naming the rows) rather than the process running out of memory.
+    pub max_batch_bytes: usize,
 }
 
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
@@ -90,6 +93,7 @@ impl Default for EngineConfig {
             max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
             busy_wait: DEFAULT_BUSY_WAIT,
             busy_delay: DEFAULT_BUSY_DELAY,
+            max_batch_bytes: crate::computed::limits::MAX_BATCH_VALUE_BYTES,
         }
     }
 }

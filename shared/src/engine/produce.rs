@@ -18,7 +18,7 @@ use super::stop::{Stop, StopCheck};
 use super::{Engine, permanent};
 use crate::checkpoint::{FragmentCheckpoints, Range};
 use crate::computed::Program;
-use crate::job::{Counter, Job, MetricsDelta};
+use crate::job::{Counter, Job, MAX_FLUSH_INTERVAL_SECONDS, MetricsDelta};
 use crate::plan::TaskRef;
 use crate::store::JobStore;
 
@@ -110,8 +110,11 @@ impl<'a> Producer<'a> {
             checkpoints,
             sink,
             sizer: Arc::new(Mutex::new(BatchSizer::new(params))),
+            // Bounded at submission; clamped again for jobs recorded earlier.
             flush_every: Duration::from_secs_f64(
-                params.batch_checkpoint_flush_interval_seconds.max(0.0),
+                params
+                    .batch_checkpoint_flush_interval_seconds
+                    .clamp(0.0, MAX_FLUSH_INTERVAL_SECONDS),
             ),
             counts: Counts::default(),
             changed: false,
@@ -265,7 +268,8 @@ impl Engine {
             program.output_field.clone(),
         )
         .await?;
-        let computer = FragmentComputer::open(fragment, program.clone()).await?;
+        let computer =
+            FragmentComputer::open(fragment, program.clone(), self.config.max_batch_bytes).await?;
         let produced = Producer::new(self, job, &computer, &checkpoints, None)
             .run(task.start, task.end, stop)
             .await?;

@@ -83,7 +83,8 @@ impl Engine {
             program.output_field.clone(),
         )
         .await?;
-        let computer = FragmentComputer::open(fragment, program.clone()).await?;
+        let computer =
+            FragmentComputer::open(fragment, program.clone(), self.config.max_batch_bytes).await?;
         let target = dataset
             .schema()
             .project(&[program.column.as_str()])

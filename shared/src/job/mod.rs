@@ -111,10 +111,12 @@ pub enum Counter {
     CommitsPlanned,
     CommitsDone,
     ConflictRetries,
+    /// Set once the submission queued the job's work (tasks or a planning message).
+    Queued,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::FragmentsTotal,
         Counter::FragmentsStaged,
         Counter::FragmentsCommitted,
@@ -128,6 +130,7 @@ impl Counter {
         Counter::CommitsPlanned,
         Counter::CommitsDone,
         Counter::ConflictRetries,
+        Counter::Queued,
     ];
 
     pub fn name(self) -> &'static str {
@@ -145,6 +148,7 @@ impl Counter {
             Self::CommitsPlanned => "commits_planned",
             Self::CommitsDone => "commits_done",
             Self::ConflictRetries => "conflict_retries",
+            Self::Queued => "queued",
         }
     }
 
@@ -217,7 +221,24 @@ pub struct Job {
     pub finished_at: Option<String>,
     pub error: Option<String>,
     pub metrics: Metrics,
-    pub events: Vec<JobEvent>,
+}
+
+/// Longest event message kept (the rest is cut): events are records of
+/// their own, each bounded.
+pub const MAX_EVENT_CHARS: usize = 2_000;
+
+impl JobEvent {
+    /// An event happening now; a long message is cut to [`MAX_EVENT_CHARS`].
+    pub fn now(message: &str) -> Self {
+        let message = match message.char_indices().nth(MAX_EVENT_CHARS) {
+            Some((cut, _)) => format!("{}…", &message[..cut]),
+            None => message.to_string(),
+        };
+        Self {
+            at: now_rfc3339(),
+            message,
+        }
+    }
 }
 
 /// Microseconds: a small job runs in a few milliseconds, and its

@@ -15,6 +15,17 @@ pub const MAX_INTRA_APPLIER_CONCURRENCY: u32 = 256;
 /// Concurrency slots are leases in the job store; more than this many is
 /// no longer a limit anyone means.
 pub const MAX_CONCURRENCY: u32 = 10_000;
+/// Rows computed and checkpointed at once: a batch is held in memory, so
+/// a million rows is the most a request may ask for.
+pub const MAX_CHECKPOINT_SIZE: u32 = 1 << 20;
+/// Buffered batches are made durable at least this often (an hour): a
+/// longer interval is a task that may lose an hour of work.
+pub const MAX_FLUSH_INTERVAL_SECONDS: f64 = 3600.0;
+/// Fragments per commit; a commit of more would not fit one Lance manifest
+/// write any better.
+pub const MAX_COMMIT_GRANULARITY: u32 = 100_000;
+/// Tasks a job may plan: each is a queue message and a record in the job store.
+pub const MAX_TASKS_PER_JOB: u64 = 100_000;
 /// Aim for about this many commits in a big table's job.
 const COMMITS_PER_JOB: u64 = 20;
 /// ... but never fewer fragments than this per commit.
@@ -80,8 +91,8 @@ fn checkpoint_bounds(
     request: &AlterTableBackfillColumnsRequest,
     checkpoint_size: u32,
 ) -> Result<(u32, u32, bool), Error> {
-    let min = at_least_one(request.min_checkpoint_size.flatten(), "min_checkpoint_size")?;
-    let max = at_least_one(request.max_checkpoint_size.flatten(), "max_checkpoint_size")?;
+    let min = rows(request.min_checkpoint_size.flatten(), "min_checkpoint_size")?;
+    let max = rows(request.max_checkpoint_size.flatten(), "max_checkpoint_size")?;
     let adaptive = min.is_some() || max.is_some();
     let min = min.unwrap_or(1);
     let max = max.unwrap_or(checkpoint_size.max(min));
@@ -98,12 +109,30 @@ fn flush_interval(request: &AlterTableBackfillColumnsRequest) -> Result<f64, Err
         .batch_checkpoint_flush_interval_seconds
         .flatten()
         .unwrap_or(DEFAULT_FLUSH_INTERVAL_SECONDS);
-    if !flush.is_finite() || flush < 0.0 {
+    if !flush.is_finite() || !(0.0..=MAX_FLUSH_INTERVAL_SECONDS).contains(&flush) {
         return Err(Error::invalid_input(format!(
-            "field 'batch_checkpoint_flush_interval_seconds' must be 0 or more, got {flush}"
+            "field 'batch_checkpoint_flush_interval_seconds' must be from 0 to \
+             {MAX_FLUSH_INTERVAL_SECONDS}, got {flush}"
         )));
     }
     Ok(flush)
+}
+
+/// A size field: at least 1, at most [`MAX_CHECKPOINT_SIZE`].
+fn rows(value: Option<i32>, field: &str) -> Result<Option<u32>, Error> {
+    at_least_one(value, field)?
+        .map(|v| at_most(v, MAX_CHECKPOINT_SIZE, field))
+        .transpose()
+}
+
+fn commit_granularity(
+    request: &AlterTableBackfillColumnsRequest,
+    fragments: u64,
+) -> Result<u32, Error> {
+    let requested = at_least_one(request.commit_granularity.flatten(), "commit_granularity")?
+        .map(|g| at_most(g, MAX_COMMIT_GRANULARITY, "commit_granularity"))
+        .transpose()?;
+    Ok(requested.unwrap_or_else(|| default_commit_granularity(fragments)))
 }
 
 impl Params {
@@ -120,7 +149,7 @@ impl Params {
             "intra_applier_concurrency",
         )?
         .unwrap_or(DEFAULT_INTRA_APPLIER_CONCURRENCY);
-        let checkpoint_size = at_least_one(request.checkpoint_size.flatten(), "checkpoint_size")?
+        let checkpoint_size = rows(request.checkpoint_size.flatten(), "checkpoint_size")?
             .unwrap_or(DEFAULT_CHECKPOINT_SIZE);
         let (min_checkpoint_size, max_checkpoint_size, adaptive_checkpoint) =
             checkpoint_bounds(request, checkpoint_size)?;
@@ -142,11 +171,7 @@ impl Params {
             max_checkpoint_size,
             adaptive_checkpoint,
             batch_checkpoint_flush_interval_seconds: flush_interval(request)?,
-            commit_granularity: at_least_one(
-                request.commit_granularity.flatten(),
-                "commit_granularity",
-            )?
-            .unwrap_or_else(|| default_commit_granularity(fragments)),
+            commit_granularity: commit_granularity(request, fragments)?,
             cluster: named(&request.cluster, "cluster")?,
             manifest: named(&request.manifest, "manifest")?,
         })
@@ -224,6 +249,13 @@ mod tests {
                 serde_json::json!(-0.5),
             ),
             ("commit_granularity", serde_json::json!(0)),
+            ("commit_granularity", serde_json::json!(100_001)),
+            ("checkpoint_size", serde_json::json!(2_000_000)),
+            ("max_checkpoint_size", serde_json::json!(2_000_000)),
+            (
+                "batch_checkpoint_flush_interval_seconds",
+                serde_json::json!(1e20),
+            ),
             ("cluster", serde_json::json!(" ")),
         ] {
             let mut body = serde_json::json!({"column": "c"});

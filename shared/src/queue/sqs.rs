@@ -48,6 +48,33 @@ impl SqsQueue {
         &self.url
     }
 
+    pub fn dead_letter_url(&self) -> Option<&str> {
+        self.dead_letter_url.as_deref()
+    }
+
+    /// Messages waiting, in flight or delayed (SQS's approximate counts).
+    pub async fn approximate_depth(&self) -> anyhow::Result<u64> {
+        let names = [
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+        ];
+        let output = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .set_attribute_names(Some(names.to_vec()))
+            .send()
+            .await
+            .map_err(|e| anyhow!(e.into_service_error()))
+            .context("GetQueueAttributes")?;
+        let attributes = output.attributes().cloned().unwrap_or_default();
+        Ok(names
+            .iter()
+            .filter_map(|name| attributes.get(name)?.parse::<u64>().ok())
+            .sum())
+    }
+
     /// Creates a queue and its DLQ with a redrive policy, as template.yaml
     /// declares them. For emulators and tests; in AWS the stack owns them.
     pub async fn create_with_dlq(

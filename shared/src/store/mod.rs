@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::job::{Job, JobState, Metrics, MetricsDelta};
+use crate::job::{Job, JobEvent, JobState, Metrics, MetricsDelta};
 
 pub mod dynamodb;
 mod error;
@@ -20,6 +20,9 @@ pub use lease::{COMMIT_LEASE, HeldLease};
 pub use sqlite::SqliteJobStore;
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Makes a retried submit return the job it created the first time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,13 +117,20 @@ pub struct TaskMark {
 
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
-    /// Writes a new job, with its idempotency record and the lock that keeps
-    /// two jobs from filling the same column, all or nothing.
+    /// Writes a new job and its first event, with its idempotency record and
+    /// the lock that keeps two jobs from filling the same column, all or
+    /// nothing. An idempotency record older than [`IDEMPOTENCY_TTL`] is
+    /// treated as absent.
     async fn create_job(
         &self,
         job: &Job,
+        event: &str,
         idempotency: Option<&IdempotencyClaim>,
     ) -> StoreResult<CreateOutcome>;
+
+    /// Forgets an idempotency key if it names `job_id` (a submission that
+    /// could not queue its job's work: a retry must create a new job).
+    async fn release_idempotency(&self, key: &str, job_id: &str) -> StoreResult<()>;
 
     async fn get_job(&self, job_id: &str) -> StoreResult<Option<Job>>;
 
@@ -143,7 +153,12 @@ pub trait JobStore: Send + Sync + 'static {
         error: Option<&str>,
     ) -> StoreResult<Option<JobState>>;
 
+    /// Records an event of the job (a record of its own, so a job's events
+    /// never make its own record grow).
     async fn add_event(&self, job_id: &str, message: &str) -> StoreResult<()>;
+
+    /// The latest `limit` events of the job, oldest first.
+    async fn list_events(&self, job_id: &str, limit: usize) -> StoreResult<Vec<JobEvent>>;
 
     /// Adds to counters atomically and returns all counters after the change.
     async fn add_metrics(&self, job_id: &str, delta: &MetricsDelta) -> StoreResult<Metrics>;

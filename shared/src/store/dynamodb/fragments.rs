@@ -1,15 +1,16 @@
 //! Per-fragment progress and leases on DynamoDB: a fragment's item records
-//! its finished tasks (a number set) and its status; a staged fragment's
-//! file is its own item until committed.
+//! its status; each finished task and each staged fragment's file is an
+//! item of its own, so no item grows with the size of a job.
 
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
 use futures::{StreamExt, TryStreamExt};
 
 use super::calls::{Failure, classify, retry_busy};
 use super::items::{
-    Item, counters_update, fragment_sk, get_s, job_pk, key, lease_sk, n, s, staged_sk,
+    Item, counters_update, create_only, fragment_sk, get_s, job_pk, key, lease_sk, n, s, staged_sk,
+    task_prefix, task_sk,
 };
 use super::{DynamoJobStore, unavailable};
 use crate::job::{Counter, MetricsDelta, now_millis};
@@ -30,25 +31,41 @@ impl DynamoJobStore {
         let item = self
             .get_item(job_pk(job_id), &fragment_sk(fragment_id))
             .await?;
-        let Some(item) = item else {
-            return Ok(FragmentRecord {
-                status: FragmentStatus::Open,
-                tasks_done: Vec::new(),
-            });
-        };
-        let mut tasks_done: Vec<u32> = match item.get("tasks") {
-            Some(AttributeValue::Ns(values)) => {
-                values.iter().filter_map(|v| v.parse().ok()).collect()
-            }
-            _ => Vec::new(),
-        };
-        tasks_done.sort_unstable();
-        Ok(FragmentRecord {
-            status: get_s(&item, "status")
-                .map(FragmentStatus::parse)
-                .unwrap_or(FragmentStatus::Open),
-            tasks_done,
+        let status = item
+            .as_ref()
+            .and_then(|item| get_s(item, "status"))
+            .map(FragmentStatus::parse)
+            .unwrap_or(FragmentStatus::Open);
+        let tasks_done = self
+            .task_records(job_id, fragment_id)
+            .await?
+            .iter()
+            .filter_map(|item| get_s(item, "sk"))
+            .filter_map(|sk| sk.rsplit('#').next()?.parse().ok())
+            .collect();
+        Ok(FragmentRecord { status, tasks_done })
+    }
+
+    /// The records of a fragment's finished tasks, in task order.
+    async fn task_records(&self, job_id: &str, fragment_id: u64) -> StoreResult<Vec<Item>> {
+        retry_busy(|| async {
+            self.client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", s(job_pk(job_id)))
+                .expression_attribute_values(":prefix", s(task_prefix(fragment_id)))
+                .projection_expression("sk")
+                .consistent_read(true)
+                .into_paginator()
+                .items()
+                .send()
+                .try_collect()
+                .await
+                .map_err(|err| classify(err, "Query tasks"))
         })
+        .await
+        .map_err(Failure::into_store_error)
     }
 
     pub(super) async fn task_done(
@@ -61,10 +78,10 @@ impl DynamoJobStore {
             .task_done_items(job_id, fragment_id, task)
             .map_err(unavailable)?;
         let newly_done = self.transact(items).await?;
-        let fragment = self.fragment(job_id, fragment_id).await?;
+        let tasks_done = self.task_records(job_id, fragment_id).await?.len() as u32;
         Ok(TaskMark {
             newly_done,
-            tasks_done: fragment.tasks_done.len() as u32,
+            tasks_done,
         })
     }
 
@@ -74,21 +91,14 @@ impl DynamoJobStore {
         fragment_id: u64,
         task: u32,
     ) -> anyhow::Result<Vec<TransactWriteItem>> {
-        let record = Update::builder()
-            .table_name(&self.table)
-            .set_key(Some(key(job_pk(job_id), fragment_sk(fragment_id))))
-            .update_expression("ADD tasks :t")
-            .condition_expression("attribute_not_exists(tasks) OR NOT contains(tasks, :n)")
-            .expression_attribute_values(":t", AttributeValue::Ns(vec![task.to_string()]))
-            .expression_attribute_values(":n", n(task))
-            .build()?;
+        let record = create_only(&self.table, key(job_pk(job_id), task_sk(fragment_id, task)))?;
         let count = counters_update(
             &self.table,
             job_id,
             &MetricsDelta::new().add(Counter::TasksDone, 1),
         )?;
         Ok(vec![
-            TransactWriteItem::builder().update(record).build(),
+            TransactWriteItem::builder().put(record).build(),
             TransactWriteItem::builder().update(count).build(),
         ])
     }

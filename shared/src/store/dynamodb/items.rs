@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use anyhow::Context;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, Update};
 
-use crate::job::{Counter, Job, JobEvent, JobSpec, JobState, Metrics, MetricsDelta, now_rfc3339};
+use crate::job::{Counter, Job, JobEvent, JobSpec, JobState, Metrics, MetricsDelta};
 
 pub(super) type Item = HashMap<String, AttributeValue>;
 
@@ -65,14 +65,6 @@ pub(super) fn job_from_item(item: &Item) -> anyhow::Result<Job> {
     let state = get_s(item, "state")
         .and_then(JobState::parse)
         .context("job state")?;
-    let events = match item.get("events") {
-        Some(AttributeValue::L(list)) => list
-            .iter()
-            .filter_map(|v| v.as_s().ok())
-            .filter_map(|text| serde_json::from_str::<JobEvent>(text).ok())
-            .collect(),
-        _ => Vec::new(),
-    };
     Ok(Job {
         job_id: job_id.to_string(),
         spec,
@@ -83,7 +75,6 @@ pub(super) fn job_from_item(item: &Item) -> anyhow::Result<Job> {
         finished_at: get_s(item, "finished_at").map(str::to_string),
         error: get_s(item, "error").map(str::to_string),
         metrics: metrics_from_item(item),
-        events,
     })
 }
 
@@ -97,14 +88,39 @@ pub(super) fn metrics_from_item(item: &Item) -> Metrics {
     metrics
 }
 
-/// A one-event list, for `list_append`.
-pub(super) fn event_value(message: &str) -> anyhow::Result<AttributeValue> {
-    Ok(AttributeValue::L(vec![s(serde_json::to_string(
-        &JobEvent {
-            at: now_rfc3339(),
-            message: message.to_string(),
-        },
-    )?)]))
+/// An event of a job: an item of its own, sorted by time under the job.
+pub(super) fn event_put(table: &str, job_id: &str, message: &str) -> anyhow::Result<Put> {
+    let event = JobEvent::now(message);
+    let micros = chrono::Utc::now().timestamp_micros();
+    let unique = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let mut item = key(
+        job_pk(job_id),
+        format!("{EVENT_PREFIX}{micros:020}#{unique}"),
+    );
+    item.insert("at".into(), s(event.at));
+    item.insert("message".into(), s(event.message));
+    Ok(Put::builder()
+        .table_name(table)
+        .set_item(Some(item))
+        .build()?)
+}
+
+pub(super) const EVENT_PREFIX: &str = "EVENT#";
+
+pub(super) fn event_from_item(item: &Item) -> JobEvent {
+    JobEvent {
+        at: get_s(item, "at").unwrap_or_default().to_string(),
+        message: get_s(item, "message").unwrap_or_default().to_string(),
+    }
+}
+
+/// The prefix of the task records of a fragment.
+pub(super) fn task_prefix(fragment_id: u64) -> String {
+    format!("TASK#{fragment_id:020}#")
+}
+
+pub(super) fn task_sk(fragment_id: u64, task: u32) -> String {
+    format!("{}{task:010}", task_prefix(fragment_id))
 }
 
 /// The new job's item, written only if no item has its key.
@@ -120,15 +136,6 @@ pub(super) fn job_put(table: &str, job: &Job, created_ms: i64) -> anyhow::Result
     item.insert("spec".into(), s(serde_json::to_string(&job.spec)?));
     item.insert("created_at".into(), s(&job.created_at));
     item.insert("updated_at".into(), s(&job.updated_at));
-    item.insert(
-        "events".into(),
-        AttributeValue::L(
-            job.events
-                .iter()
-                .map(|e| serde_json::to_string(e).map(s))
-                .collect::<Result<_, _>>()?,
-        ),
-    );
     for counter in Counter::ALL {
         item.insert(metric_attr(counter), n(job.metrics.get(counter)));
     }

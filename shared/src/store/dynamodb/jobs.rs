@@ -3,22 +3,23 @@
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::types::{AttributeValue, Delete, ReturnValue, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{Delete, Put, ReturnValue, TransactWriteItem, Update};
 
 use super::calls::{Failure, classify, retry_busy};
 use super::items::{
-    Item, counters_update, create_only, event_value, get_s, job_from_item, job_key, job_pk,
-    job_put, key, metrics_from_item, n, s,
+    EVENT_PREFIX, Item, counters_update, create_only, event_from_item, event_put, get_s,
+    job_from_item, job_key, job_pk, job_put, key, metrics_from_item, n, s,
 };
 use super::{BY_TABLE_INDEX, DynamoJobStore, unavailable};
-use crate::job::{Job, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339};
+use crate::job::{Job, JobEvent, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339};
 use crate::store::{
-    CreateOutcome, IdempotencyClaim, JobPage, StoreError, StoreResult, column_lock_key,
-    decode_token, encode_token,
+    CreateOutcome, IDEMPOTENCY_TTL, IdempotencyClaim, JobPage, StoreError, StoreResult,
+    column_lock_key, decode_token, encode_token,
 };
 
-/// Idempotency records expire after a day (DynamoDB TTL on `expires_at`).
-const IDEMPOTENCY_TTL_SECS: i64 = 24 * 3600;
+/// Events read at once (a page of a job's events, newest first).
+const MAX_EVENTS_PER_QUERY: usize = 1_000;
+
 /// A create finding the column lock of a job that already ended releases it
 /// and tries again; the lock changing hands more often than this is a conflict.
 const CREATE_ATTEMPTS: usize = 3;
@@ -35,10 +36,12 @@ fn idempotency_pk(claim: &IdempotencyClaim) -> String {
 }
 
 impl DynamoJobStore {
-    /// The job, its column lock and its idempotency record, all or nothing.
+    /// The job, its first event, its column lock and its idempotency record,
+    /// all or nothing.
     fn create_items(
         &self,
         job: &Job,
+        event: &str,
         idempotency: Option<&IdempotencyClaim>,
     ) -> anyhow::Result<Vec<TransactWriteItem>> {
         let mut lock = key(lock_pk(job), "LOCK");
@@ -48,33 +51,52 @@ impl DynamoJobStore {
                 .put(job_put(&self.table, job, now_millis())?)
                 .build(),
             TransactWriteItem::builder()
+                .put(event_put(&self.table, &job.job_id, event)?)
+                .build(),
+            TransactWriteItem::builder()
                 .put(create_only(&self.table, lock)?)
                 .build(),
         ];
         if let Some(claim) = idempotency {
-            let mut item = key(idempotency_pk(claim), "IDEMP");
-            item.insert("fingerprint".into(), s(&claim.fingerprint));
-            item.insert("job_id".into(), s(&job.job_id));
-            item.insert(
-                "expires_at".into(),
-                n(now_millis() / 1000 + IDEMPOTENCY_TTL_SECS),
-            );
-            items.push(
-                TransactWriteItem::builder()
-                    .put(create_only(&self.table, item)?)
-                    .build(),
-            );
+            items.push(self.idempotency_put(job, claim)?);
         }
         Ok(items)
+    }
+
+    /// The idempotency record, written if none exists or the one there expired
+    /// (DynamoDB's TTL deletes expired items only eventually).
+    fn idempotency_put(
+        &self,
+        job: &Job,
+        claim: &IdempotencyClaim,
+    ) -> anyhow::Result<TransactWriteItem> {
+        let now = now_millis() / 1000;
+        let mut item = key(idempotency_pk(claim), "IDEMP");
+        item.insert("fingerprint".into(), s(&claim.fingerprint));
+        item.insert("job_id".into(), s(&job.job_id));
+        item.insert(
+            "expires_at".into(),
+            n(now + IDEMPOTENCY_TTL.as_secs() as i64),
+        );
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk) OR expires_at < :now")
+            .expression_attribute_values(":now", n(now))
+            .build()?;
+        Ok(TransactWriteItem::builder().put(put).build())
     }
 
     pub(super) async fn create(
         &self,
         job: &Job,
+        event: &str,
         idempotency: Option<&IdempotencyClaim>,
     ) -> StoreResult<CreateOutcome> {
         for _ in 0..CREATE_ATTEMPTS {
-            let items = self.create_items(job, idempotency).map_err(unavailable)?;
+            let items = self
+                .create_items(job, event, idempotency)
+                .map_err(unavailable)?;
             if self.transact(items).await? {
                 return Ok(CreateOutcome::Created);
             }
@@ -134,6 +156,14 @@ impl DynamoJobStore {
         let Some(item) = self.get_item(idempotency_pk(claim), "IDEMP").await? else {
             return Ok(None);
         };
+        let expires_at = item
+            .get("expires_at")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(i64::MAX);
+        if expires_at < now_millis() / 1000 {
+            return Ok(None);
+        }
         let job_id = get_s(&item, "job_id").unwrap_or_default().to_string();
         Ok(Some(
             if get_s(&item, "fingerprint") == Some(claim.fingerprint.as_str()) {
@@ -151,15 +181,49 @@ impl DynamoJobStore {
         }
     }
 
+    /// A page of `limit` jobs. DynamoDB ends a query page at 1 MB of items
+    /// whatever the `Limit`, so pages are read until `limit` jobs are in
+    /// hand or the index has no more.
     pub(super) async fn list(
         &self,
         table_key: &str,
         limit: usize,
         page_token: Option<&str>,
     ) -> StoreResult<JobPage> {
-        let start = page_token
+        let mut start = page_token
             .map(|token| start_key(token, table_key))
             .transpose()?;
+        let mut jobs = Vec::new();
+        loop {
+            let (page, last) = self
+                .query_jobs(table_key, limit - jobs.len(), start.take())
+                .await?;
+            jobs.extend(page);
+            match last {
+                Some(last) if jobs.len() < limit => start = Some(last),
+                Some(last) => {
+                    return Ok(JobPage {
+                        jobs,
+                        next_page_token: Some(page_token_of(&last)),
+                    });
+                }
+                None => {
+                    return Ok(JobPage {
+                        jobs,
+                        next_page_token: None,
+                    });
+                }
+            }
+        }
+    }
+
+    /// One query page of a table's jobs, newest first, and where it ended.
+    async fn query_jobs(
+        &self,
+        table_key: &str,
+        limit: usize,
+        start: Option<Item>,
+    ) -> StoreResult<(Vec<Job>, Option<Item>)> {
         let output = retry_busy(|| async {
             self.client
                 .query()
@@ -182,14 +246,7 @@ impl DynamoJobStore {
             .map(job_from_item)
             .collect::<anyhow::Result<Vec<_>>>()
             .map_err(unavailable)?;
-        let next_page_token = output
-            .last_evaluated_key()
-            .filter(|_| jobs.len() == limit)
-            .map(page_token_of);
-        Ok(JobPage {
-            jobs,
-            next_page_token,
-        })
+        Ok((jobs, output.last_evaluated_key().cloned()))
     }
 
     pub(super) async fn move_to(
@@ -247,11 +304,6 @@ impl DynamoJobStore {
             values.insert(":error".into(), s(error));
             names.insert("#error".into(), "error".into());
         }
-        if let Some(event) = event {
-            sets.push("events = list_append(if_not_exists(events, :empty), :event)");
-            values.insert(":event".into(), event_value(event)?);
-            values.insert(":empty".into(), AttributeValue::L(vec![]));
-        }
         let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(job_key(&job.job_id)))
@@ -261,6 +313,10 @@ impl DynamoJobStore {
             .set_expression_attribute_values(Some(values))
             .build()?;
         let mut items = vec![TransactWriteItem::builder().update(update).build()];
+        if let Some(event) = event {
+            let put = event_put(&self.table, &job.job_id, event)?;
+            items.push(TransactWriteItem::builder().put(put).build());
+        }
         if to.is_terminal() {
             let release = Delete::builder()
                 .table_name(&self.table)
@@ -274,29 +330,60 @@ impl DynamoJobStore {
     }
 
     pub(super) async fn append_event(&self, job_id: &str, message: &str) -> StoreResult<()> {
-        let event = event_value(message).map_err(unavailable)?;
+        let put = event_put(&self.table, job_id, message).map_err(unavailable)?;
         retry_busy(|| async {
             self.client
-                .update_item()
+                .put_item()
                 .table_name(&self.table)
-                .set_key(Some(job_key(job_id)))
-                .update_expression(
-                    "SET events = list_append(if_not_exists(events, :empty), :event), updated_at = :now",
-                )
-                .condition_expression("attribute_exists(pk)")
-                .expression_attribute_values(":event", event.clone())
-                .expression_attribute_values(":empty", AttributeValue::L(vec![]))
-                .expression_attribute_values(":now", s(now_rfc3339()))
+                .set_item(Some(put.item.clone()))
                 .send()
                 .await
-                .map_err(|err| classify(err, "UpdateItem events"))
+                .map_err(|err| classify(err, "PutItem event"))
         })
         .await
-        .map_err(|failure| match failure {
-            Failure::Condition(_) => StoreError::NotFound(format!("job {job_id}")),
-            other => other.into_store_error(),
-        })?;
+        .map_err(Failure::into_store_error)?;
         Ok(())
+    }
+
+    pub(super) async fn events(&self, job_id: &str, limit: usize) -> StoreResult<Vec<JobEvent>> {
+        let output = retry_busy(|| async {
+            self.client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", s(job_pk(job_id)))
+                .expression_attribute_values(":prefix", s(EVENT_PREFIX))
+                .scan_index_forward(false)
+                .limit(limit.clamp(1, MAX_EVENTS_PER_QUERY) as i32)
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|err| classify(err, "Query events"))
+        })
+        .await
+        .map_err(Failure::into_store_error)?;
+        let mut events: Vec<JobEvent> = output.items().iter().map(event_from_item).collect();
+        events.reverse();
+        Ok(events)
+    }
+
+    pub(super) async fn forget_claim(&self, claim_key: &str, job_id: &str) -> StoreResult<()> {
+        let result = retry_busy(|| async {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(key(format!("IDEMP#{claim_key}"), "IDEMP")))
+                .condition_expression("job_id = :j")
+                .expression_attribute_values(":j", s(job_id))
+                .send()
+                .await
+                .map_err(|err| classify(err, "DeleteItem idempotency"))
+        })
+        .await;
+        match result {
+            Ok(_) | Err(Failure::Condition(_)) => Ok(()),
+            Err(failure) => Err(failure.into_store_error()),
+        }
     }
 
     pub(super) async fn add_counters(

@@ -24,7 +24,7 @@ use super::{
     CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, StagedFragment, StoreError,
     StoreResult, TaskMark,
 };
-use crate::job::{Job, JobState, Metrics, MetricsDelta};
+use crate::job::{Job, JobEvent, JobState, Metrics, MetricsDelta};
 use calls::{Failure, classify, classify_transaction, retry_busy};
 use items::{Item, key};
 
@@ -143,9 +143,18 @@ impl JobStore for DynamoJobStore {
     async fn create_job(
         &self,
         job: &Job,
+        event: &str,
         idempotency: Option<&IdempotencyClaim>,
     ) -> StoreResult<CreateOutcome> {
-        self.create(job, idempotency).await
+        self.create(job, event, idempotency).await
+    }
+
+    async fn release_idempotency(&self, key: &str, job_id: &str) -> StoreResult<()> {
+        self.forget_claim(key, job_id).await
+    }
+
+    async fn list_events(&self, job_id: &str, limit: usize) -> StoreResult<Vec<JobEvent>> {
+        self.events(job_id, limit).await
     }
 
     async fn get_job(&self, job_id: &str) -> StoreResult<Option<Job>> {

@@ -12,10 +12,12 @@ use super::{
 use crate::embedded::EmbeddedDb;
 
 mod rows;
-use crate::job::{Counter, Job, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339};
+use crate::job::{
+    Counter, Job, JobEvent, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339,
+};
 use rows::{
     active_lock_holder, add_counters, fragment_status, idempotency_outcome, insert_job, push_event,
-    read_job, read_metrics,
+    read_events, read_job, read_metrics,
 };
 
 #[derive(Clone)]
@@ -43,9 +45,11 @@ impl JobStore for SqliteJobStore {
     async fn create_job(
         &self,
         job: &Job,
+        event: &str,
         idempotency: Option<&IdempotencyClaim>,
     ) -> StoreResult<CreateOutcome> {
         let job = job.clone();
+        let event = event.to_string();
         let claim = idempotency.cloned();
         self.run(move |tx| {
             if let Some(claim) = &claim
@@ -57,6 +61,7 @@ impl JobStore for SqliteJobStore {
                 return Ok(CreateOutcome::ColumnBusy { job_id: holder });
             }
             insert_job(tx, &job)?;
+            push_event(tx, &job.job_id, &event)?;
             if let Some(claim) = &claim {
                 tx.execute(
                     "INSERT INTO idempotency (key, fingerprint, job_id, created_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -66,6 +71,23 @@ impl JobStore for SqliteJobStore {
             Ok(CreateOutcome::Created)
         })
         .await
+    }
+
+    async fn release_idempotency(&self, key: &str, job_id: &str) -> StoreResult<()> {
+        let (key, job_id) = (key.to_string(), job_id.to_string());
+        self.run(move |tx| {
+            tx.execute(
+                "DELETE FROM idempotency WHERE key = ?1 AND job_id = ?2",
+                params![key, job_id],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_events(&self, job_id: &str, limit: usize) -> StoreResult<Vec<JobEvent>> {
+        let job_id = job_id.to_string();
+        self.run(move |tx| read_events(tx, &job_id, limit)).await
     }
 
     async fn get_job(&self, job_id: &str) -> StoreResult<Option<Job>> {

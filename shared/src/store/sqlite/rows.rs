@@ -3,15 +3,15 @@
 use anyhow::Context;
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use crate::job::{
-    Counter, Job, JobEvent, JobSpec, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339,
+use crate::job::{Counter, Job, JobEvent, JobSpec, JobState, Metrics, MetricsDelta, now_millis};
+use crate::store::{
+    CreateOutcome, FragmentStatus, IDEMPOTENCY_TTL, IdempotencyClaim, column_lock_key,
 };
-use crate::store::{CreateOutcome, FragmentStatus, IdempotencyClaim, column_lock_key};
 
 pub(super) fn read_job(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Option<Job>> {
     let row = tx
         .query_row(
-            "SELECT state, spec, created_at, updated_at, started_at, finished_at, error, events
+            "SELECT state, spec, created_at, updated_at, started_at, finished_at, error
              FROM jobs WHERE job_id = ?1",
             params![job_id],
             |r| {
@@ -23,17 +23,14 @@ pub(super) fn read_job(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Opt
                     r.get::<_, Option<String>>(4)?,
                     r.get::<_, Option<String>>(5)?,
                     r.get::<_, Option<String>>(6)?,
-                    r.get::<_, String>(7)?,
                 ))
             },
         )
         .optional()?;
-    let Some((state, spec, created_at, updated_at, started_at, finished_at, error, events)) = row
-    else {
+    let Some((state, spec, created_at, updated_at, started_at, finished_at, error)) = row else {
         return Ok(None);
     };
     let spec: JobSpec = serde_json::from_str(&spec).context("job spec")?;
-    let events: Vec<JobEvent> = serde_json::from_str(&events).context("job events")?;
     Ok(Some(Job {
         job_id: job_id.to_string(),
         spec,
@@ -44,7 +41,6 @@ pub(super) fn read_job(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Opt
         finished_at,
         error,
         metrics: read_metrics(tx, job_id)?,
-        events,
     }))
 }
 
@@ -79,15 +75,33 @@ pub(super) fn add_counters(
 }
 
 pub(super) fn push_event(tx: &Transaction<'_>, job_id: &str, message: &str) -> anyhow::Result<()> {
-    let event = serde_json::to_string(&JobEvent {
-        at: now_rfc3339(),
-        message: message.to_string(),
-    })?;
+    let event = JobEvent::now(message);
     tx.execute(
-        "UPDATE jobs SET events = json_insert(events, '$[#]', json(?2)), updated_at = ?3 WHERE job_id = ?1",
-        params![job_id, event, now_rfc3339()],
+        "INSERT INTO events (job_id, at, message) VALUES (?1, ?2, ?3)",
+        params![job_id, event.at, event.message],
     )?;
     Ok(())
+}
+
+/// The latest `limit` events of a job, oldest first.
+pub(super) fn read_events(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<JobEvent>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT at, message FROM events WHERE job_id = ?1 ORDER BY seq DESC LIMIT ?2",
+    )?;
+    let mut events: Vec<JobEvent> = stmt
+        .query_map(params![job_id, limit as i64], |r| {
+            Ok(JobEvent {
+                at: r.get(0)?,
+                message: r.get(1)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    events.reverse();
+    Ok(events)
 }
 
 pub(super) fn fragment_status(
@@ -112,14 +126,22 @@ pub(super) fn idempotency_outcome(
     tx: &Transaction<'_>,
     claim: &IdempotencyClaim,
 ) -> anyhow::Result<Option<CreateOutcome>> {
-    let seen: Option<(String, String)> = tx
+    let seen: Option<(String, String, i64)> = tx
         .query_row(
-            "SELECT fingerprint, job_id FROM idempotency WHERE key = ?1",
+            "SELECT fingerprint, job_id, created_ms FROM idempotency WHERE key = ?1",
             params![claim.key],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    Ok(seen.map(|(fingerprint, job_id)| {
+    let expired_before = now_millis() - IDEMPOTENCY_TTL.as_millis() as i64;
+    if seen
+        .as_ref()
+        .is_some_and(|(_, _, created)| *created < expired_before)
+    {
+        tx.execute("DELETE FROM idempotency WHERE key = ?1", params![claim.key])?;
+        return Ok(None);
+    }
+    Ok(seen.map(|(fingerprint, job_id, _)| {
         if fingerprint == claim.fingerprint {
             CreateOutcome::Replayed { job_id }
         } else {
@@ -158,8 +180,8 @@ pub(super) fn active_lock_holder(
 /// The job's row, its counters and its column lock.
 pub(super) fn insert_job(tx: &Transaction<'_>, job: &Job) -> anyhow::Result<()> {
     tx.execute(
-        "INSERT INTO jobs (job_id, table_key, created_ms, state, spec, created_at, updated_at, events)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO jobs (job_id, table_key, created_ms, state, spec, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             job.job_id,
             job.spec.table_id.key(),
@@ -168,7 +190,6 @@ pub(super) fn insert_job(tx: &Transaction<'_>, job: &Job) -> anyhow::Result<()> 
             serde_json::to_string(&job.spec)?,
             job.created_at,
             job.updated_at,
-            serde_json::to_string(&job.events)?,
         ],
     )?;
     let mut delta = MetricsDelta::new();

@@ -1,0 +1,39 @@
+//! Which operation a method and path name.
+
+use http::Method;
+
+use super::ApiError;
+
+/// A route with its path parameter.
+pub(super) enum Route<'a> {
+    Backfill(&'a str),
+    AddColumns(&'a str),
+    TableJobs(&'a str),
+    Job(&'a str),
+    CancelJob(&'a str),
+    Health,
+}
+
+pub(super) fn route<'a>(method: &Method, segments: &[&'a str]) -> Result<Route<'a>, ApiError> {
+    let route = match segments {
+        ["v1", "table", id, "backfill_column"] => (Method::POST, Route::Backfill(id)),
+        ["v1", "table", id, "add_columns"] => (Method::POST, Route::AddColumns(id)),
+        ["v1", "table", id, "jobs"] => (Method::GET, Route::TableJobs(id)),
+        ["v1", "job", id] => (Method::GET, Route::Job(id)),
+        ["v1", "job", id, "cancel"] => (Method::POST, Route::CancelJob(id)),
+        ["health"] => (Method::GET, Route::Health),
+        _ => {
+            return Err(ApiError::route_not_found(format!(
+                "no route for {method} /{}",
+                segments.join("/")
+            )));
+        }
+    };
+    if route.0 != method {
+        return Err(ApiError::method_not_allowed(format!(
+            "{method} is not allowed here; use {}",
+            route.0
+        )));
+    }
+    Ok(route.1)
+}
