@@ -6,6 +6,7 @@
 
 mod measure;
 mod scenarios;
+mod udf;
 
 use clap::{Parser, Subcommand};
 
@@ -26,7 +27,7 @@ struct Cli {
     /// The Python with pylance (bench/run passes the project's venv).
     #[arg(long, default_value = "python3")]
     python: String,
-    /// Only these sections (throughput, overheads, planning, latency, startup).
+    /// Only these sections (throughput, udf, overheads, planning, latency, startup).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -62,6 +63,9 @@ fn main() -> anyhow::Result<()> {
         println!("{}\n", measure::machine());
         if wants("throughput") {
             scenarios::throughput(&options).await?;
+        }
+        if wants("udf") {
+            udf::udf(&options).await?;
         }
         if wants("overheads") {
             scenarios::overheads(&options).await?;

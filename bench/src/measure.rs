@@ -94,13 +94,29 @@ pub struct Pylance {
 }
 
 const WORKER: &str = r#"
-import json, sys, time
-import lance
+import importlib.util, json, sys, time
+import lance, pyarrow as pa
+
+def batch_udf(command):
+    spec = importlib.util.spec_from_file_location("udfs", command["module"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    function, name = getattr(module, command["function"]), command["name"]
+    schema = pa.schema([pa.field(name, pa.int64())])
+    def batch(b):
+        return pa.RecordBatch.from_arrays([function(b)], schema=schema)
+    return lance.batch_udf(output_schema=schema)(batch)
+
 for line in sys.stdin:
     command = json.loads(line)
     dataset = lance.dataset(command["uri"])
-    began = time.perf_counter()
-    dataset.add_columns({command["name"]: command["expr"]})
+    if "function" in command:
+        udf = batch_udf(command)
+        began = time.perf_counter()
+        dataset.add_columns(udf, read_columns=["x"])
+    else:
+        began = time.perf_counter()
+        dataset.add_columns({command["name"]: command["expr"]})
     elapsed = time.perf_counter() - began
     print(json.dumps({"seconds": elapsed, "version": lance.dataset(command["uri"]).version}), flush=True)
 "#;
@@ -124,7 +140,24 @@ impl Pylance {
 
     /// Times `LanceDataset.add_columns({name: expr})`.
     pub fn add_column(&mut self, uri: &str, name: &str, expr: &str) -> anyhow::Result<Duration> {
-        let command = serde_json::json!({"uri": uri, "name": name, "expr": expr});
+        self.timed(serde_json::json!({"uri": uri, "name": name, "expr": expr}))
+    }
+
+    /// Times `LanceDataset.add_columns(batch_udf(f), read_columns=["x"])`
+    /// for `function` (int64 of a batch) of the Python file `module`.
+    pub fn add_udf_column(
+        &mut self,
+        uri: &str,
+        name: &str,
+        module: &str,
+        function: &str,
+    ) -> anyhow::Result<Duration> {
+        self.timed(
+            serde_json::json!({"uri": uri, "name": name, "module": module, "function": function}),
+        )
+    }
+
+    fn timed(&mut self, command: serde_json::Value) -> anyhow::Result<Duration> {
         writeln!(self.stdin, "{command}")?;
         self.stdin.flush()?;
         let mut line = String::new();

@@ -26,7 +26,7 @@ pub struct Options {
 
 const EXPRESSIONS: [(&str, &str); 2] = [("x2", "x * 2 + 1"), ("len", "length(s)")];
 
-fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     if path.exists() {
         std::fs::remove_dir_all(&path)?;
@@ -55,7 +55,11 @@ async fn local_stack(root: &Path, settings: SubmitSettings) -> Stack {
 /// job turned DONE (same clock, same machine), so it leaves out how long
 /// this poll takes to notice, as pylance's time leaves out returning to
 /// the caller.
-async fn backfill(stack: &Stack, table: &str, body: serde_json::Value) -> anyhow::Result<Duration> {
+pub(crate) async fn backfill(
+    stack: &Stack,
+    table: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<Duration> {
     let began = chrono::Utc::now();
     let job_id = stack.submit(table, body).await;
     loop {
@@ -75,7 +79,7 @@ async fn backfill(stack: &Stack, table: &str, body: serde_json::Value) -> anyhow
 }
 
 /// Checks every value of `column` against `expr` computed here.
-async fn verify(uri: &str, column: &str, expr: &str) -> anyhow::Result<u64> {
+pub(crate) async fn verify(uri: &str, column: &str, expr: &str) -> anyhow::Result<u64> {
     let dataset = Dataset::open(uri).await?;
     let mut scanner = dataset.scan();
     scanner.project(&["x", "s", column])?;

@@ -17,6 +17,7 @@ use crate::queue::{QueueSet, SqliteQueue, SqsQueue, TaskQueue};
 use crate::store::{DynamoJobStore, JobStore, SqliteJobStore};
 use crate::submit::{SubmitSettings, Submitter};
 use crate::table::Catalog;
+use crate::udf::registry::UdfRuntimes;
 use crate::worker::Worker;
 
 /// The parts every entry point shares.
@@ -25,6 +26,8 @@ pub struct Components {
     pub catalog: Arc<Catalog>,
     pub store: Arc<dyn JobStore>,
     pub queues: QueueSet,
+    /// Where workers run user functions (`None`: SQL only).
+    pub udf: Option<Arc<UdfRuntimes>>,
 }
 
 impl Components {
@@ -52,12 +55,15 @@ impl Components {
     }
 
     pub fn engine(&self, config: EngineConfig) -> Arc<Engine> {
-        Arc::new(Engine::new(
-            self.store.clone(),
-            self.queues.clone(),
-            self.catalog.clone(),
-            config,
-        ))
+        Arc::new(
+            Engine::new(
+                self.store.clone(),
+                self.queues.clone(),
+                self.catalog.clone(),
+                config,
+            )
+            .with_udf(self.udf.clone()),
+        )
     }
 
     pub fn worker(&self, config: EngineConfig, visibility: Duration) -> Worker {
@@ -73,8 +79,22 @@ pub async fn catalog(root: &str) -> anyhow::Result<Arc<Catalog>> {
 }
 
 /// DynamoDB and SQS, named by `LANCE_BACKFILL_JOBS_TABLE`,
-/// `LANCE_BACKFILL_QUEUE_URL` (and `_DLQ_URL`, `_CLUSTERS`).
+/// `LANCE_BACKFILL_QUEUE_URL` (and `_DLQ_URL`, `_CLUSTERS`). No user
+/// function runtimes: what the API function builds, which never runs user
+/// code.
 pub async fn aws(root: &str) -> anyhow::Result<Components> {
+    Ok(aws_with_sdk(root).await?.0)
+}
+
+/// [`aws`] with the runtimes of user functions (`LANCE_BACKFILL_UDF_*`):
+/// what workers build.
+pub async fn aws_worker(root: &str) -> anyhow::Result<Components> {
+    let (mut components, sdk) = aws_with_sdk(root).await?;
+    components.udf = Some(Arc::new(config::udf_runtimes(Some(&sdk), None)?));
+    Ok(components)
+}
+
+async fn aws_with_sdk(root: &str) -> anyhow::Result<(Components, aws_config::SdkConfig)> {
     let sdk = config::aws().await;
     let table = std::env::var(config::env::JOBS_TABLE)
         .with_context(|| format!("{} must name the DynamoDB table", config::env::JOBS_TABLE))?;
@@ -90,11 +110,13 @@ pub async fn aws(root: &str) -> anyhow::Result<Components> {
     for (name, url) in config::clusters()? {
         queues = queues.with_cluster(name, Arc::new(SqsQueue::new(sqs.clone(), url, None)));
     }
-    Ok(Components {
+    let components = Components {
         catalog: catalog(root).await?,
         store,
         queues,
-    })
+        udf: None,
+    };
+    Ok((components, sdk))
 }
 
 /// The embedded store and queue in one SQLite file.
@@ -117,6 +139,7 @@ pub async fn embedded(
             catalog: catalog(root).await?,
             store: Arc::new(SqliteJobStore::new(db)),
             queues,
+            udf: Some(Arc::new(config::udf_runtimes(None, None)?)),
         },
         queue,
     ))

@@ -40,24 +40,42 @@ pub struct Key {
 }
 
 impl Key {
-    /// The key of a job's checkpoints, with the column's type at the job's
-    /// read version.
-    pub fn for_job(spec: &JobSpec, dataset: &Dataset) -> Result<Self, Error> {
-        let field = dataset.schema().field(&spec.column).ok_or_else(|| {
-            Error::not_found(
-                Missing::Column,
-                format!(
-                    "column '{}' is missing at version {}",
-                    spec.column, spec.read_version
-                ),
-            )
-        })?;
-        Ok(Self {
-            column: spec.column.clone(),
+    /// The key of a job's checkpoints, with the columns' types at the job's
+    /// read version, and the fields the checkpoints hold.
+    pub fn for_job(
+        spec: &JobSpec,
+        dataset: &Dataset,
+    ) -> Result<(Self, Vec<Arc<ArrowField>>), Error> {
+        let columns = spec.columns();
+        let fields = columns
+            .iter()
+            .map(|column| {
+                dataset
+                    .schema()
+                    .field(column)
+                    .map(|f| Arc::new(ArrowField::from(f)))
+                    .ok_or_else(|| {
+                        Error::not_found(
+                            Missing::Column,
+                            format!(
+                                "column '{column}' is missing at version {}",
+                                spec.read_version
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = Self {
+            column: columns.join(","),
             expression: spec.expression.clone(),
             filter: spec.filter.clone(),
-            output_type: field.data_type().to_string(),
-        })
+            output_type: fields
+                .iter()
+                .map(|f| f.data_type().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        Ok((key, fields))
     }
 }
 
@@ -65,7 +83,7 @@ impl Key {
 pub struct FragmentCheckpoints {
     store: Arc<ObjectStore>,
     prefix: Path,
-    field: Arc<ArrowField>,
+    fields: Vec<Arc<ArrowField>>,
 }
 
 /// Where a checkpoint says whether any row changed.
@@ -76,7 +94,7 @@ impl FragmentCheckpoints {
         dataset: &Dataset,
         fragment: &FileFragment,
         key: &Key,
-        field: Arc<ArrowField>,
+        fields: Vec<Arc<ArrowField>>,
     ) -> lance::Result<Self> {
         let store = dataset.object_store(None).await?;
         let mut hasher = Sha256::new();
@@ -99,7 +117,7 @@ impl FragmentCheckpoints {
         Ok(Self {
             store,
             prefix,
-            field,
+            fields,
         })
     }
 
@@ -159,7 +177,10 @@ impl FragmentCheckpoints {
         changed: bool,
     ) -> anyhow::Result<()> {
         let schema = Arc::new(ArrowSchema::new_with_metadata(
-            vec![self.field.as_ref().clone()],
+            self.fields
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect::<Vec<_>>(),
             [(CHANGED_KEY.to_string(), changed.to_string())].into(),
         ));
         let mut buffer = Vec::new();

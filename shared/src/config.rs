@@ -8,6 +8,8 @@ use anyhow::{Context, anyhow};
 use crate::api::auth::Authenticator;
 use crate::api::policy::Access;
 use crate::engine::EngineConfig;
+use crate::udf::pool::PoolConfig;
+use crate::udf::registry::{Targets, UdfRuntimes};
 
 /// Every variable the service reads (README lists them with their meaning).
 pub mod env {
@@ -32,6 +34,10 @@ pub mod env {
     pub const JWT_JWKS: &str = "LANCE_BACKFILL_JWT_JWKS";
     pub const AUTH: &str = "LANCE_BACKFILL_AUTH";
     pub const POLICY: &str = "LANCE_BACKFILL_POLICY";
+    pub const UDF_RUNTIMES: &str = "LANCE_BACKFILL_UDF_RUNTIMES";
+    pub const UDF_PYTHON: &str = "LANCE_BACKFILL_UDF_PYTHON";
+    pub const UDF_WORKERS: &str = "LANCE_BACKFILL_UDF_WORKERS";
+    pub const UDF_TIMEOUT_SECONDS: &str = "LANCE_BACKFILL_UDF_TIMEOUT_SECONDS";
     pub const LOG_FORMAT: &str = "LANCE_BACKFILL_LOG_FORMAT";
 }
 
@@ -194,6 +200,33 @@ pub fn access() -> anyhow::Result<Access> {
         Some(spec) => Access::parse(&spec).map_err(|e| anyhow!("{}: {e}", env::POLICY)),
         None => Ok(Access::Open),
     }
+}
+
+/// Where user functions run: `LANCE_BACKFILL_UDF_RUNTIMES` rules, the rest
+/// on the local pool of `LANCE_BACKFILL_UDF_PYTHON` processes (`workers`
+/// of them if given, else `LANCE_BACKFILL_UDF_WORKERS`).
+pub fn udf_runtimes(
+    aws: Option<&aws_config::SdkConfig>,
+    workers: Option<usize>,
+) -> anyhow::Result<UdfRuntimes> {
+    let defaults = PoolConfig::default();
+    let size = match workers {
+        Some(workers) => workers,
+        None => number(env::UDF_WORKERS, defaults.size)?,
+    };
+    let pool = PoolConfig {
+        python: var(env::UDF_PYTHON).unwrap_or(defaults.python),
+        size: size.max(1),
+        call_timeout: Duration::from_secs(number(
+            env::UDF_TIMEOUT_SECONDS,
+            defaults.call_timeout.as_secs(),
+        )?),
+    };
+    UdfRuntimes::parse(
+        &var(env::UDF_RUNTIMES).unwrap_or_default(),
+        &Targets { pool, aws },
+    )
+    .with_context(|| format!("{} is not valid", env::UDF_RUNTIMES))
 }
 
 /// AWS SDK configuration; `AWS_ENDPOINT_URL` points it at an emulator.

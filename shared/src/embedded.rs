@@ -29,6 +29,13 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
+CREATE TABLE IF NOT EXISTS row_failures (
+    job_id      TEXT NOT NULL,
+    fragment_id INTEGER NOT NULL,
+    row         INTEGER NOT NULL,
+    error       TEXT NOT NULL,
+    PRIMARY KEY (job_id, fragment_id, row)
+);
 CREATE TABLE IF NOT EXISTS counters (
     job_id TEXT NOT NULL,
     name   TEXT NOT NULL,

@@ -29,6 +29,9 @@ pub enum Error {
     /// Another operation holds, or changed, what the request is about.
     #[error("{0}")]
     Conflict(String),
+    /// The caller may not do this (decided by the API's policy and passed in).
+    #[error("{0}")]
+    Forbidden(String),
     /// The object is in a state that does not allow the operation.
     #[error("{0}")]
     InvalidState(String),
@@ -71,7 +74,10 @@ impl Error {
     /// A request error seen by a worker: the job can never succeed.
     pub fn into_permanent(self) -> Self {
         match self {
-            Self::Transient { .. } | Self::Internal(_) | Self::Permanent(_) => self,
+            Self::Transient { .. }
+            | Self::Internal(_)
+            | Self::Permanent(_)
+            | Self::Forbidden(_) => self,
             other => Self::Permanent(other.to_string()),
         }
     }
@@ -172,12 +178,10 @@ fn scrub_word(word: &str) -> String {
         Some("<uri>")
     } else if core.starts_with("arn:") {
         Some("<arn>")
+    } else if core.contains(".rs:") {
+        Some("<source>")
     } else if core.starts_with('/') && core.len() > 1 {
-        Some(if core.contains(".rs:") {
-            "<source>"
-        } else {
-            "<path>"
-        })
+        Some("<path>")
     } else {
         None
     };

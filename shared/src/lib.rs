@@ -34,4 +34,5 @@ pub mod submit;
 pub mod table;
 pub mod tasks;
 pub mod telemetry;
+pub mod udf;
 pub mod worker;

@@ -5,8 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use arrow_schema::Field as ArrowField;
 use futures::{StreamExt, TryStreamExt};
 use tracing::{info, warn};
 
@@ -136,19 +134,14 @@ impl Lifecycle {
         if leftovers.is_empty() {
             return Ok(());
         }
-        let key = checkpoint::Key::for_job(&job.spec, &dataset)?;
-        let field = dataset
-            .schema()
-            .field(&job.spec.column)
-            .map(|f| Arc::new(ArrowField::from(f)))
-            .context("the job's column")?;
+        let (key, fields) = checkpoint::Key::for_job(&job.spec, &dataset)?;
         let fragments = plan::fragments(&dataset, job.spec.params.num_frags).await?;
         futures::stream::iter(fragments)
             .map(|planned| {
-                let (dataset, key, field) = (dataset.clone(), key.clone(), field.clone());
+                let (dataset, key, fields) = (dataset.clone(), key.clone(), fields.clone());
                 async move {
                     if let Some(fragment) = dataset.get_fragment(planned.id as usize) {
-                        FragmentCheckpoints::open(&dataset, &fragment, &key, field)
+                        FragmentCheckpoints::open(&dataset, &fragment, &key, fields)
                             .await?
                             .clear()
                             .await?;

@@ -30,6 +30,8 @@ pub struct ServeOptions {
     pub max_receive_count: u32,
     pub invocation_timeout: Option<Duration>,
     pub worker: bool,
+    /// Python processes in the local pool of user functions.
+    pub udf_workers: Option<usize>,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -52,11 +54,11 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             config::env::API_KEYS
         );
     }
-    let (components, queue) = if options.aws {
+    let (mut components, queue) = if options.aws {
         if options.create_resources {
             create_aws_resources(options.max_receive_count, options.visibility_timeout).await?;
         }
-        let components = bootstrap::aws(&options.root).await?;
+        let components = bootstrap::aws_worker(&options.root).await?;
         let queue = components.queues.default_queue();
         (components, queue)
     } else {
@@ -70,6 +72,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             bootstrap::embedded(&options.root, &state, options.max_receive_count).await?;
         (components, Arc::new(queue) as Arc<dyn TaskQueue>)
     };
+    if let Some(workers) = options.udf_workers {
+        let sdk = match options.aws {
+            true => Some(config::aws().await),
+            false => None,
+        };
+        components.udf = Some(Arc::new(config::udf_runtimes(sdk.as_ref(), Some(workers))?));
+    }
     run(components, queue, auth, options).await
 }
 

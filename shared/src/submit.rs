@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use crate::computed::{Program, resolve_target};
 use crate::error::{Error, Missing};
 use crate::job::{
-    Counter, Job, JobSpec, JobState, MAX_TASKS_PER_JOB, Metrics, MetricsDelta, Params, PlanSummary,
-    new_job_id, now_rfc3339,
+    Counter, Job, JobOptions, JobSpec, JobState, MAX_TASKS_PER_JOB, Metrics, MetricsDelta, Params,
+    PlanSummary, new_job_id, now_rfc3339,
 };
 use crate::plan::{self, PlannedFragment};
 use crate::queue::{Message, Outgoing, QueueSet, TaskQueue};
@@ -53,6 +53,9 @@ pub struct SubmitRequest {
     /// The client's `Idempotency-Key`: a retry with the same key and request
     /// returns the job the first call created.
     pub idempotency_key: Option<String>,
+    /// Whether the caller may run user functions (decided by the API's
+    /// policy): a backfill of a user-function column needs it.
+    pub allow_udf: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,10 +94,13 @@ struct Planned {
 
 fn store_unavailable(err: StoreError) -> Error {
     match err {
-        StoreError::Contention(message) => Error::Transient {
-            message: format!("the job store is busy ({message}); retry shortly"),
-            throttled: true,
-        },
+        StoreError::Contention(message) => {
+            warn!(%message, "job store busy");
+            Error::Transient {
+                message: "the job store is busy; retry shortly".to_string(),
+                throttled: true,
+            }
+        }
         other => {
             warn!(error = %format!("{other:#}"), "job store call failed");
             Error::transient("the job store is not reachable; retry shortly")
@@ -119,10 +125,11 @@ impl Submitter {
                 key: hex::encode(Sha256::digest(format!("{}\n{key}", submit.submitted_by))),
                 fingerprint: fingerprint(&submit.table, request),
             });
-        let planned = self.plan(&submit.table, request).await?;
+        let options = JobOptions::from_context(request.context.as_ref())?;
+        let planned = self.plan(&submit.table, request, submit.allow_udf).await?;
         let params = Params::effective(request, planned.fragments.len() as u64)?;
         check_task_count(&planned.fragments, &params)?;
-        let mut job = new_job(&submit, &planned, params);
+        let mut job = new_job(&submit, &planned, params, options);
         job.spec.plan.fanned_out = job.spec.plan.tasks > self.settings.inline_plan_limit;
         let created = self
             .store
@@ -131,18 +138,8 @@ impl Submitter {
             .map_err(store_unavailable)?;
         match created {
             CreateOutcome::Created => {
-                let started = self.start(&job, &planned.fragments, &queue).await;
-                if started.is_err()
-                    && let Some(claim) = &idempotency
-                {
-                    // A retry with the same key must start a new job, not
-                    // find this failed one.
-                    let _ = self
-                        .store
-                        .release_idempotency(&claim.key, &job.job_id)
-                        .await;
-                }
-                started
+                self.start(&job, &planned.fragments, &queue, idempotency.as_ref())
+                    .await
             }
             CreateOutcome::Replayed { job_id } => {
                 info!(%job_id, "idempotent replay");
@@ -200,6 +197,7 @@ impl Submitter {
         &self,
         table: &TableId,
         request: &AlterTableBackfillColumnsRequest,
+        allow_udf: bool,
     ) -> Result<Planned, Error> {
         let uri = self.catalog.locate(table).await?;
         let branch = request
@@ -212,6 +210,14 @@ impl Submitter {
         let dataset = Arc::new(dataset);
         self.catalog.pin(&uri, branch.as_deref(), dataset.clone());
         let target = resolve_target(dataset.schema(), &request.column)?;
+        if let Some(binding) = &target.udf
+            && !allow_udf
+        {
+            return Err(Error::Forbidden(format!(
+                "column '{}' is filled by the user function '{}'; running it needs the udf permission",
+                request.column, binding.udf_name
+            )));
+        }
         let filter = match request.r#where.clone().flatten() {
             Some(text) if text.trim().is_empty() => {
                 return Err(Error::invalid_input("field 'where' must not be empty"));
@@ -242,6 +248,7 @@ impl Submitter {
         job: &Job,
         fragments: &[PlannedFragment],
         queue: &Arc<dyn TaskQueue>,
+        idempotency: Option<&IdempotencyClaim>,
     ) -> Result<SubmitOutcome, Error> {
         let job_id = job.job_id.clone();
         if job.spec.plan.fragments == 0 {
@@ -266,6 +273,11 @@ impl Submitter {
         };
         let outgoing = messages.iter().map(Outgoing::message).collect();
         if let Err(err) = queue.send_many(outgoing).await {
+            if let Some(claim) = idempotency {
+                // The job is FAILED: a retry with the same key must start a
+                // new one, not find this one.
+                let _ = self.store.release_idempotency(&claim.key, &job_id).await;
+            }
             return Err(self.unqueued(&job_id, err).await);
         }
         // Recorded, so an idempotent replay knows not to queue it again.
@@ -381,14 +393,20 @@ impl Submitter {
 /// A job's tasks are queue messages and store records: their number is bounded.
 fn check_task_count(fragments: &[PlannedFragment], params: &Params) -> Result<(), Error> {
     let tasks = plan::task_count(fragments, params.task_size);
-    if tasks > MAX_TASKS_PER_JOB {
+    if tasks <= MAX_TASKS_PER_JOB {
+        return Ok(());
+    }
+    if fragments.len() as u64 > MAX_TASKS_PER_JOB {
         return Err(Error::invalid_input(format!(
-            "field 'task_size': the job would have {tasks} tasks, more than the limit of \
-             {MAX_TASKS_PER_JOB}; raise task_size (or leave it unset: one task per fragment) \
-             or backfill fewer fragments with num_frags"
+            "field 'num_frags': the table has {} fragments, more than the {MAX_TASKS_PER_JOB} \
+             tasks a job may have; backfill it in parts with num_frags",
+            fragments.len()
         )));
     }
-    Ok(())
+    Err(Error::invalid_input(format!(
+        "field 'task_size': the job would have {tasks} tasks, more than the limit of \
+         {MAX_TASKS_PER_JOB}; raise task_size, or leave it unset (one task per fragment)"
+    )))
 }
 
 fn check_id(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> Result<(), Error> {
@@ -449,7 +467,7 @@ fn write_canonical(value: &serde_json::Value, out: &mut String) {
     }
 }
 
-fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params) -> Job {
+fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: JobOptions) -> Job {
     let now = now_rfc3339();
     let fragments = &planned.fragments;
     let tasks = plan::task_count(fragments, params.task_size);
@@ -474,6 +492,8 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params) -> Job {
             read_version: planned.read_version,
             params,
             submitted_by: submit.submitted_by.clone(),
+            udf: planned.program.udf().cloned(),
+            options,
             plan: PlanSummary {
                 fragments: fragments.len() as u64,
                 tasks,

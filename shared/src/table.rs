@@ -63,10 +63,10 @@ impl TableId {
                 )));
             }
             // Control characters (the unit separator among them) would make
-            // two ids one key.
-            if part.chars().any(char::is_control) {
+            // two ids one key; `$` would make two ids one name in policies.
+            if part.chars().any(|c| c.is_control() || c == '$') {
                 return Err(Error::invalid_input(format!(
-                    "{what}: part {idx} contains a control character"
+                    "{what}: part {idx} contains a control character or '$'"
                 )));
             }
         }

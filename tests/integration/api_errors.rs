@@ -285,7 +285,7 @@ async fn routes_and_methods_answer_with_error_responses() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn add_columns_declares_fills_and_refuses_python() {
+async fn add_columns_declares_fills_and_refuses_bad_entries() {
     let moto = Moto::connect().await;
     let stack = Stack::aws(&moto, StackOptions::default()).await;
     let uri = stack.table_uri("items");
@@ -330,10 +330,11 @@ async fn add_columns_declares_fills_and_refuses_python() {
 
     let cases = [
         (
+            // A user function needs its outputs declared.
             json!({"new_columns": [{"name": "py", "virtual_column": {"udf": "gASV", "udf_name": "f", "udf_version": "1", "input_columns": ["x"], "image": "i"}}]}),
             400,
-            0,
-            "Python",
+            13,
+            "outputs",
         ),
         (
             json!({"new_columns": [{"name": "twice", "computed": "x"}]}),

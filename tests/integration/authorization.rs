@@ -200,3 +200,47 @@ async fn principals_do_what_the_policy_grants_and_nothing_else() {
     .await;
     assert_eq!(status, 404);
 }
+
+/// Declaring a user function, and running one, is code execution: it needs
+/// the `udf` action besides `declare` and `submit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn user_functions_need_their_own_permission() {
+    use base64::Engine as _;
+    let stack = stack().await;
+    let udf = base64::engine::general_purpose::STANDARD.encode(b"not unpickled by the API");
+    let declare = |name: &str| {
+        json!({"new_columns": [{"name": name, "virtual_column": {
+            "input_columns": ["x"], "image": "local", "udf": udf, "udf_name": "f", "udf_version": "1",
+            "outputs": [{"column": name, "struct_field": name, "data_type": {"type": "int64"}, "nullable": true}]}}]})
+    };
+    let (status, body) = call(
+        &stack,
+        SUBMITTER,
+        "POST",
+        "/v1/table/items/add_columns",
+        declare("f"),
+    )
+    .await;
+    assert_eq!((status, body["code"].clone()), (403, json!(15)), "{body}");
+    let (status, body) = call(
+        &stack,
+        OPS,
+        "POST",
+        "/v1/table/items/add_columns",
+        declare("f"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let fill = json!({"column": "f"});
+    let (status, body) = call(
+        &stack,
+        SUBMITTER,
+        "POST",
+        "/v1/table/items/backfill_column",
+        fill.clone(),
+    )
+    .await;
+    assert_eq!((status, body["code"].clone()), (403, json!(15)), "{body}");
+    let (status, body) = call(&stack, OPS, "POST", "/v1/table/items/backfill_column", fill).await;
+    assert_eq!(status, 202, "{body}");
+}

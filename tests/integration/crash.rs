@@ -182,16 +182,50 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The SQL column `y = x * 2 + 1`, as `add_columns` declares it.
+pub(crate) fn computed_y() -> serde_json::Value {
+    json!({"name": "y", "computed": "x * 2 + 1"})
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_survives_sigkill_at_random_points() {
     let runs = env_number("LANCE_BACKFILL_CRASH_RUNS", 20);
-    crash_loop(|| async { Backend::Embedded }, runs, "crash").await;
+    crash_loop(|| async { Backend::Embedded }, runs, "crash", computed_y()).await;
 }
 
-/// Runs of: write a table, start `serve`, declare, submit, kill it one to
-/// three times at random points of the job, and check the outcome.
-pub(crate) async fn crash_loop<B, F>(backend: B, runs: u64, label: &str)
-where
+/// The same loop over a user function (`y = x * 2 + 1` in Python, on the
+/// local pool): the pool's processes die with `serve` and new ones serve
+/// the restarted job. `LANCE_BACKFILL_UDF_CRASH_RUNS` (default 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_survives_sigkill_during_a_udf_job() {
+    let runs = env_number("LANCE_BACKFILL_UDF_CRASH_RUNS", 5);
+    let state = tempfile::tempdir().unwrap();
+    let udfs = crate::udf::payloads(state.path());
+    let entry = crate::udf::virtual_column(
+        "y",
+        &["x"],
+        vec![crate::udf::output("y", crate::udf::int64())],
+        &udfs["double_plus_one"],
+    );
+    let declaration = serde_json::to_value(entry).unwrap();
+    crash_loop(
+        || async { Backend::Embedded },
+        runs,
+        "udf crash",
+        declaration,
+    )
+    .await;
+}
+
+/// Runs of: write a table, start `serve`, declare `y` (`declaration`, whose
+/// values must be `x * 2 + 1`), submit, kill it one to three times at
+/// random points of the job, and check the outcome.
+pub(crate) async fn crash_loop<B, F>(
+    backend: B,
+    runs: u64,
+    label: &str,
+    declaration: serde_json::Value,
+) where
     B: Fn() -> F,
     F: std::future::Future<Output = Backend>,
 {
@@ -214,7 +248,7 @@ where
         let declared = client
             .post(format!("{}/v1/table/items/add_columns", serve.url))
             .header("x-api-key", KEY)
-            .json(&json!({"new_columns": [{"name": "y", "computed": "x * 2 + 1"}]}))
+            .json(&json!({"new_columns": [declaration]}))
             .send()
             .await
             .unwrap();

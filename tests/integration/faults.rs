@@ -55,6 +55,8 @@ fn a_job() -> Job {
             params,
             submitted_by: "tester".into(),
             plan: PlanSummary::default(),
+            udf: None,
+            options: Default::default(),
         },
         state: JobState::Pending,
         created_at: now.clone(),
@@ -284,6 +286,7 @@ async fn serve_aws_survives_sigkill_under_faults() {
         || crate::crash::Backend::aws(&moto),
         runs,
         "crash under faults (serve --aws)",
+        crate::crash::computed_y(),
     )
     .await;
     moto.clear_faults().await;

@@ -16,4 +16,5 @@ mod queue_conformance;
 mod reliability;
 mod store_conformance;
 mod template;
+mod udf;
 mod worker_runs;

@@ -113,6 +113,8 @@ fn job(table: &str, column: &str) -> Job {
                 rows: 400,
                 fanned_out: false,
             },
+            udf: None,
+            options: Default::default(),
         },
         state: JobState::Pending,
         created_at: now.clone(),

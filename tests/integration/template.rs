@@ -25,10 +25,16 @@ fn reference(value: &Value) -> Option<String> {
 fn functions_queue_and_table_fit_together() {
     let template = template();
     let globals = &template["Globals"]["Function"];
-    assert_eq!(globals["Runtime"].as_str(), Some("provided.al2023"));
-    assert_eq!(globals["Handler"].as_str(), Some("bootstrap"));
     for (function, binary) in [("ApiFunction", "api"), ("WorkerFunction", "worker")] {
         let function = resource(&template, function);
+        assert_eq!(
+            function["Properties"]["Runtime"].as_str(),
+            Some("provided.al2023")
+        );
+        assert_eq!(
+            function["Properties"]["Handler"].as_str(),
+            Some("bootstrap")
+        );
         assert_eq!(
             function["Metadata"]["BuildMethod"].as_str(),
             Some("rust-cargolambda")
@@ -172,6 +178,32 @@ fn the_api_is_throttled_logged_and_governed_by_the_policy() {
         policy.contains("resolve:ssm:${PolicyParameterName}"),
         "{policy}"
     );
+}
+
+/// User functions run on a container-image function built from
+/// udf-runtime/, which the worker may invoke and which reads kept pickles.
+#[test]
+fn the_udf_function_is_built_from_the_runtime_and_invoked_by_the_worker() {
+    let template = template();
+    let udf = resource(&template, "UdfFunction");
+    assert_eq!(udf["Properties"]["PackageType"].as_str(), Some("Image"));
+    assert_eq!(
+        udf["Metadata"]["DockerContext"].as_str(),
+        Some("./udf-runtime")
+    );
+    let dockerfile = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../udf-runtime"))
+        .join(udf["Metadata"]["Dockerfile"].as_str().unwrap());
+    assert!(dockerfile.exists(), "{}", dockerfile.display());
+    let worker = &resource(&template, "WorkerFunction")["Properties"];
+    let runtimes =
+        serde_yaml::to_string(&worker["Environment"]["Variables"]["LANCE_BACKFILL_UDF_RUNTIMES"])
+            .unwrap();
+    assert!(
+        runtimes.contains("default=lambda:${UdfFunction}"),
+        "{runtimes}"
+    );
+    let policies = serde_yaml::to_string(&worker["Policies"]).unwrap();
+    assert!(policies.contains("lambda:InvokeFunction") && policies.contains("UdfFunction.Arn"));
 }
 
 #[test]

@@ -220,6 +220,8 @@ pub struct StackOptions {
     pub storage_options: HashMap<String, String>,
     pub root: Option<String>,
     pub auth: Authenticator,
+    /// Python processes of the local pool (default: as configured).
+    pub udf_workers: Option<usize>,
 }
 
 impl Default for StackOptions {
@@ -234,6 +236,7 @@ impl Default for StackOptions {
             storage_options: HashMap::new(),
             root: None,
             auth: Authenticator::default().with_plain_key(API_KEY),
+            udf_workers: None,
         }
     }
 }
@@ -258,6 +261,10 @@ impl Stack {
             catalog,
             store: Arc::new(store),
             queues: QueueSet::new(Arc::new(queue.clone())).with_cluster("gpu", Arc::new(gpu)),
+            udf: Some(Arc::new(
+                lance_backfill::config::udf_runtimes(None, options.udf_workers)
+                    .expect("UDF runtimes"),
+            )),
         };
         let mut stack = Self::start(dir, root, components, Arc::new(queue.clone()), options).await;
         stack.sqs = Some(queue);
@@ -269,9 +276,14 @@ impl Stack {
     pub async fn embedded(options: StackOptions) -> Self {
         let (dir, root) = root_for(&options);
         let state = bootstrap::default_state_path(&root).expect("local root");
-        let (components, queue) = bootstrap::embedded(&root, &state, options.max_receive_count)
+        let (mut components, queue) = bootstrap::embedded(&root, &state, options.max_receive_count)
             .await
             .expect("embedded components");
+        if let Some(workers) = options.udf_workers {
+            components.udf = Some(Arc::new(
+                lance_backfill::config::udf_runtimes(None, Some(workers)).expect("UDF runtimes"),
+            ));
+        }
         let mut stack = Self::start(dir, root, components, Arc::new(queue.clone()), options).await;
         stack.sqlite = Some(queue);
         stack

@@ -63,6 +63,10 @@ enum Command {
         /// Only serve the API (no worker).
         #[arg(long)]
         no_worker: bool,
+        /// Python processes running user functions (default: the cores, or
+        /// LANCE_BACKFILL_UDF_WORKERS).
+        #[arg(long)]
+        udf_workers: Option<usize>,
     },
     /// Create a sample table, backfill a computed column through the API,
     /// verify every value and print the figures.
@@ -74,6 +78,10 @@ enum Command {
         /// Where the demo writes its table and state.
         #[arg(long, default_value = "demo-data")]
         root: PathBuf,
+        /// Fill a 64-dimension embedding with a Python function (numpy) run
+        /// by the local pool of `LANCE_BACKFILL_UDF_PYTHON` processes.
+        #[arg(long)]
+        udf: bool,
     },
 }
 
@@ -98,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
             max_receive_count,
             invocation_timeout,
             no_worker,
+            udf_workers,
         } => {
             local::serve(ServeOptions {
                 root,
@@ -112,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
                 max_receive_count,
                 invocation_timeout: invocation_timeout.map(std::time::Duration::from_secs),
                 worker: !no_worker,
+                udf_workers,
             })
             .await
         }
@@ -119,11 +129,13 @@ async fn main() -> anyhow::Result<()> {
             rows,
             fragments,
             root,
+            udf,
         } => {
             demo::run(demo::DemoOptions {
                 root,
                 rows,
                 fragments,
+                udf,
             })
             .await?;
             Ok(())

@@ -8,7 +8,7 @@ use lance_backfill::{bootstrap, config, telemetry};
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     telemetry::init();
-    let components = bootstrap::aws(&config::root()?).await?;
+    let components = bootstrap::aws_worker(&config::root()?).await?;
     let worker = components.worker(config::engine()?, config::visibility()?);
     lambda_runtime::run(service_fn(|event: LambdaEvent<SqsEvent>| {
         let worker = &worker;

@@ -20,11 +20,13 @@ impl Service {
         let principal = self.authenticate(http)?;
         self.authorize(&principal, &table, Action::Submit)?;
         let request: AlterTableBackfillColumnsRequest = http.json()?;
+        let allow_udf = self.authorize(&principal, &table, Action::Udf).is_ok();
         let outcome = self
             .submitter
             .submit(SubmitRequest {
                 table,
                 request,
+                allow_udf,
                 submitted_by: principal.subject,
                 idempotency_key: http.header("idempotency-key").map(str::to_string),
             })

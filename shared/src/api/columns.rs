@@ -1,14 +1,23 @@
-//! `POST /v1/table/{id}/add_columns`: declare computed columns or fill
-//! expression columns once; `virtual_column` (pickled Python UDFs) is refused.
+//! `POST /v1/table/{id}/add_columns`: declare computed columns (SQL) and
+//! user-function columns (`virtual_column`, which needs the `udf`
+//! permission), or fill expression columns once. Columns declared with
+//! `auto_backfill` get a backfill job at once; its id is in the answer's
+//! `context` as `job_id`.
+
+use std::collections::HashMap;
 
 use http::StatusCode;
 use lance_namespace_reqwest_client::models::{
-    AlterTableAddColumnsRequest, AlterTableAddColumnsResponse,
+    AlterTableAddColumnsRequest, AlterTableAddColumnsResponse, AlterTableBackfillColumnsRequest,
 };
 
+use super::auth::Principal;
 use super::policy::Action;
 use super::{ApiError, ApiRequest, ApiResponse, Service};
 use crate::declare;
+use crate::job::{check_context, flag};
+use crate::submit::SubmitRequest;
+use crate::table::TableId;
 
 impl Service {
     pub(super) async fn add_columns(
@@ -19,8 +28,10 @@ impl Service {
         let table = http.table_id(raw_id)?;
         let principal = self.authenticate(http)?;
         self.authorize(&principal, &table, Action::Declare)?;
-        refuse_virtual_columns(http)?;
         let request: AlterTableAddColumnsRequest = http.json()?;
+        if declare::declares_udf(&request.new_columns) {
+            self.authorize(&principal, &table, Action::Udf)?;
+        }
         if let Some(body_id) = &request.id
             && body_id != &table.0
         {
@@ -29,43 +40,61 @@ impl Service {
                 table.0
             )));
         }
-        let version = declare::add_columns(
+        if let Some(context) = &request.context {
+            check_context(context, "context")?;
+        }
+        let maintained = flag(request.context.as_ref(), "auto_backfill");
+        let declaration = declare::add_columns(
             &self.catalog,
             &table,
             request.branch.clone(),
             &request.new_columns,
+            maintained,
         )
         .await?;
-        Ok(ApiResponse::json(
-            StatusCode::OK,
-            &AlterTableAddColumnsResponse::new(version as i64),
-        ))
-    }
-}
-
-/// Python UDFs are refused before the body is read strictly, so the client
-/// learns why rather than which UDF field it left out.
-fn refuse_virtual_columns(http: &ApiRequest) -> Result<(), ApiError> {
-    let Ok(body) = serde_json::from_slice::<serde_json::Value>(&http.body) else {
-        return Ok(());
-    };
-    let entries = body
-        .get("new_columns")
-        .and_then(|c| c.as_array())
-        .cloned()
-        .unwrap_or_default();
-    for (i, entry) in entries.iter().enumerate() {
-        if entry.get("virtual_column").is_some_and(|v| !v.is_null()) {
-            let name = entry.get("name").and_then(|n| n.as_str()).unwrap_or("?");
-            return Err(ApiError::coded(
-                lance_namespace::ErrorCode::Unsupported,
-                format!(
-                    "field 'new_columns[{i}].virtual_column': column '{name}' is a virtual column (a pickled \
-                     Python UDF); this service evaluates SQL expressions only and cannot run Python. Declare \
-                     it with 'computed' and a SQL expression instead"
-                ),
-            ));
+        let mut response = AlterTableAddColumnsResponse::new(declaration.version as i64);
+        if !declaration.to_fill.is_empty() {
+            let jobs = self
+                .fill_now(
+                    &principal,
+                    &table,
+                    request.branch.clone(),
+                    &declaration.to_fill,
+                )
+                .await?;
+            response.context = Some(jobs);
         }
+        Ok(ApiResponse::json(StatusCode::OK, &response))
     }
-    Ok(())
+
+    /// Backfills the declared columns that asked for it; the job ids go in
+    /// the answer's context (`job_id` for the first, `job_ids` for all).
+    async fn fill_now(
+        &self,
+        principal: &Principal,
+        table: &TableId,
+        branch: Option<String>,
+        columns: &[String],
+    ) -> Result<HashMap<String, String>, ApiError> {
+        let mut ids = Vec::new();
+        for column in columns {
+            let mut request = AlterTableBackfillColumnsRequest::new(column.clone());
+            request.branch = branch.clone();
+            let outcome = self
+                .submitter
+                .submit(SubmitRequest {
+                    table: table.clone(),
+                    request,
+                    submitted_by: principal.subject.clone(),
+                    idempotency_key: None,
+                    allow_udf: true,
+                })
+                .await?;
+            ids.push(outcome.job_id().to_string());
+        }
+        Ok(HashMap::from([
+            ("job_id".to_string(), ids[0].clone()),
+            ("job_ids".to_string(), ids.join(",")),
+        ]))
+    }
 }

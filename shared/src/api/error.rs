@@ -118,6 +118,7 @@ impl From<Error> for ApiError {
                 Missing::Job => ErrorCode::TransactionNotFound,
             },
             Error::Conflict(_) => ErrorCode::ConcurrentModification,
+            Error::Forbidden(_) => ErrorCode::PermissionDenied,
             Error::InvalidState(_) => ErrorCode::InvalidTableState,
             Error::Transient {
                 throttled: true, ..

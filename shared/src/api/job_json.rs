@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 use crate::commit::MAX_CONFLICT_RETRIES;
 use crate::job::{Counter, Job, JobEvent, Metrics};
+use crate::store::RowFailure;
 
 pub(crate) fn metrics_json(metrics: &Metrics) -> Value {
     let pair = |done: u64, total: u64| json!({ "done": done, "total": total });
@@ -17,6 +18,7 @@ pub(crate) fn metrics_json(metrics: &Metrics) -> Value {
         "rows_computed": pair(metrics.get(Counter::RowsComputed), total_rows),
         "rows_checkpointed": pair(metrics.get(Counter::RowsCheckpointed), total_rows),
         "rows_committed": pair(metrics.get(Counter::RowsCommitted), total_rows),
+        "rows_failed": metrics.get(Counter::RowsFailed),
         "commits": pair(metrics.get(Counter::CommitsDone), commits_planned.max(metrics.get(Counter::CommitsDone))),
         "commit_conflict_retries": pair(
             metrics.get(Counter::ConflictRetries),
@@ -25,15 +27,30 @@ pub(crate) fn metrics_json(metrics: &Metrics) -> Value {
     })
 }
 
-/// The job; with `events`, its latest events too (a job's own page).
-pub(crate) fn job_json(job: &Job, events: Option<&[JobEvent]>) -> Value {
+/// A job's own page adds its latest events and the first rows a user
+/// function raised on.
+pub(crate) struct Details<'a> {
+    pub events: &'a [JobEvent],
+    pub row_failures: &'a [RowFailure],
+}
+
+/// The job; with `details`, as its own page shows it.
+pub(crate) fn job_json(job: &Job, details: Option<Details<'_>>) -> Value {
     let spec = &job.spec;
     let p = &spec.params;
     let mut value = json!({
         "job_id": job.job_id,
         "table_id": spec.table_id.0,
         "column": spec.column,
+        "columns": spec.columns(),
         "expression": spec.expression,
+        "udf": spec.udf.as_ref().map(|udf| json!({
+            "name": udf.udf_name,
+            "version": udf.udf_version,
+            "id": udf.udf_id,
+            "image": udf.image,
+            "input_columns": udf.input_columns,
+        })),
         "state": job.state.as_str(),
         "error": job.error,
         "read_version": spec.read_version,
@@ -54,6 +71,9 @@ pub(crate) fn job_json(job: &Job, events: Option<&[JobEvent]>) -> Value {
             "commit_granularity": p.commit_granularity,
             "cluster": p.cluster,
             "manifest": p.manifest,
+            "on_error": spec.options.on_error,
+            "max_skip_fraction": spec.options.max_skip_fraction,
+            "context": spec.options.other,
         },
         "plan": spec.plan,
         "metrics": metrics_json(&job.metrics),
@@ -62,8 +82,9 @@ pub(crate) fn job_json(job: &Job, events: Option<&[JobEvent]>) -> Value {
         "started_at": job.started_at,
         "finished_at": job.finished_at,
     });
-    if let Some(events) = events {
-        value["events"] = json!(events);
+    if let Some(details) = details {
+        value["events"] = json!(details.events);
+        value["row_failures"] = json!(details.row_failures);
     }
     value
 }

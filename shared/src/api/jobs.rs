@@ -4,7 +4,7 @@
 use http::StatusCode;
 
 use super::auth::Principal;
-use super::job_json::job_json;
+use super::job_json::{Details, job_json};
 use super::policy::Action;
 use super::{ApiError, ApiRequest, ApiResponse, Service, store_unavailable};
 use crate::error::{Error, Missing};
@@ -14,6 +14,8 @@ pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 1000;
 /// A job's page shows its latest this many events (commits, failures...).
 pub const EVENTS_SHOWN: usize = 100;
+/// ... and this many of the rows a user function raised on.
+pub const ROW_FAILURES_SHOWN: usize = 100;
 /// Job ids are UUIDs (32 hex digits); anything longer is not one of ours.
 const MAX_JOB_ID_LEN: usize = 64;
 
@@ -67,9 +69,18 @@ impl Service {
             .list_events(&job.job_id, EVENTS_SHOWN)
             .await
             .map_err(store_unavailable)?;
+        let row_failures = self
+            .store
+            .list_row_failures(&job.job_id, ROW_FAILURES_SHOWN)
+            .await
+            .map_err(store_unavailable)?;
+        let details = Details {
+            events: &events,
+            row_failures: &row_failures,
+        };
         Ok(ApiResponse::json(
             StatusCode::OK,
-            &job_json(&job, Some(&events)),
+            &job_json(&job, Some(details)),
         ))
     }
 

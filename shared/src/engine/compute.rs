@@ -23,10 +23,12 @@ use crate::tasks::AbortOnDrop;
 /// Values computed for one batch of rows.
 pub struct ComputedBatch {
     pub range: Range,
-    /// One column, named and typed as the target field.
+    /// The filled columns, named and typed as the target fields.
     pub values: RecordBatch,
     pub selected: usize,
     pub changed: bool,
+    /// (physical row, error) of rows a user function raised on, left null.
+    pub failed: Vec<(u64, String)>,
 }
 
 /// Reads and evaluates one fragment's rows.
@@ -59,9 +61,13 @@ impl FragmentComputer {
             .get_deletion_vector()
             .await?
             .filter(|dv| !dv.is_empty());
-        let output_schema = Arc::new(ArrowSchema::new(vec![
-            program.output_field.as_ref().clone(),
-        ]));
+        let output_schema = Arc::new(ArrowSchema::new(
+            program
+                .output_fields
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect::<Vec<_>>(),
+        ));
         Ok(Self {
             shared: Arc::new(Evaluator {
                 reader,
@@ -141,8 +147,12 @@ impl Evaluator {
     async fn compute(&self, range: Range) -> anyhow::Result<ComputedBatch> {
         let input = self.read(range).await?;
         let deleted = self.deletions.as_deref().map(|dv| deleted_mask(dv, range));
-        let evaluated = self.program.evaluate(&input, deleted.as_ref())?;
-        let bytes = evaluated.values.get_array_memory_size();
+        let evaluated = self.program.evaluate(&input, deleted.as_ref()).await?;
+        let bytes: usize = evaluated
+            .values
+            .iter()
+            .map(|v| v.get_array_memory_size())
+            .sum();
         if bytes > self.max_batch_bytes {
             return Err(Error::Permanent(format!(
                 "the values computed for rows {}..{} take {bytes} bytes, more than the {} a \
@@ -153,9 +163,14 @@ impl Evaluator {
         }
         Ok(ComputedBatch {
             range,
-            values: RecordBatch::try_new(self.output_schema.clone(), vec![evaluated.values])?,
+            values: RecordBatch::try_new(self.output_schema.clone(), evaluated.values)?,
             selected: evaluated.selected,
             changed: evaluated.changed,
+            failed: evaluated
+                .failed
+                .into_iter()
+                .map(|(row, error)| (range.start + row as u64, error))
+                .collect(),
         })
     }
 

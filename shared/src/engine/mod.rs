@@ -14,6 +14,7 @@ pub mod compute;
 mod dispatch;
 mod fanout;
 mod produce;
+mod progress;
 mod slots;
 mod stop;
 mod task;
@@ -33,6 +34,8 @@ use crate::lifecycle::Lifecycle;
 use crate::queue::QueueSet;
 use crate::store::JobStore;
 use crate::table::Catalog;
+use crate::udf::registry::UdfRuntimes;
+use crate::udf::{Binding, UdfCall};
 
 /// What the queue should do with a message after the engine handled it.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +115,8 @@ pub struct Engine {
     lifecycle: Lifecycle,
     committer: Committer,
     programs: Mutex<HashMap<String, Arc<Program>>>,
+    /// Runtimes of user functions (`None`: this worker runs SQL only).
+    udf: Option<Arc<UdfRuntimes>>,
     /// Wakes tasks of this process waiting for a slot as soon as one is
     /// released here (slots released elsewhere are found by polling).
     slot_freed: tokio::sync::Notify,
@@ -140,8 +145,15 @@ impl Engine {
             lifecycle,
             committer,
             programs: Mutex::new(HashMap::new()),
+            udf: None,
             slot_freed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Runs user functions on these runtimes.
+    pub fn with_udf(mut self, runtimes: Option<Arc<UdfRuntimes>>) -> Self {
+        self.udf = runtimes;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn JobStore> {
@@ -152,8 +164,9 @@ impl Engine {
         &self.config
     }
 
-    /// The compiled program of a job (cached per job).
-    fn program(&self, job: &Job, dataset: &Dataset) -> anyhow::Result<Arc<Program>> {
+    /// The compiled program of a job (cached per job), with its user
+    /// function's runtime attached.
+    async fn program(&self, job: &Job, dataset: &Dataset) -> anyhow::Result<Arc<Program>> {
         if let Some(found) = self
             .programs
             .lock()
@@ -172,13 +185,12 @@ impl Engine {
             )
             .into_permanent()
         })?;
-        let target = TargetColumn {
-            name: job.spec.column.clone(),
-            expression: job.spec.expression.clone(),
-            data_type: field.data_type(),
-        };
-        let program = Program::compile(dataset.schema(), &target, Some(&job.spec.filter))
+        let target = TargetColumn::of_job(&job.spec, field.data_type());
+        let mut program = Program::compile(dataset.schema(), &target, Some(&job.spec.filter))
             .map_err(Error::into_permanent)?;
+        if let Some(binding) = &job.spec.udf {
+            program = program.with_udf(self.udf_call(job, dataset, binding).await?);
+        }
         let program = Arc::new(program);
         let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
         if programs.len() >= PROGRAM_CACHE_SIZE {
@@ -186,6 +198,28 @@ impl Engine {
         }
         programs.insert(job.job_id.clone(), program.clone());
         Ok(program)
+    }
+
+    /// The job's user function on the runtime configured for it.
+    async fn udf_call(
+        &self,
+        job: &Job,
+        dataset: &Dataset,
+        binding: &Binding,
+    ) -> anyhow::Result<Arc<UdfCall>> {
+        let runtimes = self.udf.as_ref().ok_or_else(|| {
+            permanent(format!(
+                "user function '{}': this worker has no runtime for user functions",
+                binding.udf_name
+            ))
+        })?;
+        let udf = crate::udf::payload::load(dataset, binding).await?;
+        let runtime = runtimes.for_job(job.spec.params.cluster.as_deref(), &binding.image);
+        Ok(Arc::new(UdfCall {
+            udf,
+            runtime,
+            on_error: job.spec.options.on_error,
+        }))
     }
 
     async fn read_dataset(&self, job: &Job) -> anyhow::Result<Arc<Dataset>> {

@@ -14,13 +14,13 @@ use tracing::info;
 
 use super::batching::BatchSizer;
 use super::compute::{ComputedBatch, FragmentComputer};
+use super::progress::Progress;
 use super::stop::{Stop, StopCheck};
 use super::{Engine, permanent};
 use crate::checkpoint::{FragmentCheckpoints, Range};
 use crate::computed::Program;
-use crate::job::{Counter, Job, MAX_FLUSH_INTERVAL_SECONDS, MetricsDelta};
+use crate::job::{Job, MAX_FLUSH_INTERVAL_SECONDS};
 use crate::plan::TaskRef;
-use crate::store::JobStore;
 
 /// Where a fragment's values go while its file is written.
 pub(super) type Sink = mpsc::Sender<lance::Result<RecordBatch>>;
@@ -33,26 +33,6 @@ pub(super) enum Produced {
         checkpointed: bool,
     },
     Stopped(Stop),
-}
-
-/// Counters gathered while a task runs and written in one update.
-#[derive(Default)]
-struct Counts {
-    computed: u64,
-    checkpointed: u64,
-}
-
-impl Counts {
-    async fn flush(&mut self, store: &dyn JobStore, job_id: &str) -> anyhow::Result<()> {
-        let delta = MetricsDelta::new()
-            .add(Counter::RowsComputed, self.computed as i64)
-            .add(Counter::RowsCheckpointed, self.checkpointed as i64);
-        if !delta.is_empty() {
-            store.add_metrics(job_id, &delta).await?;
-        }
-        *self = Self::default();
-        Ok(())
-    }
 }
 
 /// Computed batches not yet in a checkpoint.
@@ -83,7 +63,8 @@ pub(super) struct Producer<'a> {
     sink: Option<Sink>,
     sizer: Arc<Mutex<BatchSizer>>,
     flush_every: Duration,
-    counts: Counts,
+    counts: Progress,
+    fragment_id: u64,
     changed: bool,
     checkpointed: bool,
 }
@@ -100,6 +81,7 @@ impl<'a> Producer<'a> {
         job: &'a Job,
         computer: &'a FragmentComputer,
         checkpoints: &'a FragmentCheckpoints,
+        fragment_id: u64,
         sink: Option<Sink>,
     ) -> Self {
         let params = &job.spec.params;
@@ -116,7 +98,8 @@ impl<'a> Producer<'a> {
                     .batch_checkpoint_flush_interval_seconds
                     .clamp(0.0, MAX_FLUSH_INTERVAL_SECONDS),
             ),
-            counts: Counts::default(),
+            counts: Progress::default(),
+            fragment_id,
             changed: false,
             checkpointed: false,
         }
@@ -151,7 +134,7 @@ impl<'a> Producer<'a> {
             }
         }
         self.counts
-            .flush(self.engine.store.as_ref(), &self.job.job_id)
+            .flush(self.engine.store.as_ref(), self.job)
             .await?;
         Ok(Produced::Completed {
             changed: self.changed,
@@ -203,7 +186,7 @@ impl<'a> Producer<'a> {
             if stopping.is_some() || buffer.flushed_at.elapsed() >= self.flush_every {
                 self.checkpoint(&mut buffer, at).await?;
                 self.counts
-                    .flush(self.engine.store.as_ref(), &self.job.job_id)
+                    .flush(self.engine.store.as_ref(), self.job)
                     .await?;
             }
             if let Some(reason) = stopping {
@@ -227,6 +210,7 @@ impl<'a> Producer<'a> {
         self.changed |= batch.changed;
         buffer.changed |= batch.changed;
         self.counts.computed += batch.range.end - batch.range.start;
+        self.counts.failed(self.fragment_id, &batch.failed);
         buffer.batches.push(batch.values.clone());
         self.send(batch.values).await
     }
@@ -265,14 +249,21 @@ impl Engine {
             dataset,
             fragment,
             &program.checkpoint_key(),
-            program.output_field.clone(),
+            program.output_fields.clone(),
         )
         .await?;
         let computer =
             FragmentComputer::open(fragment, program.clone(), self.config.max_batch_bytes).await?;
-        let produced = Producer::new(self, job, &computer, &checkpoints, None)
-            .run(task.start, task.end, stop)
-            .await?;
+        let produced = Producer::new(
+            self,
+            job,
+            &computer,
+            &checkpoints,
+            fragment.id() as u64,
+            None,
+        )
+        .run(task.start, task.end, stop)
+        .await?;
         Ok(match produced {
             Produced::Stopped(reason) => Some(reason),
             Produced::Completed { .. } => None,

@@ -7,7 +7,7 @@ use tracing::info;
 
 use super::stop::StopCheck;
 use super::{Delivery, Disposition, Engine, permanent};
-use crate::checkpoint::FragmentCheckpoints;
+use crate::checkpoint::{FragmentCheckpoints, Key};
 use crate::job::{Job, JobState};
 use crate::plan::TaskRef;
 
@@ -86,7 +86,7 @@ impl Engine {
     ) -> anyhow::Result<Disposition> {
         self.mark_running(job).await?;
         let dataset = self.read_dataset(job).await?;
-        let program = self.program(job, &dataset)?;
+        let program = self.program(job, &dataset).await?;
         let fragment = task_fragment(job, &dataset, task)?;
         let mut stop = StopCheck::new(self, &job.job_id, delivery.deadline);
         if task.covers_fragment() {
@@ -131,17 +131,12 @@ impl Engine {
     pub(super) async fn forget_checkpoints(&self, job: &Job, fragment_id: u64) {
         let result = async {
             let dataset = self.read_dataset(job).await?;
-            let program = self.program(job, &dataset)?;
+            let (key, fields) = Key::for_job(&job.spec, &dataset)?;
             if let Some(fragment) = dataset.get_fragment(fragment_id as usize) {
-                FragmentCheckpoints::open(
-                    &dataset,
-                    &fragment,
-                    &program.checkpoint_key(),
-                    program.output_field.clone(),
-                )
-                .await?
-                .clear()
-                .await?;
+                FragmentCheckpoints::open(&dataset, &fragment, &key, fields)
+                    .await?
+                    .clear()
+                    .await?;
             }
             anyhow::Ok(())
         }

@@ -80,21 +80,28 @@ impl Engine {
             dataset,
             fragment,
             &program.checkpoint_key(),
-            program.output_field.clone(),
+            program.output_fields.clone(),
         )
         .await?;
         let computer =
             FragmentComputer::open(fragment, program.clone(), self.config.max_batch_bytes).await?;
         let target = dataset
             .schema()
-            .project(&[program.column.as_str()])
-            .context("projecting the target column")?;
+            .project(&program.columns)
+            .context("projecting the target columns")?;
         let (sender, receiver) = mpsc::channel::<lance::Result<RecordBatch>>(WRITER_QUEUE);
         let batches = futures::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|item| (item, receiver))
         });
-        let producer =
-            Producer::new(self, job, &computer, &checkpoints, Some(sender)).run(0, rows, stop);
+        let producer = Producer::new(
+            self,
+            job,
+            &computer,
+            &checkpoints,
+            fragment.id() as u64,
+            Some(sender),
+        )
+        .run(0, rows, stop);
         let writer = fragment.write_columns(batches, &target);
         let (produced, written) = tokio::join!(producer, writer);
         let produced = match produced {
@@ -171,7 +178,7 @@ impl Engine {
             dataset,
             fragment,
             &program.checkpoint_key(),
-            program.output_field.clone(),
+            program.output_fields.clone(),
         )
         .await?;
         if let Err(err) = checkpoints.clear().await {

@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::table::TableId;
 
+mod options;
 mod params;
+pub use options::*;
 pub use params::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -87,6 +89,22 @@ pub struct JobSpec {
     pub params: Params,
     pub submitted_by: String,
     pub plan: PlanSummary,
+    /// The user function that fills the columns (`None`: a SQL expression).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udf: Option<crate::udf::Binding>,
+    /// What the request's `context` asked for.
+    #[serde(default)]
+    pub options: JobOptions,
+}
+
+impl JobSpec {
+    /// The columns the job fills: a function's outputs, or the one column.
+    pub fn columns(&self) -> Vec<String> {
+        match &self.udf {
+            Some(binding) => binding.columns(),
+            None => vec![self.column.clone()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,10 +131,12 @@ pub enum Counter {
     ConflictRetries,
     /// Set once the submission queued the job's work (tasks or a planning message).
     Queued,
+    /// Rows a user function raised on, left null (`on_error: skip`).
+    RowsFailed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Counter::FragmentsTotal,
         Counter::FragmentsStaged,
         Counter::FragmentsCommitted,
@@ -131,6 +151,7 @@ impl Counter {
         Counter::CommitsDone,
         Counter::ConflictRetries,
         Counter::Queued,
+        Counter::RowsFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -149,6 +170,7 @@ impl Counter {
             Self::CommitsDone => "commits_done",
             Self::ConflictRetries => "conflict_retries",
             Self::Queued => "queued",
+            Self::RowsFailed => "rows_failed",
         }
     }
 

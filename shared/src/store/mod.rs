@@ -67,6 +67,15 @@ pub struct StagedFragment {
     pub rows: u64,
 }
 
+/// A row a user function raised on (left null, `on_error: skip`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowFailure {
+    pub fragment_id: u64,
+    /// The row's physical offset in the fragment.
+    pub row: u64,
+    pub error: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum FragmentStatus {
@@ -159,6 +168,13 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// The latest `limit` events of the job, oldest first.
     async fn list_events(&self, job_id: &str, limit: usize) -> StoreResult<Vec<JobEvent>>;
+
+    /// Lists rows a user function raised on (each row once, however often
+    /// it is recorded).
+    async fn add_row_failures(&self, job_id: &str, failures: &[RowFailure]) -> StoreResult<()>;
+
+    /// The first `limit` listed failures, by fragment and row.
+    async fn list_row_failures(&self, job_id: &str, limit: usize) -> StoreResult<Vec<RowFailure>>;
 
     /// Adds to counters atomically and returns all counters after the change.
     async fn add_metrics(&self, job_id: &str, delta: &MetricsDelta) -> StoreResult<Metrics>;

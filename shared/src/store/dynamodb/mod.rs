@@ -9,6 +9,7 @@ mod calls;
 mod fragments;
 mod items;
 mod jobs;
+mod row_failures;
 
 use std::time::Duration;
 
@@ -21,8 +22,8 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::{
-    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, StagedFragment, StoreError,
-    StoreResult, TaskMark,
+    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, RowFailure, StagedFragment,
+    StoreError, StoreResult, TaskMark,
 };
 use crate::job::{Job, JobEvent, JobState, Metrics, MetricsDelta};
 use calls::{Failure, classify, classify_transaction, retry_busy};
@@ -155,6 +156,14 @@ impl JobStore for DynamoJobStore {
 
     async fn list_events(&self, job_id: &str, limit: usize) -> StoreResult<Vec<JobEvent>> {
         self.events(job_id, limit).await
+    }
+
+    async fn add_row_failures(&self, job_id: &str, failures: &[RowFailure]) -> StoreResult<()> {
+        self.put_row_failures(job_id, failures).await
+    }
+
+    async fn list_row_failures(&self, job_id: &str, limit: usize) -> StoreResult<Vec<RowFailure>> {
+        self.row_failures(job_id, limit).await
     }
 
     async fn get_job(&self, job_id: &str) -> StoreResult<Option<Job>> {

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use rusqlite::{Transaction, params};
 
 use super::{
-    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, StagedFragment, StoreError,
-    StoreResult, TaskMark, column_lock_key, decode_token, encode_token,
+    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, RowFailure, StagedFragment,
+    StoreError, StoreResult, TaskMark, column_lock_key, decode_token, encode_token,
 };
 use crate::embedded::EmbeddedDb;
 
@@ -81,6 +81,47 @@ impl JobStore for SqliteJobStore {
                 params![key, job_id],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn add_row_failures(&self, job_id: &str, failures: &[RowFailure]) -> StoreResult<()> {
+        let job_id = job_id.to_string();
+        let failures = failures.to_vec();
+        self.run(move |tx| {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO row_failures (job_id, fragment_id, row, error) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for failure in &failures {
+                stmt.execute(params![
+                    job_id,
+                    failure.fragment_id as i64,
+                    failure.row as i64,
+                    failure.error
+                ])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_row_failures(&self, job_id: &str, limit: usize) -> StoreResult<Vec<RowFailure>> {
+        let job_id = job_id.to_string();
+        self.run(move |tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT fragment_id, row, error FROM row_failures WHERE job_id = ?1
+                 ORDER BY fragment_id, row LIMIT ?2",
+            )?;
+            let failures = stmt
+                .query_map(params![job_id, limit as i64], |r| {
+                    Ok(RowFailure {
+                        fragment_id: r.get::<_, i64>(0)? as u64,
+                        row: r.get::<_, i64>(1)? as u64,
+                        error: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(failures)
         })
         .await
     }

@@ -28,6 +28,8 @@ use crate::engine::EngineConfig;
 use crate::runner::{self, RunnerConfig};
 use crate::submit::SubmitSettings;
 
+mod udf;
+
 /// Writes a table of `rows` rows in `fragments` fragments: `id`, `x = id`
 /// (int64) and `s` (a short string whose length varies).
 pub async fn write_sample_table(uri: &str, rows: u64, fragments: u64) -> anyhow::Result<Dataset> {
@@ -87,6 +89,47 @@ pub struct DemoOptions {
     pub root: PathBuf,
     pub rows: u64,
     pub fragments: u64,
+    /// Fill an embedding with a Python function instead of `y = x * 2 + 1`.
+    pub udf: bool,
+}
+
+/// The column the demo fills and how it is declared.
+struct Fill {
+    udf: bool,
+    column: &'static str,
+    entry: AddColumnsEntry,
+    description: &'static str,
+}
+
+impl Fill {
+    async fn of(options: &DemoOptions) -> anyhow::Result<Self> {
+        if !options.udf {
+            let mut entry = AddColumnsEntry::new("y".to_string());
+            entry.computed = Some(Some("x * 2 + 1".to_string()));
+            return Ok(Self {
+                udf: false,
+                column: "y",
+                entry,
+                description: "computed column y = x * 2 + 1",
+            });
+        }
+        let python =
+            std::env::var(crate::config::env::UDF_PYTHON).unwrap_or_else(|_| "python3".to_string());
+        Ok(Self {
+            udf: true,
+            column: udf::COLUMN,
+            entry: udf::entry(udf::payload(&python).await?),
+            description: "virtual column embedding = embed(s), a Python function (64 x float32)",
+        })
+    }
+
+    async fn verify(&self, dataset: &Dataset) -> anyhow::Result<u64> {
+        if self.udf {
+            udf::verify(dataset).await
+        } else {
+            verify(dataset).await
+        }
+    }
 }
 
 pub struct DemoReport {
@@ -169,6 +212,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     // A fresh start: the demo owns this folder's state.
     let _ = std::fs::remove_file(&state);
 
+    let fill_spec = Fill::of(&options).await?;
     println!(
         "1/4 writing {} rows in {} fragments to {table_uri}",
         options.rows, options.fragments
@@ -178,42 +222,41 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     println!("    written in {:.2?}", began.elapsed());
 
     let service = LocalService::start(&root, &state).await?;
-    let before_and_after = fill(&service, &table_uri, options.rows).await;
+    let before_and_after = fill(&service, &fill_spec, &table_uri, options.rows).await;
     service.stop().await;
     let (before, job, elapsed) = before_and_after?;
-    report(&table_uri, before, &job, elapsed).await
+    report(&fill_spec, &table_uri, before, &job, elapsed).await
 }
 
-/// Declares `y` and backfills it through the API; returns the version
-/// before the backfill, the finished job and how long it took.
+/// Declares the column and backfills it through the API; returns the
+/// version before the backfill, the finished job and how long it took.
 async fn fill(
     service: &LocalService,
+    spec: &Fill,
     table_uri: &str,
     rows: u64,
 ) -> anyhow::Result<(u64, serde_json::Value, Duration)> {
     let client = &service.client;
     println!(
-        "2/4 declaring computed column y = x * 2 + 1 (POST add_columns on {})",
-        client.base_path
+        "2/4 declaring {} (POST add_columns on {})",
+        spec.description, client.base_path
     );
-    let mut entry = AddColumnsEntry::new("y".to_string());
-    entry.computed = Some(Some("x * 2 + 1".to_string()));
     table_api::alter_table_add_columns(
         client,
         "items",
-        AlterTableAddColumnsRequest::new(vec![entry]),
+        AlterTableAddColumnsRequest::new(vec![spec.entry.clone()]),
         None,
     )
     .await
     .map_err(|e| anyhow::anyhow!("add_columns: {e}"))?;
     let before = Dataset::open(table_uri).await?.version().version;
 
-    println!("3/4 backfilling y (POST backfill_column)");
+    println!("3/4 backfilling {} (POST backfill_column)", spec.column);
     let submitted = Instant::now();
     let response = table_api::alter_table_backfill_columns(
         client,
         "items",
-        AlterTableBackfillColumnsRequest::new("y".to_string()),
+        AlterTableBackfillColumnsRequest::new(spec.column.to_string()),
         None,
     )
     .await
@@ -223,6 +266,7 @@ async fn fill(
 }
 
 async fn report(
+    spec: &Fill,
     table_uri: &str,
     before: u64,
     job: &serde_json::Value,
@@ -230,11 +274,12 @@ async fn report(
 ) -> anyhow::Result<DemoReport> {
     println!("4/4 verifying with a fresh reader");
     let dataset = Dataset::open(table_uri).await?;
-    let checked = verify(&dataset).await?;
+    let checked = spec.verify(&dataset).await?;
     let versions_created = dataset.version().version - before;
     let rows_per_second = checked as f64 / elapsed.as_secs_f64();
     println!(
-        "verified: all {checked} rows hold y = x * 2 + 1 (job {}, state {})",
+        "verified: all {checked} rows hold {} (job {}, state {})",
+        spec.description,
         job["job_id"].as_str().unwrap_or("?"),
         job["state"].as_str().unwrap_or("?")
     );

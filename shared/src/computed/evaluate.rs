@@ -1,0 +1,249 @@
+//! Computing one batch: chosen rows get new values (the expression's, or
+//! the user function's called on the chosen rows only), the others keep
+//! their current values, and deleted rows become null.
+
+use std::sync::Arc;
+
+use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array};
+use arrow_select::filter::filter_record_batch;
+
+use super::program::{Program, Values};
+use crate::error::Error;
+use crate::udf::{UdfCall, UdfError, results};
+
+/// The values of one batch of rows, ready to be written.
+pub struct Evaluated {
+    /// One array per filled column, in the program's order.
+    pub values: Vec<ArrayRef>,
+    /// Rows the predicate chose (and so were computed).
+    pub selected: usize,
+    /// Whether any live row's value differs from the current one.
+    pub changed: bool,
+    /// Rows of the batch a user function raised on (left null), with the error.
+    pub failed: Vec<(usize, String)>,
+}
+
+fn evaluation(err: impl std::fmt::Display) -> Error {
+    Error::Permanent(format!("computing values failed: {err}"))
+}
+
+impl Program {
+    /// Computes one batch; `deleted` marks rows deleted at the read version.
+    pub async fn evaluate(
+        &self,
+        batch: &RecordBatch,
+        deleted: Option<&BooleanArray>,
+    ) -> Result<Evaluated, Error> {
+        let rows = batch.num_rows();
+        let chosen = self.chosen(batch, deleted)?;
+        let selected = chosen.true_count();
+        let current: Vec<ArrayRef> = self
+            .target_indices
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        let (mut values, failed) = if selected == 0 {
+            (current.clone(), Vec::new())
+        } else {
+            match &self.values {
+                Values::Sql(value) => (
+                    self.sql_values(value, batch, &chosen, &current)?,
+                    Vec::new(),
+                ),
+                Values::Udf {
+                    binding,
+                    inputs,
+                    call,
+                } => {
+                    let call = call.as_ref().ok_or_else(|| {
+                        Error::Internal(format!(
+                            "user function '{}' has no runtime in this process",
+                            binding.udf_name
+                        ))
+                    })?;
+                    udf_values(call, binding, inputs, batch, &chosen, &current).await?
+                }
+            }
+        };
+        if let Some(deleted) = deleted
+            && deleted.true_count() > 0
+        {
+            for column in &mut values {
+                *column = arrow_select::nullif::nullif(column, deleted).map_err(evaluation)?;
+            }
+        }
+        let changed = selected > 0 && changed(&values, &current, rows, deleted)?;
+        Ok(Evaluated {
+            values,
+            selected,
+            changed,
+            failed,
+        })
+    }
+
+    /// Rows the predicate chooses (a NULL predicate does not), live ones only.
+    fn chosen(
+        &self,
+        batch: &RecordBatch,
+        deleted: Option<&BooleanArray>,
+    ) -> Result<BooleanArray, Error> {
+        let chosen = self
+            .predicate
+            .evaluate(batch)
+            .and_then(|v| v.into_array(batch.num_rows()))
+            .map_err(evaluation)?;
+        let chosen = chosen
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .ok_or_else(|| evaluation("the where predicate is not boolean"))?;
+        let mut chosen = if chosen.null_count() > 0 {
+            arrow_select::filter::prep_null_mask_filter(chosen)
+        } else {
+            chosen.clone()
+        };
+        if let Some(deleted) = deleted {
+            chosen = arrow_arith::boolean::and_not(&chosen, deleted).map_err(evaluation)?;
+        }
+        Ok(chosen)
+    }
+
+    fn sql_values(
+        &self,
+        value: &Arc<dyn lance::deps::datafusion::physical_plan::PhysicalExpr>,
+        batch: &RecordBatch,
+        chosen: &BooleanArray,
+        current: &[ArrayRef],
+    ) -> Result<Vec<ArrayRef>, Error> {
+        let rows = batch.num_rows();
+        let computed = value
+            .evaluate(batch)
+            .and_then(|v| v.into_array(rows))
+            .map_err(evaluation)?;
+        let target = self.output_fields[0].data_type();
+        let computed = if computed.data_type() == target {
+            computed
+        } else {
+            arrow_cast::cast(&computed, target).map_err(evaluation)?
+        };
+        if chosen.true_count() == rows {
+            return Ok(vec![computed]);
+        }
+        Ok(vec![
+            arrow_select::zip::zip(chosen, &computed, &current[0]).map_err(evaluation)?,
+        ])
+    }
+}
+
+/// Calls the function on the chosen rows only and puts its values back in
+/// place; rows it raised on (when skipping) keep null.
+async fn udf_values(
+    call: &UdfCall,
+    binding: &crate::udf::Binding,
+    inputs: &[usize],
+    batch: &RecordBatch,
+    chosen: &BooleanArray,
+    current: &[ArrayRef],
+) -> Result<(Vec<ArrayRef>, Vec<(usize, String)>), Error> {
+    let input = batch.project(inputs).map_err(evaluation)?;
+    let input = filter_record_batch(&input, chosen).map_err(evaluation)?;
+    let called = call
+        .call(&input)
+        .await
+        .map_err(|err| udf_failure(binding, err))?;
+    let computed = results::outputs(&called.values, binding, input.num_rows())?;
+    let positions: Vec<usize> = (0..chosen.len()).filter(|i| chosen.value(*i)).collect();
+    // Row i of the batch takes value k of the computed ones, if chosen.
+    let mut next = 0u32;
+    let take: UInt32Array = (0..chosen.len())
+        .map(|i| {
+            chosen.value(i).then(|| {
+                next += 1;
+                next - 1
+            })
+        })
+        .collect();
+    let mut values = Vec::with_capacity(computed.len());
+    for (computed, current) in computed.iter().zip(current) {
+        let placed =
+            arrow_select::take::take(computed.as_ref(), &take, None).map_err(evaluation)?;
+        values.push(arrow_select::zip::zip(chosen, &placed, current).map_err(evaluation)?);
+    }
+    let failed = called
+        .failed
+        .into_iter()
+        .map(|(row, error)| (positions[row], error))
+        .collect();
+    Ok((values, failed))
+}
+
+/// A user function's failure as the job sees it: the runtime being busy is
+/// worth a retry; anything else fails the task.
+fn udf_failure(binding: &crate::udf::Binding, err: UdfError) -> Error {
+    let name = &binding.udf_name;
+    match err {
+        UdfError::Unavailable(reason) => {
+            Error::transient(format!("user function '{name}': {reason}"))
+        }
+        UdfError::Raised {
+            error_type,
+            message,
+            traceback,
+        } => Error::Permanent(format!(
+            "user function '{name}' raised {error_type}: {message}{}",
+            last_line(&traceback)
+        )),
+        other => Error::Permanent(format!("user function '{name}': {other}")),
+    }
+}
+
+/// The traceback's last frame line, for context.
+fn last_line(traceback: &str) -> String {
+    traceback
+        .lines()
+        .rev()
+        .find(|line| line.trim_start().starts_with("File "))
+        .map(|line| format!(" ({})", line.trim()))
+        .unwrap_or_default()
+}
+
+/// Whether some live row's value differs: the distinct kernel where the
+/// type has one, a row-by-row comparison for nested types (lists, structs).
+fn rows_differ(
+    values: &ArrayRef,
+    current: &ArrayRef,
+    deleted: Option<&BooleanArray>,
+) -> Result<bool, Error> {
+    let live = |row: usize| deleted.is_none_or(|d| !d.value(row));
+    if let Ok(distinct) = arrow_ord::cmp::distinct(values, current) {
+        return Ok((0..distinct.len()).any(|row| distinct.value(row) && live(row)));
+    }
+    let compare = arrow_ord::ord::make_comparator(
+        values.as_ref(),
+        current.as_ref(),
+        arrow_schema::SortOptions::default(),
+    )
+    .map_err(evaluation)?;
+    Ok((0..values.len()).any(|row| live(row) && compare(row, row) != std::cmp::Ordering::Equal))
+}
+
+/// Whether any live row's value differs from its current one.
+fn changed(
+    values: &[ArrayRef],
+    current: &[ArrayRef],
+    rows: usize,
+    deleted: Option<&BooleanArray>,
+) -> Result<bool, Error> {
+    for (values, current) in values.iter().zip(current) {
+        let fresh = current.null_count() == rows && deleted.is_none_or(|d| d.true_count() == 0);
+        let differs = if fresh {
+            // A column not filled yet (the common first run): any value is new.
+            values.null_count() < rows
+        } else {
+            rows_differ(values, current, deleted)?
+        };
+        if differs {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

@@ -1,0 +1,425 @@
+//! A user function's binding: what a `virtual_column` declaration says
+//! (inputs, outputs with their types, the payload and where it is kept),
+//! checked when it is declared and kept in each output field's metadata.
+//! Nothing here unpickles or runs the function.
+
+use arrow_schema::{DataType, Field as ArrowField, Schema as ArrowSchema};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use lance_namespace_reqwest_client::models::{AddVirtualColumnEntry, JsonArrowDataType};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+
+/// Field metadata key holding a user function's binding (JSON).
+pub const UDF_BINDING_KEY: &str = "lance-backfill:udf";
+/// Payload formats this service reads (`udf_backend`).
+pub const SUPPORTED_BACKENDS: [&str; 2] = ["cloudpickle", "DockerUDFSpecV1"];
+/// Outputs one function may fill.
+const MAX_OUTPUTS: usize = 64;
+/// Inputs one function may read.
+const MAX_INPUTS: usize = 256;
+/// Payloads up to this size are kept in the binding itself; larger ones
+/// beside the table, content-addressed.
+pub const MAX_INLINE_PAYLOAD_BYTES: usize = 16 * 1024;
+
+/// One output column of a function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Output {
+    pub column: String,
+    /// The field of the function's struct result that fills this column.
+    pub struct_field: String,
+    /// The spec's JSON Arrow type, as declared.
+    pub data_type: serde_json::Value,
+    pub nullable: bool,
+}
+
+impl Output {
+    pub fn arrow_type(&self) -> Result<DataType, Error> {
+        parse_type(&self.data_type, &self.column)
+    }
+}
+
+/// Where a function's pickle is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Payload {
+    /// Base64 of the pickle.
+    Inline(String),
+    /// Relative to the table's root: `_backfill/udfs/<sha256>.pkl`.
+    Path(String),
+}
+
+/// What a backfill needs to run a user function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Binding {
+    /// Lowercase hex SHA-256 of the pickle: the function's identity.
+    pub udf_id: String,
+    pub udf_name: String,
+    pub udf_version: String,
+    pub udf_backend: String,
+    pub image: String,
+    pub manifest: Option<String>,
+    pub manifest_checksum: Option<String>,
+    pub input_columns: Vec<String>,
+    pub outputs: Vec<Output>,
+    pub payload: Payload,
+    /// Content digests of the user's code archives, kept beside the table.
+    #[serde(default)]
+    pub workspace_zips: Vec<String>,
+}
+
+impl Binding {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, Error> {
+        serde_json::from_str(text).map_err(|err| {
+            Error::invalid_input(format!("a user-function binding is unreadable: {err}"))
+        })
+    }
+
+    /// The output columns, in declaration order.
+    pub fn columns(&self) -> Vec<String> {
+        self.outputs.iter().map(|o| o.column.clone()).collect()
+    }
+
+    /// The first output: the column that names the function's jobs.
+    pub fn primary_column(&self) -> &str {
+        self.outputs
+            .first()
+            .map(|o| o.column.as_str())
+            .unwrap_or_default()
+    }
+}
+
+/// A declaration read and checked: the binding (payload still in hand) and
+/// the fields to add.
+pub struct Declared {
+    pub binding: Binding,
+    /// The pickle, when it is to be kept beside the table.
+    pub pickle: Vec<u8>,
+    pub workspace_zips: Vec<Vec<u8>>,
+    pub fields: Vec<ArrowField>,
+}
+
+fn parse_type(value: &serde_json::Value, column: &str) -> Result<DataType, Error> {
+    let json: JsonArrowDataType = serde_json::from_value(value.clone()).map_err(|err| {
+        Error::invalid_input(format!(
+            "output '{column}': data_type is not a JSON Arrow type: {err}"
+        ))
+    })?;
+    lance_namespace::schema::convert_json_arrow_type(&json).map_err(|err| {
+        Error::invalid_input(format!(
+            "output '{column}': data_type {value} is not supported: {}",
+            crate::error::first_line(&err)
+        ))
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn decode_base64(text: &str, field: &str) -> Result<Vec<u8>, Error> {
+    BASE64
+        .decode(text.trim())
+        .map_err(|err| Error::invalid_input(format!("field '{field}' is not base64: {err}")))
+}
+
+/// What a declaration's payload holds.
+struct Decoded {
+    backend: String,
+    pickle: Vec<u8>,
+    workspace_zips: Vec<Vec<u8>>,
+}
+
+/// The pickle (and code archives) a declaration carries, by `udf_backend`.
+fn decode_payload(entry: &AddVirtualColumnEntry, at: &str) -> Result<Decoded, Error> {
+    let backend = entry
+        .udf_backend
+        .clone()
+        .flatten()
+        .unwrap_or_else(|| "cloudpickle".to_string());
+    let raw = decode_base64(&entry.udf, &format!("{at}.udf"))?;
+    match backend.as_str() {
+        "cloudpickle" => Ok(Decoded {
+            backend,
+            pickle: raw,
+            workspace_zips: Vec::new(),
+        }),
+        "DockerUDFSpecV1" => {
+            let (pickle, workspace_zips) = docker_spec(&raw, at)?;
+            Ok(Decoded {
+                backend,
+                pickle,
+                workspace_zips,
+            })
+        }
+        other => Err(Error::invalid_input(format!(
+            "field '{at}.udf_backend': '{other}' is not supported (supported: {})",
+            SUPPORTED_BACKENDS.join(", ")
+        ))),
+    }
+}
+
+/// `DockerUDFSpecV1`: a JSON document carrying the pickle and its checksum.
+fn docker_spec(raw: &[u8], at: &str) -> Result<(Vec<u8>, Vec<Vec<u8>>), Error> {
+    #[derive(Deserialize)]
+    struct Spec {
+        udf_pickle: String,
+        udf_checksum: String,
+        #[serde(default)]
+        workspace_zips: Option<Vec<String>>,
+    }
+    let spec: Spec = serde_json::from_slice(raw).map_err(|err| {
+        Error::invalid_input(format!(
+            "field '{at}.udf': not a DockerUDFSpecV1 document: {err}"
+        ))
+    })?;
+    let pickle = decode_base64(&spec.udf_pickle, &format!("{at}.udf (udf_pickle)"))?;
+    let actual = sha256_hex(&pickle);
+    if !actual.eq_ignore_ascii_case(spec.udf_checksum.trim()) {
+        return Err(Error::invalid_input(format!(
+            "field '{at}.udf': udf_checksum {} does not match the pickle's SHA-256 {actual}",
+            spec.udf_checksum
+        )));
+    }
+    let zips = spec
+        .workspace_zips
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, zip)| decode_base64(zip, &format!("{at}.udf (workspace_zips[{i}])")))
+        .collect::<Result<_, _>>()?;
+    Ok((pickle, zips))
+}
+
+fn check_manifest(entry: &AddVirtualColumnEntry, at: &str) -> Result<(), Error> {
+    let Some(checksum) = entry.manifest_checksum.clone().flatten() else {
+        return Ok(());
+    };
+    let manifest = entry.manifest.clone().flatten().ok_or_else(|| {
+        Error::invalid_input(format!(
+            "field '{at}.manifest_checksum' is set but '{at}.manifest' is not"
+        ))
+    })?;
+    let actual = sha256_hex(manifest.as_bytes());
+    if !actual.eq_ignore_ascii_case(checksum.trim()) {
+        return Err(Error::invalid_input(format!(
+            "field '{at}.manifest_checksum' ({checksum}) is not the SHA-256 of the manifest ({actual})"
+        )));
+    }
+    Ok(())
+}
+
+fn check_inputs(
+    entry: &AddVirtualColumnEntry,
+    schema: &ArrowSchema,
+    at: &str,
+) -> Result<(), Error> {
+    if entry.input_columns.is_empty() || entry.input_columns.len() > MAX_INPUTS {
+        return Err(Error::invalid_input(format!(
+            "field '{at}.input_columns' must list from 1 to {MAX_INPUTS} columns"
+        )));
+    }
+    for (i, column) in entry.input_columns.iter().enumerate() {
+        if schema.field_with_name(column).is_err() {
+            return Err(Error::invalid_input(format!(
+                "field '{at}.input_columns[{i}]': column '{column}' does not exist in the table"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The outputs as fields to add: names new and distinct, types parsed, the
+/// binding and the user's metadata in each field's metadata.
+fn check_outputs(entry: &AddVirtualColumnEntry, at: &str) -> Result<Vec<Output>, Error> {
+    if entry.outputs.is_empty() || entry.outputs.len() > MAX_OUTPUTS {
+        return Err(Error::invalid_input(format!(
+            "field '{at}.outputs' must list from 1 to {MAX_OUTPUTS} outputs"
+        )));
+    }
+    let mut outputs = Vec::with_capacity(entry.outputs.len());
+    for (i, output) in entry.outputs.iter().enumerate() {
+        let column = output.column.trim().to_string();
+        if column.is_empty() {
+            return Err(Error::invalid_input(format!(
+                "field '{at}.outputs[{i}].column' must not be empty"
+            )));
+        }
+        let struct_field = match output.struct_field.trim() {
+            "" => column.clone(),
+            named => named.to_string(),
+        };
+        let checked = Output {
+            column,
+            struct_field,
+            data_type: output.data_type.clone(),
+            nullable: output.nullable,
+        };
+        checked.arrow_type().map_err(|err| {
+            Error::invalid_input(format!("field '{at}.outputs[{i}].data_type': {err}"))
+        })?;
+        outputs.push(checked);
+    }
+    Ok(outputs)
+}
+
+/// Reads and checks a `virtual_column` declaration (`at` names it in
+/// errors, e.g. `new_columns[0].virtual_column`).
+pub fn declare(
+    entry: &AddVirtualColumnEntry,
+    schema: &ArrowSchema,
+    at: &str,
+) -> Result<Declared, Error> {
+    check_inputs(entry, schema, at)?;
+    let outputs = check_outputs(entry, at)?;
+    check_manifest(entry, at)?;
+    let Decoded {
+        backend: udf_backend,
+        pickle,
+        workspace_zips,
+    } = decode_payload(entry, at)?;
+    let udf_id = sha256_hex(&pickle);
+    let payload = if pickle.len() <= MAX_INLINE_PAYLOAD_BYTES {
+        Payload::Inline(BASE64.encode(&pickle))
+    } else {
+        Payload::Path(format!("_backfill/udfs/{udf_id}.pkl"))
+    };
+    let binding = Binding {
+        udf_id,
+        udf_name: entry.udf_name.clone(),
+        udf_version: entry.udf_version.clone(),
+        udf_backend,
+        image: entry.image.clone(),
+        manifest: entry.manifest.clone().flatten(),
+        manifest_checksum: entry.manifest_checksum.clone().flatten(),
+        input_columns: entry.input_columns.clone(),
+        outputs,
+        payload,
+        workspace_zips: workspace_zips.iter().map(|z| sha256_hex(z)).collect(),
+    };
+    let fields = output_fields(entry, &binding)?;
+    Ok(Declared {
+        binding,
+        pickle,
+        workspace_zips,
+        fields,
+    })
+}
+
+fn output_fields(
+    entry: &AddVirtualColumnEntry,
+    binding: &Binding,
+) -> Result<Vec<ArrowField>, Error> {
+    let json = binding.to_json();
+    binding
+        .outputs
+        .iter()
+        .zip(&entry.outputs)
+        .map(|(output, declared)| {
+            let mut metadata = entry.field_metadata.clone().unwrap_or_default();
+            metadata.extend(declared.metadata.clone().unwrap_or_default());
+            metadata.insert(UDF_BINDING_KEY.to_string(), json.clone());
+            // Added all-null: the column must accept nulls until filled.
+            Ok(ArrowField::new(&output.column, output.arrow_type()?, true).with_metadata(metadata))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use lance_namespace_reqwest_client::models::AddVirtualColumnOutputEntry;
+
+    use super::*;
+
+    fn schema() -> ArrowSchema {
+        ArrowSchema::new(vec![ArrowField::new("text", DataType::Utf8, true)])
+    }
+
+    fn entry(udf: &[u8]) -> AddVirtualColumnEntry {
+        let output = AddVirtualColumnOutputEntry::new(
+            "emb".into(),
+            "emb".into(),
+            serde_json::json!({"type": "fixed_size_list", "length": 4,
+                "fields": [{"name": "item", "type": {"type": "float32"}, "nullable": true}]}),
+            true,
+        );
+        AddVirtualColumnEntry::new(
+            vec!["text".into()],
+            vec![output],
+            "local".into(),
+            BASE64.encode(udf),
+            "embed".into(),
+            "1".into(),
+        )
+    }
+
+    #[test]
+    fn a_cloudpickle_declaration_binds_its_outputs() {
+        let declared = declare(&entry(b"pickle"), &schema(), "v").unwrap();
+        assert_eq!(declared.binding.udf_id, sha256_hex(b"pickle"));
+        assert_eq!(declared.fields.len(), 1);
+        assert_eq!(
+            declared.fields[0].data_type(),
+            &DataType::new_fixed_size_list(DataType::Float32, 4, true)
+        );
+        let kept = Binding::from_json(&declared.fields[0].metadata()[UDF_BINDING_KEY]).unwrap();
+        assert_eq!(kept, declared.binding);
+        assert!(matches!(kept.payload, Payload::Inline(_)));
+    }
+
+    #[test]
+    fn docker_specs_are_checked() {
+        let pickle = b"the pickle".to_vec();
+        let spec = |checksum: &str| {
+            let doc = serde_json::json!({"image": "i", "tag": "t", "udf_pickle": BASE64.encode(&pickle),
+                "udf_checksum": checksum, "workspace_checksum": null});
+            let mut e = entry(&serde_json::to_vec(&doc).unwrap());
+            e.udf_backend = Some(Some("DockerUDFSpecV1".into()));
+            e
+        };
+        let good = declare(&spec(&sha256_hex(&pickle)), &schema(), "v").unwrap();
+        assert_eq!(good.pickle, pickle);
+        let bad = declare(&spec("00"), &schema(), "v").err().unwrap();
+        assert!(bad.to_string().contains("udf_checksum"), "{bad}");
+    }
+
+    #[test]
+    fn bad_declarations_name_the_field() {
+        type Change = Box<dyn Fn(&mut AddVirtualColumnEntry)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|e| e.input_columns = vec!["nope".into()]),
+                "input_columns[0]",
+            ),
+            (Box::new(|e| e.udf = "***".into()), "v.udf"),
+            (
+                Box::new(|e| e.udf_backend = Some(Some("torchscript".into()))),
+                "cloudpickle",
+            ),
+            (
+                Box::new(|e| e.outputs[0].data_type = serde_json::json!({"type": "quaternion"})),
+                "data_type",
+            ),
+            (Box::new(|e| e.outputs.clear()), "outputs"),
+            (
+                Box::new(|e| {
+                    e.manifest = Some(Some("m".into()));
+                    e.manifest_checksum = Some(Some("00".into()));
+                }),
+                "manifest_checksum",
+            ),
+        ];
+        for (change, mentions) in cases {
+            let mut e = entry(b"p");
+            change(&mut e);
+            let err = declare(&e, &schema(), "v").err().expect(mentions);
+            assert!(err.to_string().contains(mentions), "{mentions}: {err}");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+"""User functions the Rust integration tests declare, and their payloads.
+
+    python tests/udfs.py payloads <state-dir>   # JSON {name: base64 cloudpickle} on stdout
+    python tests/udfs.py expect <name> <json list of x>   # the function applied here
+
+Functions are defined in this script (run as __main__), so cloudpickle
+pickles them by value: the worker processes need only pyarrow, cloudpickle
+and numpy. `state-dir` is where functions that die once leave their mark.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+STATE = os.environ.get("UDF_TEST_STATE", "/tmp")
+
+
+def double_plus_one(batch: pa.RecordBatch) -> pa.Array:
+    """Vectorised: x * 2 + 1 with pyarrow.compute."""
+    return pc.add(pc.multiply(batch.column("x"), 2), 1)
+
+
+def identity(batch: pa.RecordBatch) -> pa.Array:
+    """The runtime's own cost per batch."""
+    return batch.column("x")
+
+
+def row_by_row(batch: pa.RecordBatch) -> pa.Array:
+    """CPU-bound Python, one row at a time (a sum of squares below x % 200)."""
+    out = []
+    for x in batch.column("x").to_pylist():
+        total = 0
+        for i in range((x or 0) % 200):
+            total += i * i
+        out.append(total)
+    return pa.array(out, pa.int64())
+
+
+def two_outputs(batch: pa.RecordBatch) -> pa.StructArray:
+    """Two columns from one struct: a = x + 1, b = length(s) as float32."""
+    x = batch.column("x")
+    return pa.StructArray.from_arrays(
+        [pc.add(x, 1), pc.cast(pc.utf8_length(batch.column("s")), pa.float32())],
+        names=["a", "b"],
+    )
+
+
+class Scaled:
+    """A class with setup(): the factor is built once per process."""
+
+    def __init__(self) -> None:
+        self.factor: int | None = None
+
+    def setup(self) -> None:
+        self.factor = 3
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.Array:
+        if self.factor is None:
+            raise RuntimeError("setup() was not called")
+        return pc.multiply(batch.column("x"), self.factor)
+
+
+def raises_on_sevens(batch: pa.RecordBatch) -> pa.Array:
+    """Raises for any row whose x ends in 7 (mod 1000)."""
+    xs = batch.column("x").to_pylist()
+    bad = [x for x in xs if x is not None and x % 1000 == 7]
+    if bad:
+        raise ValueError(f"cannot handle x = {bad[0]}")
+    return pc.add(batch.column("x"), 10)
+
+
+def dies_once(batch: pa.RecordBatch) -> pa.Array:
+    """Kills its process the first time it meets x = 4242; fine afterwards."""
+    mark = os.path.join(STATE, "died-once")
+    xs = batch.column("x").to_pylist()
+    if 4242 in xs and not os.path.exists(mark):
+        with open(mark, "w") as f:
+            f.write("died")
+        sys.stderr.write("about to die on x = 4242\n")
+        sys.stderr.flush()
+        os._exit(9)
+    return pc.add(batch.column("x"), 5)
+
+
+def always_dies(batch: pa.RecordBatch) -> pa.Array:
+    """Kills its process on every batch holding x = 4242."""
+    if 4242 in batch.column("x").to_pylist():
+        sys.stderr.write("dying on x = 4242 again\n")
+        sys.stderr.flush()
+        os._exit(9)
+    return batch.column("x")
+
+
+def wrong_length(batch: pa.RecordBatch) -> pa.Array:
+    return batch.column("x").slice(1)
+
+
+def wrong_type(batch: pa.RecordBatch) -> pa.Array:
+    return pc.cast(batch.column("x"), pa.string())
+
+
+def embed(batch: pa.RecordBatch) -> np.ndarray:
+    """64 float32 per row from s, with numpy: a 2-D array."""
+    lengths = np.array(pc.utf8_length(batch.column("s")).to_pylist(), dtype=np.float32)
+    grid = np.arange(64, dtype=np.float32)
+    return np.outer(lengths, np.ones(64, dtype=np.float32)) + grid
+
+
+FUNCTIONS: dict[str, Any] = {
+    "double_plus_one": double_plus_one,
+    "identity": identity,
+    "row_by_row": row_by_row,
+    "two_outputs": two_outputs,
+    "scaled": Scaled(),
+    "raises_on_sevens": raises_on_sevens,
+    "dies_once": dies_once,
+    "always_dies": always_dies,
+    "wrong_length": wrong_length,
+    "wrong_type": wrong_type,
+    "embed": embed,
+}
+
+
+def payloads(state: str) -> dict[str, str]:
+    os.environ["UDF_TEST_STATE"] = state
+    global STATE
+    STATE = state
+    return {
+        name: base64.b64encode(cloudpickle.dumps(function)).decode()
+        for name, function in FUNCTIONS.items()
+    }
+
+
+def main() -> None:
+    command = sys.argv[1]
+    if command == "payloads":
+        json.dump(payloads(sys.argv[2]), sys.stdout)
+    elif command == "expect":
+        xs = json.loads(sys.argv[3])
+        batch = pa.RecordBatch.from_arrays([pa.array(xs, pa.int64())], names=["x"])
+        json.dump(FUNCTIONS[sys.argv[2]](batch).to_pylist(), sys.stdout)
+    else:
+        raise SystemExit(f"unknown command {command}")
+
+
+if __name__ == "__main__":
+    main()
