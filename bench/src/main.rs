@@ -4,6 +4,7 @@
 //! overheads; planning a 10,000-fragment table; API latency against moto;
 //! cold start, binary sizes and peak memory. `bench/run` builds and runs it.
 
+mod calls;
 mod measure;
 mod scenarios;
 mod udf;
@@ -27,7 +28,7 @@ struct Cli {
     /// The Python with pylance (bench/run passes the project's venv).
     #[arg(long, default_value = "python3")]
     python: String,
-    /// Only these sections (throughput, udf, overheads, planning, latency, startup).
+    /// Only these sections (throughput, udf, overheads, calls, planning, latency, startup).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -69,6 +70,9 @@ fn main() -> anyhow::Result<()> {
         }
         if wants("overheads") {
             scenarios::overheads(&options).await?;
+        }
+        if wants("calls") {
+            calls::calls(&options).await?;
         }
         if wants("planning") {
             scenarios::planning(&options).await?;

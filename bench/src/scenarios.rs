@@ -24,7 +24,7 @@ pub struct Options {
     pub python: String,
 }
 
-const EXPRESSIONS: [(&str, &str); 2] = [("x2", "x * 2 + 1"), ("len", "length(s)")];
+const EXPRESSIONS: [Expression; 2] = [("x2", "x * 2 + 1"), ("len", "length(s)")];
 
 pub(crate) fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
@@ -100,6 +100,13 @@ pub(crate) async fn verify(uri: &str, column: &str, expr: &str) -> anyhow::Resul
         ensure!(got.null_count() == 0, "{column} has nulls");
         for i in 0..batch.num_rows() {
             let ok = match expr {
+                "x + 1" => {
+                    got.as_any()
+                        .downcast_ref::<Int64Array>()
+                        .context("int64")?
+                        .value(i)
+                        == x.value(i) + 1
+                }
                 "x * 2 + 1" => {
                     got.as_any()
                         .downcast_ref::<Int64Array>()
@@ -130,18 +137,30 @@ async fn versions(uri: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// (tag, SQL) of an expression the benchmarks fill.
+type Expression = (&'static str, &'static str);
+
+/// Table shapes of the throughput section: rows, fragments, expressions.
+fn shapes(options: &Options) -> Vec<(u64, u64, Vec<Expression>)> {
+    if options.quick {
+        return vec![
+            (100_000, 16, EXPRESSIONS.to_vec()),
+            (10_000, 1_000, vec![EXPRESSIONS[0]]),
+        ];
+    }
+    vec![
+        (1_000_000, 16, EXPRESSIONS.to_vec()),
+        (10_000_000, 100, EXPRESSIONS.to_vec()),
+        (100_000, 10_000, vec![("x1", "x + 1")]),
+        (1_000_000, 1_000, vec![EXPRESSIONS[0]]),
+    ]
+}
+
 pub async fn throughput(options: &Options) -> anyhow::Result<()> {
-    let configs: Vec<(u64, u64, usize)> = if options.quick {
-        vec![(100_000, 16, options.reps)]
-    } else {
-        vec![
-            (1_000_000, 16, options.reps),
-            (10_000_000, 100, options.reps.min(3)),
-        ]
-    };
     println!("## Throughput: lance-backfill end to end vs pylance `add_columns`\n");
     println!(
-        "Same freshly written table for both (`x` int64, `s` string); each repetition fills a new column."
+        "Same freshly written table for both (`x` int64, `s` string); each repetition fills a new column, and both columns are dropped after it, so every repetition starts from the same manifest. {} repetitions, alternating who goes first.",
+        options.reps
     );
     println!(
         "lance-backfill: just before the HTTP submit -> the `finished_at` the service records as the job turns DONE (embedded store and queue); values then verified."
@@ -152,32 +171,20 @@ pub async fn throughput(options: &Options) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut pylance = Pylance::start(&options.python)?;
-    for (rows, fragments, reps) in configs {
-        let root = fresh(&options.dir, &format!("throughput-{rows}"))?;
+    for (rows, fragments, expressions) in shapes(options) {
+        let root = fresh(&options.dir, &format!("throughput-{rows}-{fragments}"))?;
         let uri = format!("{}/items.lance", root.display());
         write_sample_table(&uri, rows, fragments).await?;
         let stack = local_stack(&root, SubmitSettings::default()).await;
-        for (tag, expr) in EXPRESSIONS {
-            let mut ours = Vec::new();
-            let mut theirs = Vec::new();
-            let mut created = 0;
-            for rep in 0..reps {
-                let column = format!("ours_{tag}_{rep}");
-                stack.declare("items", &[(&column, expr)]).await;
-                // Alternate who goes first, so neither always runs on the
-                // caches (or the leftover background work) of the other.
-                if rep % 2 == 1 {
-                    theirs.push(pylance.add_column(&uri, &format!("py_{tag}_{rep}"), expr)?);
-                }
-                let before = versions(&uri).await;
-                ours.push(backfill(&stack, "items", json!({"column": column})).await?);
-                created = versions(&uri).await - before;
-                if rep % 2 == 0 {
-                    theirs.push(pylance.add_column(&uri, &format!("py_{tag}_{rep}"), expr)?);
-                }
-                let checked = verify(&uri, &column, expr).await?;
-                ensure!(checked == rows, "verified {checked} of {rows} rows");
-            }
+        for (tag, expr) in expressions {
+            let side = Side {
+                stack: &stack,
+                uri: &uri,
+                tag,
+                expr,
+                rows,
+            };
+            let (ours, theirs, created) = side.repeat(options.reps, &mut pylance).await?;
             let (o, p) = (summarize(&ours), summarize(&theirs));
             println!(
                 "| {rows} / {fragments} | `{expr}` | {} | {} | {} | {} | {:.2} | {created} |",
@@ -191,6 +198,51 @@ pub async fn throughput(options: &Options) -> anyhow::Result<()> {
     }
     println!();
     Ok(())
+}
+
+/// One expression on one table, both ways.
+struct Side<'a> {
+    stack: &'a Stack,
+    uri: &'a str,
+    tag: &'a str,
+    expr: &'a str,
+    rows: u64,
+}
+
+impl Side<'_> {
+    /// Our times, pylance's, and the versions our last job created.
+    async fn repeat(
+        &self,
+        reps: usize,
+        pylance: &mut Pylance,
+    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, u64)> {
+        let (mut ours, mut theirs, mut created) = (Vec::new(), Vec::new(), 0);
+        for rep in 0..reps {
+            let column = format!("ours_{}_{rep}", self.tag);
+            let theirs_column = format!("py_{}_{rep}", self.tag);
+            self.stack.declare("items", &[(&column, self.expr)]).await;
+            // Alternate who goes first, so neither always runs on the
+            // caches (or the leftover background work) of the other.
+            if rep % 2 == 1 {
+                theirs.push(pylance.add_column(self.uri, &theirs_column, self.expr)?);
+            }
+            let before = versions(self.uri).await;
+            ours.push(backfill(self.stack, "items", json!({"column": column})).await?);
+            created = versions(self.uri).await - before;
+            if rep % 2 == 0 {
+                theirs.push(pylance.add_column(self.uri, &theirs_column, self.expr)?);
+            }
+            let checked = verify(self.uri, &column, self.expr).await?;
+            ensure!(
+                checked == self.rows,
+                "verified {checked} of {} rows",
+                self.rows
+            );
+            let mut dataset = Dataset::open(self.uri).await?;
+            dataset.drop_columns(&[&column, &theirs_column]).await?;
+        }
+        Ok((ours, theirs, created))
+    }
 }
 
 pub async fn overheads(options: &Options) -> anyhow::Result<()> {

@@ -86,6 +86,16 @@ impl Moto {
         state["injected"].clone()
     }
 
+    /// Starts counting calls from zero.
+    pub async fn reset_calls(&self) {
+        reqwest::Client::new()
+            .post(format!("{}/_stats/reset", self.endpoint))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("reset stats");
+    }
+
     /// Calls per operation since the last reset (`dynamodb.TransactWriteItems`, ...).
     pub async fn calls(&self) -> serde_json::Value {
         let stats: serde_json::Value = reqwest::Client::new()
