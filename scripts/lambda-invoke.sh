@@ -60,4 +60,22 @@ sed "s/JOB_ID/$JOB_ID/g" events/apigw-get-job.json >"$WORK/get-job.json"
 invoke api "$WORK/get-job.json" "$WORK/get.json"
 "$PY" scripts/lambda_check.py expect "$WORK/get.json" --status 200
 "$PY" scripts/lambda_check.py verify --root "$ROOT"
+
+# LanceDB's own client against the API function: open, add a computed
+# column, refresh it as a job and wait; the worker function is invoked with
+# whatever the job queues until the session ends.
+log "LanceDB client (lancedb 0.40.0) against the API function"
+"$PY" tests/lancedb_session.py "http://127.0.0.1:$PORT" local-key lancedb >"$WORK/lancedb.json" 2>"$WORK/lancedb.err" &
+SESSION=$!
+for _ in $(seq 1 120); do
+  kill -0 "$SESSION" 2>/dev/null || break
+  "$PY" scripts/lambda_check.py sqs-event --any-number --endpoint "$MOTO_ENDPOINT" --queue-url "$QUEUE_URL" \
+    --template events/sqs-task.json >"$WORK/tasks.json"
+  if [ -s "$WORK/tasks.json" ]; then
+    invoke worker "$WORK/tasks.json" "$WORK/worker-tasks.json"
+  fi
+done
+wait "$SESSION" || { cat "$WORK/lancedb.err" "$WORK/watch.log" >&2; exit 1; }
+"$PY" scripts/lambda_check.py lancedb-result "$WORK/lancedb.json" --rows 1000
+log "LanceDB client: refresh_column_async(...).wait() finished through the API function"
 log "cargo lambda: all invocations passed"

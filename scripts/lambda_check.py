@@ -28,7 +28,7 @@ def setup(args):
         BillingMode="PAY_PER_REQUEST",
         AttributeDefinitions=[
             {"AttributeName": n, "AttributeType": "S"}
-            for n in ("pk", "sk", "table_key", "created_sk")
+            for n in ("pk", "sk", "table_key", "created_sk", "list_key")
         ],
         KeySchema=[
             {"AttributeName": "pk", "KeyType": "HASH"},
@@ -42,12 +42,24 @@ def setup(args):
                     {"AttributeName": "created_sk", "KeyType": "RANGE"},
                 ],
                 "Projection": {"ProjectionType": "ALL"},
-            }
+            },
+            {
+                "IndexName": "recent",
+                "KeySchema": [
+                    {"AttributeName": "list_key", "KeyType": "HASH"},
+                    {"AttributeName": "created_sk", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            },
         ],
     )
     url = sqs.create_queue(QueueName=args.queue)["QueueUrl"]
     x = pa.array(range(1000), pa.int64())
     lance.write_dataset(pa.table({"id": x, "x": x}), f"{args.root}/items.lance")
+    # The table LanceDB's client session works on (4 fragments).
+    lance.write_dataset(
+        pa.table({"id": x, "x": x}), f"{args.root}/lancedb.lance", max_rows_per_file=250
+    )
     print(url)
 
 
@@ -60,15 +72,36 @@ def sqs_event(args):
         VisibilityTimeout=60,
         MessageSystemAttributeNames=["All"],
     ).get("Messages", [])
-    if len(messages) != 1:
+    if args.any_number:
+        if not messages:
+            return
+    elif len(messages) != 1:
         sys.exit(f"expected one queued task, found {len(messages)}")
     with open(args.template) as f:
         event = json.load(f)
-    record = event["Records"][0]
-    record["messageId"] = messages[0]["MessageId"]
-    record["receiptHandle"] = messages[0]["ReceiptHandle"]
-    record["body"] = messages[0]["Body"]
+    template = event["Records"][0]
+    event["Records"] = []
+    for message in messages:
+        record = dict(template)
+        record["messageId"] = message["MessageId"]
+        record["receiptHandle"] = message["ReceiptHandle"]
+        record["body"] = message["Body"]
+        event["Records"].append(record)
     json.dump(event, sys.stdout)
+
+
+def lancedb_result(args):
+    """Checks what tests/lancedb_session.py printed (LanceDB's client)."""
+    with open(args.file) as f:
+        out = json.load(f)
+    result = out["result"]
+    expected = {"rows_assigned": args.rows, "rows_failed": 0, "rows_remaining": 0}
+    wrong = {k: result[k] for k, v in expected.items() if result[k] != v}
+    if wrong or out["status"] != "finished" or result["published_version"] is None:
+        sys.exit(f"unexpected LanceDB session result: {out}")
+    if out["unknown_column"] != "HttpError: 400":
+        sys.exit(f"an unknown column should be a 400: {out}")
+    print(json.dumps(result))
 
 
 def expect(args):
@@ -114,7 +147,12 @@ p = sub.add_parser("sqs-event")
 p.add_argument("--endpoint")
 p.add_argument("--queue-url")
 p.add_argument("--template")
+p.add_argument("--any-number", action="store_true", help="0 or more messages, all in one event")
 p.set_defaults(run=sqs_event)
+p = sub.add_parser("lancedb-result")
+p.add_argument("file")
+p.add_argument("--rows", type=int)
+p.set_defaults(run=lancedb_result)
 p = sub.add_parser("expect")
 p.add_argument("file")
 p.add_argument("--status", type=int)

@@ -5,6 +5,7 @@
 //! cold start, binary sizes and peak memory. `bench/run` builds and runs it.
 
 mod calls;
+mod maintain;
 mod measure;
 mod scenarios;
 mod udf;
@@ -28,6 +29,10 @@ struct Cli {
     /// The Python with pylance (bench/run passes the project's venv).
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Only these table shapes in the throughput section, as rows/fragments
+    /// (`--shapes 100000/10000,1000000/16`).
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<String>,
     /// Only these sections (throughput, udf, overheads, calls, planning, latency, startup).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -58,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             quick: cli.quick,
             dir: std::path::absolute(&cli.dir)?,
             python: cli.python,
+            shapes: cli.shapes,
         };
         let wants = |name: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == name);
         println!("# lance-backfill benchmarks\n");
@@ -73,6 +79,9 @@ fn main() -> anyhow::Result<()> {
         }
         if wants("calls") {
             calls::calls(&options).await?;
+        }
+        if wants("maintain") {
+            maintain::maintained(&options).await?;
         }
         if wants("planning") {
             scenarios::planning(&options).await?;

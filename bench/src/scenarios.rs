@@ -22,6 +22,8 @@ pub struct Options {
     pub quick: bool,
     pub dir: PathBuf,
     pub python: String,
+    /// `rows/fragments` of the throughput shapes to run (empty: all).
+    pub shapes: Vec<String>,
 }
 
 const EXPRESSIONS: [Expression; 2] = [("x2", "x * 2 + 1"), ("len", "length(s)")];
@@ -35,7 +37,7 @@ pub(crate) fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-async fn local_stack(root: &Path, settings: SubmitSettings) -> Stack {
+pub(crate) async fn local_stack(root: &Path, settings: SubmitSettings) -> Stack {
     let mut stack = Stack::embedded(StackOptions {
         root: Some(root.to_string_lossy().into_owned()),
         settings,
@@ -142,6 +144,16 @@ type Expression = (&'static str, &'static str);
 
 /// Table shapes of the throughput section: rows, fragments, expressions.
 fn shapes(options: &Options) -> Vec<(u64, u64, Vec<Expression>)> {
+    let all = all_shapes(options);
+    if options.shapes.is_empty() {
+        return all;
+    }
+    all.into_iter()
+        .filter(|(rows, fragments, _)| options.shapes.contains(&format!("{rows}/{fragments}")))
+        .collect()
+}
+
+fn all_shapes(options: &Options) -> Vec<(u64, u64, Vec<Expression>)> {
     if options.quick {
         return vec![
             (100_000, 16, EXPRESSIONS.to_vec()),

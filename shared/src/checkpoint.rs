@@ -84,6 +84,8 @@ pub struct FragmentCheckpoints {
     store: Arc<ObjectStore>,
     prefix: Path,
     fields: Vec<Arc<ArrowField>>,
+    /// Known to have none: listing is skipped.
+    known_empty: bool,
 }
 
 /// Where a checkpoint says whether any row changed.
@@ -118,7 +120,17 @@ impl FragmentCheckpoints {
             store,
             prefix,
             fields,
+            known_empty: false,
         })
+    }
+
+    /// Says whether the caller knows there are none (no checkpoint of any
+    /// job was there when its task began): [`Self::list`] then reads
+    /// nothing. One made since by another holder of the task is only not
+    /// reused; the job's final sweep removes it.
+    pub fn known_empty(mut self, known_empty: bool) -> Self {
+        self.known_empty = known_empty;
+        self
     }
 
     fn path(&self, range: Range) -> Path {
@@ -129,6 +141,9 @@ impl FragmentCheckpoints {
 
     /// The checkpointed ranges, sorted by start.
     pub async fn list(&self) -> anyhow::Result<Vec<Range>> {
+        if self.known_empty {
+            return Ok(Vec::new());
+        }
         let objects: Vec<_> = self
             .store
             .list(Some(self.prefix.clone()))
@@ -241,6 +256,18 @@ impl FragmentCheckpoints {
         }
         Ok(())
     }
+}
+
+/// Whether any checkpoint (of any job) is kept beside the table: one
+/// listing, ended at the first entry.
+pub async fn any_kept(dataset: &Dataset) -> anyhow::Result<bool> {
+    let store = dataset.object_store(None).await?;
+    let first = store
+        .list(Some(checkpoints_root(dataset)))
+        .try_next()
+        .await
+        .context("listing checkpoints")?;
+    Ok(first.is_some())
 }
 
 pub fn checkpoints_root(dataset: &Dataset) -> Path {

@@ -210,26 +210,18 @@ impl Committer {
         Ok(Attempt::Committed)
     }
 
+    /// The fragments committed, the commit counted and its event, together.
     async fn record_commit(
         &self,
         job: &Job,
         version: u64,
         ready: &[StagedFragment],
     ) -> anyhow::Result<()> {
-        let job_id = job.job_id.as_str();
-        self.store.mark_committed(job_id, ready).await?;
         let rows: u64 = ready.iter().map(|s| s.rows).sum();
-        self.store
-            .add_metrics(job_id, &MetricsDelta::new().add(Counter::CommitsDone, 1))
-            .await?;
         let fragments = describe_fragments(&ids(ready));
+        let event = format!("committed fragments {fragments} ({rows} rows) as version {version}");
+        self.store.record_commit(&job.job_id, ready, &event).await?;
         info!(%fragments, version, rows, "committed");
-        self.store
-            .add_event(
-                job_id,
-                &format!("committed fragments {fragments} ({rows} rows) as version {version}"),
-            )
-            .await?;
         Ok(())
     }
 

@@ -135,7 +135,7 @@ impl Lifecycle {
             return Ok(());
         }
         let (key, fields) = checkpoint::Key::for_job(&job.spec, &dataset)?;
-        let fragments = plan::fragments(&dataset, job.spec.params.num_frags).await?;
+        let fragments = plan::fragments(&dataset, job.spec.selection()).await?;
         futures::stream::iter(fragments)
             .map(|planned| {
                 let (dataset, key, fields) = (dataset.clone(), key.clone(), fields.clone());

@@ -13,6 +13,8 @@ use crate::api::server;
 use crate::bootstrap::{self, Components};
 use crate::config;
 use crate::engine::EngineConfig;
+use crate::events::{JsonLinesSink, Publisher, PublishingStore, WebhookSink};
+use crate::maintain::{self, Maintainer};
 use crate::queue::{SqsQueue, TaskQueue};
 use crate::runner::{self, RunnerConfig};
 use crate::store::DynamoJobStore;
@@ -32,6 +34,12 @@ pub struct ServeOptions {
     pub worker: bool,
     /// Python processes in the local pool of user functions.
     pub udf_workers: Option<usize>,
+    /// Job events as JSON lines to this file.
+    pub events_log: Option<PathBuf>,
+    /// Job events POSTed to this URL.
+    pub events_url: Option<String>,
+    /// How often maintained columns look for new versions (`None`: never).
+    pub maintain_interval: Option<Duration>,
 }
 
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -79,7 +87,21 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         };
         components.udf = Some(Arc::new(config::udf_runtimes(sdk.as_ref(), Some(workers))?));
     }
+    let publisher = event_sinks(&options).await?;
+    components.store = PublishingStore::wrap(components.store, publisher);
     run(components, queue, auth, options).await
+}
+
+/// The sinks `--events-log` and `--events-url` name.
+async fn event_sinks(options: &ServeOptions) -> anyhow::Result<Publisher> {
+    let mut publisher = Publisher::default();
+    if let Some(path) = &options.events_log {
+        publisher = publisher.with(Arc::new(JsonLinesSink::open(path).await?));
+    }
+    if let Some(url) = &options.events_url {
+        publisher = publisher.with(Arc::new(WebhookSink::start(url.clone())?));
+    }
+    Ok(publisher)
 }
 
 async fn run(
@@ -88,7 +110,8 @@ async fn run(
     auth: Authenticator,
     options: ServeOptions,
 ) -> anyhow::Result<()> {
-    let service = Arc::new(components.service(auth, config::submit_settings()?));
+    let settings = config::submit_settings()?;
+    let service = Arc::new(components.service(auth, settings.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_rx.clone();
     let (address, server) = server::serve(service, options.listen, async move {
@@ -100,6 +123,7 @@ async fn run(
         "lance-backfill serving http://{address} (root {})",
         options.root
     );
+    let watcher_stop = stop_rx.clone();
     let pollers = options.worker.then(|| {
         // The worker's last attempt is the queue's last receive.
         let engine = EngineConfig {
@@ -122,11 +146,22 @@ async fn run(
         )))
     });
     let pollers = pollers.transpose()?;
+    let watcher = options.maintain_interval.map(|interval| {
+        let maintainer = Arc::new(Maintainer::new(
+            components.catalog.clone(),
+            components.store.clone(),
+            components.submitter(settings.clone()),
+        ));
+        tokio::spawn(maintain::watch(maintainer, interval, watcher_stop))
+    });
     shutdown_signal().await;
     info!("shutting down: finishing in-flight batches");
     let _ = stop_tx.send(true);
     if let Some(pollers) = pollers {
         let _ = pollers.await;
+    }
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
     }
     server.await??;
     Ok(())

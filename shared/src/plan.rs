@@ -1,7 +1,16 @@
-//! Planning: the fragments a job covers, split into tasks.
+//! Planning: the fragments a job covers, made into tasks. A large
+//! fragment is one task (or several of `task_size` rows); small fragments
+//! are packed, several whole fragments to a task, so a table of many small
+//! fragments costs few tasks (queue messages, slot leases, store records).
 
 use lance::Dataset;
 use serde::{Deserialize, Serialize};
+
+/// Rows a pack of small fragments holds at most (without `task_size`).
+pub const PACK_ROWS: u64 = 131_072;
+/// Fragments a pack holds at most: bounds its message, its store batches
+/// and how much a redelivery repeats.
+pub const PACK_FRAGMENTS: usize = 256;
 
 /// One task: a contiguous range of physical rows of ONE fragment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,21 +41,83 @@ impl TaskRef {
 }
 
 /// A fragment chosen by the planner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedFragment {
     pub id: u64,
+    #[serde(rename = "rows")]
     pub physical_rows: u64,
+}
+
+/// One task over several small fragments, each filled whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pack {
+    pub fragments: Vec<PlannedFragment>,
+}
+
+impl Pack {
+    pub fn rows(&self) -> u64 {
+        self.fragments.iter().map(|f| f.physical_rows).sum()
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.fragments.iter().map(|f| f.id).collect()
+    }
+
+    pub fn label(&self) -> String {
+        match (self.fragments.first(), self.fragments.last()) {
+            (Some(first), Some(last)) => format!(
+                "pack of {} fragments ({}..={})",
+                self.fragments.len(),
+                first.id,
+                last.id
+            ),
+            _ => "empty pack".to_string(),
+        }
+    }
+}
+
+/// What one queue message asks a worker to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    Range(TaskRef),
+    Pack(Pack),
+}
+
+/// Which of a table's fragments a job covers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Selection<'a> {
+    /// The first this many fragments of the table (`num_frags`).
+    pub num_frags: Option<u64>,
+    /// Fragments to leave alone (`skip_frags`).
+    pub skip: &'a [u64],
+    /// Only fragments with this id or a higher one (a maintained column's
+    /// job covers the fragments appended since the last).
+    pub first_id: Option<u64>,
+}
+
+impl Selection<'_> {
+    fn covers(&self, id: u64) -> bool {
+        !self.skip.contains(&id) && self.first_id.is_none_or(|first| id >= first)
+    }
 }
 
 /// The fragments a job covers, in table order, from manifest metadata only
 /// (no data file is opened), so planning a 10,000-fragment table is cheap.
+/// `num_frags` takes the first fragments of the table; the rest of the
+/// selection then leaves some of them alone.
 pub async fn fragments(
     dataset: &Dataset,
-    num_frags: Option<u64>,
+    selection: Selection<'_>,
 ) -> lance::Result<Vec<PlannedFragment>> {
-    let limit = num_frags.map(|n| n as usize).unwrap_or(usize::MAX);
+    let limit = selection
+        .num_frags
+        .map(|n| n as usize)
+        .unwrap_or(usize::MAX);
     let mut planned = Vec::new();
     for fragment in dataset.get_fragments().into_iter().take(limit) {
+        if !selection.covers(fragment.id() as u64) {
+            continue;
+        }
         let physical_rows = match fragment.metadata().physical_rows {
             Some(rows) => rows as u64,
             // Only very old tables lack the count in the manifest.
@@ -82,14 +153,9 @@ pub fn tasks_of(fragment: PlannedFragment, task_size: Option<u64>) -> Vec<TaskRe
         .collect()
 }
 
+/// How many tasks [`tasks`] makes.
 pub fn task_count(fragments: &[PlannedFragment], task_size: Option<u64>) -> u64 {
-    fragments
-        .iter()
-        .map(|f| match task_size.filter(|s| *s > 0) {
-            Some(size) => f.physical_rows.div_ceil(size),
-            None => 1,
-        })
-        .sum()
+    tasks(fragments, task_size).len() as u64
 }
 
 /// Fragments of the job at its read version (for a fan-out message).
@@ -99,12 +165,39 @@ pub fn fragment_slice(all: &[PlannedFragment], first: u64, count: u64) -> &[Plan
     &all[start..end]
 }
 
-/// Every task of the given fragments, in order.
-pub fn tasks(fragments: &[PlannedFragment], task_size: Option<u64>) -> Vec<TaskRef> {
-    fragments
-        .iter()
-        .flat_map(|f| tasks_of(*f, task_size))
-        .collect()
+/// Every task of the given fragments. A fragment of more than half a
+/// pack's rows is a task of its own, or several of `task_size` rows; the
+/// others are packed in table order, up to [`PACK_ROWS`] rows (`task_size`
+/// when set) and [`PACK_FRAGMENTS`] fragments a pack. A pack of one is a
+/// plain task.
+pub fn tasks(fragments: &[PlannedFragment], task_size: Option<u64>) -> Vec<Work> {
+    let budget = task_size.filter(|s| *s > 0).unwrap_or(PACK_ROWS);
+    let mut work = Vec::new();
+    let mut pack: Vec<PlannedFragment> = Vec::new();
+    let mut rows = 0;
+    for fragment in fragments {
+        if fragment.physical_rows * 2 > budget {
+            work.extend(tasks_of(*fragment, task_size).into_iter().map(Work::Range));
+            continue;
+        }
+        if rows + fragment.physical_rows > budget || pack.len() == PACK_FRAGMENTS {
+            work.push(close(std::mem::take(&mut pack)));
+            rows = 0;
+        }
+        rows += fragment.physical_rows;
+        pack.push(*fragment);
+    }
+    if !pack.is_empty() {
+        work.push(close(pack));
+    }
+    work
+}
+
+fn close(pack: Vec<PlannedFragment>) -> Work {
+    match pack.as_slice() {
+        [single] => Work::Range(tasks_of(*single, None)[0]),
+        _ => Work::Pack(Pack { fragments: pack }),
+    }
 }
 
 #[cfg(test)]
@@ -131,5 +224,60 @@ mod tests {
         assert_eq!(tasks_of(fragment, Some(100)).len(), 1);
         assert!(tasks_of(fragment, None)[0].covers_fragment());
         assert_eq!(task_count(&[fragment], Some(10)), 3);
+    }
+
+    fn fragments(sizes: &[u64]) -> Vec<PlannedFragment> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(id, rows)| PlannedFragment {
+                id: id as u64,
+                physical_rows: *rows,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn small_fragments_are_packed_and_large_ones_are_not() {
+        // 10,000 fragments of 10 rows: packs of PACK_FRAGMENTS.
+        let small = fragments(&[10; 10_000]);
+        let work = tasks(&small, None);
+        assert_eq!(work.len(), 10_000usize.div_ceil(PACK_FRAGMENTS));
+        let packed: Vec<u64> = work
+            .iter()
+            .flat_map(|w| match w {
+                Work::Pack(pack) => pack.ids(),
+                Work::Range(task) => vec![task.fragment_id],
+            })
+            .collect();
+        assert_eq!(
+            packed,
+            (0..10_000).collect::<Vec<_>>(),
+            "every fragment once, in order"
+        );
+        // 1,000-row fragments: packs of PACK_ROWS rows.
+        let work = tasks(&fragments(&[1_000; 1_000]), None);
+        assert!(work.iter().all(|w| match w {
+            Work::Pack(pack) => pack.rows() <= PACK_ROWS,
+            Work::Range(_) => false,
+        }));
+        assert_eq!(
+            work.len(),
+            1_000usize.div_ceil((PACK_ROWS / 1_000) as usize)
+        );
+        // Large fragments are tasks of their own (or split by task_size);
+        // the small ones around them share a pack.
+        let mixed = fragments(&[10, 10, 100_000, 10, 500_000]);
+        let work = tasks(&mixed, None);
+        assert_eq!(work.len(), 3);
+        assert!(matches!(&work[0], Work::Range(t) if t.fragment_id == 2 && t.covers_fragment()));
+        assert!(matches!(&work[1], Work::Range(t) if t.fragment_id == 4));
+        assert!(matches!(&work[2], Work::Pack(p) if p.ids() == vec![0, 1, 3]));
+        // task_size is the budget: fragments over half of it are split.
+        assert_eq!(task_count(&mixed, Some(40_000)), 3 + 13 + 1);
+        // A pack of one is a plain task.
+        assert!(
+            matches!(&tasks(&fragments(&[10]), None)[0], Work::Range(t) if t.covers_fragment())
+        );
     }
 }

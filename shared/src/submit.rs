@@ -13,7 +13,7 @@ use crate::computed::{Program, resolve_target};
 use crate::error::{Error, Missing};
 use crate::job::{
     Counter, Job, JobOptions, JobSpec, JobState, MAX_TASKS_PER_JOB, Metrics, MetricsDelta, Params,
-    PlanSummary, new_job_id, now_rfc3339,
+    PlanSummary, flag, new_job_id, now_rfc3339,
 };
 use crate::plan::{self, PlannedFragment};
 use crate::queue::{Message, Outgoing, QueueSet, TaskQueue};
@@ -56,22 +56,77 @@ pub struct SubmitRequest {
     /// Whether the caller may run user functions (decided by the API's
     /// policy): a backfill of a user-function column needs it.
     pub allow_udf: bool,
+    /// The job reads no version older than this (the version the client
+    /// has seen: LanceDB's `x-lancedb-min-read-version`).
+    pub min_read_version: Option<u64>,
+    /// Fragments to leave alone (LanceDB's `skip_frags`).
+    pub skip_fragments: Vec<u64>,
+    /// Request fields this service does not use, noted on the job.
+    pub ignored_fields: Vec<String>,
+    /// Only fragments with this id or a higher one (maintained columns).
+    pub first_fragment_id: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl SubmitRequest {
+    /// A request with nothing but the backfill itself.
+    pub fn new(
+        table: TableId,
+        request: AlterTableBackfillColumnsRequest,
+        submitted_by: String,
+    ) -> Self {
+        Self {
+            table,
+            request,
+            submitted_by,
+            idempotency_key: None,
+            allow_udf: false,
+            min_read_version: None,
+            skip_fragments: Vec::new(),
+            ignored_fields: Vec::new(),
+            first_fragment_id: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub enum SubmitOutcome {
     /// A new job, its tasks queued (or already DONE when nothing matched).
     Created { job_id: String },
     /// The idempotency key's earlier job.
     Replayed { job_id: String },
+    /// `context.dry_run`: what the job would do; nothing was recorded.
+    DryRun(Box<DryRunPlan>),
 }
 
 impl SubmitOutcome {
-    pub fn job_id(&self) -> &str {
+    /// The job's id (`None` for a dry run, which makes no job).
+    pub fn job_id(&self) -> Option<&str> {
         match self {
-            Self::Created { job_id } | Self::Replayed { job_id } => job_id,
+            Self::Created { job_id } | Self::Replayed { job_id } => Some(job_id),
+            Self::DryRun(_) => None,
         }
     }
+}
+
+/// What a backfill would do, as a dry run answers it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DryRunPlan {
+    pub dry_run: bool,
+    pub column: String,
+    pub columns: Vec<String>,
+    pub expression: String,
+    #[serde(rename = "where")]
+    pub filter: String,
+    pub read_version: u64,
+    /// Fragments the job would fill, tasks it would queue, rows it would
+    /// read (the `where` picks which of them get values) and commits.
+    pub fragments: u64,
+    pub tasks: u64,
+    pub rows: u64,
+    pub commits: u64,
+    pub fragment_ids: Vec<u64>,
+    pub skipped_fragments: Vec<u64>,
+    pub parameters: Params,
 }
 
 /// What submission needs, built once per process.
@@ -123,14 +178,24 @@ impl Submitter {
             .filter(|key| !key.is_empty())
             .map(|key| IdempotencyClaim {
                 key: hex::encode(Sha256::digest(format!("{}\n{key}", submit.submitted_by))),
-                fingerprint: fingerprint(&submit.table, request),
+                fingerprint: fingerprint(
+                    &submit.table,
+                    request,
+                    &submit.skip_fragments,
+                    submit.first_fragment_id,
+                ),
             });
         let options = JobOptions::from_context(request.context.as_ref())?;
-        let planned = self.plan(&submit.table, request, submit.allow_udf).await?;
+        let planned = self.plan(&submit).await?;
         let params = Params::effective(request, planned.fragments.len() as u64)?;
         check_task_count(&planned.fragments, &params)?;
         let mut job = new_job(&submit, &planned, params, options);
         job.spec.plan.fanned_out = job.spec.plan.tasks > self.settings.inline_plan_limit;
+        if flag(request.context.as_ref(), "dry_run") {
+            return Ok(SubmitOutcome::DryRun(Box::new(dry_run_plan(
+                &job, &planned,
+            ))));
+        }
         let created = self
             .store
             .create_job(&job, &planned_event(&job), idempotency.as_ref())
@@ -193,12 +258,8 @@ impl Submitter {
     }
 
     /// Opens the table as the job will read it and plans the work.
-    async fn plan(
-        &self,
-        table: &TableId,
-        request: &AlterTableBackfillColumnsRequest,
-        allow_udf: bool,
-    ) -> Result<Planned, Error> {
+    async fn plan(&self, submit: &SubmitRequest) -> Result<Planned, Error> {
+        let (table, request) = (&submit.table, &submit.request);
         let uri = self.catalog.locate(table).await?;
         let branch = request
             .branch
@@ -207,11 +268,12 @@ impl Submitter {
         let dataset = self
             .open_for_backfill(&uri, branch.as_deref(), request.read_version.flatten())
             .await?;
+        check_min_read_version(dataset.version().version, submit.min_read_version)?;
         let dataset = Arc::new(dataset);
         self.catalog.pin(&uri, branch.as_deref(), dataset.clone());
         let target = resolve_target(dataset.schema(), &request.column)?;
         if let Some(binding) = &target.udf
-            && !allow_udf
+            && !submit.allow_udf
         {
             return Err(Error::Forbidden(format!(
                 "column '{}' is filled by the user function '{}'; running it needs the udf permission",
@@ -230,7 +292,12 @@ impl Submitter {
             .flatten()
             .filter(|n| *n > 0)
             .map(|n| n as u64);
-        let fragments = plan::fragments(&dataset, num_frags)
+        let selection = plan::Selection {
+            num_frags,
+            skip: &submit.skip_fragments,
+            first_id: submit.first_fragment_id,
+        };
+        let fragments = plan::fragments(&dataset, selection)
             .await
             .map_err(|err| Error::from_lance(err, "listing fragments"))?;
         Ok(Planned {
@@ -268,7 +335,7 @@ impl Submitter {
         } else {
             plan::tasks(fragments, job.spec.params.task_size)
                 .into_iter()
-                .map(|task| Message::run(&job_id, task))
+                .map(|work| Message::work(&job_id, work))
                 .collect()
         };
         let outgoing = messages.iter().map(Outgoing::message).collect();
@@ -422,7 +489,12 @@ fn check_id(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> Resu
 /// A digest of what the request asks for, to tell a retry from a new request
 /// under the same idempotency key: the same fields and values give the same
 /// digest whatever their order, and a null is the same as an absent field.
-fn fingerprint(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> String {
+fn fingerprint(
+    table: &TableId,
+    request: &AlterTableBackfillColumnsRequest,
+    skip_fragments: &[u64],
+    first_fragment_id: Option<u64>,
+) -> String {
     let mut canonical = request.clone();
     canonical.identity = None;
     canonical.id = None;
@@ -433,6 +505,13 @@ fn fingerprint(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> S
     hasher.update(table.key().as_bytes());
     hasher.update([0]);
     hasher.update(text.as_bytes());
+    for id in skip_fragments {
+        hasher.update(b",");
+        hasher.update(id.to_string().as_bytes());
+    }
+    if let Some(first) = first_fragment_id {
+        hasher.update(format!(";from {first}").as_bytes());
+    }
     hex::encode(hasher.finalize())
 }
 
@@ -494,6 +573,9 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: J
             submitted_by: submit.submitted_by.clone(),
             udf: planned.program.udf().cloned(),
             options,
+            skip_fragments: submit.skip_fragments.clone(),
+            ignored_fields: submit.ignored_fields.clone(),
+            first_fragment_id: submit.first_fragment_id,
             plan: PlanSummary {
                 fragments: fragments.len() as u64,
                 tasks,
@@ -511,13 +593,57 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: J
     }
 }
 
-/// The job's first event.
+/// The job's first event (with the fragments it leaves alone and the
+/// request fields it ignored).
 fn planned_event(job: &Job) -> String {
     let plan = &job.spec.plan;
-    format!(
+    let mut event = format!(
         "planned {} tasks over {} fragments ({} rows) at version {}",
         plan.tasks, plan.fragments, plan.rows, job.spec.read_version
-    )
+    );
+    if !job.spec.skip_fragments.is_empty() {
+        event.push_str(&format!(
+            "; fragments left alone: {:?}",
+            job.spec.skip_fragments
+        ));
+    }
+    if !job.spec.ignored_fields.is_empty() {
+        event.push_str(&format!(
+            "; request fields ignored: {}",
+            job.spec.ignored_fields.join(", ")
+        ));
+    }
+    event
+}
+
+fn dry_run_plan(job: &Job, planned: &Planned) -> DryRunPlan {
+    let spec = &job.spec;
+    DryRunPlan {
+        dry_run: true,
+        column: spec.column.clone(),
+        columns: spec.columns(),
+        expression: spec.expression.clone(),
+        filter: spec.filter.clone(),
+        read_version: spec.read_version,
+        fragments: spec.plan.fragments,
+        tasks: spec.plan.tasks,
+        rows: spec.plan.rows,
+        commits: spec.params.commits_expected(spec.plan.fragments),
+        fragment_ids: planned.fragments.iter().map(|f| f.id).collect(),
+        skipped_fragments: spec.skip_fragments.clone(),
+        parameters: spec.params.clone(),
+    }
+}
+
+/// A job never reads an older version than the client has seen.
+fn check_min_read_version(version: u64, floor: Option<u64>) -> Result<(), Error> {
+    match floor {
+        Some(floor) if version < floor => Err(Error::invalid_input(format!(
+            "the job would read version {version}, older than version {floor} named by \
+             x-lancedb-min-read-version"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -539,7 +665,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
             );
-            fingerprint(&table, &request)
+            fingerprint(&table, &request, &[], None)
         };
         let pairs: Vec<(String, String)> = (0..50)
             .map(|i| (format!("k{i}"), format!("v{i}")))
@@ -552,12 +678,22 @@ mod tests {
         backward.reverse();
         assert_eq!(context(&forward), context(&backward));
         assert_eq!(
-            fingerprint(&table, &request(r#"{"column": "y", "where": null}"#)),
-            fingerprint(&table, &request(r#"{"column": "y"}"#))
+            fingerprint(
+                &table,
+                &request(r#"{"column": "y", "where": null}"#),
+                &[],
+                None
+            ),
+            fingerprint(&table, &request(r#"{"column": "y"}"#), &[], None)
         );
         assert_ne!(
-            fingerprint(&table, &request(r#"{"column": "y", "concurrency": 2}"#)),
-            fingerprint(&table, &request(r#"{"column": "y"}"#))
+            fingerprint(
+                &table,
+                &request(r#"{"column": "y", "concurrency": 2}"#),
+                &[],
+                None
+            ),
+            fingerprint(&table, &request(r#"{"column": "y"}"#), &[], None)
         );
     }
 }

@@ -8,7 +8,7 @@ use lance::Dataset;
 use lance::dataset::builder::DatasetBuilder;
 use lance::session::Session;
 use lance_namespace::LanceNamespace;
-use lance_namespace::models::DescribeTableRequest;
+use lance_namespace::models::{DescribeTableRequest, ListNamespacesRequest, ListTablesRequest};
 use lance_namespace_impls::{DirectoryNamespace, DirectoryNamespaceBuilder};
 
 use crate::error::{Error, Missing};
@@ -139,6 +139,51 @@ impl Catalog {
 
     pub fn session(&self) -> Arc<Session> {
         self.session.clone()
+    }
+
+    /// The tables of the namespace and its child namespaces (at most
+    /// `limit`), for watchers; a namespace that cannot be listed is skipped.
+    pub async fn list_tables(&self, limit: usize) -> Vec<TableId> {
+        let mut tables = Vec::new();
+        let mut namespaces = vec![Vec::<String>::new()];
+        while let Some(namespace) = namespaces.pop() {
+            if tables.len() >= limit {
+                break;
+            }
+            self.list_in(&namespace, limit, &mut tables).await;
+            let mut request = ListNamespacesRequest::new();
+            request.id = Some(namespace.clone());
+            if let Ok(children) = self.namespace.list_namespaces(request).await {
+                for child in children.namespaces {
+                    let mut id = namespace.clone();
+                    id.push(child);
+                    namespaces.push(id);
+                }
+            }
+        }
+        tables.truncate(limit);
+        tables
+    }
+
+    async fn list_in(&self, namespace: &[String], limit: usize, tables: &mut Vec<TableId>) {
+        let mut token = None;
+        loop {
+            let mut request = ListTablesRequest::new();
+            request.id = Some(namespace.to_vec());
+            request.page_token = token.take();
+            let Ok(page) = self.namespace.list_tables(request).await else {
+                return;
+            };
+            for name in page.tables {
+                let mut id = namespace.to_vec();
+                id.push(name);
+                tables.push(TableId(id));
+            }
+            match page.page_token.filter(|t| !t.is_empty()) {
+                Some(next) if tables.len() < limit => token = Some(next),
+                _ => return,
+            }
+        }
     }
 
     /// The table's location (URI), or why it cannot be found.

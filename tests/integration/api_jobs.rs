@@ -20,7 +20,8 @@ async fn idempotency_key_replays_and_conflicts() {
         .declare("items", &[("y", "x + 1"), ("z", "x + 2")])
         .await;
     let headers = [("x-api-key", API_KEY), ("idempotency-key", "abc-1")];
-    let body = r#"{"column":"y","concurrency":2}"#;
+    // One task per fragment (fragments of 50 rows would be packed otherwise).
+    let body = r#"{"column":"y","concurrency":2,"task_size":50}"#;
     let (status, first) = stack
         .call(
             "POST",
@@ -90,7 +91,10 @@ async fn big_tables_fan_out_through_one_planning_message() {
         .await
         .unwrap();
     stack.declare("items", &[("y", "x + 1")]).await;
-    let job_id = stack.submit("items", json!({"column": "y"})).await;
+    // One task per fragment: 8 tasks, more than the inline limit.
+    let job_id = stack
+        .submit("items", json!({"column": "y", "task_size": 100}))
+        .await;
     let sqs = stack.sqs.as_ref().unwrap();
     let messages = sqs
         .receive(10, Duration::from_secs(60), Duration::from_secs(1))

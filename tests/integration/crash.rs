@@ -182,6 +182,32 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// What a crash loop fills: a table of `rows` rows in `fragments`
+/// fragments, `y` declared by `declaration` (its values must be
+/// `x * 2 + 1`), the backfill request `body`.
+pub(crate) struct Shape {
+    pub rows: u64,
+    pub fragments: u64,
+    pub declaration: serde_json::Value,
+    pub body: serde_json::Value,
+}
+
+impl Shape {
+    /// 80,000 rows in 8 fragments, 40 tasks of 2,500 rows checkpointed
+    /// every 250, one commit per fragment.
+    pub(crate) fn split(declaration: serde_json::Value) -> Self {
+        Self {
+            rows: 80_000,
+            fragments: 8,
+            declaration,
+            body: json!({
+                "column": "y", "task_size": 2500, "checkpoint_size": 250,
+                "batch_checkpoint_flush_interval_seconds": 0, "commit_granularity": 1, "concurrency": 2,
+            }),
+        }
+    }
+}
+
 /// The SQL column `y = x * 2 + 1`, as `add_columns` declares it.
 pub(crate) fn computed_y() -> serde_json::Value {
     json!({"name": "y", "computed": "x * 2 + 1"})
@@ -190,7 +216,27 @@ pub(crate) fn computed_y() -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_survives_sigkill_at_random_points() {
     let runs = env_number("LANCE_BACKFILL_CRASH_RUNS", 20);
-    crash_loop(|| async { Backend::Embedded }, runs, "crash", computed_y()).await;
+    let shape = Shape::split(computed_y());
+    crash_loop(|| async { Backend::Embedded }, runs, "crash", &shape).await;
+}
+
+/// The loop over small fragments packed into tasks: 120 fragments of 25
+/// rows, packs of up to 20 fragments (`task_size` 500), outcomes recorded
+/// at once (flush interval 0) and one commit per 10 fragments.
+/// `LANCE_BACKFILL_PACK_CRASH_RUNS` (default 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_survives_sigkill_while_filling_packs() {
+    let runs = env_number("LANCE_BACKFILL_PACK_CRASH_RUNS", 8);
+    let shape = Shape {
+        rows: 3_000,
+        fragments: 120,
+        declaration: computed_y(),
+        body: json!({
+            "column": "y", "task_size": 500, "batch_checkpoint_flush_interval_seconds": 0,
+            "commit_granularity": 10, "concurrency": 2,
+        }),
+    };
+    crash_loop(|| async { Backend::Embedded }, runs, "pack crash", &shape).await;
 }
 
 /// The same loop over a user function (`y = x * 2 + 1` in Python, on the
@@ -207,25 +253,14 @@ async fn serve_survives_sigkill_during_a_udf_job() {
         vec![crate::udf::output("y", crate::udf::int64())],
         &udfs["double_plus_one"],
     );
-    let declaration = serde_json::to_value(entry).unwrap();
-    crash_loop(
-        || async { Backend::Embedded },
-        runs,
-        "udf crash",
-        declaration,
-    )
-    .await;
+    let shape = Shape::split(serde_json::to_value(entry).unwrap());
+    crash_loop(|| async { Backend::Embedded }, runs, "udf crash", &shape).await;
 }
 
-/// Runs of: write a table, start `serve`, declare `y` (`declaration`, whose
-/// values must be `x * 2 + 1`), submit, kill it one to three times at
-/// random points of the job, and check the outcome.
-pub(crate) async fn crash_loop<B, F>(
-    backend: B,
-    runs: u64,
-    label: &str,
-    declaration: serde_json::Value,
-) where
+/// Runs of: write a table, start `serve`, declare `y`, submit, kill it one
+/// to three times at random points of the job, and check the outcome.
+pub(crate) async fn crash_loop<B, F>(backend: B, runs: u64, label: &str, shape: &Shape)
+where
     B: Fn() -> F,
     F: std::future::Future<Output = Backend>,
 {
@@ -235,12 +270,19 @@ pub(crate) async fn crash_loop<B, F>(
     let mut kills = 0;
     let mut phases: std::collections::BTreeMap<Phase, u32> = Default::default();
     let mut killed_while_running = 0;
+    let granularity = shape.body["commit_granularity"]
+        .as_u64()
+        .unwrap_or(1)
+        .max(1);
+    let commits = shape.fragments.div_ceil(granularity);
     for run in 0..runs {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_string_lossy().into_owned();
         let uri = format!("{root}/items.lance");
         let log = dir.path().join("serve.log");
-        write_sample_table(&uri, 80_000, 8).await.unwrap();
+        write_sample_table(&uri, shape.rows, shape.fragments)
+            .await
+            .unwrap();
         let backend = backend().await;
         let port = free_port();
         let mut serve = start(&backend, &root, port, &log);
@@ -248,20 +290,17 @@ pub(crate) async fn crash_loop<B, F>(
         let declared = client
             .post(format!("{}/v1/table/items/add_columns", serve.url))
             .header("x-api-key", KEY)
-            .json(&json!({"new_columns": [declaration]}))
+            .json(&json!({"new_columns": [shape.declaration]}))
             .send()
             .await
             .unwrap();
         assert_eq!(declared.status(), 200);
         let before = lance::Dataset::open(&uri).await.unwrap().version().version;
-        let body = json!({
-            "column": "y", "task_size": 2500, "checkpoint_size": 250,
-            "batch_checkpoint_flush_interval_seconds": 0, "commit_granularity": 1, "concurrency": 2,
-        });
+        let body = &shape.body;
         let response: serde_json::Value = client
             .post(format!("{}/v1/table/items/backfill_column", serve.url))
             .header("x-api-key", KEY)
-            .json(&body)
+            .json(body)
             .send()
             .await
             .unwrap()
@@ -274,9 +313,9 @@ pub(crate) async fn crash_loop<B, F>(
         // staging) or commits made (just after one).
         for _ in 0..rng.random_range(1..=3) {
             let (phase, threshold) = match rng.random_range(0..3) {
-                0 => (Phase::Computing, rng.random_range(0..80_000u64)),
-                1 => (Phase::Staging, rng.random_range(1..=8u64)),
-                _ => (Phase::Committing, rng.random_range(1..=8u64)),
+                0 => (Phase::Computing, rng.random_range(0..shape.rows)),
+                1 => (Phase::Staging, rng.random_range(1..=shape.fragments)),
+                _ => (Phase::Committing, rng.random_range(1..=commits)),
             };
             let until = Instant::now() + Duration::from_secs(60);
             let running = loop {
@@ -348,8 +387,8 @@ pub(crate) async fn crash_loop<B, F>(
         assert!(y == expected, "run {run}: wrong values");
         let changes = replacements_per_fragment(&uri, &HashMap::new(), "y", before).await;
         assert_eq!(
-            changes.len(),
-            8,
+            changes.len() as u64,
+            shape.fragments,
             "run {run}: every fragment replaced: {changes:?}"
         );
         assert!(

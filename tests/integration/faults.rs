@@ -57,6 +57,9 @@ fn a_job() -> Job {
             plan: PlanSummary::default(),
             udf: None,
             options: Default::default(),
+            skip_fragments: Vec::new(),
+            ignored_fields: Vec::new(),
+            first_fragment_id: None,
         },
         state: JobState::Pending,
         created_at: now.clone(),
@@ -220,6 +223,110 @@ async fn three_jobs_finish_exactly_under_every_fault() {
     );
 }
 
+/// Small fragments packed into tasks, under every fault: each fragment is
+/// filled once and exactly, each pack counted once, with some messages
+/// delivered twice (SQS's lost deletes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn packs_of_small_fragments_finish_exactly_under_every_fault() {
+    let moto = Moto::faulty().await;
+    let mut stack = Stack::aws(&moto, StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_table(&uri, 6_000, 300, &HashMap::new())
+        .await
+        .unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    let before = latest(&uri, &HashMap::new()).await;
+    moto.set_faults(every_fault()).await;
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig {
+            pollers: 2,
+            batch_size: 4,
+            ..RunnerConfig::default()
+        },
+        Duration::from_secs(20),
+    );
+    // Packs of up to 40 fragments of 20 rows; a commit per 50 fragments.
+    let body = json!({"column": "y", "task_size": 800, "commit_granularity": 50,
+        "batch_checkpoint_flush_interval_seconds": 0});
+    let job_id = submit_retrying(&stack, "items", body).await;
+    let job = stack.wait_done(&job_id, Duration::from_secs(600)).await;
+    let injected = moto.faults_injected().await;
+    moto.clear_faults().await;
+    stack.stop_workers().await;
+    check_filled(&uri, &HashMap::new()).await;
+    let changes = replacements_per_fragment(&uri, &HashMap::new(), "y", before).await;
+    assert_eq!(changes.len(), 300, "{changes:?}");
+    assert!(changes.values().all(|c| *c == 1), "{changes:?}");
+    assert_eq!(job.spec.plan.tasks, 300 / 40 + 1);
+    assert_eq!(job.metrics.get(Counter::TasksDone), 8);
+    assert_eq!(job.metrics.get(Counter::FragmentsCommitted), 300);
+    println!(
+        "FIGURES faults packs: 300 fragments in 8 packs DONE with exact values, each fragment replaced once; injected {injected}"
+    );
+}
+
+/// Store and queue calls of a job over small fragments, from the
+/// emulator's request log (no faults): at most one store write per
+/// fragment, and a bounded number of queue calls per task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_and_queue_calls_stay_few_per_small_fragment() {
+    let moto = Moto::faulty().await;
+    moto.clear_faults().await;
+    let mut stack = Stack::aws(&moto, StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_table(&uri, 4_000, 400, &HashMap::new())
+        .await
+        .unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(60),
+    );
+    moto.reset_calls().await;
+    let job_id = stack.submit("items", json!({"column": "y"})).await;
+    let job = stack.wait_done(&job_id, Duration::from_secs(300)).await;
+    let calls = moto.calls().await;
+    stack.stop_workers().await;
+    check_filled(&uri, &HashMap::new()).await;
+    let count =
+        |names: &[&str]| -> u64 { names.iter().map(|n| calls[*n].as_u64().unwrap_or(0)).sum() };
+    let writes = count(&[
+        "dynamodb.PutItem",
+        "dynamodb.UpdateItem",
+        "dynamodb.DeleteItem",
+        "dynamodb.TransactWriteItems",
+        "dynamodb.BatchWriteItem",
+    ]);
+    let reads = count(&[
+        "dynamodb.GetItem",
+        "dynamodb.Query",
+        "dynamodb.BatchGetItem",
+    ]);
+    // Receives are the pollers' (long polls, whether or not work waits).
+    let per_task = count(&[
+        "sqs.SendMessage",
+        "sqs.SendMessageBatch",
+        "sqs.DeleteMessage",
+        "sqs.DeleteMessageBatch",
+        "sqs.ChangeMessageVisibility",
+    ]);
+    let tasks = job.spec.plan.tasks;
+    println!(
+        "FIGURES calls: 400 fragments of 10 rows in {tasks} tasks: DynamoDB {writes} writes, {reads} reads; SQS {per_task} sends and deletes ({calls})"
+    );
+    assert_eq!(tasks, 2, "400 fragments of 10 rows fit in 2 packs");
+    assert!(
+        writes <= 400,
+        "{writes} store writes for 400 fragments: {calls}"
+    );
+    assert!(
+        per_task <= 3 * tasks,
+        "{per_task} queue calls for {tasks} tasks: {calls}"
+    );
+}
+
 /// A submission may meet a fault the client sees (a 503 after retries):
 /// clients retry with the same Idempotency-Key, as this does.
 async fn submit_retrying(stack: &Stack, table: &str, body: Value) -> String {
@@ -286,7 +393,7 @@ async fn serve_aws_survives_sigkill_under_faults() {
         || crate::crash::Backend::aws(&moto),
         runs,
         "crash under faults (serve --aws)",
-        crate::crash::computed_y(),
+        &crate::crash::Shape::split(crate::crash::computed_y()),
     )
     .await;
     moto.clear_faults().await;

@@ -128,8 +128,12 @@ async fn compaction_during_a_job_never_puts_values_on_wrong_rows() {
         .delete("x % 2 = 0")
         .await
         .unwrap();
+    // One task per fragment (fragments of 2,000 rows would be packed).
     let job_id = stack
-        .submit("items", json!({"column": "y", "commit_granularity": 1}))
+        .submit(
+            "items",
+            json!({"column": "y", "commit_granularity": 1, "task_size": 2000}),
+        )
         .await;
     let bodies = stack.drain().await;
     assert_eq!(bodies.len(), 8);

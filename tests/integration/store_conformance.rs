@@ -10,8 +10,8 @@ use lance_backfill::job::{
     now_rfc3339,
 };
 use lance_backfill::store::{
-    CreateOutcome, FragmentStatus, HeldLease, IdempotencyClaim, JobStore, SqliteJobStore,
-    StagedFragment, StoreError,
+    CreateOutcome, FragmentStatus, HeldLease, IdempotencyClaim, JobStore, Resolution,
+    SqliteJobStore, StagedFragment, StoreError,
 };
 use lance_backfill::table::TableId;
 use lance_backfill_tests::Moto;
@@ -72,6 +72,7 @@ conformance!(
     a_dropped_lease_is_given_back,
     tasks_and_fragments_are_recorded_once,
     committed_fragments_leave_the_staged_list,
+    fragments_are_resolved_in_batches,
     listing_pages_newest_first,
     missing_jobs_and_bad_tokens,
 );
@@ -115,6 +116,9 @@ fn job(table: &str, column: &str) -> Job {
             },
             udf: None,
             options: Default::default(),
+            skip_fragments: Vec::new(),
+            ignored_fields: Vec::new(),
+            first_fragment_id: None,
         },
         state: JobState::Pending,
         created_at: now.clone(),
@@ -440,6 +444,67 @@ async fn committed_fragments_leave_the_staged_list(adapter: Adapter) {
     );
 }
 
+/// Many fragments recorded at once (more than one DynamoDB transaction
+/// holds), a batch overlapping fragments resolved before, and a commit
+/// recorded with its count and event.
+async fn fragments_are_resolved_in_batches(adapter: Adapter) {
+    let store = adapter.store;
+    let job = job("t", "y");
+    store.create_job(&job, "planned", None).await.unwrap();
+    let id = job.job_id.as_str();
+    let resolutions = |ids: std::ops::Range<u64>| -> Vec<Resolution> {
+        ids.map(|i| match i % 3 {
+            0 => Resolution::skipped(i),
+            _ => Resolution::staged(staged(i, 10)),
+        })
+        .collect()
+    };
+    let counted = MetricsDelta::new()
+        .add(Counter::TasksDone, 1)
+        .add(Counter::RowsComputed, 1200);
+    let recorded = store
+        .resolve_fragments(id, &resolutions(0..120), &counted)
+        .await
+        .unwrap();
+    assert_eq!(recorded, (0..120).collect::<Vec<_>>());
+    // Half of these were recorded already: only the new ones are, and the
+    // count travels with the last, which is new.
+    let recorded = store
+        .resolve_fragments(id, &resolutions(60..180), &counted)
+        .await
+        .unwrap();
+    assert_eq!(recorded, (120..180).collect::<Vec<_>>());
+    // A batch of fragments all recorded before changes nothing.
+    let recorded = store
+        .resolve_fragments(id, &resolutions(0..50), &counted)
+        .await
+        .unwrap();
+    assert!(recorded.is_empty());
+    let asked: Vec<u64> = (170..250).collect();
+    let resolved = store.resolved_fragments(id, &asked).await.unwrap();
+    assert_eq!(resolved, (170..180).collect());
+    let metrics = store.get_job(id).await.unwrap().unwrap().metrics;
+    assert_eq!(metrics.get(Counter::FragmentsSkipped), 60);
+    assert_eq!(metrics.get(Counter::FragmentsStaged), 120);
+    assert_eq!(metrics.get(Counter::TasksDone), 2);
+    assert_eq!(metrics.get(Counter::RowsComputed), 2400);
+    let staged_now = store.staged_fragments(id).await.unwrap();
+    assert_eq!(staged_now.len(), 120);
+    store
+        .record_commit(id, &staged_now, "committed 120 fragments as version 2")
+        .await
+        .unwrap();
+    let metrics = store.get_job(id).await.unwrap().unwrap().metrics;
+    assert_eq!(metrics.get(Counter::FragmentsCommitted), 120);
+    assert_eq!(metrics.get(Counter::CommitsDone), 1);
+    assert_eq!(metrics.fragments_pending_commit(), 0);
+    let events = store.list_events(id, 10).await.unwrap();
+    assert_eq!(
+        events.last().map(|e| e.message.as_str()),
+        Some("committed 120 fragments as version 2")
+    );
+}
+
 async fn listing_pages_newest_first(adapter: Adapter) {
     let store = adapter.store;
     let mut ids = Vec::new();
@@ -471,6 +536,28 @@ async fn listing_pages_newest_first(adapter: Adapter) {
     ids.reverse();
     assert_eq!(seen, ids);
     assert_eq!(pages, 3);
+    // Every table's jobs, newest first: the other table's job leads.
+    let mut recent = Vec::new();
+    let mut token = None;
+    loop {
+        let page = store.list_recent_jobs(2, token.as_deref()).await.unwrap();
+        assert!(page.jobs.len() <= 2);
+        recent.extend(page.jobs.into_iter().map(|j| j.spec.table_id.key()));
+        token = page.next_page_token;
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(recent.len(), 8);
+    assert_eq!(recent[0], TableId(vec!["ns".into(), "other".into()]).key());
+    assert!(recent[1..].iter().all(|k| k == &key));
+    // A table listing's token is not a token of the whole listing.
+    let first = store.list_jobs(&key, 3, None).await.unwrap();
+    let token = first.next_page_token.unwrap();
+    assert!(matches!(
+        store.list_recent_jobs(3, Some(&token)).await,
+        Err(StoreError::BadPageToken)
+    ));
 }
 
 async fn missing_jobs_and_bad_tokens(adapter: Adapter) {

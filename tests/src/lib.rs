@@ -232,6 +232,8 @@ pub struct StackOptions {
     pub auth: Authenticator,
     /// Python processes of the local pool (default: as configured).
     pub udf_workers: Option<usize>,
+    /// Where job events go (none by default).
+    pub publisher: lance_backfill::events::Publisher,
 }
 
 impl Default for StackOptions {
@@ -247,6 +249,7 @@ impl Default for StackOptions {
             root: None,
             auth: Authenticator::default().with_plain_key(API_KEY),
             udf_workers: None,
+            publisher: Default::default(),
         }
     }
 }
@@ -307,6 +310,11 @@ impl Stack {
         options: StackOptions,
     ) -> Self {
         lance_backfill::telemetry::init();
+        let mut components = components;
+        components.store = lance_backfill::events::PublishingStore::wrap(
+            components.store,
+            options.publisher.clone(),
+        );
         let service = Arc::new(components.service(options.auth, options.settings));
         let (stop, stop_rx) = watch::channel(false);
         let mut server_stop = stop_rx.clone();
@@ -632,4 +640,50 @@ pub async fn write_table(
 ) -> anyhow::Result<()> {
     lance_backfill::demo::write_sample_table_with(uri, rows, fragments, storage.clone()).await?;
     Ok(())
+}
+
+/// Appends rows `from..from + count` (x = id, s = id as text); the
+/// table's other columns (computed ones) are written null.
+pub async fn append_rows(uri: &str, from: i64, count: i64) {
+    let schema = Arc::new(arrow_schema::Schema::new(vec![
+        arrow_schema::Field::new("id", arrow_schema::DataType::Int64, false),
+        arrow_schema::Field::new("x", arrow_schema::DataType::Int64, true),
+        arrow_schema::Field::new("s", arrow_schema::DataType::Utf8, true),
+    ]));
+    let ids: Vec<i64> = (from..from + count).collect();
+    let batch = arrow_array::RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(arrow_array::Int64Array::from(ids.clone())),
+            Arc::new(arrow_array::Int64Array::from(ids.clone())),
+            Arc::new(arrow_array::StringArray::from(
+                ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .unwrap();
+    let mut dataset = Dataset::open(uri).await.unwrap();
+    // The table has computed columns by now: appends write them as null.
+    let full = Arc::new(arrow_schema::Schema::from(dataset.schema()));
+    let columns: Vec<arrow_array::ArrayRef> = full
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) => c.clone(),
+            None => arrow_array::new_null_array(f.data_type(), count as usize),
+        })
+        .collect();
+    let batch = arrow_array::RecordBatch::try_new(full.clone(), columns).unwrap();
+    let params = lance::dataset::WriteParams {
+        mode: lance::dataset::WriteMode::Append,
+        ..Default::default()
+    };
+    dataset
+        .append(
+            arrow_array::RecordBatchIterator::new(vec![Ok(batch)], full),
+            Some(params),
+        )
+        .await
+        .unwrap();
+    let _ = schema;
 }

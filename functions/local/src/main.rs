@@ -67,6 +67,18 @@ enum Command {
         /// LANCE_BACKFILL_UDF_WORKERS).
         #[arg(long)]
         udf_workers: Option<usize>,
+        /// Append every job state change (SUBMITTED, RUNNING, DONE, FAILED,
+        /// CANCELLED) to this file as a JSON line.
+        #[arg(long)]
+        events_log: Option<PathBuf>,
+        /// POST every job state change as JSON to this URL (in the
+        /// background, retried with backoff; never holds up a job).
+        #[arg(long)]
+        events_url: Option<String>,
+        /// Seconds between looks for new table versions that maintained
+        /// columns (declared with auto_backfill) must fill; 0 turns it off.
+        #[arg(long, default_value_t = 1.0)]
+        poll_interval: f64,
     },
     /// Create a sample table, backfill a computed column through the API,
     /// verify every value and print the figures.
@@ -83,6 +95,15 @@ enum Command {
         #[arg(long)]
         udf: bool,
     },
+}
+
+/// `--poll-interval`: seconds, 0 for none; bounded to a day.
+fn maintain_interval(seconds: f64) -> anyhow::Result<Option<std::time::Duration>> {
+    const MAX_SECONDS: f64 = 86_400.0;
+    if !(0.0..=MAX_SECONDS).contains(&seconds) {
+        anyhow::bail!("--poll-interval must be from 0 to {MAX_SECONDS} seconds, got {seconds}");
+    }
+    Ok((seconds > 0.0).then(|| std::time::Duration::from_secs_f64(seconds)))
 }
 
 #[tokio::main]
@@ -107,6 +128,9 @@ async fn main() -> anyhow::Result<()> {
             invocation_timeout,
             no_worker,
             udf_workers,
+            events_log,
+            events_url,
+            poll_interval,
         } => {
             local::serve(ServeOptions {
                 root,
@@ -122,6 +146,9 @@ async fn main() -> anyhow::Result<()> {
                 invocation_timeout: invocation_timeout.map(std::time::Duration::from_secs),
                 worker: !no_worker,
                 udf_workers,
+                events_log,
+                events_url,
+                maintain_interval: maintain_interval(poll_interval)?,
             })
             .await
         }

@@ -80,17 +80,11 @@ impl Service {
         for column in columns {
             let mut request = AlterTableBackfillColumnsRequest::new(column.clone());
             request.branch = branch.clone();
-            let outcome = self
-                .submitter
-                .submit(SubmitRequest {
-                    table: table.clone(),
-                    request,
-                    submitted_by: principal.subject.clone(),
-                    idempotency_key: None,
-                    allow_udf: true,
-                })
-                .await?;
-            ids.push(outcome.job_id().to_string());
+            let mut submit = SubmitRequest::new(table.clone(), request, principal.subject.clone());
+            // Declaring a user-function column already needed the permission.
+            submit.allow_udf = true;
+            let outcome = self.submitter.submit(submit).await?;
+            ids.extend(outcome.job_id().map(str::to_string));
         }
         Ok(HashMap::from([
             ("job_id".to_string(), ids[0].clone()),

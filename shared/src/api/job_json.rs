@@ -74,6 +74,8 @@ pub(crate) fn job_json(job: &Job, details: Option<Details<'_>>) -> Value {
             "on_error": spec.options.on_error,
             "max_skip_fraction": spec.options.max_skip_fraction,
             "context": spec.options.other,
+            "skip_frags": spec.skip_fragments,
+            "ignored_fields": spec.ignored_fields,
         },
         "plan": spec.plan,
         "metrics": metrics_json(&job.metrics),

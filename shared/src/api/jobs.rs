@@ -40,7 +40,11 @@ fn valid_job_id(job_id: &str) -> Result<&str, ApiError> {
 impl Service {
     /// The job, if it exists and `principal` may read its table: to anyone
     /// else it does not exist.
-    async fn load_job(&self, principal: &Principal, job_id: &str) -> Result<Job, ApiError> {
+    pub(super) async fn load_job(
+        &self,
+        principal: &Principal,
+        job_id: &str,
+    ) -> Result<Job, ApiError> {
         let job_id = valid_job_id(job_id)?;
         let job = self
             .store
@@ -114,14 +118,25 @@ impl Service {
         job_id: &str,
     ) -> Result<ApiResponse, ApiError> {
         let principal = self.authenticate(http)?;
-        let job = self.load_job(&principal, job_id).await?;
-        self.authorize(&principal, &job.spec.table_id, Action::Cancel)?;
+        let current = self.cancel(&principal, job_id).await?;
+        Ok(ApiResponse::json(StatusCode::OK, &job_json(&current, None)))
+    }
+
+    /// Cancels the job (the caller needs the cancel permission); a job
+    /// already CANCELLED is not an error. Returns the job as it now is.
+    pub(super) async fn cancel(
+        &self,
+        principal: &Principal,
+        job_id: &str,
+    ) -> Result<Job, ApiError> {
+        let job = self.load_job(principal, job_id).await?;
+        self.authorize(principal, &job.spec.table_id, Action::Cancel)?;
         let moved = self
             .lifecycle
             .cancel(&job, &principal.subject)
             .await
             .map_err(store_unavailable)?;
-        let current = self.load_job(&principal, job_id).await?;
+        let current = self.load_job(principal, job_id).await?;
         if moved.is_none() && current.state != JobState::Cancelled {
             return Err(Error::InvalidState(format!(
                 "job '{job_id}' is already {} and cannot be cancelled",
@@ -129,7 +144,7 @@ impl Service {
             ))
             .into());
         }
-        Ok(ApiResponse::json(StatusCode::OK, &job_json(&current, None)))
+        Ok(current)
     }
 }
 

@@ -5,7 +5,9 @@
 
 pub mod auth;
 pub mod backfill;
+pub mod client_jobs;
 pub mod columns;
+pub mod describe;
 pub mod error;
 mod job_json;
 pub mod jobs;
@@ -99,6 +101,7 @@ impl Service {
                 if err.status.is_server_error() {
                     warn!(%request_id, %method, %path, status = err.status.as_u16(), error = %err.message, "request failed");
                 }
+                let err = for_lancedb_client(err, &request);
                 ApiResponse::error(&err.public(), &path, &request_id)
             }
         };
@@ -119,6 +122,8 @@ impl Service {
             Route::TableJobs(id) => self.list_jobs(request, id).await,
             Route::Job(job_id) => self.get_job(request, job_id).await,
             Route::CancelJob(job_id) => self.cancel_job(request, job_id).await,
+            Route::Describe(id) => self.describe_table(request, id).await,
+            Route::ClientJobs(route) => self.client_jobs(request, route).await,
         }
     }
 
@@ -145,6 +150,23 @@ impl Service {
             Decision::Denied(reason) => Err(ApiError::permission_denied(reason)),
         }
     }
+}
+
+/// LanceDB's client reads any 404 on a table route as "table not found";
+/// a missing column or version is then told as a 400 with its own code.
+fn for_lancedb_client(mut err: ApiError, request: &ApiRequest) -> ApiError {
+    let lancedb = request
+        .header("user-agent")
+        .is_some_and(|agent| agent.starts_with(describe::LANCEDB_AGENT_PREFIX));
+    let table_route = request.segments().get(1) == Some(&"table");
+    let table_missing = matches!(
+        err.code,
+        lance_namespace::ErrorCode::TableNotFound | lance_namespace::ErrorCode::NamespaceNotFound
+    );
+    if lancedb && table_route && err.status == StatusCode::NOT_FOUND && !table_missing {
+        err.status = StatusCode::BAD_REQUEST;
+    }
+    err
 }
 
 /// A store failure as clients see it: busy (429) or unavailable (503),

@@ -11,7 +11,19 @@ pub(super) enum Route<'a> {
     TableJobs(&'a str),
     Job(&'a str),
     CancelJob(&'a str),
+    /// The spec's DescribeTable (LanceDB's client opens tables with it).
+    Describe(&'a str),
+    /// `/v1/jobs/*`: the job routes as LanceDB's client speaks them.
+    ClientJobs(ClientJobsRoute),
     Health,
+}
+
+/// The operations under `/v1/jobs/`, each a POST with a JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ClientJobsRoute {
+    Describe,
+    List,
+    Cancel,
 }
 
 pub(super) fn route<'a>(method: &Method, segments: &[&'a str]) -> Result<Route<'a>, ApiError> {
@@ -21,6 +33,10 @@ pub(super) fn route<'a>(method: &Method, segments: &[&'a str]) -> Result<Route<'
         ["v1", "table", id, "jobs"] => (Method::GET, Route::TableJobs(id)),
         ["v1", "job", id] => (Method::GET, Route::Job(id)),
         ["v1", "job", id, "cancel"] => (Method::POST, Route::CancelJob(id)),
+        ["v1", "table", id, "describe"] => (Method::POST, Route::Describe(id)),
+        ["v1", "jobs", "describe"] => (Method::POST, Route::ClientJobs(ClientJobsRoute::Describe)),
+        ["v1", "jobs", "list"] => (Method::POST, Route::ClientJobs(ClientJobsRoute::List)),
+        ["v1", "jobs", "cancel"] => (Method::POST, Route::ClientJobs(ClientJobsRoute::Cancel)),
         ["health"] => (Method::GET, Route::Health),
         _ => {
             return Err(ApiError::route_not_found(format!(

@@ -60,6 +60,7 @@ impl Engine {
         let job_id = message.job_id();
         match message {
             Message::Run { task, .. } => self.run_task(job_id, task, delivery).await,
+            Message::RunPack { pack, .. } => self.run_pack(job_id, pack, delivery).await,
             Message::Plan { first, count, .. } => self.fan_out(job_id, *first, *count).await,
             Message::Cleanup { .. } => {
                 let owner = format!("{}/cleanup", self.config.worker_id);
@@ -164,6 +165,10 @@ fn span_of(message: &Message) -> tracing::Span {
         Message::Run { task, .. } => {
             tracing::info_span!("task", job_id = %job_id, fragment = task.fragment_id, task = task.task)
         }
+        Message::RunPack { pack, .. } => {
+            let first = pack.fragments.first().map(|f| f.id);
+            tracing::info_span!("pack", job_id = %job_id, first_fragment = first, fragments = pack.fragments.len())
+        }
         Message::Plan { first, count, .. } => {
             tracing::info_span!("plan", job_id = %job_id, first, count)
         }
@@ -180,6 +185,7 @@ fn describe(message: &Message) -> String {
             task.start,
             task.end
         ),
+        Message::RunPack { pack, .. } => pack.label(),
         Message::Plan { first, count, .. } => {
             format!("planning fragments {first}..{}", first + count)
         }

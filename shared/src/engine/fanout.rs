@@ -23,11 +23,11 @@ impl Engine {
             return Ok(Disposition::Done);
         }
         let dataset = self.read_dataset(&job).await?;
-        let fragments = plan::fragments(&dataset, job.spec.params.num_frags).await?;
+        let fragments = plan::fragments(&dataset, job.spec.selection()).await?;
         let slice = plan::fragment_slice(&fragments, first, count);
         let messages: Vec<Outgoing> = plan::tasks(slice, job.spec.params.task_size)
             .into_iter()
-            .map(|task| Outgoing::message(&Message::run(job_id, task)))
+            .map(|work| Outgoing::message(&Message::work(job_id, work)))
             .collect();
         let cluster = job.spec.params.cluster.as_deref();
         let queue = self

@@ -4,6 +4,7 @@
 //!
 //! One step per module: [`dispatch`] reads a message and classifies how it
 //! ended, [`fanout`] queues a big job's tasks, [`task`] runs one task,
+//! [`pack`] one task over several small fragments,
 //! [`produce`] computes and checkpoints a row range, [`write`] writes and
 //! stages a fragment's file, [`slots`] caps a job's concurrency and
 //! [`stop`] decides when a running task stops early. Commits are the
@@ -13,6 +14,7 @@ pub mod batching;
 pub mod compute;
 mod dispatch;
 mod fanout;
+mod pack;
 mod produce;
 mod progress;
 mod slots;

@@ -27,10 +27,13 @@ pub(super) type Sink = mpsc::Sender<lance::Result<RecordBatch>>;
 
 /// How producing a range ended.
 pub(super) enum Produced {
-    /// `checkpointed`: some checkpoint of the fragment existed or was written.
+    /// `checkpointed`: some checkpoint of the fragment existed or was
+    /// written. `progress`: what was done since the last flush, for the
+    /// caller to record (with the fragment's outcome when it has one).
     Completed {
         changed: bool,
         checkpointed: bool,
+        progress: Progress,
     },
     Stopped(Stop),
 }
@@ -133,12 +136,10 @@ impl<'a> Producer<'a> {
                 Gap::Stopped(reason) => return Ok(Produced::Stopped(reason)),
             }
         }
-        self.counts
-            .flush(self.engine.store.as_ref(), self.job)
-            .await?;
         Ok(Produced::Completed {
             changed: self.changed,
             checkpointed: self.checkpointed,
+            progress: self.counts,
         })
     }
 
@@ -266,7 +267,10 @@ impl Engine {
         .await?;
         Ok(match produced {
             Produced::Stopped(reason) => Some(reason),
-            Produced::Completed { .. } => None,
+            Produced::Completed { mut progress, .. } => {
+                progress.flush(self.store.as_ref(), job).await?;
+                None
+            }
         })
     }
 }

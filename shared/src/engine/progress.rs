@@ -19,6 +19,24 @@ pub(super) struct Progress {
 }
 
 impl Progress {
+    /// Adds what another range did.
+    pub fn merge(&mut self, other: Progress) {
+        self.computed += other.computed;
+        self.checkpointed += other.checkpointed;
+        self.failures.extend(other.failures);
+    }
+
+    pub fn has_failures(&self) -> bool {
+        !self.failures.is_empty()
+    }
+
+    /// The counters, for a caller that records them with something else.
+    pub fn delta(&self) -> MetricsDelta {
+        MetricsDelta::new()
+            .add(Counter::RowsComputed, self.computed as i64)
+            .add(Counter::RowsCheckpointed, self.checkpointed as i64)
+    }
+
     pub fn failed(&mut self, fragment_id: u64, rows: &[(u64, String)]) {
         self.failures.extend(rows.iter().map(|(row, error)| {
             RowFailure {

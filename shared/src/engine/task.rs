@@ -29,8 +29,8 @@ impl Engine {
             }
             return Ok(Disposition::Done);
         }
-        let record = self.store.get_fragment(job_id, task.fragment_id).await?;
-        if record.status.is_resolved() {
+        let (resolved, tasks_done) = self.fragment_progress(job_id, task).await?;
+        if resolved {
             // A repeated delivery: whatever an earlier holder of this task
             // checkpointed after the fragment was written is of no use.
             self.forget_checkpoints(&job, task.fragment_id).await;
@@ -42,9 +42,7 @@ impl Engine {
                 delay: self.config.busy_delay,
             });
         };
-        let result = self
-            .run_in_slot(&job, task, &record.tasks_done, delivery)
-            .await;
+        let result = self.run_in_slot(&job, task, &tasks_done, delivery).await;
         self.release_slot(slot).await;
         let disposition = match result {
             Ok(disposition) => disposition,
@@ -65,11 +63,8 @@ impl Engine {
         task: &TaskRef,
         err: anyhow::Error,
     ) -> anyhow::Result<Disposition> {
-        let record = self
-            .store
-            .get_fragment(&job.job_id, task.fragment_id)
-            .await?;
-        if !record.status.is_resolved() {
+        let (resolved, _) = self.fragment_progress(&job.job_id, task).await?;
+        if !resolved {
             return Err(err);
         }
         info!(error = %format!("{err:#}"), "another delivery finished the fragment first");
@@ -115,7 +110,26 @@ impl Engine {
             .await
     }
 
-    async fn mark_running(&self, job: &Job) -> anyhow::Result<()> {
+    /// Whether the task's fragment is resolved (staged, committed or
+    /// skipped), and which of its tasks are done; a task covering its
+    /// fragment needs only the first (one read).
+    async fn fragment_progress(
+        &self,
+        job_id: &str,
+        task: &TaskRef,
+    ) -> anyhow::Result<(bool, Vec<u32>)> {
+        if task.covers_fragment() {
+            let resolved = self
+                .store
+                .resolved_fragments(job_id, &[task.fragment_id])
+                .await?;
+            return Ok((!resolved.is_empty(), Vec::new()));
+        }
+        let record = self.store.get_fragment(job_id, task.fragment_id).await?;
+        Ok((record.status.is_resolved(), record.tasks_done))
+    }
+
+    pub(super) async fn mark_running(&self, job: &Job) -> anyhow::Result<()> {
         if job.state == JobState::Pending {
             let event = format!("running: first task started on {}", self.config.worker_id);
             self.store
@@ -149,19 +163,28 @@ impl Engine {
 
 /// The task's fragment at the read version, with the row count it was planned with.
 fn task_fragment(job: &Job, dataset: &Dataset, task: &TaskRef) -> anyhow::Result<FileFragment> {
-    let fragment = dataset
-        .get_fragment(task.fragment_id as usize)
-        .ok_or_else(|| {
-            permanent(format!(
-                "fragment {} does not exist at version {}",
-                task.fragment_id, job.spec.read_version
-            ))
-        })?;
-    let rows = fragment.metadata().physical_rows.map(|r| r as u64);
-    if rows != Some(task.fragment_rows) {
+    planned_fragment(job, dataset, task.fragment_id, task.fragment_rows)
+}
+
+/// Fragment `id` at the read version, which must have the `rows` physical
+/// rows it was planned with.
+pub(super) fn planned_fragment(
+    job: &Job,
+    dataset: &Dataset,
+    id: u64,
+    rows: u64,
+) -> anyhow::Result<FileFragment> {
+    let fragment = dataset.get_fragment(id as usize).ok_or_else(|| {
+        permanent(format!(
+            "fragment {id} does not exist at version {}",
+            job.spec.read_version
+        ))
+    })?;
+    let actual = fragment.metadata().physical_rows.map(|r| r as u64);
+    if actual != Some(rows) {
         return Err(permanent(format!(
-            "fragment {} has {rows:?} physical rows at version {}, the task expected {}",
-            task.fragment_id, job.spec.read_version, task.fragment_rows
+            "fragment {id} has {actual:?} physical rows at version {}, the task expected {rows}",
+            job.spec.read_version
         )));
     }
     Ok(fragment)

@@ -12,28 +12,36 @@ use tracing::{info, warn};
 
 use super::compute::FragmentComputer;
 use super::produce::{Produced, Producer};
+use super::progress::Progress;
 use super::stop::{Stop, StopCheck};
 use super::{Disposition, Engine};
 use crate::checkpoint::FragmentCheckpoints;
 use crate::computed::Program;
-use crate::job::Job;
+use crate::job::{Counter, Job, MetricsDelta};
 use crate::plan::TaskRef;
 use crate::staging::{delete_data_file, delete_file_at};
-use crate::store::StagedFragment;
+use crate::store::{Resolution, StagedFragment};
 
 /// Batches in flight between the producer and the file writer.
 const WRITER_QUEUE: usize = 4;
 
-/// How writing a fragment's file ended (`bool`: checkpoints to clear).
-enum Written {
-    Staged(StagedFragment, bool),
-    Unchanged(bool),
+/// A fragment filled: its outcome, whether it had checkpoints (to clear
+/// once the outcome is recorded) and the progress to record with it.
+pub(super) struct Filled {
+    pub resolution: Resolution,
+    pub checkpointed: bool,
+    pub progress: Progress,
+}
+
+/// How writing a fragment's file ended.
+pub(super) enum Written {
+    Filled(Filled),
     Stopped(Stop),
 }
 
 impl Engine {
     /// Writes the fragment's file and records it; `task` (a task covering
-    /// the whole fragment) is recorded done once the file is written.
+    /// the whole fragment) is counted done with it.
     pub(super) async fn finish_fragment(
         &self,
         job: &Job,
@@ -43,20 +51,19 @@ impl Engine {
         stop: &mut StopCheck<'_>,
         task: Option<&TaskRef>,
     ) -> anyhow::Result<Disposition> {
-        let written = self
-            .write_fragment(job, dataset, fragment, program, stop)
-            .await?;
-        if let Written::Stopped(reason) = written {
-            return Ok(self
-                .stopped(&job.job_id, fragment.id() as u64, reason)
-                .await);
-        }
-        if let Some(task) = task {
-            self.store
-                .mark_task_done(&job.job_id, task.fragment_id, task.task)
-                .await?;
-        }
-        self.resolve_fragment(job, dataset, fragment, program, written)
+        let filled = match self
+            .write_fragment(job, dataset, fragment, program, stop, true)
+            .await?
+        {
+            Written::Filled(filled) => filled,
+            Written::Stopped(reason) => {
+                return Ok(self
+                    .stopped(&job.job_id, fragment.id() as u64, reason)
+                    .await);
+            }
+        };
+        let counted = MetricsDelta::new().add(Counter::TasksDone, task.is_some() as i64);
+        self.record_filled(job, dataset, program, vec![filled], counted)
             .await?;
         Ok(Disposition::Done)
     }
@@ -64,13 +71,16 @@ impl Engine {
     /// Writes the column's new data file for the whole fragment: checkpointed
     /// ranges are replayed, the rest computed, all streamed into
     /// `write_columns` in physical row order.
-    async fn write_fragment(
+    /// `may_have_checkpoints`: false when the caller knows no checkpoint of
+    /// the job exists (no listing then).
+    pub(super) async fn write_fragment(
         &self,
         job: &Job,
         dataset: &Dataset,
         fragment: &FileFragment,
         program: &Arc<Program>,
         stop: &mut StopCheck<'_>,
+        may_have_checkpoints: bool,
     ) -> anyhow::Result<Written> {
         let rows = fragment
             .metadata()
@@ -82,7 +92,8 @@ impl Engine {
             &program.checkpoint_key(),
             program.output_fields.clone(),
         )
-        .await?;
+        .await?
+        .known_empty(!may_have_checkpoints);
         let computer =
             FragmentComputer::open(fragment, program.clone(), self.config.max_batch_bytes).await?;
         let target = dataset
@@ -104,86 +115,117 @@ impl Engine {
         .run(0, rows, stop);
         let writer = fragment.write_columns(batches, &target);
         let (produced, written) = tokio::join!(producer, writer);
-        let produced = match produced {
-            Ok(Produced::Completed {
-                changed,
-                checkpointed,
-            }) => (changed, checkpointed),
-            Ok(Produced::Stopped(reason)) => {
-                if let Ok(group) = written {
-                    delete_file_at(dataset, &group.1.path).await;
-                }
-                return Ok(Written::Stopped(reason));
-            }
-            Err(err) => {
-                if let Ok(group) = written {
-                    delete_file_at(dataset, &group.1.path).await;
-                }
-                return Err(err);
-            }
-        };
-        let (changed, checkpointed) = produced;
-        let group = written.context("writing the fragment's column file")?;
-        if !changed {
-            delete_file_at(dataset, &group.1.path).await;
-            return Ok(Written::Unchanged(checkpointed));
-        }
-        Ok(Written::Staged(
-            StagedFragment {
-                fragment_id: fragment.id() as u64,
-                data_file: serde_json::to_value(&group.1)?,
-                rows,
-            },
-            checkpointed,
-        ))
+        let written = written.map(|group| group.1);
+        settle_written(dataset, fragment.id() as u64, rows, produced, written).await
     }
 
-    /// Records a written fragment (or that it needs no new file). A repeated
-    /// delivery that wrote the same fragment again removes its surplus file.
-    async fn resolve_fragment(
+    /// Records filled fragments (staged, or needing no new file) with their
+    /// progress and `counted` in as few store calls as the store allows.
+    /// Files of fragments another delivery recorded first are removed, and
+    /// the checkpoints of recorded ones cleared.
+    pub(super) async fn record_filled(
         &self,
         job: &Job,
         dataset: &Dataset,
-        fragment: &FileFragment,
         program: &Program,
-        written: Written,
+        filled: Vec<Filled>,
+        counted: MetricsDelta,
     ) -> anyhow::Result<()> {
-        let job_id = job.job_id.as_str();
-        let checkpointed = match written {
-            Written::Staged(staged, checkpointed) => {
-                if self.store.stage_fragment(job_id, &staged).await? {
-                    info!(fragment = staged.fragment_id, "fragment staged");
-                } else {
-                    delete_data_file(dataset, &staged).await;
-                }
-                checkpointed
+        let mut progress = Progress::default();
+        let mut resolutions = Vec::with_capacity(filled.len());
+        let mut checkpointed = Vec::new();
+        for fragment in filled {
+            progress.merge(fragment.progress);
+            if fragment.checkpointed {
+                checkpointed.push(fragment.resolution.fragment_id);
             }
-            Written::Unchanged(checkpointed) => {
-                if self
-                    .store
-                    .skip_fragment(job_id, fragment.id() as u64)
-                    .await?
-                {
-                    info!(fragment = fragment.id(), "fragment unchanged, skipped");
-                }
-                checkpointed
-            }
-            Written::Stopped(_) => return Ok(()),
-        };
-        if !checkpointed {
-            return Ok(());
+            resolutions.push(fragment.resolution);
         }
-        // The staged file (or the skip) now stands for these values.
-        let checkpoints = FragmentCheckpoints::open(
-            dataset,
-            fragment,
-            &program.checkpoint_key(),
-            program.output_fields.clone(),
-        )
-        .await?;
-        if let Err(err) = checkpoints.clear().await {
-            warn!(fragment = fragment.id(), error = %format!("{err:#}"), "could not clear checkpoints");
+        let delta = if progress.has_failures() {
+            // Listed, and checked against max_skip_fraction, on their own.
+            progress.flush(self.store.as_ref(), job).await?;
+            counted
+        } else {
+            progress.delta().merge(&counted)
+        };
+        let recorded = self
+            .store
+            .resolve_fragments(&job.job_id, &resolutions, &delta)
+            .await?;
+        for resolution in &resolutions {
+            let id = resolution.fragment_id;
+            match (&resolution.staged, recorded.contains(&id)) {
+                (Some(_), true) => info!(fragment = id, "fragment staged"),
+                (None, true) => info!(fragment = id, "fragment unchanged, skipped"),
+                (Some(staged), false) => delete_data_file(dataset, staged).await,
+                (None, false) => {}
+            }
+        }
+        for id in checkpointed {
+            clear_checkpoints(dataset, program, id).await;
         }
         Ok(())
     }
+}
+
+/// The staged file (or the skip) now stands for these values.
+async fn clear_checkpoints(dataset: &Dataset, program: &Program, fragment_id: u64) {
+    let cleared = async {
+        if let Some(fragment) = dataset.get_fragment(fragment_id as usize) {
+            let key = program.checkpoint_key();
+            FragmentCheckpoints::open(dataset, &fragment, &key, program.output_fields.clone())
+                .await?
+                .clear()
+                .await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(err) = cleared {
+        warn!(fragment = fragment_id, error = %format!("{err:#}"), "could not clear checkpoints");
+    }
+}
+
+/// Pairs what the producer reported with the file the writer wrote: a
+/// stopped or failed fill removes the file, a fill that changed nothing too.
+async fn settle_written(
+    dataset: &Dataset,
+    fragment_id: u64,
+    rows: u64,
+    produced: anyhow::Result<Produced>,
+    written: lance::Result<lance::table::format::DataFile>,
+) -> anyhow::Result<Written> {
+    let (changed, checkpointed, progress) = match produced {
+        Ok(Produced::Completed {
+            changed,
+            checkpointed,
+            progress,
+        }) => (changed, checkpointed, progress),
+        Ok(Produced::Stopped(_)) | Err(_) => {
+            if let Ok(file) = &written {
+                delete_file_at(dataset, &file.path).await;
+            }
+            return match produced {
+                Ok(Produced::Stopped(reason)) => Ok(Written::Stopped(reason)),
+                Err(err) => Err(err),
+                Ok(Produced::Completed { .. }) => unreachable!("matched above"),
+            };
+        }
+    };
+    let file = written.context("writing the fragment's column file")?;
+    let resolution = if changed {
+        Resolution::staged(StagedFragment {
+            fragment_id,
+            data_file: serde_json::to_value(&file)?,
+            rows,
+        })
+    } else {
+        delete_file_at(dataset, &file.path).await;
+        Resolution::skipped(fragment_id)
+    };
+    Ok(Written::Filled(Filled {
+        resolution,
+        checkpointed,
+        progress,
+    }))
 }

@@ -95,9 +95,28 @@ pub struct JobSpec {
     /// What the request's `context` asked for.
     #[serde(default)]
     pub options: JobOptions,
+    /// Fragments the request asked to leave alone (`skip_frags`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip_fragments: Vec<u64>,
+    /// Request fields this service does not use, noted here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_fields: Vec<String>,
+    /// Only fragments with this id or a higher one (a maintained column's
+    /// job for appended rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_fragment_id: Option<u64>,
 }
 
 impl JobSpec {
+    /// The fragments the job covers.
+    pub fn selection(&self) -> crate::plan::Selection<'_> {
+        crate::plan::Selection {
+            num_frags: self.params.num_frags,
+            skip: &self.skip_fragments,
+            first_id: self.first_fragment_id,
+        }
+    }
+
     /// The columns the job fills: a function's outputs, or the one column.
     pub fn columns(&self) -> Vec<String> {
         match &self.udf {
@@ -220,11 +239,25 @@ impl MetricsDelta {
         Self::default()
     }
 
+    /// Adds `by` to `counter` (one entry per counter).
     pub fn add(mut self, counter: Counter, by: i64) -> Self {
-        if by != 0 {
-            self.0.push((counter, by));
+        if by == 0 {
+            return self;
         }
+        match self.0.iter_mut().find(|(c, _)| *c == counter) {
+            Some((_, sum)) => *sum += by,
+            None => self.0.push((counter, by)),
+        }
+        self.0.retain(|(_, by)| *by != 0);
         self
+    }
+
+    /// Both changes at once.
+    pub fn merge(self, other: &MetricsDelta) -> Self {
+        other
+            .0
+            .iter()
+            .fold(self, |delta, (counter, by)| delta.add(*counter, *by))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -265,6 +298,15 @@ impl JobEvent {
 
 /// Microseconds: a small job runs in a few milliseconds, and its
 /// `created_at`/`finished_at` should still tell how long it took.
+/// The version a job's last commit made, from its events ("committed ...
+/// as version N"); `None` when it committed nothing.
+pub fn published_version(events: &[JobEvent]) -> Option<u64> {
+    events.iter().rev().find_map(|event| {
+        let rest = event.message.strip_prefix("committed ")?;
+        rest.rsplit_once(" as version ")?.1.trim().parse().ok()
+    })
+}
+
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::Outgoing;
-use crate::plan::TaskRef;
+use crate::plan::{PACK_FRAGMENTS, Pack, TaskRef, Work};
 
 /// A queue message. Versioned so a newer worker can refuse an older format
 /// loudly instead of misreading it.
@@ -28,6 +28,8 @@ pub enum Message {
         job_id: String,
         task: TaskRef,
     },
+    /// Fill several small fragments, each whole.
+    RunPack { v: u32, job_id: String, pack: Pack },
     /// Remove what a stopped job left behind (staged files).
     Cleanup { v: u32, job_id: String },
 }
@@ -40,6 +42,18 @@ impl Message {
             v: MESSAGE_VERSION,
             job_id: job_id.to_string(),
             task,
+        }
+    }
+
+    /// The message of a planned task.
+    pub fn work(job_id: &str, work: Work) -> Self {
+        match work {
+            Work::Range(task) => Self::run(job_id, task),
+            Work::Pack(pack) => Self::RunPack {
+                v: MESSAGE_VERSION,
+                job_id: job_id.to_string(),
+                pack,
+            },
         }
     }
 
@@ -61,15 +75,19 @@ impl Message {
 
     pub fn job_id(&self) -> &str {
         match self {
-            Self::Plan { job_id, .. } | Self::Run { job_id, .. } | Self::Cleanup { job_id, .. } => {
-                job_id
-            }
+            Self::Plan { job_id, .. }
+            | Self::Run { job_id, .. }
+            | Self::RunPack { job_id, .. }
+            | Self::Cleanup { job_id, .. } => job_id,
         }
     }
 
     pub fn version(&self) -> u32 {
         match self {
-            Self::Plan { v, .. } | Self::Run { v, .. } | Self::Cleanup { v, .. } => *v,
+            Self::Plan { v, .. }
+            | Self::Run { v, .. }
+            | Self::RunPack { v, .. }
+            | Self::Cleanup { v, .. } => *v,
         }
     }
 
@@ -95,8 +113,28 @@ impl Message {
         {
             return Err(format!("task message has an invalid row range: {task:?}"));
         }
+        if let Message::RunPack { pack, .. } = &message {
+            check_pack(pack)?;
+        }
         Ok(message)
     }
+}
+
+/// A pack names 2 to [`PACK_FRAGMENTS`] distinct fragments, none empty.
+fn check_pack(pack: &Pack) -> Result<(), String> {
+    let count = pack.fragments.len();
+    if !(2..=PACK_FRAGMENTS).contains(&count) {
+        return Err(format!(
+            "pack message has {count} fragments; a pack has 2 to {PACK_FRAGMENTS}"
+        ));
+    }
+    let mut ids = pack.ids();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() != count || pack.fragments.iter().any(|f| f.physical_rows == 0) {
+        return Err("pack message names a fragment twice or an empty one".to_string());
+    }
+    Ok(())
 }
 
 impl Outgoing {
@@ -133,5 +171,33 @@ mod tests {
         assert!(Message::parse("{").unwrap_err().contains("malformed"));
         assert!(Message::parse(r#"{"kind":"run","v":9,"job_id":"j","task":{"fragment_id":1,"task":0,"tasks_in_fragment":1,"start":0,"end":5,"fragment_rows":5}}"#).unwrap_err().contains("version"));
         assert!(Message::parse(r#"{"kind":"run","v":1,"job_id":"j","task":{"fragment_id":1,"task":0,"tasks_in_fragment":1,"start":5,"end":5,"fragment_rows":5}}"#).unwrap_err().contains("range"));
+    }
+
+    #[test]
+    fn pack_messages_round_trip_and_bad_packs_are_refused() {
+        let pack = |ids: &[u64]| Pack {
+            fragments: ids
+                .iter()
+                .map(|id| crate::plan::PlannedFragment {
+                    id: *id,
+                    physical_rows: 10,
+                })
+                .collect(),
+        };
+        let message = Message::work("j", Work::Pack(pack(&[1, 2, 3])));
+        assert_eq!(Message::parse(&message.to_body()).unwrap(), message);
+        let body = |p: Pack| Message::work("j", Work::Pack(p)).to_body();
+        assert!(
+            Message::parse(&body(pack(&[1])))
+                .unwrap_err()
+                .contains("2 to")
+        );
+        assert!(
+            Message::parse(&body(pack(&[1, 1])))
+                .unwrap_err()
+                .contains("twice")
+        );
+        let too_many: Vec<u64> = (0..=PACK_FRAGMENTS as u64).collect();
+        assert!(Message::parse(&body(pack(&too_many))).is_err());
     }
 }

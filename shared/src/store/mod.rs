@@ -2,6 +2,7 @@
 //! progress, and leases. DynamoDB in the cloud, SQLite on one machine;
 //! both pass the same conformance suite (tests/integration/store_conformance.rs).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -65,6 +66,30 @@ pub struct StagedFragment {
     /// Physical rows of the fragment at the read version: a fragment with
     /// another count (or none) at commit time was rewritten meanwhile.
     pub rows: u64,
+}
+
+/// What became of one fragment: a new file staged, or none needed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolution {
+    pub fragment_id: u64,
+    /// `None`: no value changed, the fragment is skipped.
+    pub staged: Option<StagedFragment>,
+}
+
+impl Resolution {
+    pub fn staged(staged: StagedFragment) -> Self {
+        Self {
+            fragment_id: staged.fragment_id,
+            staged: Some(staged),
+        }
+    }
+
+    pub fn skipped(fragment_id: u64) -> Self {
+        Self {
+            fragment_id,
+            staged: None,
+        }
+    }
 }
 
 /// A row a user function raised on (left null, `on_error: skip`).
@@ -151,6 +176,13 @@ pub trait JobStore: Send + Sync + 'static {
         page_token: Option<&str>,
     ) -> StoreResult<JobPage>;
 
+    /// A page of every table's jobs, newest first.
+    async fn list_recent_jobs(
+        &self,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> StoreResult<JobPage>;
+
     /// Moves the job to `to` if its current state allows it; returns the
     /// state it left, or `None` when the move was not allowed. A terminal
     /// state releases the column lock.
@@ -189,18 +221,58 @@ pub trait JobStore: Send + Sync + 'static {
         task: u32,
     ) -> StoreResult<TaskMark>;
 
+    /// Records fragments staged or skipped, each once however often it is
+    /// recorded, with their counters; `delta` is added with the last one,
+    /// and only if this call records it. Returns the fragments this call
+    /// recorded: the others were resolved before (their files are surplus).
+    /// Many fragments cost few calls (DynamoDB: one transaction per 49).
+    async fn resolve_fragments(
+        &self,
+        job_id: &str,
+        resolutions: &[Resolution],
+        delta: &MetricsDelta,
+    ) -> StoreResult<Vec<u64>>;
+
+    /// Of `fragment_ids`, those staged, committed or skipped.
+    async fn resolved_fragments(
+        &self,
+        job_id: &str,
+        fragment_ids: &[u64],
+    ) -> StoreResult<HashSet<u64>>;
+
     /// Records the fragment's staged file; false if the fragment was already
     /// staged, committed or skipped (the caller's file is then surplus).
-    async fn stage_fragment(&self, job_id: &str, staged: &StagedFragment) -> StoreResult<bool>;
+    async fn stage_fragment(&self, job_id: &str, staged: &StagedFragment) -> StoreResult<bool> {
+        let resolution = Resolution::staged(staged.clone());
+        let recorded = self
+            .resolve_fragments(job_id, &[resolution], &MetricsDelta::new())
+            .await?;
+        Ok(!recorded.is_empty())
+    }
 
     /// Records that the fragment needs no new file; false if already resolved.
-    async fn skip_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<bool>;
+    async fn skip_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<bool> {
+        let resolution = Resolution::skipped(fragment_id);
+        let recorded = self
+            .resolve_fragments(job_id, &[resolution], &MetricsDelta::new())
+            .await?;
+        Ok(!recorded.is_empty())
+    }
 
     /// Staged fragments not yet committed, in fragment order.
     async fn staged_fragments(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>>;
 
     /// Marks staged fragments committed and counts them, atomically per fragment.
     async fn mark_committed(&self, job_id: &str, fragments: &[StagedFragment]) -> StoreResult<()>;
+
+    /// Records a commit of `fragments`: marks them committed, counts one
+    /// commit and adds its event, in as few calls as the store allows.
+    async fn record_commit(
+        &self,
+        job_id: &str,
+        fragments: &[StagedFragment],
+        event: &str,
+    ) -> StoreResult<()>;
 
     /// Takes (or renews, for the same owner) a named lease of the job.
     async fn try_lease(

@@ -128,6 +128,7 @@ pub(super) fn job_put(table: &str, job: &Job, created_ms: i64) -> anyhow::Result
     let mut item = job_key(&job.job_id);
     item.insert("job_id".into(), s(&job.job_id));
     item.insert("table_key".into(), s(job.spec.table_id.key()));
+    item.insert(super::RECENT_KEY_ATTRIBUTE.into(), s(super::RECENT_KEY));
     item.insert(
         "created_sk".into(),
         s(format!("{created_ms:015}#{}", job.job_id)),

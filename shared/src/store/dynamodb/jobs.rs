@@ -10,7 +10,9 @@ use super::items::{
     EVENT_PREFIX, Item, counters_update, create_only, event_from_item, event_put, get_s,
     job_from_item, job_key, job_pk, job_put, key, metrics_from_item, n, s,
 };
-use super::{BY_TABLE_INDEX, DynamoJobStore, unavailable};
+use super::{
+    BY_TABLE_INDEX, DynamoJobStore, RECENT_INDEX, RECENT_KEY, RECENT_KEY_ATTRIBUTE, unavailable,
+};
 use crate::job::{Job, JobEvent, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339};
 use crate::store::{
     CreateOutcome, IDEMPOTENCY_TTL, IdempotencyClaim, JobPage, StoreError, StoreResult,
@@ -181,22 +183,22 @@ impl DynamoJobStore {
         }
     }
 
-    /// A page of `limit` jobs. DynamoDB ends a query page at 1 MB of items
-    /// whatever the `Limit`, so pages are read until `limit` jobs are in
-    /// hand or the index has no more.
+    /// A page of `limit` jobs of `listing`, newest first. DynamoDB ends a
+    /// query page at 1 MB of items whatever the `Limit`, so pages are read
+    /// until `limit` jobs are in hand or the index has no more.
     pub(super) async fn list(
         &self,
-        table_key: &str,
+        listing: Listing<'_>,
         limit: usize,
         page_token: Option<&str>,
     ) -> StoreResult<JobPage> {
         let mut start = page_token
-            .map(|token| start_key(token, table_key))
+            .map(|token| start_key(token, &listing))
             .transpose()?;
         let mut jobs = Vec::new();
         loop {
             let (page, last) = self
-                .query_jobs(table_key, limit - jobs.len(), start.take())
+                .query_jobs(&listing, limit - jobs.len(), start.take())
                 .await?;
             jobs.extend(page);
             match last {
@@ -217,10 +219,10 @@ impl DynamoJobStore {
         }
     }
 
-    /// One query page of a table's jobs, newest first, and where it ended.
+    /// One query page of a listing, newest first, and where it ended.
     async fn query_jobs(
         &self,
-        table_key: &str,
+        listing: &Listing<'_>,
         limit: usize,
         start: Option<Item>,
     ) -> StoreResult<(Vec<Job>, Option<Item>)> {
@@ -228,15 +230,16 @@ impl DynamoJobStore {
             self.client
                 .query()
                 .table_name(&self.table)
-                .index_name(BY_TABLE_INDEX)
-                .key_condition_expression("table_key = :t")
-                .expression_attribute_values(":t", s(table_key))
+                .index_name(listing.index())
+                .key_condition_expression("#h = :h")
+                .expression_attribute_names("#h", listing.hash_attribute())
+                .expression_attribute_values(":h", s(listing.hash_value()))
                 .scan_index_forward(false)
                 .limit(limit as i32)
                 .set_exclusive_start_key(start.clone())
                 .send()
                 .await
-                .map_err(|err| classify(err, "Query by_table"))
+                .map_err(|err| classify(err, "Query jobs"))
         })
         .await
         .map_err(Failure::into_store_error)?;
@@ -422,19 +425,50 @@ impl DynamoJobStore {
     }
 }
 
-/// The exclusive start key a page token stands for (only for this table's listing).
-fn start_key(token: &str, table_key: &str) -> StoreResult<Item> {
+/// Which jobs a listing reads: one table's (index `by_table`) or every
+/// table's (index `recent`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Listing<'a> {
+    Table(&'a str),
+    All,
+}
+
+impl Listing<'_> {
+    fn index(&self) -> &'static str {
+        match self {
+            Self::Table(_) => BY_TABLE_INDEX,
+            Self::All => RECENT_INDEX,
+        }
+    }
+
+    fn hash_attribute(&self) -> &'static str {
+        match self {
+            Self::Table(_) => "table_key",
+            Self::All => RECENT_KEY_ATTRIBUTE,
+        }
+    }
+
+    fn hash_value(&self) -> &str {
+        match self {
+            Self::Table(key) => key,
+            Self::All => RECENT_KEY,
+        }
+    }
+}
+
+/// The exclusive start key a page token stands for (only for its own listing).
+fn start_key(token: &str, listing: &Listing<'_>) -> StoreResult<Item> {
     let value = decode_token(token).ok_or(StoreError::BadPageToken)?;
     let object = value.as_object().ok_or(StoreError::BadPageToken)?;
     let mut start = Item::new();
-    for name in ["pk", "sk", "table_key", "created_sk"] {
+    for name in ["pk", "sk", listing.hash_attribute(), "created_sk"] {
         let text = object
             .get(name)
             .and_then(|v| v.as_str())
             .ok_or(StoreError::BadPageToken)?;
         start.insert(name.to_string(), s(text));
     }
-    if get_s(&start, "table_key") != Some(table_key) {
+    if get_s(&start, listing.hash_attribute()) != Some(listing.hash_value()) {
         return Err(StoreError::BadPageToken);
     }
     Ok(start)

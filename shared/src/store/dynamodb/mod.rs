@@ -11,6 +11,7 @@ mod items;
 mod jobs;
 mod row_failures;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -22,14 +23,19 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::{
-    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, RowFailure, StagedFragment,
-    StoreError, StoreResult, TaskMark,
+    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, Resolution, RowFailure,
+    StagedFragment, StoreError, StoreResult, TaskMark,
 };
 use crate::job::{Job, JobEvent, JobState, Metrics, MetricsDelta};
 use calls::{Failure, classify, classify_transaction, retry_busy};
 use items::{Item, key};
 
 pub const BY_TABLE_INDEX: &str = "by_table";
+/// Every job, newest first (`POST /v1/jobs/list`): job items carry
+/// `list_key` = `JOBS`, so only they are in this index.
+pub const RECENT_INDEX: &str = "recent";
+pub(crate) const RECENT_KEY_ATTRIBUTE: &str = "list_key";
+pub(crate) const RECENT_KEY: &str = "JOBS";
 
 #[derive(Clone)]
 pub struct DynamoJobStore {
@@ -73,12 +79,25 @@ impl DynamoJobStore {
             .attribute_definitions(attr("sk")?)
             .attribute_definitions(attr("table_key")?)
             .attribute_definitions(attr("created_sk")?)
+            .attribute_definitions(attr(RECENT_KEY_ATTRIBUTE)?)
             .key_schema(key_el("pk", KeyType::Hash)?)
             .key_schema(key_el("sk", KeyType::Range)?)
             .global_secondary_indexes(
                 GlobalSecondaryIndex::builder()
                     .index_name(BY_TABLE_INDEX)
                     .key_schema(key_el("table_key", KeyType::Hash)?)
+                    .key_schema(key_el("created_sk", KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::All)
+                            .build(),
+                    )
+                    .build()?,
+            )
+            .global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(RECENT_INDEX)
+                    .key_schema(key_el(RECENT_KEY_ATTRIBUTE, KeyType::Hash)?)
                     .key_schema(key_el("created_sk", KeyType::Range)?)
                     .projection(
                         Projection::builder()
@@ -176,7 +195,16 @@ impl JobStore for DynamoJobStore {
         limit: usize,
         page_token: Option<&str>,
     ) -> StoreResult<JobPage> {
-        self.list(table_key, limit, page_token).await
+        self.list(jobs::Listing::Table(table_key), limit, page_token)
+            .await
+    }
+
+    async fn list_recent_jobs(
+        &self,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> StoreResult<JobPage> {
+        self.list(jobs::Listing::All, limit, page_token).await
     }
 
     async fn transition(
@@ -210,12 +238,21 @@ impl JobStore for DynamoJobStore {
         self.task_done(job_id, fragment_id, task).await
     }
 
-    async fn stage_fragment(&self, job_id: &str, staged: &StagedFragment) -> StoreResult<bool> {
-        self.stage(job_id, staged).await
+    async fn resolve_fragments(
+        &self,
+        job_id: &str,
+        resolutions: &[Resolution],
+        delta: &MetricsDelta,
+    ) -> StoreResult<Vec<u64>> {
+        self.resolve(job_id, resolutions, delta).await
     }
 
-    async fn skip_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<bool> {
-        self.skip(job_id, fragment_id).await
+    async fn resolved_fragments(
+        &self,
+        job_id: &str,
+        fragment_ids: &[u64],
+    ) -> StoreResult<HashSet<u64>> {
+        self.resolved(job_id, fragment_ids).await
     }
 
     async fn staged_fragments(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>> {
@@ -223,7 +260,16 @@ impl JobStore for DynamoJobStore {
     }
 
     async fn mark_committed(&self, job_id: &str, fragments: &[StagedFragment]) -> StoreResult<()> {
-        self.committed(job_id, fragments).await
+        self.committed(job_id, fragments, None).await
+    }
+
+    async fn record_commit(
+        &self,
+        job_id: &str,
+        fragments: &[StagedFragment],
+        event: &str,
+    ) -> StoreResult<()> {
+        self.committed(job_id, fragments, Some(event)).await
     }
 
     async fn try_lease(

@@ -1,13 +1,14 @@
 //! The embedded job store: the same contract as DynamoDB, in SQLite.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Transaction, params};
 
 use super::{
-    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, RowFailure, StagedFragment,
-    StoreError, StoreResult, TaskMark, column_lock_key, decode_token, encode_token,
+    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, Resolution, RowFailure,
+    StagedFragment, StoreError, StoreResult, TaskMark, column_lock_key, decode_token, encode_token,
 };
 use crate::embedded::EmbeddedDb;
 
@@ -16,8 +17,8 @@ use crate::job::{
     Counter, Job, JobEvent, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339,
 };
 use rows::{
-    active_lock_holder, add_counters, fragment_status, idempotency_outcome, insert_job, push_event,
-    read_events, read_job, read_metrics,
+    active_lock_holder, add_counters, commit_fragments, fragment_status, idempotency_outcome,
+    insert_job, push_event, read_events, read_job, read_metrics, resolve_one,
 };
 
 #[derive(Clone)]
@@ -37,6 +38,68 @@ impl SqliteJobStore {
         F: FnOnce(&Transaction<'_>) -> anyhow::Result<T> + Send + 'static,
     {
         Ok(self.db.call(f).await?)
+    }
+
+    /// A page of jobs, newest first: of one table, or (`None`) of all.
+    async fn list_page(
+        &self,
+        table_key: Option<String>,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> StoreResult<JobPage> {
+        let cursor = match page_token {
+            Some(token) => {
+                let value = decode_token(token).ok_or(StoreError::BadPageToken)?;
+                let created = value
+                    .get("c")
+                    .and_then(|v| v.as_i64())
+                    .ok_or(StoreError::BadPageToken)?;
+                let id = value
+                    .get("j")
+                    .and_then(|v| v.as_str())
+                    .ok_or(StoreError::BadPageToken)?
+                    .to_string();
+                // A token continues only the listing that issued it.
+                if value.get("t").and_then(|v| v.as_str()) != table_key.as_deref() {
+                    return Err(StoreError::BadPageToken);
+                }
+                Some((created, id))
+            }
+            None => None,
+        };
+        self.run(move |tx| {
+            let (after_ms, after_id) = cursor.unwrap_or((i64::MAX, String::from("\u{10ffff}")));
+            let mut stmt = tx.prepare(
+                "SELECT job_id, created_ms FROM jobs WHERE (?1 IS NULL OR table_key = ?1)
+                       AND (created_ms < ?2 OR (created_ms = ?2 AND job_id < ?3))
+                     ORDER BY created_ms DESC, job_id DESC LIMIT ?4",
+            )?;
+            let ids: Vec<(String, i64)> = stmt
+                .query_map(
+                    params![table_key, after_ms, after_id, (limit + 1) as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
+                .collect::<Result<_, _>>()?;
+            let more = ids.len() > limit;
+            let mut jobs = Vec::new();
+            for (id, _) in ids.iter().take(limit) {
+                if let Some(job) = read_job(tx, id)? {
+                    jobs.push(job);
+                }
+            }
+            let next_page_token = if more {
+                ids.get(limit - 1).map(|(id, created)| {
+                    encode_token(&serde_json::json!({"c": created, "j": id, "t": table_key}))
+                })
+            } else {
+                None
+            };
+            Ok(JobPage {
+                jobs,
+                next_page_token,
+            })
+        })
+        .await
     }
 }
 
@@ -142,55 +205,16 @@ impl JobStore for SqliteJobStore {
         limit: usize,
         page_token: Option<&str>,
     ) -> StoreResult<JobPage> {
-        let cursor = match page_token {
-            Some(token) => {
-                let value = decode_token(token).ok_or(StoreError::BadPageToken)?;
-                let created = value
-                    .get("c")
-                    .and_then(|v| v.as_i64())
-                    .ok_or(StoreError::BadPageToken)?;
-                let id = value
-                    .get("j")
-                    .and_then(|v| v.as_str())
-                    .ok_or(StoreError::BadPageToken)?
-                    .to_string();
-                Some((created, id))
-            }
-            None => None,
-        };
-        let table_key = table_key.to_string();
-        self.run(move |tx| {
-            let (after_ms, after_id) = cursor.unwrap_or((i64::MAX, String::from("\u{10ffff}")));
-            let mut stmt = tx.prepare(
-                "SELECT job_id, created_ms FROM jobs WHERE table_key = ?1
-                       AND (created_ms < ?2 OR (created_ms = ?2 AND job_id < ?3))
-                     ORDER BY created_ms DESC, job_id DESC LIMIT ?4",
-            )?;
-            let ids: Vec<(String, i64)> = stmt
-                .query_map(
-                    params![table_key, after_ms, after_id, (limit + 1) as i64],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?
-                .collect::<Result<_, _>>()?;
-            let more = ids.len() > limit;
-            let mut jobs = Vec::new();
-            for (id, _) in ids.iter().take(limit) {
-                if let Some(job) = read_job(tx, id)? {
-                    jobs.push(job);
-                }
-            }
-            let next_page_token = if more {
-                ids.get(limit - 1)
-                    .map(|(id, created)| encode_token(&serde_json::json!({"c": created, "j": id})))
-            } else {
-                None
-            };
-            Ok(JobPage {
-                jobs,
-                next_page_token,
-            })
-        })
-        .await
+        self.list_page(Some(table_key.to_string()), limit, page_token)
+            .await
+    }
+
+    async fn list_recent_jobs(
+        &self,
+        limit: usize,
+        page_token: Option<&str>,
+    ) -> StoreResult<JobPage> {
+        self.list_page(None, limit, page_token).await
     }
 
     async fn transition(
@@ -292,41 +316,46 @@ impl JobStore for SqliteJobStore {
             .await
     }
 
-    async fn stage_fragment(&self, job_id: &str, staged: &StagedFragment) -> StoreResult<bool> {
+    async fn resolve_fragments(
+        &self,
+        job_id: &str,
+        resolutions: &[Resolution],
+        delta: &MetricsDelta,
+    ) -> StoreResult<Vec<u64>> {
         let job_id = job_id.to_string();
-        let staged = staged.clone();
+        let resolutions = resolutions.to_vec();
+        let delta = delta.clone();
         self.run(move |tx| {
-                if fragment_status(tx, &job_id, staged.fragment_id)?.is_resolved() {
-                    return Ok(false);
+            let mut recorded = Vec::with_capacity(resolutions.len());
+            for (i, resolution) in resolutions.iter().enumerate() {
+                if !resolve_one(tx, &job_id, resolution)? {
+                    continue;
                 }
-                tx.execute(
-                    "INSERT INTO fragments (job_id, fragment_id, status, staged) VALUES (?1, ?2, 'STAGED', ?3)
-                     ON CONFLICT (job_id, fragment_id) DO UPDATE SET status = 'STAGED', staged = excluded.staged",
-                    params![job_id, staged.fragment_id as i64, serde_json::to_string(&staged)?],
-                )?;
-                add_counters(tx, &job_id, &MetricsDelta::new().add(Counter::FragmentsStaged, 1))?;
-                Ok(true)
-            })
-            .await
+                recorded.push(resolution.fragment_id);
+                if i + 1 == resolutions.len() && !delta.is_empty() {
+                    add_counters(tx, &job_id, &delta)?;
+                }
+            }
+            Ok(recorded)
+        })
+        .await
     }
 
-    async fn skip_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<bool> {
+    async fn resolved_fragments(
+        &self,
+        job_id: &str,
+        fragment_ids: &[u64],
+    ) -> StoreResult<HashSet<u64>> {
         let job_id = job_id.to_string();
+        let ids = fragment_ids.to_vec();
         self.run(move |tx| {
-            if fragment_status(tx, &job_id, fragment_id)?.is_resolved() {
-                return Ok(false);
+            let mut resolved = HashSet::new();
+            for id in ids {
+                if fragment_status(tx, &job_id, id)?.is_resolved() {
+                    resolved.insert(id);
+                }
             }
-            tx.execute(
-                "INSERT INTO fragments (job_id, fragment_id, status) VALUES (?1, ?2, 'SKIPPED')
-                     ON CONFLICT (job_id, fragment_id) DO UPDATE SET status = 'SKIPPED'",
-                params![job_id, fragment_id as i64],
-            )?;
-            add_counters(
-                tx,
-                &job_id,
-                &MetricsDelta::new().add(Counter::FragmentsSkipped, 1),
-            )?;
-            Ok(true)
+            Ok(resolved)
         })
         .await
     }
@@ -350,25 +379,29 @@ impl JobStore for SqliteJobStore {
     async fn mark_committed(&self, job_id: &str, fragments: &[StagedFragment]) -> StoreResult<()> {
         let job_id = job_id.to_string();
         let fragments = fragments.to_vec();
-        self.run(move |tx| {
-                for fragment in &fragments {
-                    let changed = tx.execute(
-                        "UPDATE fragments SET status = 'COMMITTED' WHERE job_id = ?1 AND fragment_id = ?2 AND status = 'STAGED'",
-                        params![job_id, fragment.fragment_id as i64],
-                    )?;
-                    if changed == 1 {
-                        add_counters(
-                            tx,
-                            &job_id,
-                            &MetricsDelta::new()
-                                .add(Counter::FragmentsCommitted, 1)
-                                .add(Counter::RowsCommitted, fragment.rows as i64),
-                        )?;
-                    }
-                }
-                Ok(())
-            })
+        self.run(move |tx| commit_fragments(tx, &job_id, &fragments))
             .await
+    }
+
+    async fn record_commit(
+        &self,
+        job_id: &str,
+        fragments: &[StagedFragment],
+        event: &str,
+    ) -> StoreResult<()> {
+        let job_id = job_id.to_string();
+        let fragments = fragments.to_vec();
+        let event = event.to_string();
+        self.run(move |tx| {
+            commit_fragments(tx, &job_id, &fragments)?;
+            add_counters(
+                tx,
+                &job_id,
+                &MetricsDelta::new().add(Counter::CommitsDone, 1),
+            )?;
+            push_event(tx, &job_id, &event)
+        })
+        .await
     }
 
     async fn try_lease(

@@ -5,7 +5,8 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::job::{Counter, Job, JobEvent, JobSpec, JobState, Metrics, MetricsDelta, now_millis};
 use crate::store::{
-    CreateOutcome, FragmentStatus, IDEMPOTENCY_TTL, IdempotencyClaim, column_lock_key,
+    CreateOutcome, FragmentStatus, IDEMPOTENCY_TTL, IdempotencyClaim, Resolution, StagedFragment,
+    column_lock_key,
 };
 
 pub(super) fn read_job(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Option<Job>> {
@@ -119,6 +120,57 @@ pub(super) fn fragment_status(
     Ok(status
         .map(|s| FragmentStatus::parse(&s))
         .unwrap_or(FragmentStatus::Open))
+}
+
+/// Records one fragment's outcome with its counter, unless it was resolved
+/// already; returns whether it recorded it.
+pub(super) fn resolve_one(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    resolution: &Resolution,
+) -> anyhow::Result<bool> {
+    if fragment_status(tx, job_id, resolution.fragment_id)?.is_resolved() {
+        return Ok(false);
+    }
+    let (status, staged, counter) = match &resolution.staged {
+        Some(staged) => (
+            "STAGED",
+            Some(serde_json::to_string(staged)?),
+            Counter::FragmentsStaged,
+        ),
+        None => ("SKIPPED", None, Counter::FragmentsSkipped),
+    };
+    tx.execute(
+        "INSERT INTO fragments (job_id, fragment_id, status, staged) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (job_id, fragment_id) DO UPDATE SET status = excluded.status, staged = excluded.staged",
+        params![job_id, resolution.fragment_id as i64, status, staged],
+    )?;
+    add_counters(tx, job_id, &MetricsDelta::new().add(counter, 1))?;
+    Ok(true)
+}
+
+/// Marks staged fragments committed and counts them, each once.
+pub(super) fn commit_fragments(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    fragments: &[StagedFragment],
+) -> anyhow::Result<()> {
+    for fragment in fragments {
+        let changed = tx.execute(
+            "UPDATE fragments SET status = 'COMMITTED' WHERE job_id = ?1 AND fragment_id = ?2 AND status = 'STAGED'",
+            params![job_id, fragment.fragment_id as i64],
+        )?;
+        if changed == 1 {
+            add_counters(
+                tx,
+                job_id,
+                &MetricsDelta::new()
+                    .add(Counter::FragmentsCommitted, 1)
+                    .add(Counter::RowsCommitted, fragment.rows as i64),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The earlier job of an idempotency key, if the key was seen.

@@ -1,0 +1,201 @@
+//! `POST /v1/jobs/describe`, `/v1/jobs/list` and `/v1/jobs/cancel`: the job
+//! routes as LanceDB's client speaks them (`refresh_column(...).wait()`,
+//! `list_jobs()`, `cancel_job()`), over the same store, authentication and
+//! authorization as `/v1/job/{id}`.
+
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::jobs::{DEFAULT_PAGE_SIZE, EVENTS_SHOWN, MAX_PAGE_SIZE};
+use super::policy::Action;
+use super::routes::ClientJobsRoute;
+use super::{ApiError, ApiRequest, ApiResponse, Service, store_unavailable};
+use crate::job::{Counter, Job, JobState, published_version};
+
+#[derive(Debug, Deserialize)]
+struct JobRequest {
+    job_id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ListRequest {
+    #[serde(default)]
+    page_token: Option<String>,
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+impl Service {
+    pub(super) async fn client_jobs(
+        &self,
+        http: &ApiRequest,
+        route: ClientJobsRoute,
+    ) -> Result<ApiResponse, ApiError> {
+        let principal = self.authenticate(http)?;
+        let body = match route {
+            ClientJobsRoute::Describe => {
+                let request: JobRequest = http.json()?;
+                let job = self.load_job(&principal, &request.job_id).await?;
+                self.described(&job).await?
+            }
+            ClientJobsRoute::Cancel => {
+                let request: JobRequest = http.json()?;
+                let job = self.cancel(&principal, &request.job_id).await?;
+                self.described(&job).await?
+            }
+            ClientJobsRoute::List => {
+                let request: ListRequest = if http.body.iter().all(u8::is_ascii_whitespace) {
+                    ListRequest::default()
+                } else {
+                    http.json()?
+                };
+                self.list_all(&principal, request).await?
+            }
+        };
+        Ok(ApiResponse::json(StatusCode::OK, &body))
+    }
+
+    /// The job as `jobs/describe` answers it; the published version is in
+    /// its latest commit event.
+    async fn described(&self, job: &Job) -> Result<Value, ApiError> {
+        let events = if job.state == JobState::Done {
+            self.store
+                .list_events(&job.job_id, EVENTS_SHOWN)
+                .await
+                .map_err(store_unavailable)?
+        } else {
+            Vec::new()
+        };
+        Ok(client_job_json(job, published_version(&events)))
+    }
+
+    async fn list_all(
+        &self,
+        principal: &super::auth::Principal,
+        request: ListRequest,
+    ) -> Result<Value, ApiError> {
+        let limit = match request.limit {
+            None => DEFAULT_PAGE_SIZE,
+            Some(n) if (1..=MAX_PAGE_SIZE as u64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ApiError::invalid_input(format!(
+                    "field 'limit' must be from 1 to {MAX_PAGE_SIZE}, got {n}"
+                )));
+            }
+        };
+        let token = request.page_token.filter(|t| !t.is_empty());
+        let page = self
+            .store
+            .list_recent_jobs(limit, token.as_deref())
+            .await
+            .map_err(store_unavailable)?;
+        // Jobs of tables the caller may not read are left out, as if absent.
+        let jobs: Vec<Value> = page
+            .jobs
+            .iter()
+            .filter(|job| {
+                self.authorize(principal, &job.spec.table_id, Action::Read)
+                    .is_ok()
+            })
+            .map(|job| {
+                json!({
+                    "job_id": job.job_id,
+                    "table": job.spec.table_id.display(),
+                    "job_type": JOB_TYPE,
+                    "state": wire_state(job.state),
+                    "created_at_millis": created_millis(job),
+                })
+            })
+            .collect();
+        Ok(json!({ "jobs": jobs, "page_token": page.next_page_token }))
+    }
+}
+
+/// Every job of this service fills columns.
+const JOB_TYPE: &str = "backfill";
+
+/// The states LanceDB's client knows: it polls on `IN_PROGRESS` and ends on
+/// the others.
+fn wire_state(state: JobState) -> &'static str {
+    match state {
+        JobState::Pending | JobState::Running => "IN_PROGRESS",
+        JobState::Done => "DONE",
+        JobState::Failed => "FAILED",
+        JobState::Cancelled => "CANCELLED",
+    }
+}
+
+fn created_millis(job: &Job) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(&job.created_at)
+        .map(|at| at.timestamp_millis())
+        .unwrap_or(0)
+}
+
+fn client_job_json(job: &Job, published: Option<u64>) -> Value {
+    let metrics = &job.metrics;
+    let total = metrics.get(Counter::RowsTotal);
+    let result = (job.state == JobState::Done).then(|| {
+        json!({
+            "rows_assigned": total,
+            "rows_failed": metrics.get(Counter::RowsFailed),
+            // Every row a DONE job was given was filled, skipped or failed.
+            "rows_remaining": 0,
+            "source_version": job.spec.read_version,
+            "published_version": published,
+        })
+    });
+    let failure = (job.state == JobState::Failed).then(|| {
+        json!({
+            "phase": "execute",
+            "message": job.error.clone().unwrap_or_else(|| "the job failed".to_string()),
+            "retryable": false,
+        })
+    });
+    json!({
+        "job_id": job.job_id,
+        "job_type": JOB_TYPE,
+        "job_state": wire_state(job.state),
+        "creation_ms": created_millis(job),
+        "spec": {
+            "table": job.spec.table_id.display(),
+            "column": job.spec.column,
+            "columns": job.spec.columns(),
+            "expression": job.spec.expression,
+            "where": job.spec.filter,
+            "read_version": job.spec.read_version,
+        },
+        "result": result,
+        "failure": failure,
+        "progress": {
+            "rows_total": total,
+            "rows_computed": metrics.get(Counter::RowsComputed),
+            "rows_committed": metrics.get(Counter::RowsCommitted),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobEvent;
+
+    fn event(message: &str) -> JobEvent {
+        JobEvent {
+            at: String::new(),
+            message: message.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_last_commit_names_the_published_version() {
+        let events = [
+            event("planned 2 tasks over 2 fragments (20 rows) at version 3"),
+            event("committed fragments 0 (10 rows) as version 4"),
+            event("committed fragments 1 (10 rows) as version 6"),
+            event("done: 2 fragments committed in 2 commits, 0 unchanged"),
+        ];
+        assert_eq!(published_version(&events), Some(6));
+        assert_eq!(published_version(&events[..1]), None);
+    }
+}

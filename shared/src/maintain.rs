@@ -1,0 +1,246 @@
+//! Maintained columns: a column declared with `auto_backfill` is filled
+//! whenever a new table version brings rows it has no value for. Each pass
+//! looks at a table's latest version and submits, through the same
+//! submission as the API, a job over the fragments appended since the last
+//! job it made (fragment ids only grow, so "appended since" is "id above").
+//!
+//! - Idempotent: one job per table, column and version (the idempotency key
+//!   names them), however many watchers see the version.
+//! - Coalesced: while a column's job runs, new versions wait; the next pass
+//!   after it ends submits one job covering all of them.
+//! - Chained: a column whose inputs include a maintained column waits until
+//!   that column has covered the same fragments and its job has ended.
+//!
+//! `serve` runs [`watch`] over the tables under its root.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lance::Dataset;
+use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
+use tokio::sync::{Mutex, watch};
+use tracing::{info, warn};
+
+use crate::computed::{MAINTAINED_KEY, Program, resolve_target};
+use crate::error::Error;
+use crate::store::JobStore;
+use crate::submit::{SubmitOutcome, SubmitRequest, Submitter};
+use crate::table::{Catalog, TableId};
+
+/// How `serve` looks for new versions by default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Tables a watcher looks at (the first this many the namespace lists).
+pub const MAX_WATCHED_TABLES: usize = 10_000;
+/// Who maintained-column jobs are submitted by.
+pub const MAINTAINER: &str = "maintainer";
+
+/// Where a maintained column stands, as this process knows it.
+#[derive(Debug, Clone, Default)]
+struct Covered {
+    /// The highest fragment id its jobs covered (`None`: none yet, so the
+    /// first job covers every fragment, filling whatever is still null).
+    through: Option<u64>,
+    /// The last job submitted for it.
+    last_job: Option<String>,
+}
+
+/// A maintained column and the columns it reads.
+struct Maintained {
+    column: String,
+    inputs: Vec<String>,
+}
+
+pub struct Maintainer {
+    catalog: Arc<Catalog>,
+    store: Arc<dyn JobStore>,
+    submitter: Submitter,
+    covered: Mutex<HashMap<(String, String), Covered>>,
+}
+
+impl Maintainer {
+    pub fn new(catalog: Arc<Catalog>, store: Arc<dyn JobStore>, submitter: Submitter) -> Self {
+        Self {
+            catalog,
+            store,
+            submitter,
+            covered: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One pass over every table under the root.
+    pub async fn pass(&self) -> Vec<String> {
+        let mut jobs = Vec::new();
+        for table in self.catalog.list_tables(MAX_WATCHED_TABLES).await {
+            match self.maintain(&table).await {
+                Ok(mut submitted) => jobs.append(&mut submitted),
+                Err(err) => {
+                    warn!(table = %table.display(), error = %err, "could not maintain the table's columns")
+                }
+            }
+        }
+        jobs
+    }
+
+    /// Submits the jobs the table's maintained columns need at its latest
+    /// version; returns their ids.
+    pub async fn maintain(&self, table: &TableId) -> Result<Vec<String>, Error> {
+        let uri = self.catalog.locate(table).await?;
+        let dataset = self
+            .catalog
+            .latest(&uri, None)
+            .await
+            .map_err(|err| Error::from_lance(err, "opening the table"))?;
+        let columns = maintained_columns(&dataset)?;
+        let Some(last_fragment) = dataset.get_fragments().iter().map(|f| f.id() as u64).max()
+        else {
+            return Ok(Vec::new());
+        };
+        let mut submitted = Vec::new();
+        for column in &columns {
+            if !self.is_due(table, column, &columns, last_fragment).await? {
+                continue;
+            }
+            if let Some(job_id) = self.submit(table, column, &dataset, last_fragment).await? {
+                submitted.push(job_id);
+            }
+        }
+        Ok(submitted)
+    }
+
+    /// Whether the column needs a job now: fragments beyond what it covered,
+    /// no job of its own running, and its maintained inputs settled.
+    async fn is_due(
+        &self,
+        table: &TableId,
+        column: &Maintained,
+        all: &[Maintained],
+        last_fragment: u64,
+    ) -> Result<bool, Error> {
+        let state = self.state(table, &column.column).await;
+        if state
+            .through
+            .is_some_and(|through| through >= last_fragment)
+        {
+            return Ok(false);
+        }
+        if self.is_running(&state).await? {
+            return Ok(false);
+        }
+        for input in all.iter().filter(|c| column.inputs.contains(&c.column)) {
+            let input_state = self.state(table, &input.column).await;
+            let settled = input_state.through.is_some_and(|t| t >= last_fragment)
+                && !self.is_running(&input_state).await?;
+            if !settled {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn state(&self, table: &TableId, column: &str) -> Covered {
+        self.covered
+            .lock()
+            .await
+            .get(&(table.key(), column.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn is_running(&self, state: &Covered) -> Result<bool, Error> {
+        let Some(job_id) = &state.last_job else {
+            return Ok(false);
+        };
+        let job = self
+            .store
+            .get_job(job_id)
+            .await
+            .map_err(|err| Error::transient(format!("reading job {job_id}: {err}")))?;
+        Ok(job.is_some_and(|job| !job.state.is_terminal()))
+    }
+
+    /// Submits the column's job over the fragments after those it covered.
+    async fn submit(
+        &self,
+        table: &TableId,
+        column: &Maintained,
+        dataset: &Dataset,
+        last_fragment: u64,
+    ) -> Result<Option<String>, Error> {
+        let state = self.state(table, &column.column).await;
+        let request = AlterTableBackfillColumnsRequest::new(column.column.clone());
+        let mut submit = SubmitRequest::new(table.clone(), request, MAINTAINER.to_string());
+        // Declaring a maintained user-function column needed the permission.
+        submit.allow_udf = true;
+        submit.first_fragment_id = state.through.map(|through| through + 1);
+        submit.idempotency_key = Some(format!(
+            "maintain:{}:{}:{}",
+            table.key(),
+            column.column,
+            dataset.version().version
+        ));
+        let job_id = match self.submitter.submit(submit).await {
+            Ok(SubmitOutcome::Created { job_id } | SubmitOutcome::Replayed { job_id }) => job_id,
+            Ok(SubmitOutcome::DryRun(_)) => return Ok(None),
+            // Another job (a user's) fills the column: look again next pass.
+            Err(Error::Conflict(_)) => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        info!(table = %table.display(), column = %column.column, %job_id, version = dataset.version().version, through = last_fragment, "maintained column: job submitted");
+        self.covered.lock().await.insert(
+            (table.key(), column.column.clone()),
+            Covered {
+                through: Some(last_fragment),
+                last_job: Some(job_id.clone()),
+            },
+        );
+        Ok(Some(job_id))
+    }
+}
+
+/// The table's maintained columns (a user function's once, by its first
+/// output), each with the columns it reads.
+fn maintained_columns(dataset: &Dataset) -> Result<Vec<Maintained>, Error> {
+    let schema = dataset.schema();
+    let mut columns: Vec<Maintained> = Vec::new();
+    for field in &schema.fields {
+        if field.metadata.get(MAINTAINED_KEY).map(String::as_str) != Some("true") {
+            continue;
+        }
+        let target = resolve_target(schema, &field.name)?;
+        if columns.iter().any(|c| c.column == target.name) {
+            continue;
+        }
+        let program = Program::compile(schema, &target, None)?;
+        let inputs = program
+            .read_schema
+            .fields
+            .iter()
+            .map(|f| f.name.clone())
+            .filter(|name| !program.columns.contains(name))
+            .collect();
+        columns.push(Maintained {
+            column: target.name,
+            inputs,
+        });
+    }
+    Ok(columns)
+}
+
+/// Passes over the tables every `interval` until `stop` turns true.
+pub async fn watch(
+    maintainer: Arc<Maintainer>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        maintainer.pass().await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Job events: every state change of a job that finishes, one that is
+//! cancelled and one that fails reaches the JSON-lines log and a webhook
+//! (which refuses its first delivery, so the retry is exercised), with the
+//! table, columns, versions and row counts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use lance_backfill::events::{JsonLinesSink, Publisher, WebhookSink};
+use lance_backfill::runner::RunnerConfig;
+use lance_backfill_tests::{
+    Stack, StackOptions, eventually, fast_engine, latest_version, write_sample_table,
+};
+use serde_json::{Value, json};
+
+#[derive(Clone, Default)]
+struct Webhook {
+    received: Arc<Mutex<Vec<Value>>>,
+    refused: Arc<Mutex<u32>>,
+}
+
+async fn receive(State(hook): State<Webhook>, body: String) -> StatusCode {
+    {
+        let mut refused = hook.refused.lock().unwrap();
+        if *refused == 0 {
+            *refused += 1;
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+    }
+    match serde_json::from_str(&body) {
+        Ok(value) => {
+            hook.received.lock().unwrap().push(value);
+            StatusCode::OK
+        }
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+async fn start_webhook() -> (String, Webhook) {
+    let hook = Webhook::default();
+    let app = Router::new()
+        .route("/events", axum::routing::post(receive))
+        .with_state(hook.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{address}/events"), hook)
+}
+
+/// The changes each job went through, in order.
+fn changes_by_job(events: &[Value]) -> HashMap<String, Vec<String>> {
+    let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
+    for event in events {
+        by_job
+            .entry(event["job_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(event["change"].as_str().unwrap().to_string());
+    }
+    by_job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_state_change_reaches_the_log_and_the_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.jsonl");
+    let (url, hook) = start_webhook().await;
+    let publisher = Publisher::default()
+        .with(Arc::new(JsonLinesSink::open(&log).await.unwrap()))
+        .with(Arc::new(WebhookSink::start(url).unwrap()));
+    let mut stack = Stack::embedded(StackOptions {
+        publisher,
+        ..StackOptions::default()
+    })
+    .await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 1000, 4).await.unwrap();
+    stack
+        .declare(
+            "items",
+            &[
+                ("y", "x * 2 + 1"),
+                ("z", "x + 1"),
+                ("bad", "CAST(s AS BIGINT)"),
+            ],
+        )
+        .await;
+    // Cancelled before any worker runs.
+    let cancelled = stack.submit("items", json!({"column": "z"})).await;
+    let (status, _) = stack
+        .post(&format!("/v1/job/{cancelled}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    let done = stack.submit("items", json!({"column": "y"})).await;
+    let done_job = stack.wait_done(&done, Duration::from_secs(60)).await;
+    let failed = stack.submit("items", json!({"column": "bad"})).await;
+    stack.wait(&failed, Duration::from_secs(60)).await;
+
+    let expected = HashMap::from([
+        (cancelled.clone(), vec!["SUBMITTED", "CANCELLED"]),
+        (done.clone(), vec!["SUBMITTED", "RUNNING", "DONE"]),
+        (failed.clone(), vec!["SUBMITTED", "RUNNING", "FAILED"]),
+    ]);
+    let expected: HashMap<String, Vec<String>> = expected
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter().map(String::from).collect()))
+        .collect();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let logged: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(changes_by_job(&logged), expected, "{text}");
+    // The webhook refused the first delivery; the retry brought every event.
+    eventually(Duration::from_secs(30), || {
+        let hook = hook.clone();
+        let expected = expected.clone();
+        async move { changes_by_job(&hook.received.lock().unwrap()) == expected }
+    })
+    .await
+    .expect("every event at the webhook");
+
+    let finished = logged
+        .iter()
+        .find(|e| e["job_id"] == done.as_str() && e["change"] == "DONE")
+        .unwrap();
+    assert_eq!(finished["table"], "items");
+    assert_eq!(finished["columns"], json!(["y"]));
+    assert_eq!(finished["read_version"], done_job.spec.read_version);
+    assert_eq!(finished["published_version"], latest_version(&uri).await);
+    assert_eq!(finished["rows_total"], 1000);
+    assert_eq!(finished["rows_committed"], 1000);
+    let failure = logged
+        .iter()
+        .find(|e| e["job_id"] == failed.as_str() && e["change"] == "FAILED")
+        .unwrap();
+    assert!(
+        !failure["error"].as_str().unwrap_or_default().is_empty(),
+        "{failure}"
+    );
+}

@@ -1,0 +1,183 @@
+//! Maintained columns fill appended rows by themselves: a watcher over the
+//! namespace submits a job per new version (idempotently), coalesces the
+//! versions that arrive while a job runs, and fills a column that reads
+//! another maintained column after it. The values are read back from the
+//! table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lance_backfill::maintain::{self, MAINTAINER, Maintainer};
+use lance_backfill::runner::RunnerConfig;
+use lance_backfill_tests::{
+    Stack, StackOptions, append_rows, eventually, fast_engine, read_i64, write_sample_table,
+};
+use serde_json::json;
+use tokio::sync::watch;
+
+/// The watcher looks often here; `serve` defaults to once a second.
+const POLL: Duration = Duration::from_millis(100);
+
+async fn declare_maintained(stack: &Stack, name: &str, sql: &str) {
+    let (status, body) = stack
+        .post(
+            "/v1/table/items/add_columns",
+            json!({"new_columns": [{"name": name, "computed": sql}],
+                   "context": {"auto_backfill": "true"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let job_id = body["context"]["job_id"]
+        .as_str()
+        .expect("auto_backfill job");
+    stack.wait_done(job_id, Duration::from_secs(60)).await;
+}
+
+/// Every row holds y = 2x + 1 and z = y + 1.
+async fn all_filled(uri: &str) -> bool {
+    let storage = HashMap::new();
+    let (Ok(x), Ok(y), Ok(z)) = (
+        read_i64(uri, "x", &storage).await,
+        read_i64(uri, "y", &storage).await,
+        read_i64(uri, "z", &storage).await,
+    ) else {
+        return false;
+    };
+    x.iter().zip(y.iter().zip(&z)).all(|(x, (y, z))| {
+        let y_expected = x.map(|x| x * 2 + 1);
+        *y == y_expected && *z == y_expected.map(|y| y + 1)
+    })
+}
+
+fn maintainer(stack: &Stack) -> Arc<Maintainer> {
+    let components = &stack.components;
+    Arc::new(Maintainer::new(
+        components.catalog.clone(),
+        components.store.clone(),
+        components.submitter(StackOptions::default().settings),
+    ))
+}
+
+fn start_watcher(stack: &Stack) -> (Arc<Maintainer>, watch::Sender<bool>) {
+    let maintainer = maintainer(stack);
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(maintain::watch(maintainer.clone(), POLL, stop_rx));
+    (maintainer, stop)
+}
+
+async fn maintainer_jobs(stack: &Stack) -> Vec<lance_backfill::job::Job> {
+    let page = stack
+        .store()
+        .list_jobs("items", 1000, None)
+        .await
+        .expect("list jobs");
+    page.jobs
+        .into_iter()
+        .filter(|job| job.spec.submitted_by == MAINTAINER)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appended_rows_are_filled_in_order_and_bursts_coalesce() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 1000, 2).await.unwrap();
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    declare_maintained(&stack, "y", "x * 2 + 1").await;
+    declare_maintained(&stack, "z", "y + 1").await;
+    assert!(all_filled(&uri).await);
+    let (_maintainer, stop) = start_watcher(&stack);
+
+    // One append at a time: each is filled, z after y.
+    let mut next = 1000;
+    for _ in 0..3 {
+        append_rows(&uri, next, 500).await;
+        next += 500;
+        eventually(Duration::from_secs(60), || all_filled(&uri))
+            .await
+            .expect("the appended rows filled");
+    }
+    let jobs = maintainer_jobs(&stack).await;
+    // The watcher's first pass covers everything (it knows nothing yet);
+    // later jobs cover only the fragments appended since.
+    assert!(
+        jobs.iter().any(|job| job.spec.first_fragment_id.is_some()),
+        "{jobs:?}"
+    );
+    for job in &jobs {
+        if let Some(first) = job.spec.first_fragment_id {
+            assert!(
+                job.spec.plan.fragments <= 3,
+                "job over {first}..: {:?}",
+                job.spec.plan
+            );
+        }
+    }
+
+    // A burst of 100 appends: every row filled, through far fewer jobs.
+    let before = maintainer_jobs(&stack).await.len();
+    for _ in 0..100 {
+        append_rows(&uri, next, 20).await;
+        next += 20;
+    }
+    eventually(Duration::from_secs(120), || all_filled(&uri))
+        .await
+        .expect("every row of the burst filled");
+    let burst_jobs = maintainer_jobs(&stack).await.len() - before;
+    println!("burst of 100 appends: {burst_jobs} maintainer jobs");
+    assert!(burst_jobs <= 2 * 50, "{burst_jobs} jobs for 100 appends");
+    assert!(
+        burst_jobs < 100,
+        "versions were not coalesced: {burst_jobs} jobs"
+    );
+    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+    assert_eq!(x.len(), next as usize);
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_job_per_version_however_many_watchers() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 400, 2).await.unwrap();
+    declare_maintained_without_worker(&stack).await;
+    // Two watchers (two serve processes) look at the same version.
+    let (first, second) = (maintainer(&stack), maintainer(&stack));
+    let table = lance_backfill::table::TableId(vec!["items".into()]);
+    let a = first.maintain(&table).await.unwrap();
+    let b = second.maintain(&table).await.unwrap();
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(a, b, "the same version gives the same job");
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    stack.wait_done(&a[0], Duration::from_secs(60)).await;
+    // Nothing new: no job.
+    assert!(first.maintain(&table).await.unwrap().is_empty());
+    let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+    assert!(y.iter().all(Option::is_some));
+}
+
+/// y maintained, declared without filling (no worker runs yet).
+async fn declare_maintained_without_worker(stack: &Stack) {
+    let (status, body) = stack
+        .post(
+            "/v1/table/items/add_columns",
+            json!({"new_columns": [{"name": "y", "computed": "x * 2 + 1"}],
+                   "context": {"auto_backfill": "true"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let job_id = body["context"]["job_id"].as_str().unwrap();
+    let (status, _) = stack
+        .post(&format!("/v1/job/{job_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+}
