@@ -33,6 +33,21 @@ for _ in $(seq 1 150); do
   sleep 0.2
 done
 
+# Invokes the worker with whatever is queued, until process $1 ends (or,
+# with $1 = none, until the queue stays empty), at most $2 receives.
+run_queued_tasks() {
+  for _ in $(seq 1 "$2"); do
+    if [ "$1" != none ]; then kill -0 "$1" 2>/dev/null || break; fi
+    "$PY" scripts/lambda_check.py sqs-event --any-number --endpoint "$MOTO_ENDPOINT" --queue-url "$QUEUE_URL" \
+      --template events/sqs-task.json >"$WORK/tasks.json"
+    if [ -s "$WORK/tasks.json" ]; then
+      invoke worker "$WORK/tasks.json" "$WORK/worker-tasks.json"
+    elif [ "$1" = none ]; then
+      break
+    fi
+  done
+}
+
 invoke() { # function event-file output
   timeout 300 "$CARGO_LAMBDA" lambda invoke "$1" --invoke-address 127.0.0.1 --invoke-port "$PORT" --data-file "$2" >"$3" \
     || { cat "$WORK/watch.log" >&2; exit 1; }
@@ -67,15 +82,23 @@ invoke api "$WORK/get-job.json" "$WORK/get.json"
 log "LanceDB client (lancedb 0.40.0) against the API function"
 "$PY" tests/lancedb_session.py "http://127.0.0.1:$PORT" local-key lancedb >"$WORK/lancedb.json" 2>"$WORK/lancedb.err" &
 SESSION=$!
-for _ in $(seq 1 120); do
-  kill -0 "$SESSION" 2>/dev/null || break
-  "$PY" scripts/lambda_check.py sqs-event --any-number --endpoint "$MOTO_ENDPOINT" --queue-url "$QUEUE_URL" \
-    --template events/sqs-task.json >"$WORK/tasks.json"
-  if [ -s "$WORK/tasks.json" ]; then
-    invoke worker "$WORK/tasks.json" "$WORK/worker-tasks.json"
-  fi
-done
+run_queued_tasks "$SESSION" 120
 wait "$SESSION" || { cat "$WORK/lancedb.err" "$WORK/watch.log" >&2; exit 1; }
 "$PY" scripts/lambda_check.py lancedb-result "$WORK/lancedb.json" --rows 1000
 log "LanceDB client: refresh_column_async(...).wait() finished through the API function"
+
+# A maintained column: declared with auto_backfill, then rows appended; the
+# trigger function (here with the job-ended event it also receives) submits
+# the job that fills them.
+curl -fsS -H "x-api-key: local-key" -X POST "http://127.0.0.1:$PORT/v1/table/items/add_columns" \
+  -d '{"new_columns":[{"name":"m","computed":"x + 1"}],"context":{"auto_backfill":"true"}}' >"$WORK/declare-m.json"
+run_queued_tasks none 10
+"$PY" scripts/lambda_check.py append --root "$ROOT" --table items --rows 500
+invoke trigger events/eventbridge-job-ended.json "$WORK/trigger.json"
+"$PY" scripts/lambda_check.py trigger-jobs "$WORK/trigger.json" --count 1
+invoke trigger events/eventbridge-job-ended.json "$WORK/trigger-again.json"
+"$PY" scripts/lambda_check.py trigger-jobs "$WORK/trigger-again.json" --count 0
+run_queued_tasks none 10
+"$PY" scripts/lambda_check.py verify-column --root "$ROOT" --table items --column m --rows 1500
+log "trigger function: the appended rows of a maintained column filled"
 log "cargo lambda: all invocations passed"

@@ -128,6 +128,41 @@ def verify(args):
     print(f"verified {len(table['x'])} rows: y = x * 2 + 1")
 
 
+def append(args):
+    import lance
+    import pyarrow as pa
+
+    uri = f"{args.root}/{args.table}.lance"
+    dataset = lance.dataset(uri)
+    start = dataset.count_rows()
+    x = pa.array(range(start, start + args.rows), pa.int64())
+    columns = {"id": x, "x": x}
+    # The table's computed columns are written null, as any append does.
+    data = pa.table(
+        {f.name: columns.get(f.name, pa.nulls(args.rows, f.type)) for f in dataset.schema}
+    )
+    lance.write_dataset(data, uri, mode="append")
+
+
+def verify_column(args):
+    import lance
+
+    table = lance.dataset(f"{args.root}/{args.table}.lance").to_table(columns=["x", args.column])
+    table = table.to_pydict()
+    bad = [(x, v) for x, v in zip(table["x"], table[args.column], strict=True) if v != x + 1]
+    if bad or len(table["x"]) != args.rows:
+        sys.exit(f"{len(bad)} wrong of {len(table['x'])} rows, e.g. {bad[:3]}")
+    print(f"verified {len(table['x'])} rows: {args.column} = x + 1")
+
+
+def trigger_jobs(args):
+    with open(args.file) as f:
+        response = json.load(f)
+    if len(response.get("jobs", [])) != args.count:
+        sys.exit(f"expected {args.count} submitted jobs, got {response}")
+    print(json.dumps(response))
+
+
 def job_state(args):
     with open(args.file) as f:
         job = json.load(f)
@@ -162,6 +197,21 @@ p.set_defaults(run=expect)
 p = sub.add_parser("verify")
 p.add_argument("--root")
 p.set_defaults(run=verify)
+p = sub.add_parser("append")
+p.add_argument("--root")
+p.add_argument("--table")
+p.add_argument("--rows", type=int)
+p.set_defaults(run=append)
+p = sub.add_parser("verify-column")
+p.add_argument("--root")
+p.add_argument("--table")
+p.add_argument("--column")
+p.add_argument("--rows", type=int)
+p.set_defaults(run=verify_column)
+p = sub.add_parser("trigger-jobs")
+p.add_argument("file")
+p.add_argument("--count", type=int)
+p.set_defaults(run=trigger_jobs)
 p = sub.add_parser("job-state")
 p.add_argument("file")
 p.add_argument("--state")

@@ -12,7 +12,9 @@ use crate::api::auth::Authenticator;
 use crate::config;
 use crate::embedded::EmbeddedDb;
 use crate::engine::{Engine, EngineConfig};
+use crate::events::PublishingStore;
 use crate::lifecycle::Lifecycle;
+use crate::maintain::Maintainer;
 use crate::queue::{QueueSet, SqliteQueue, SqsQueue, TaskQueue};
 use crate::store::{DynamoJobStore, JobStore, SqliteJobStore};
 use crate::submit::{SubmitSettings, Submitter};
@@ -106,6 +108,8 @@ async fn aws_with_sdk(root: &str) -> anyhow::Result<(Components, aws_config::Sdk
         aws_sdk_dynamodb::Client::new(&sdk),
         table,
     ));
+    // Every process that changes a job's state publishes the change.
+    let store = PublishingStore::wrap(store, config::event_publisher(&sdk));
     let mut queues = QueueSet::new(Arc::new(SqsQueue::new(sqs.clone(), queue_url, dlq_url)));
     for (name, url) in config::clusters()? {
         queues = queues.with_cluster(name, Arc::new(SqsQueue::new(sqs.clone(), url, None)));
@@ -117,6 +121,17 @@ async fn aws_with_sdk(root: &str) -> anyhow::Result<(Components, aws_config::Sdk
         udf: None,
     };
     Ok((components, sdk))
+}
+
+/// What the trigger function needs: [`aws`] and a maintainer.
+pub async fn aws_trigger(root: &str) -> anyhow::Result<(Components, Maintainer)> {
+    let components = aws(root).await?;
+    let maintainer = Maintainer::new(
+        components.catalog.clone(),
+        components.store.clone(),
+        components.submitter(config::submit_settings()?),
+    );
+    Ok((components, maintainer))
 }
 
 /// The embedded store and queue in one SQLite file.

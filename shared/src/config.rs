@@ -39,6 +39,7 @@ pub mod env {
     pub const UDF_WORKERS: &str = "LANCE_BACKFILL_UDF_WORKERS";
     pub const UDF_TIMEOUT_SECONDS: &str = "LANCE_BACKFILL_UDF_TIMEOUT_SECONDS";
     pub const LOG_FORMAT: &str = "LANCE_BACKFILL_LOG_FORMAT";
+    pub const EVENT_BUS: &str = "LANCE_BACKFILL_EVENT_BUS";
 }
 
 fn var(name: &str) -> Option<String> {
@@ -230,6 +231,19 @@ pub fn udf_runtimes(
 }
 
 /// AWS SDK configuration; `AWS_ENDPOINT_URL` points it at an emulator.
+/// Where job events go on AWS: the EventBridge bus `LANCE_BACKFILL_EVENT_BUS`
+/// names (none when unset or empty).
+pub fn event_publisher(sdk: &aws_config::SdkConfig) -> crate::events::Publisher {
+    let publisher = crate::events::Publisher::default();
+    match var(env::EVENT_BUS).filter(|bus| !bus.trim().is_empty()) {
+        Some(bus) => publisher.with(std::sync::Arc::new(crate::events::EventBridgeSink::new(
+            aws_sdk_eventbridge::Client::new(sdk),
+            bus.trim(),
+        ))),
+        None => publisher,
+    }
+}
+
 pub async fn aws() -> aws_config::SdkConfig {
     aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
 }

@@ -36,5 +36,6 @@ pub mod submit;
 pub mod table;
 pub mod tasks;
 pub mod telemetry;
+pub mod trigger;
 pub mod udf;
 pub mod worker;

@@ -11,15 +11,18 @@
 //! - Chained: a column whose inputs include a maintained column waits until
 //!   that column has covered the same fragments and its job has ended.
 //!
-//! `serve` runs [`watch`] over the tables under its root.
+//! What each column covered is read from its latest maintainer job
+//! (`maintained_through`), so any process, a restarted `serve` or a fresh
+//! Lambda, carries on where the last left off. `serve` runs [`watch`] over
+//! the tables under its root; on AWS the trigger function runs
+//! [`Maintainer::maintain`] for the table an event names.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lance::Dataset;
 use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::computed::{MAINTAINED_KEY, Program, resolve_target};
@@ -34,8 +37,12 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_WATCHED_TABLES: usize = 10_000;
 /// Who maintained-column jobs are submitted by.
 pub const MAINTAINER: &str = "maintainer";
+/// A column's latest maintainer job is looked for among this many of the
+/// table's newest jobs; beyond, the column starts again from every fragment
+/// (its default `where` then fills only what is still null).
+const JOBS_LOOKED_AT: usize = 50;
 
-/// Where a maintained column stands, as this process knows it.
+/// Where a maintained column stands, from its latest maintainer job.
 #[derive(Debug, Clone, Default)]
 struct Covered {
     /// The highest fragment id its jobs covered (`None`: none yet, so the
@@ -55,7 +62,6 @@ pub struct Maintainer {
     catalog: Arc<Catalog>,
     store: Arc<dyn JobStore>,
     submitter: Submitter,
-    covered: Mutex<HashMap<(String, String), Covered>>,
 }
 
 impl Maintainer {
@@ -64,7 +70,6 @@ impl Maintainer {
             catalog,
             store,
             submitter,
-            covered: Mutex::new(HashMap::new()),
         }
     }
 
@@ -117,7 +122,7 @@ impl Maintainer {
         all: &[Maintained],
         last_fragment: u64,
     ) -> Result<bool, Error> {
-        let state = self.state(table, &column.column).await;
+        let state = self.state(table, &column.column).await?;
         if state
             .through
             .is_some_and(|through| through >= last_fragment)
@@ -128,7 +133,7 @@ impl Maintainer {
             return Ok(false);
         }
         for input in all.iter().filter(|c| column.inputs.contains(&c.column)) {
-            let input_state = self.state(table, &input.column).await;
+            let input_state = self.state(table, &input.column).await?;
             let settled = input_state.through.is_some_and(|t| t >= last_fragment)
                 && !self.is_running(&input_state).await?;
             if !settled {
@@ -138,13 +143,22 @@ impl Maintainer {
         Ok(true)
     }
 
-    async fn state(&self, table: &TableId, column: &str) -> Covered {
-        self.covered
-            .lock()
+    /// The column's latest maintainer job among the table's newest jobs.
+    async fn state(&self, table: &TableId, column: &str) -> Result<Covered, Error> {
+        let page = self
+            .store
+            .list_jobs(&table.key(), JOBS_LOOKED_AT, None)
             .await
-            .get(&(table.key(), column.to_string()))
-            .cloned()
-            .unwrap_or_default()
+            .map_err(|err| Error::transient(format!("listing the table's jobs: {err}")))?;
+        Ok(page
+            .jobs
+            .into_iter()
+            .find(|job| job.spec.submitted_by == MAINTAINER && job.spec.column == column)
+            .map(|job| Covered {
+                through: job.spec.maintained_through,
+                last_job: Some(job.job_id),
+            })
+            .unwrap_or_default())
     }
 
     async fn is_running(&self, state: &Covered) -> Result<bool, Error> {
@@ -167,12 +181,13 @@ impl Maintainer {
         dataset: &Dataset,
         last_fragment: u64,
     ) -> Result<Option<String>, Error> {
-        let state = self.state(table, &column.column).await;
+        let state = self.state(table, &column.column).await?;
         let request = AlterTableBackfillColumnsRequest::new(column.column.clone());
         let mut submit = SubmitRequest::new(table.clone(), request, MAINTAINER.to_string());
         // Declaring a maintained user-function column needed the permission.
         submit.allow_udf = true;
         submit.first_fragment_id = state.through.map(|through| through + 1);
+        submit.maintained_through = Some(last_fragment);
         submit.idempotency_key = Some(format!(
             "maintain:{}:{}:{}",
             table.key(),
@@ -187,13 +202,6 @@ impl Maintainer {
             Err(err) => return Err(err),
         };
         info!(table = %table.display(), column = %column.column, %job_id, version = dataset.version().version, through = last_fragment, "maintained column: job submitted");
-        self.covered.lock().await.insert(
-            (table.key(), column.column.clone()),
-            Covered {
-                through: Some(last_fragment),
-                last_job: Some(job_id.clone()),
-            },
-        );
         Ok(Some(job_id))
     }
 }

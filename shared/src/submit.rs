@@ -65,6 +65,8 @@ pub struct SubmitRequest {
     pub ignored_fields: Vec<String>,
     /// Only fragments with this id or a higher one (maintained columns).
     pub first_fragment_id: Option<u64>,
+    /// For a maintained column's job: the highest fragment id it covers.
+    pub maintained_through: Option<u64>,
 }
 
 impl SubmitRequest {
@@ -84,6 +86,7 @@ impl SubmitRequest {
             skip_fragments: Vec::new(),
             ignored_fields: Vec::new(),
             first_fragment_id: None,
+            maintained_through: None,
         }
     }
 }
@@ -576,6 +579,7 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: J
             skip_fragments: submit.skip_fragments.clone(),
             ignored_fields: submit.ignored_fields.clone(),
             first_fragment_id: submit.first_fragment_id,
+            maintained_through: submit.maintained_through,
             plan: PlanSummary {
                 fragments: fragments.len() as u64,
                 tasks,

@@ -149,3 +149,111 @@ async fn every_state_change_reaches_the_log_and_the_webhook() {
         "{failure}"
     );
 }
+
+/// On AWS the events go to EventBridge: a rule on the bus sends them to an
+/// SQS queue here, where each state change of a job arrives with its
+/// detail-type and detail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_events_reach_an_eventbridge_bus() {
+    use aws_sdk_eventbridge::types::Target;
+    use lance_backfill::events::EventBridgeSink;
+    use lance_backfill_tests::{Moto, unique};
+
+    let moto = Moto::connect().await;
+    let events = aws_sdk_eventbridge::Client::new(&moto.sdk);
+    let bus = unique("bus");
+    events.create_event_bus().name(&bus).send().await.unwrap();
+    let sqs = moto.sqs();
+    let queue_url = sqs
+        .create_queue()
+        .queue_name(unique("job-events"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let queue_arn = sqs
+        .get_queue_attributes()
+        .queue_url(&queue_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+        .clone();
+    events
+        .put_rule()
+        .name("job-events")
+        .event_bus_name(&bus)
+        .event_pattern(r#"{"source": ["lance-backfill"]}"#)
+        .send()
+        .await
+        .unwrap();
+    events
+        .put_targets()
+        .rule("job-events")
+        .event_bus_name(&bus)
+        .targets(
+            Target::builder()
+                .id("queue")
+                .arn(queue_arn)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let publisher = Publisher::default().with(Arc::new(EventBridgeSink::new(events, &bus)));
+    let mut stack = Stack::aws(
+        &moto,
+        StackOptions {
+            publisher,
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 500, 2).await.unwrap();
+    stack.declare("items", &[("y", "x + 1")]).await;
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    let job_id = stack.submit("items", json!({"column": "y"})).await;
+    stack.wait_done(&job_id, Duration::from_secs(60)).await;
+
+    let mut received: Vec<Value> = Vec::new();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while received.len() < 3 && std::time::Instant::now() < until {
+        let messages = sqs
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap()
+            .messages
+            .unwrap_or_default();
+        for message in messages {
+            received.push(serde_json::from_str(message.body().unwrap()).unwrap());
+        }
+    }
+    let kinds: Vec<&str> = received
+        .iter()
+        .map(|e| e["detail-type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["Job SUBMITTED", "Job RUNNING", "Job DONE"]);
+    for event in &received {
+        assert_eq!(event["source"], "lance-backfill");
+        assert_eq!(event["detail"]["job_id"], job_id.as_str());
+        assert_eq!(event["detail"]["table_id"], json!(["items"]));
+    }
+    assert_eq!(received[2]["detail"]["rows_committed"], 500);
+    assert_eq!(
+        received[2]["detail"]["published_version"],
+        latest_version(&uri).await
+    );
+}

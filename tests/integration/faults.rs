@@ -60,6 +60,7 @@ fn a_job() -> Job {
             skip_fragments: Vec::new(),
             ignored_fields: Vec::new(),
             first_fragment_id: None,
+            maintained_through: None,
         },
         state: JobState::Pending,
         created_at: now.clone(),

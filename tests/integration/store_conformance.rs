@@ -119,6 +119,7 @@ fn job(table: &str, column: &str) -> Job {
             skip_fragments: Vec::new(),
             ignored_fields: Vec::new(),
             first_fragment_id: None,
+            maintained_through: None,
         },
         state: JobState::Pending,
         created_at: now.clone(),

@@ -210,6 +210,7 @@ fn the_udf_function_is_built_from_the_runtime_and_invoked_by_the_worker() {
 fn events_cover_every_route_and_the_worker() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../events");
     let mut routes = Vec::new();
+    let mut eventbridge = 0;
     for entry in std::fs::read_dir(dir).expect("events/") {
         let path = entry.unwrap().path();
         let event: serde_json::Value =
@@ -217,10 +218,17 @@ fn events_cover_every_route_and_the_worker() {
         if let Some(route) = event["routeKey"].as_str() {
             routes.push(route.to_string());
             assert_eq!(event["version"], "2.0", "{path:?} is an HTTP API v2 event");
+        } else if let Some(kind) = event["detail-type"].as_str() {
+            // The trigger function's EventBridge events: each names a table
+            // (the S3 sample's placeholders as the root).
+            let table = lance_backfill::trigger::table_of_event("s3://BUCKET/PREFIX", &event);
+            assert!(table.is_some(), "{path:?} ({kind}) names no table");
+            eventbridge += 1;
         } else {
             assert_eq!(event["Records"][0]["eventSource"], "aws:sqs", "{path:?}");
         }
     }
+    assert_eq!(eventbridge, 2, "a table version and a job's end");
     routes.sort();
     assert_eq!(
         routes,

@@ -645,6 +645,11 @@ pub async fn write_table(
 /// Appends rows `from..from + count` (x = id, s = id as text); the
 /// table's other columns (computed ones) are written null.
 pub async fn append_rows(uri: &str, from: i64, count: i64) {
+    append_rows_with(uri, from, count, &HashMap::new()).await
+}
+
+/// [`append_rows`] on an object store reached with `storage` options.
+pub async fn append_rows_with(uri: &str, from: i64, count: i64, storage: &HashMap<String, String>) {
     let schema = Arc::new(arrow_schema::Schema::new(vec![
         arrow_schema::Field::new("id", arrow_schema::DataType::Int64, false),
         arrow_schema::Field::new("x", arrow_schema::DataType::Int64, true),
@@ -662,7 +667,11 @@ pub async fn append_rows(uri: &str, from: i64, count: i64) {
         ],
     )
     .unwrap();
-    let mut dataset = Dataset::open(uri).await.unwrap();
+    let mut dataset = lance::dataset::builder::DatasetBuilder::from_uri(uri)
+        .with_storage_options(storage.clone())
+        .load()
+        .await
+        .unwrap();
     // The table has computed columns by now: appends write them as null.
     let full = Arc::new(arrow_schema::Schema::from(dataset.schema()));
     let columns: Vec<arrow_array::ArrayRef> = full

@@ -11,11 +11,16 @@ use serde::Serialize;
 
 use crate::job::{Counter, Job, JobState, now_rfc3339};
 
+mod eventbridge;
 mod publishing;
 mod sinks;
 
+pub use eventbridge::{EventBridgeSink, detail_type};
 pub use publishing::PublishingStore;
 pub use sinks::{JsonLinesSink, WebhookSink};
+
+/// The `source` of this service's events on EventBridge.
+pub const EVENT_SOURCE: &str = "lance-backfill";
 
 /// What happened to a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -61,6 +66,8 @@ pub struct JobNotice {
     pub table_id: Vec<String>,
     pub column: String,
     pub columns: Vec<String>,
+    /// Who submitted the job (`maintainer` for maintained columns' jobs).
+    pub submitted_by: String,
     pub read_version: u64,
     /// The version of the job's last commit (DONE only; null when the job
     /// changed nothing).
@@ -84,6 +91,7 @@ impl JobNotice {
             table_id: job.spec.table_id.0.clone(),
             column: job.spec.column.clone(),
             columns: job.spec.columns(),
+            submitted_by: job.spec.submitted_by.clone(),
             read_version: job.spec.read_version,
             published_version,
             fragments_total: metrics.get(Counter::FragmentsTotal),

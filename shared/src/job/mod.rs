@@ -105,6 +105,10 @@ pub struct JobSpec {
     /// job for appended rows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_fragment_id: Option<u64>,
+    /// A maintained column's job: the highest fragment id it covers (the
+    /// next job starts after it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintained_through: Option<u64>,
 }
 
 impl JobSpec {

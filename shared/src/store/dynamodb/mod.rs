@@ -82,30 +82,8 @@ impl DynamoJobStore {
             .attribute_definitions(attr(RECENT_KEY_ATTRIBUTE)?)
             .key_schema(key_el("pk", KeyType::Hash)?)
             .key_schema(key_el("sk", KeyType::Range)?)
-            .global_secondary_indexes(
-                GlobalSecondaryIndex::builder()
-                    .index_name(BY_TABLE_INDEX)
-                    .key_schema(key_el("table_key", KeyType::Hash)?)
-                    .key_schema(key_el("created_sk", KeyType::Range)?)
-                    .projection(
-                        Projection::builder()
-                            .projection_type(ProjectionType::All)
-                            .build(),
-                    )
-                    .build()?,
-            )
-            .global_secondary_indexes(
-                GlobalSecondaryIndex::builder()
-                    .index_name(RECENT_INDEX)
-                    .key_schema(key_el(RECENT_KEY_ATTRIBUTE, KeyType::Hash)?)
-                    .key_schema(key_el("created_sk", KeyType::Range)?)
-                    .projection(
-                        Projection::builder()
-                            .projection_type(ProjectionType::All)
-                            .build(),
-                    )
-                    .build()?,
-            )
+            .global_secondary_indexes(newest_first(BY_TABLE_INDEX, "table_key")?)
+            .global_secondary_indexes(newest_first(RECENT_INDEX, RECENT_KEY_ATTRIBUTE)?)
             .send()
             .await;
         match result {
@@ -156,6 +134,27 @@ impl DynamoJobStore {
             Err(failure) => Err(failure.into_store_error()),
         }
     }
+}
+
+/// An index of job items by `hash`, newest first (`created_sk`), with every
+/// attribute (as template.yaml declares `by_table` and `recent`).
+fn newest_first(name: &str, hash: &str) -> anyhow::Result<GlobalSecondaryIndex> {
+    let key_el = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+    };
+    Ok(GlobalSecondaryIndex::builder()
+        .index_name(name)
+        .key_schema(key_el(hash, KeyType::Hash)?)
+        .key_schema(key_el("created_sk", KeyType::Range)?)
+        .projection(
+            Projection::builder()
+                .projection_type(ProjectionType::All)
+                .build(),
+        )
+        .build()?)
 }
 
 #[async_trait]

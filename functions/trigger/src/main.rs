@@ -1,0 +1,31 @@
+//! The trigger Lambda function: an EventBridge event in (a table's new
+//! `_versions/` object, or a job's end), the jobs it submitted out.
+
+use lambda_runtime::{Error, LambdaEvent, service_fn};
+use lance_backfill::maintain::Maintainer;
+use lance_backfill::trigger::table_of_event;
+use lance_backfill::{bootstrap, config, telemetry};
+use serde_json::{Value, json};
+use tracing::info;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    telemetry::init();
+    let root = config::root()?;
+    let (_components, maintainer) = bootstrap::aws_trigger(&root).await?;
+    lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| {
+        handle(&maintainer, &root, event.payload)
+    }))
+    .await
+}
+
+/// Maintains the table the event names; other events are acknowledged.
+/// A failure is returned, so EventBridge retries the event.
+async fn handle(maintainer: &Maintainer, root: &str, event: Value) -> Result<Value, Error> {
+    let Some(table) = table_of_event(root, &event) else {
+        info!("event names no table version or job of this root: ignored");
+        return Ok(json!({"table": null, "jobs": []}));
+    };
+    let jobs = maintainer.maintain(&table).await?;
+    Ok(json!({"table": table.display(), "jobs": jobs}))
+}
