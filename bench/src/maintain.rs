@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lance::Dataset;
-use lance_backfill::maintain::{self, DEFAULT_POLL_INTERVAL, MAINTAINER, Maintainer};
+use lance_backfill::maintain::{self, DEFAULT_POLL_INTERVAL, MAINTAINER};
 use lance_backfill_tests::{Stack, append_rows, write_sample_table};
 use serde_json::json;
 use tokio::sync::watch;
@@ -52,12 +52,7 @@ async fn declare_maintained(stack: &Stack) -> anyhow::Result<()> {
 }
 
 fn start_watcher(stack: &Stack) -> watch::Sender<bool> {
-    let components = &stack.components;
-    let maintainer = Arc::new(Maintainer::new(
-        components.catalog.clone(),
-        components.store.clone(),
-        components.submitter(Default::default()),
-    ));
+    let maintainer = Arc::new(stack.components.maintainer(Default::default()));
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(maintain::watch(maintainer, DEFAULT_POLL_INTERVAL, stop_rx));
     stop

@@ -68,6 +68,15 @@ impl Components {
         )
     }
 
+    /// What fills maintained columns (the watcher of `serve`, the trigger).
+    pub fn maintainer(&self, settings: SubmitSettings) -> Maintainer {
+        Maintainer::new(
+            self.catalog.clone(),
+            self.store.clone(),
+            self.submitter(settings),
+        )
+    }
+
     pub fn worker(&self, config: EngineConfig, visibility: Duration) -> Worker {
         Worker::new(self.engine(config), self.queues.default_queue(), visibility)
     }
@@ -126,11 +135,7 @@ async fn aws_with_sdk(root: &str) -> anyhow::Result<(Components, aws_config::Sdk
 /// What the trigger function needs: [`aws`] and a maintainer.
 pub async fn aws_trigger(root: &str) -> anyhow::Result<(Components, Maintainer)> {
     let components = aws(root).await?;
-    let maintainer = Maintainer::new(
-        components.catalog.clone(),
-        components.store.clone(),
-        components.submitter(config::submit_settings()?),
-    );
+    let maintainer = components.maintainer(config::submit_settings()?);
     Ok((components, maintainer))
 }
 

@@ -14,7 +14,7 @@ use crate::bootstrap::{self, Components};
 use crate::config;
 use crate::engine::EngineConfig;
 use crate::events::{JsonLinesSink, Publisher, PublishingStore, WebhookSink};
-use crate::maintain::{self, Maintainer};
+use crate::maintain;
 use crate::queue::{SqsQueue, TaskQueue};
 use crate::runner::{self, RunnerConfig};
 use crate::store::DynamoJobStore;
@@ -147,11 +147,7 @@ async fn run(
     });
     let pollers = pollers.transpose()?;
     let watcher = options.maintain_interval.map(|interval| {
-        let maintainer = Arc::new(Maintainer::new(
-            components.catalog.clone(),
-            components.store.clone(),
-            components.submitter(settings.clone()),
-        ));
+        let maintainer = Arc::new(components.maintainer(settings.clone()));
         tokio::spawn(maintain::watch(maintainer, interval, watcher_stop))
     });
     shutdown_signal().await;

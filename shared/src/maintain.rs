@@ -103,44 +103,47 @@ impl Maintainer {
         };
         let mut submitted = Vec::new();
         for column in &columns {
-            if !self.is_due(table, column, &columns, last_fragment).await? {
+            let Some(state) = self.due(table, column, &columns, last_fragment).await? else {
                 continue;
-            }
-            if let Some(job_id) = self.submit(table, column, &dataset, last_fragment).await? {
+            };
+            if let Some(job_id) = self
+                .submit(table, column, &state, &dataset, last_fragment)
+                .await?
+            {
                 submitted.push(job_id);
             }
         }
         Ok(submitted)
     }
 
-    /// Whether the column needs a job now: fragments beyond what it covered,
-    /// no job of its own running, and its maintained inputs settled.
-    async fn is_due(
+    /// The column's state when it needs a job now (fragments beyond what it
+    /// covered, no job of its own running, its maintained inputs settled).
+    async fn due(
         &self,
         table: &TableId,
         column: &Maintained,
         all: &[Maintained],
         last_fragment: u64,
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<Covered>, Error> {
         let state = self.state(table, &column.column).await?;
         if state
             .through
             .is_some_and(|through| through >= last_fragment)
         {
-            return Ok(false);
+            return Ok(None);
         }
         if self.is_running(&state).await? {
-            return Ok(false);
+            return Ok(None);
         }
         for input in all.iter().filter(|c| column.inputs.contains(&c.column)) {
             let input_state = self.state(table, &input.column).await?;
             let settled = input_state.through.is_some_and(|t| t >= last_fragment)
                 && !self.is_running(&input_state).await?;
             if !settled {
-                return Ok(false);
+                return Ok(None);
             }
         }
-        Ok(true)
+        Ok(Some(state))
     }
 
     /// The column's latest maintainer job among the table's newest jobs.
@@ -178,10 +181,10 @@ impl Maintainer {
         &self,
         table: &TableId,
         column: &Maintained,
+        state: &Covered,
         dataset: &Dataset,
         last_fragment: u64,
     ) -> Result<Option<String>, Error> {
-        let state = self.state(table, &column.column).await?;
         let request = AlterTableBackfillColumnsRequest::new(column.column.clone());
         let mut submit = SubmitRequest::new(table.clone(), request, MAINTAINER.to_string());
         // Declaring a maintained user-function column needed the permission.

@@ -51,12 +51,11 @@ async fn all_filled(uri: &str) -> bool {
 }
 
 fn maintainer(stack: &Stack) -> Arc<Maintainer> {
-    let components = &stack.components;
-    Arc::new(Maintainer::new(
-        components.catalog.clone(),
-        components.store.clone(),
-        components.submitter(StackOptions::default().settings),
-    ))
+    Arc::new(
+        stack
+            .components
+            .maintainer(StackOptions::default().settings),
+    )
 }
 
 fn start_watcher(stack: &Stack) -> (Arc<Maintainer>, watch::Sender<bool>) {

@@ -45,11 +45,7 @@ impl Service {
                 self.described(&job).await?
             }
             ClientJobsRoute::List => {
-                let request: ListRequest = if http.body.iter().all(u8::is_ascii_whitespace) {
-                    ListRequest::default()
-                } else {
-                    http.json()?
-                };
+                let request: ListRequest = http.json_or_default()?;
                 self.list_all(&principal, request).await?
             }
         };

@@ -38,11 +38,7 @@ impl Service {
         let principal = self.authenticate(http)?;
         self.authorize(&principal, &table, Action::Read)?;
         // LanceDB's client opens a table with no body at all.
-        let request: DescribeTableRequest = if http.body.iter().all(u8::is_ascii_whitespace) {
-            DescribeTableRequest::new()
-        } else {
-            http.json()?
-        };
+        let request: DescribeTableRequest = http.json_or_default()?;
         if let Some(body_id) = &request.id
             && body_id != &table.0
         {

@@ -72,6 +72,15 @@ impl ApiRequest {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// The body as `T`, or `T::default()` when there is no body at all
+    /// (LanceDB's client sends some requests without one).
+    pub fn json_or_default<T: DeserializeOwned + Default>(&self) -> Result<T, ApiError> {
+        if self.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(T::default());
+        }
+        self.json()
+    }
+
     /// The body as `T`. Unknown fields are ignored; a wrong type, a missing
     /// required field or malformed JSON is a 400 naming the field.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
