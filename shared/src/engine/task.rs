@@ -103,11 +103,26 @@ impl Engine {
             .mark_task_done(&job.job_id, task.fragment_id, task.task)
             .await?;
         if mark.tasks_done < task.tasks_in_fragment {
+            if !mark.newly_done {
+                self.forget_if_resolved(job, task).await?;
+            }
             return Ok(Disposition::Done);
         }
         // Every task of the fragment is checkpointed: assemble its file.
         self.finish_fragment(job, &dataset, &fragment, &program, &mut stop, None)
             .await
+    }
+
+    /// Another holder recorded this task first and may already have
+    /// assembled the fragment and cleared its checkpoints, before ours were
+    /// written: then ours are left to us. (Checkpoints written before this
+    /// read are cleared by whoever resolves the fragment after it.)
+    async fn forget_if_resolved(&self, job: &Job, task: &TaskRef) -> anyhow::Result<()> {
+        let (resolved, _) = self.fragment_progress(&job.job_id, task).await?;
+        if resolved {
+            self.forget_checkpoints(job, task.fragment_id).await;
+        }
+        Ok(())
     }
 
     /// Whether the task's fragment is resolved (staged, committed or
