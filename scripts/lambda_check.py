@@ -216,5 +216,6 @@ p = sub.add_parser("job-state")
 p.add_argument("file")
 p.add_argument("--state")
 p.set_defaults(run=job_state)
-args = parser.parse_args()
-args.run(args)
+if __name__ == "__main__":
+    args = parser.parse_args()
+    args.run(args)
