@@ -1,20 +1,22 @@
 //! Maintained columns on the embedded default: the lag from a committed
-//! append of 10,000 rows to those rows filled (the watcher's default 1 s
-//! poll, then a job), beside a job submitted by hand for the same rows; and
-//! a burst of 100 appends, with the jobs it took.
+//! append of 10,000 rows to those rows filled, with the watcher as `serve`
+//! runs it on a local root (woken by new versions and jobs' ends) and with
+//! its 1 s poll alone (as on an object store), beside a job submitted by
+//! hand for the same rows; and a burst of 100 appends, with the jobs it took.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lance::Dataset;
-use lance_backfill::maintain::{self, DEFAULT_POLL_INTERVAL, MAINTAINER};
+use lance_backfill::events::Publisher;
+use lance_backfill::maintain::{self, DEFAULT_POLL_INTERVAL, MAINTAINER, Wake};
 use lance_backfill_tests::{Stack, append_rows, write_sample_table};
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::measure::{ms, percentile};
-use crate::scenarios::{Options, backfill, fresh, local_stack, verify};
+use crate::scenarios::{Options, backfill, fresh, local_stack_with, verify};
 
 const APPEND_ROWS: i64 = 10_000;
 const BURST_APPENDS: usize = 100;
@@ -51,17 +53,30 @@ async fn declare_maintained(stack: &Stack) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_watcher(stack: &Stack) -> watch::Sender<bool> {
+/// A watcher as `serve` runs it: the default 1 s poll, woken by the stack's
+/// jobs' ends and, with `versions`, by new versions under the root.
+fn start_watcher(stack: &Stack, wake: &Wake, versions: bool) -> watch::Sender<bool> {
     let maintainer = Arc::new(stack.components.maintainer(Default::default()));
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(maintain::watch(maintainer, DEFAULT_POLL_INTERVAL, stop_rx));
+    let versions = versions
+        .then(|| maintain::VersionWatch::start(&stack.root, wake.clone()))
+        .flatten();
+    let wake = wake.clone();
+    tokio::spawn(async move {
+        maintain::watch(maintainer, DEFAULT_POLL_INTERVAL, wake, stop_rx).await;
+        drop(versions);
+    });
     stop
 }
 
-/// Appends `APPEND_ROWS` rows `count` times; each lag ends when no row is null.
+/// Appends `APPEND_ROWS` rows `count` times, each after a random pause of
+/// up to a poll interval (appends do not keep time with the watcher); each
+/// lag runs from the append's commit until no row is null.
 async fn lags(uri: &str, next: &mut i64, count: usize) -> anyhow::Result<Vec<Duration>> {
     let mut lags = Vec::new();
     for _ in 0..count {
+        let pause = uuid::Uuid::new_v4().as_u128() % DEFAULT_POLL_INTERVAL.as_millis();
+        tokio::time::sleep(Duration::from_millis(pause as u64)).await;
         append_rows(uri, *next, APPEND_ROWS).await;
         *next += APPEND_ROWS;
         lags.push(until_filled(uri, Duration::from_secs(120)).await?);
@@ -72,14 +87,28 @@ async fn lags(uri: &str, next: &mut i64, count: usize) -> anyhow::Result<Vec<Dur
 pub async fn maintained(options: &Options) -> anyhow::Result<()> {
     let appends = if options.quick { 5 } else { 20 };
     let root = fresh(&options.dir, "maintain")?;
-    let stack = local_stack(&root, Default::default()).await;
+    let wake = Wake::default();
+    let publisher = Publisher::default().with(Arc::new(maintain::WakeOnJobEnd(wake.clone())));
+    let stack = local_stack_with(&root, Default::default(), publisher).await;
     let uri = stack.table_uri("items");
     write_sample_table(&uri, 100_000, 4).await?;
     declare_maintained(&stack).await?;
-    let stop = start_watcher(&stack);
     let mut next = 100_000;
-    let watched = lags(&uri, &mut next, appends).await?;
-    let _ = stop.send(true);
+    let mut rows = Vec::new();
+    for (name, versions) in [
+        (
+            "maintained column, `serve` on a local root (woken by new versions)",
+            true,
+        ),
+        (
+            "maintained column, poll alone (a root on an object store)",
+            false,
+        ),
+    ] {
+        let stop = start_watcher(&stack, &wake, versions);
+        rows.push((name, lags(&uri, &mut next, appends).await?));
+        let _ = stop.send(true);
+    }
     // The reference: the same appends, each filled by a job submitted at once.
     let mut direct = Vec::new();
     for _ in 0..appends {
@@ -87,21 +116,22 @@ pub async fn maintained(options: &Options) -> anyhow::Result<()> {
         next += APPEND_ROWS;
         direct.push(backfill(&stack, "items", json!({"column": "y"})).await?);
     }
-    print_lags(appends, &watched, &direct);
-    burst(&stack, &uri, &mut next).await?;
+    rows.push(("job submitted right after the append", direct));
+    print_lags(appends, &rows);
+    burst(&stack, &wake, &uri, &mut next).await?;
     verify(&uri, "y", "x * 2 + 1").await?;
     Ok(())
 }
 
-fn print_lags(appends: usize, watched: &[Duration], direct: &[Duration]) {
+fn print_lags(appends: usize, rows: &[(&str, Vec<Duration>)]) {
     println!("## Maintained columns: {appends} appends of {APPEND_ROWS} rows, embedded default\n");
-    println!("From the append's commit to every row filled (watcher poll: 1 s).\n");
+    println!(
+        "From the append's commit to every row filled; appends at random times, \
+         the watcher's poll at its default 1 s.\n"
+    );
     println!("| | p50 | p99 | max |");
     println!("|---|---|---|---|");
-    for (name, samples) in [
-        ("maintained column (watcher)", watched),
-        ("job submitted right after the append", direct),
-    ] {
+    for (name, samples) in rows {
         println!(
             "| {name} | {} | {} | {} |",
             ms(percentile(samples, 50.0)),
@@ -113,9 +143,9 @@ fn print_lags(appends: usize, watched: &[Duration], direct: &[Duration]) {
 }
 
 /// 100 appends back to back: every row filled, through how many jobs.
-async fn burst(stack: &Stack, uri: &str, next: &mut i64) -> anyhow::Result<()> {
+async fn burst(stack: &Stack, wake: &Wake, uri: &str, next: &mut i64) -> anyhow::Result<()> {
     let before = maintainer_jobs(stack).await?;
-    let stop = start_watcher(stack);
+    let stop = start_watcher(stack, wake, true);
     let began = Instant::now();
     for _ in 0..BURST_APPENDS {
         append_rows(uri, *next, BURST_ROWS).await;

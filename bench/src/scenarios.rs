@@ -8,6 +8,7 @@ use arrow_array::{Array, Int32Array, Int64Array, StringArray};
 use futures::TryStreamExt;
 use lance::Dataset;
 use lance_backfill::engine::{Delivery, EngineConfig};
+use lance_backfill::events::Publisher;
 use lance_backfill::job::JobState;
 use lance_backfill::queue::TaskQueue;
 use lance_backfill::runner::RunnerConfig;
@@ -38,9 +39,19 @@ pub(crate) fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub(crate) async fn local_stack(root: &Path, settings: SubmitSettings) -> Stack {
+    local_stack_with(root, settings, Publisher::default()).await
+}
+
+/// [`local_stack`] whose store publishes job events to `publisher`.
+pub(crate) async fn local_stack_with(
+    root: &Path,
+    settings: SubmitSettings,
+    publisher: Publisher,
+) -> Stack {
     let mut stack = Stack::embedded(StackOptions {
         root: Some(root.to_string_lossy().into_owned()),
         settings,
+        publisher,
         ..StackOptions::default()
     })
     .await;

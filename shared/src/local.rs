@@ -87,9 +87,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         };
         components.udf = Some(Arc::new(config::udf_runtimes(sdk.as_ref(), Some(workers))?));
     }
-    let publisher = event_sinks(&options).await?;
+    let mut publisher = event_sinks(&options).await?;
+    let wake = maintain::Wake::default();
+    if options.maintain_interval.is_some() {
+        publisher = publisher.with(Arc::new(maintain::WakeOnJobEnd(wake.clone())));
+    }
     components.store = PublishingStore::wrap(components.store, publisher);
-    run(components, queue, auth, options).await
+    run(components, queue, auth, options, wake).await
 }
 
 /// The sinks `--events-log` and `--events-url` name.
@@ -109,6 +113,7 @@ async fn run(
     queue: Arc<dyn TaskQueue>,
     auth: Authenticator,
     options: ServeOptions,
+    wake: maintain::Wake,
 ) -> anyhow::Result<()> {
     let settings = config::submit_settings()?;
     let service = Arc::new(components.service(auth, settings.clone()));
@@ -148,7 +153,11 @@ async fn run(
     let pollers = pollers.transpose()?;
     let watcher = options.maintain_interval.map(|interval| {
         let maintainer = Arc::new(components.maintainer(settings.clone()));
-        tokio::spawn(maintain::watch(maintainer, interval, watcher_stop))
+        let versions = maintain::VersionWatch::start(&options.root, wake.clone());
+        tokio::spawn(async move {
+            maintain::watch(maintainer, interval, wake, watcher_stop).await;
+            drop(versions);
+        })
     });
     shutdown_signal().await;
     info!("shutting down: finishing in-flight batches");

@@ -77,6 +77,7 @@ enum Command {
         events_url: Option<String>,
         /// Seconds between looks for new table versions that maintained
         /// columns (declared with auto_backfill) must fill; 0 turns it off.
+        /// On a local root new versions and jobs' ends also wake it at once.
         #[arg(long, default_value_t = 1.0)]
         poll_interval: f64,
     },

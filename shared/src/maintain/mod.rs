@@ -14,7 +14,8 @@
 //! What each column covered is read from its latest maintainer job
 //! (`maintained_through`), so any process, a restarted `serve` or a fresh
 //! Lambda, carries on where the last left off. `serve` runs [`watch`] over
-//! the tables under its root; on AWS the trigger function runs
+//! the tables under its root, woken early by new versions of local tables
+//! and by jobs' ends ([`wake`]); on AWS the trigger function runs
 //! [`Maintainer::maintain`] for the table an event names.
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use lance::Dataset;
 use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::computed::{MAINTAINED_KEY, Program, resolve_target};
@@ -30,6 +32,10 @@ use crate::error::Error;
 use crate::store::JobStore;
 use crate::submit::{SubmitOutcome, SubmitRequest, Submitter};
 use crate::table::{Catalog, TableId};
+
+mod wake;
+
+pub use wake::{MIN_WAKE_GAP, VersionWatch, Wake, WakeOnJobEnd};
 
 /// How `serve` looks for new versions by default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -238,16 +244,20 @@ fn maintained_columns(dataset: &Dataset) -> Result<Vec<Maintained>, Error> {
     Ok(columns)
 }
 
-/// Passes over the tables every `interval` until `stop` turns true.
+/// Passes over the tables every `interval`, and as soon as `wake` is woken
+/// (at most every [`MIN_WAKE_GAP`]), until `stop` turns true.
 pub async fn watch(
     maintainer: Arc<Maintainer>,
     interval: Duration,
+    wake: Wake,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        let began = Instant::now();
         maintainer.pass().await;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            _ = wake.woken() => tokio::time::sleep_until(began + MIN_WAKE_GAP).await,
             _ = stop.changed() => return,
         }
         if *stop.borrow() {
