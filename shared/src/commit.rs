@@ -28,6 +28,9 @@ const LANCE_COMMIT_RETRIES: u32 = 20;
 const LANCE_COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// First wait after a conflict; doubles with each retry.
 const CONFLICT_BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// The wait stops doubling here (6.4 s): later retries wait no longer, so a
+/// busy table is still retried within a task's time.
+const CONFLICT_BACKOFF_MAX_DOUBLINGS: u32 = 6;
 /// Rounds of "commit what is due, then look again": each round either
 /// commits a group, finds nothing due, or loses the lease to another
 /// committer, so this bound is never reached by a job that makes progress.
@@ -238,7 +241,10 @@ impl Committer {
                 &MetricsDelta::new().add(Counter::ConflictRetries, 1),
             )
             .await?;
-        tokio::time::sleep(CONFLICT_BACKOFF_BASE * (1 << attempt.min(6))).await;
+        tokio::time::sleep(
+            CONFLICT_BACKOFF_BASE * (1 << attempt.min(CONFLICT_BACKOFF_MAX_DOUBLINGS)),
+        )
+        .await;
         Ok(())
     }
 

@@ -44,6 +44,10 @@ pub enum Error {
     /// A fault of the service itself.
     #[error("{0}")]
     Internal(String),
+    /// A job was recorded but its tasks could not be queued: it is marked
+    /// FAILED, and the client should submit again (the message says so).
+    #[error("{0}")]
+    Unqueued(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

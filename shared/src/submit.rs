@@ -372,7 +372,7 @@ impl Submitter {
                 Some(reason),
             )
             .await;
-        Error::transient(format!(
+        Error::Unqueued(format!(
             "{reason}; job {job_id} was marked FAILED: submit again"
         ))
     }

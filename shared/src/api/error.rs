@@ -13,6 +13,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: ErrorCode,
     pub message: String,
+    /// A fault of the service (5xx) whose message the client is told
+    /// anyway, because it says what the client should do.
+    pub told: bool,
 }
 
 impl std::fmt::Display for ApiError {
@@ -30,6 +33,7 @@ impl ApiError {
             status: status_for_code(code),
             code,
             message: message.into(),
+            told: false,
         }
     }
 
@@ -42,6 +46,7 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             code: ErrorCode::Unsupported,
             message: message.into(),
+            told: false,
         }
     }
 
@@ -50,6 +55,7 @@ impl ApiError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             code: ErrorCode::Unsupported,
             message: message.into(),
+            told: false,
         }
     }
 
@@ -83,11 +89,9 @@ impl ApiError {
     /// client's mistake keeps its message, scrubbed of locations.
     pub fn public(&self) -> Self {
         let message = match self.status {
+            _ if self.told => crate::error::scrub(&self.message),
             StatusCode::INTERNAL_SERVER_ERROR => {
                 "the service failed to handle the request; retry, or report the request id".into()
-            }
-            StatusCode::SERVICE_UNAVAILABLE if self.message.contains("marked FAILED") => {
-                crate::error::scrub(&self.message)
             }
             StatusCode::SERVICE_UNAVAILABLE => {
                 "a service the API depends on is not reachable; retry shortly".into()
@@ -95,9 +99,8 @@ impl ApiError {
             _ => crate::error::scrub(&self.message),
         };
         Self {
-            status: self.status,
-            code: self.code,
             message,
+            ..self.clone()
         }
     }
 }
@@ -123,10 +126,13 @@ impl From<Error> for ApiError {
             Error::Transient {
                 throttled: true, ..
             } => ErrorCode::Throttling,
-            Error::Transient { .. } => ErrorCode::ServiceUnavailable,
+            Error::Transient { .. } | Error::Unqueued(_) => ErrorCode::ServiceUnavailable,
             Error::Internal(_) => ErrorCode::Internal,
         };
-        Self::coded(code, err.to_string())
+        Self {
+            told: matches!(err, Error::Unqueued(_)),
+            ..Self::coded(code, err.to_string())
+        }
     }
 }
 

@@ -10,7 +10,9 @@ use super::{ApiError, ApiRequest, ApiResponse, Service, store_unavailable};
 use crate::error::{Error, Missing};
 use crate::job::{Job, JobState};
 
+/// Jobs on a page when the client names no `page_size`.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
+/// The most a page may hold: a page is one response, read in one pass.
 pub const MAX_PAGE_SIZE: usize = 1000;
 /// A job's page shows its latest this many events (commits, failures...).
 pub const EVENTS_SHOWN: usize = 100;

@@ -81,10 +81,17 @@ pub struct EngineConfig {
     pub max_batch_bytes: usize,
 }
 
+/// A lease outlives a holder that stopped renewing it by at most a minute:
+/// long next to a renewal (a third of it), short next to a job.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
+/// Time kept before a Lambda deadline to checkpoint and requeue the rest.
 pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_secs(30);
+/// Deliveries of a message before its task fails (the queue's redrive
+/// policy, `MaxReceiveCount` in the template, says the same).
 pub const DEFAULT_MAX_RECEIVE_COUNT: u32 = 5;
+/// How long a task waits for a concurrency slot before giving up its turn.
 const DEFAULT_BUSY_WAIT: Duration = Duration::from_secs(5);
+/// How long a task that found no slot stays in the queue before it is seen again.
 const DEFAULT_BUSY_DELAY: Duration = Duration::from_secs(2);
 /// Compiled programs kept per process (one per recent job).
 const PROGRAM_CACHE_SIZE: usize = 64;
