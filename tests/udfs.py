@@ -1,7 +1,10 @@
 """User functions the Rust integration tests declare, and their payloads.
 
     python tests/udfs.py payloads <state-dir>   # JSON {name: base64 cloudpickle} on stdout
-    python tests/udfs.py expect <name> <json list of x>   # the function applied here
+    python tests/udfs.py expect <name> [<json list of x> | -] [--skip]
+        # the function applied here to x (a JSON list, read from stdin when
+        # "-" or absent); --skip: rows it raises on are null, as a job with
+        # on_error "skip" leaves them
 
 Functions are defined in this script (run as __main__), so cloudpickle
 pickles them by value: the worker processes need only pyarrow, cloudpickle
@@ -69,6 +72,27 @@ class Scaled:
         return pc.multiply(batch.column("x"), self.factor)
 
 
+def with_call_rows(batch: pa.RecordBatch) -> pa.StructArray:
+    """y = x * 2 + 1 and n = the rows of the call that computed it: how a
+    runtime split the batches it was given."""
+    rows = batch.num_rows
+    return pa.StructArray.from_arrays(
+        [double_plus_one(batch), pa.array([rows] * rows, pa.int64())],
+        names=["y", "n"],
+    )
+
+
+class Padded:
+    """x * 2 + 1, carrying 20 KB of data: its pickle is over the 16 KB a
+    column's binding keeps inline, so it is stored beside the table."""
+
+    def __init__(self) -> None:
+        self.padding = bytes(range(256)) * 80
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.Array:
+        return pc.add(pc.multiply(batch.column("x"), 2), 1)
+
+
 def raises_on_sevens(batch: pa.RecordBatch) -> pa.Array:
     """Raises for any row whose x ends in 7 (mod 1000)."""
     xs = batch.column("x").to_pylist()
@@ -120,7 +144,9 @@ FUNCTIONS: dict[str, Any] = {
     "identity": identity,
     "row_by_row": row_by_row,
     "two_outputs": two_outputs,
+    "with_call_rows": with_call_rows,
     "scaled": Scaled(),
+    "large_payload": Padded(),
     "raises_on_sevens": raises_on_sevens,
     "dies_once": dies_once,
     "always_dies": always_dies,
@@ -140,14 +166,33 @@ def payloads(state: str) -> dict[str, str]:
     }
 
 
+def expect(name: str, xs: list[int | None], skip: bool) -> list[Any]:
+    """The function applied to a batch of x, set up as the runtime sets it up;
+    with `skip`, row by row, null where it raises."""
+    function = FUNCTIONS[name]
+    setup = getattr(function, "setup", None)
+    if callable(setup):
+        setup()
+    batch = pa.RecordBatch.from_arrays([pa.array(xs, pa.int64())], names=["x"])
+    if not skip:
+        return function(batch).to_pylist()
+    values: list[Any] = []
+    for row in range(batch.num_rows):
+        try:
+            values.extend(function(batch.slice(row, 1)).to_pylist())
+        except Exception:  # noqa: BLE001 - any exception is a skipped row
+            values.append(None)
+    return values
+
+
 def main() -> None:
     command = sys.argv[1]
     if command == "payloads":
         json.dump(payloads(sys.argv[2]), sys.stdout)
     elif command == "expect":
-        xs = json.loads(sys.argv[3])
-        batch = pa.RecordBatch.from_arrays([pa.array(xs, pa.int64())], names=["x"])
-        json.dump(FUNCTIONS[sys.argv[2]](batch).to_pylist(), sys.stdout)
+        args = [arg for arg in sys.argv[2:] if arg != "--skip"]
+        text = args[1] if len(args) > 1 and args[1] != "-" else sys.stdin.read()
+        json.dump(expect(args[0], json.loads(text), "--skip" in sys.argv[2:]), sys.stdout)
     else:
         raise SystemExit(f"unknown command {command}")
 

@@ -235,7 +235,7 @@ async fn check_row_by_row(uri: &str, column: &str) -> anyhow::Result<()> {
 /// A CPU-bound row-by-row function, filled with pools of one and of two
 /// processes.
 async fn row_by_row(options: &Options, functions: &HashMap<String, String>) -> anyhow::Result<()> {
-    let rows = if options.quick { 50_000 } else { 400_000 };
+    let rows = if options.quick { 50_000 } else { 1_000_000 };
     let reps = options.reps.min(5);
     println!(
         "A CPU-bound row-by-row Python function (a loop per row), {rows} rows in 16 fragments, pools of 1 and 2 processes; submit -> DONE, values verified.\n"

@@ -1,5 +1,7 @@
 //! The authorization policy over HTTP: who may read, submit, declare and
-//! cancel on which tables; jobs of other tables do not exist for them.
+//! cancel on which tables; jobs of other tables do not exist for them. A
+//! principal is an API key's name or a bearer token's `sub`; the policy is
+//! JSON or `@path` of a file holding it.
 
 use lance_backfill::api::auth::{Authenticator, sha256_hex};
 use lance_backfill::api::policy::Access;
@@ -11,13 +13,25 @@ const READER: &str = "reader-secret";
 const SUBMITTER: &str = "submitter-secret";
 const STRANGER: &str = "stranger-secret";
 
+/// Bearer tokens are HS256 JWTs signed with this, for this issuer and
+/// audience.
+const JWT_ISSUER: &str = "https://issuer.example";
+const JWT_AUDIENCE: &str = "lance-backfill";
+const JWT_SECRET: &str = "jwt-secret";
+
 const POLICY: &str = r#"{
     "ops": {"tables": ["*"], "actions": ["read", "submit", "declare", "udf", "cancel"]},
     "reader": {"tables": ["items"], "actions": ["read"]},
-    "submitter": {"tables": ["item?"], "actions": ["read", "submit", "declare"]}
+    "submitter": {"tables": ["item?"], "actions": ["read", "submit", "declare"]},
+    "carol": {"tables": ["items"], "actions": ["read", "submit", "declare"]}
 }"#;
 
 async fn stack() -> Stack {
+    stack_with(Access::parse(POLICY).unwrap()).await
+}
+
+/// The keys above and bearer tokens (`token`), under `access`.
+async fn stack_with(access: Access) -> Stack {
     let mut auth = Authenticator::default();
     for (name, key) in [
         ("ops", OPS),
@@ -29,7 +43,10 @@ async fn stack() -> Stack {
             .with_key_digest(&format!("{name}:{}", sha256_hex(key)))
             .unwrap();
     }
-    let auth = auth.with_access(Access::parse(POLICY).unwrap());
+    let auth = auth
+        .with_jwt(JWT_ISSUER, JWT_AUDIENCE, Some(JWT_SECRET), None, None)
+        .unwrap()
+        .with_access(access);
     let stack = Stack::embedded(StackOptions {
         auth,
         ..StackOptions::default()
@@ -44,10 +61,41 @@ async fn stack() -> Stack {
 }
 
 async fn call(stack: &Stack, key: &str, method: &str, path: &str, body: Value) -> (u16, Value) {
+    call_with(stack, ("x-api-key", key), method, path, body).await
+}
+
+/// A call with one credential header (`x-api-key` or `authorization`).
+async fn call_with(
+    stack: &Stack,
+    credential: (&str, &str),
+    method: &str,
+    path: &str,
+    body: Value,
+) -> (u16, Value) {
     let body = (method == "POST").then(|| body.to_string());
     stack
-        .call(method, path, &[("x-api-key", key)], body.as_deref())
+        .call(method, path, &[credential], body.as_deref())
         .await
+}
+
+/// A bearer token the deployment verifies, with `sub` when given.
+fn token(sub: Option<&str>) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let mut claims = json!({"iss": JWT_ISSUER, "aud": JWT_AUDIENCE,
+        "exp": chrono::Utc::now().timestamp() + 600});
+    if let Some(sub) = sub {
+        claims["sub"] = json!(sub);
+    }
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign a token")
+}
+
+fn denied((status, body): (u16, Value)) {
+    assert_eq!((status, body["code"].clone()), (403, json!(15)), "{body}");
 }
 
 fn declare(name: &str) -> Value {
@@ -243,4 +291,218 @@ async fn user_functions_need_their_own_permission() {
     assert_eq!((status, body["code"].clone()), (403, json!(15)), "{body}");
     let (status, body) = call(&stack, OPS, "POST", "/v1/table/items/backfill_column", fill).await;
     assert_eq!(status, 202, "{body}");
+}
+
+/// A bearer token's `sub` is its principal: it may do what the policy
+/// grants that name, on those tables, and nothing else; a verified token
+/// whose subject the policy does not name, or that has none, may do
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bearer_tokens_subject_is_its_principal() {
+    let stack = stack().await;
+    let bearer = format!("Bearer {}", token(Some("carol")));
+    let carol = ("authorization", bearer.as_str());
+    let (status, body) = call_with(
+        &stack,
+        carol,
+        "POST",
+        "/v1/table/items/add_columns",
+        declare("y"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    denied(
+        call_with(
+            &stack,
+            carol,
+            "POST",
+            "/v1/table/secret/add_columns",
+            declare("y"),
+        )
+        .await,
+    );
+    let (status, body) = call(
+        &stack,
+        OPS,
+        "POST",
+        "/v1/table/secret/add_columns",
+        declare("y"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let fill = json!({"column": "y"});
+    let (status, mine) = call_with(
+        &stack,
+        carol,
+        "POST",
+        "/v1/table/items/backfill_column",
+        fill.clone(),
+    )
+    .await;
+    assert_eq!(status, 202, "{mine}");
+    let (status, theirs) = call(
+        &stack,
+        OPS,
+        "POST",
+        "/v1/table/secret/backfill_column",
+        fill,
+    )
+    .await;
+    assert_eq!(status, 202, "{theirs}");
+    let mine = mine["job_id"].as_str().unwrap().to_string();
+    let theirs = theirs["job_id"].as_str().unwrap().to_string();
+    // The job records the token's subject as its submitter.
+    let job = stack
+        .store()
+        .get_job(&mine)
+        .await
+        .expect("read the job")
+        .expect("the job exists");
+    assert_eq!(job.spec.submitted_by, "carol");
+
+    // It reads what the policy lets it read; other jobs do not exist.
+    let (status, body) =
+        call_with(&stack, carol, "GET", &format!("/v1/job/{mine}"), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call_with(
+        &stack,
+        carol,
+        "GET",
+        &format!("/v1/job/{theirs}"),
+        json!({}),
+    )
+    .await;
+    assert_eq!((status, body["code"].clone()), (404, json!(10)), "{body}");
+    let (status, listed) = call_with(&stack, carol, "POST", "/v1/jobs/list", json!({})).await;
+    assert_eq!(status, 200, "{listed}");
+    let ids: Vec<&str> = listed["jobs"]
+        .as_array()
+        .expect("a list of jobs")
+        .iter()
+        .filter_map(|job| job["job_id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![mine.as_str()], "{listed}");
+    let (status, body) =
+        call_with(&stack, carol, "POST", "/v1/table/items/describe", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    denied(
+        call_with(
+            &stack,
+            carol,
+            "POST",
+            "/v1/table/secret/describe",
+            json!({}),
+        )
+        .await,
+    );
+    // Cancelling is not among its actions, even of its own job.
+    denied(
+        call_with(
+            &stack,
+            carol,
+            "POST",
+            &format!("/v1/job/{mine}/cancel"),
+            json!({}),
+        )
+        .await,
+    );
+    // The same token in the body's identity is the same principal.
+    let body = json!({"column": "y", "identity": {"auth_token": token(Some("carol"))}});
+    denied(
+        stack
+            .call(
+                "POST",
+                "/v1/table/secret/backfill_column",
+                &[],
+                Some(&body.to_string()),
+            )
+            .await,
+    );
+
+    for other in [token(Some("mallory")), token(None)] {
+        let bearer = format!("Bearer {other}");
+        let other = ("authorization", bearer.as_str());
+        denied(call_with(&stack, other, "GET", "/v1/table/items/jobs", json!({})).await);
+        denied(
+            call_with(
+                &stack,
+                other,
+                "POST",
+                "/v1/table/items/backfill_column",
+                json!({"column": "y"}),
+            )
+            .await,
+        );
+        let (status, body) =
+            call_with(&stack, other, "GET", &format!("/v1/job/{mine}"), json!({})).await;
+        assert_eq!((status, body["code"].clone()), (404, json!(10)), "{body}");
+    }
+}
+
+/// `LANCE_BACKFILL_POLICY=@path`: the policy is read from the file and it,
+/// not anything else, decides. (The variable's value goes to the same
+/// `Access::parse` as here; the test does not set the process's
+/// environment, which other tests share.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_in_a_file_is_read_and_enforced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("policy.json");
+    // Unlike POLICY, this one lets the reader declare, and names no one else.
+    std::fs::write(
+        &path,
+        r#"{"reader": {"tables": ["items"], "actions": ["read", "declare"]}}"#,
+    )
+    .expect("write the policy");
+    let access = Access::parse(&format!("@{}", path.display())).expect("the policy file is read");
+    let stack = stack_with(access).await;
+    let (status, body) = call(
+        &stack,
+        READER,
+        "POST",
+        "/v1/table/items/add_columns",
+        declare("y"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    denied(
+        call(
+            &stack,
+            READER,
+            "POST",
+            "/v1/table/secret/add_columns",
+            declare("y"),
+        )
+        .await,
+    );
+    denied(
+        call(
+            &stack,
+            READER,
+            "POST",
+            "/v1/table/items/backfill_column",
+            json!({"column": "y"}),
+        )
+        .await,
+    );
+    let (status, body) = call(&stack, READER, "GET", "/v1/table/items/jobs", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    // Principals of the inline policy are not in the file: nothing for them.
+    denied(
+        call(
+            &stack,
+            OPS,
+            "POST",
+            "/v1/table/secret/add_columns",
+            declare("y"),
+        )
+        .await,
+    );
+    denied(call(&stack, SUBMITTER, "GET", "/v1/table/items/jobs", json!({})).await);
+    // A file that is not there, or not a policy, stops the service from
+    // starting rather than leaving it open.
+    let missing = dir.path().join("missing.json");
+    assert!(Access::parse(&format!("@{}", missing.display())).is_err());
+    let broken = dir.path().join("broken.json");
+    std::fs::write(&broken, r#"{"reader": {"tables": ["items"]}}"#).expect("write a bad policy");
+    assert!(Access::parse(&format!("@{}", broken.display())).is_err());
 }

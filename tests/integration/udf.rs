@@ -5,7 +5,7 @@
 //! handler's own server). The functions are in tests/udfs.py.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,43 @@ pub(crate) fn payloads(state: &std::path::Path) -> HashMap<String, String> {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).expect("payloads json")
+}
+
+/// What tests/udfs.py's `function` returns for these `x`, computed by
+/// Python (the function itself, not a re-statement of it); `skip`: row by
+/// row, null where it raises. `state` is where functions that die once
+/// found their mark.
+fn expect(
+    state: &std::path::Path,
+    function: &str,
+    x: &[Option<i64>],
+    skip: bool,
+) -> Vec<Option<i64>> {
+    let mut command = Command::new(python());
+    command
+        .arg(format!("{REPO}/tests/udfs.py"))
+        .args(["expect", function, "-"])
+        .env("UDF_TEST_STATE", state)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if skip {
+        command.arg("--skip");
+    }
+    let mut child = command.spawn().expect("run tests/udfs.py expect");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(x).unwrap())
+        .expect("x to tests/udfs.py");
+    let output = child.wait_with_output().expect("tests/udfs.py expect");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("expected values json")
 }
 
 pub(crate) fn int64() -> Value {
@@ -111,6 +148,21 @@ async fn column(stack: &Stack, name: &str) -> Vec<Option<i64>> {
         .unwrap()
 }
 
+/// The number right after `prefix` in `text` (a job's error).
+fn number_after(text: &str, prefix: &str) -> u64 {
+    let at = text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("'{prefix}' in '{text}'"))
+        + prefix.len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("a number after '{prefix}' in '{text}'"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_udf_column_is_declared_and_filled_through_the_official_client() {
     let state = tempfile::tempdir().unwrap();
@@ -131,10 +183,9 @@ async fn a_udf_column_is_declared_and_filled_through_the_official_client() {
     .await;
     let done = stack.wait_done(&job, Duration::from_secs(120)).await;
     let x = column(&stack, "x").await;
-    let y = column(&stack, "y").await;
     assert_eq!(
-        y,
-        x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>()
+        column(&stack, "y").await,
+        expect(state.path(), "double_plus_one", &x, false)
     );
     assert_eq!(done.metrics.get(Counter::RowsCommitted), 20_000);
     let (_, job) = stack.get(&format!("/v1/job/{job}")).await;
@@ -198,7 +249,7 @@ async fn two_outputs_from_one_struct_and_a_class_set_up_once() {
     );
     assert_eq!(
         column(&stack, "z").await,
-        x.iter().map(|v| v.map(|x| x * 3)).collect::<Vec<_>>()
+        expect(state.path(), "scaled", &x, false)
     );
     let dataset = lance::Dataset::open(&stack.table_uri("items"))
         .await
@@ -258,7 +309,7 @@ async fn docker_spec_payloads_and_bad_declarations() {
     let x = column(&stack, "x").await;
     assert_eq!(
         column(&stack, "y").await,
-        x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>()
+        expect(state.path(), "double_plus_one", &x, false)
     );
 
     let refused =
@@ -330,6 +381,93 @@ async fn docker_spec_payloads_and_bad_declarations() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_payload_is_kept_beside_the_table_and_filled() {
+    use base64::Engine as _;
+    let state = tempfile::tempdir().unwrap();
+    let udfs = payloads(state.path());
+    let pickle = base64::engine::general_purpose::STANDARD
+        .decode(&udfs["large_payload"])
+        .unwrap();
+    assert!(
+        pickle.len() > lance_backfill::udf::binding::MAX_INLINE_PAYLOAD_BYTES,
+        "tests/udfs.py's large_payload pickles to only {} bytes",
+        pickle.len()
+    );
+    let stack = stack_with_table(8_000).await;
+    declare(
+        &stack,
+        "items",
+        virtual_column(
+            "p",
+            &["x"],
+            vec![output("p", int64())],
+            &udfs["large_payload"],
+        ),
+    )
+    .await;
+    // Too large for the binding: kept beside the table, named by its SHA-256.
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&pickle));
+    let kept = std::path::Path::new(&stack.table_uri("items"))
+        .join("_backfill")
+        .join("udfs")
+        .join(format!("{digest}.pkl"));
+    assert_eq!(
+        std::fs::read(&kept).expect("the pickle beside the table"),
+        pickle
+    );
+    let job = backfill(
+        &stack,
+        "items",
+        AlterTableBackfillColumnsRequest::new("p".into()),
+    )
+    .await;
+    let done = stack.wait_done(&job, Duration::from_secs(120)).await;
+    assert_eq!(done.metrics.get(Counter::RowsCommitted), 8_000);
+    let x = column(&stack, "x").await;
+    assert_eq!(
+        column(&stack, "p").await,
+        expect(state.path(), "large_payload", &x, false)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_backfill_submits_the_job_and_answers_its_id() {
+    let state = tempfile::tempdir().unwrap();
+    let udfs = payloads(state.path());
+    let stack = stack_with_table(8_000).await;
+    let mut entry = virtual_column(
+        "y",
+        &["x"],
+        vec![output("y", int64())],
+        &udfs["double_plus_one"],
+    );
+    if let Some(Some(column)) = entry.virtual_column.as_mut() {
+        column.auto_backfill = Some(Some(true));
+    }
+    let response = table_api::alter_table_add_columns(
+        &stack.client(),
+        "items",
+        AlterTableAddColumnsRequest::new(vec![entry]),
+        None,
+    )
+    .await
+    .expect("add_columns through the official client");
+    let context = response.context.unwrap_or_default();
+    let job = context
+        .get("job_id")
+        .unwrap_or_else(|| panic!("no job_id in the answer's context: {context:?}"));
+    let done = stack.wait_done(job, Duration::from_secs(120)).await;
+    assert_eq!(done.metrics.get(Counter::RowsCommitted), 8_000);
+    let (_, page) = stack.get(&format!("/v1/job/{job}")).await;
+    assert_eq!(page["columns"], json!(["y"]));
+    let x = column(&stack, "x").await;
+    assert_eq!(
+        column(&stack, "y").await,
+        expect(state.path(), "double_plus_one", &x, false)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_a_function_raises_on_fail_the_job_or_are_skipped() {
     let state = tempfile::tempdir().unwrap();
     let udfs = payloads(state.path());
@@ -341,13 +479,12 @@ async fn rows_a_function_raises_on_fail_the_job_or_are_skipped() {
         &udfs["raises_on_sevens"],
     );
     declare(&stack, "items", entry).await;
-    // By default the first failing batch fails the job with the exception.
-    let failing = backfill(
-        &stack,
-        "items",
-        AlterTableBackfillColumnsRequest::new("r".into()),
-    )
-    .await;
+    // By default the first failing batch fails the job with the exception,
+    // the fragment and the rows. Tasks of 1,000 rows: the fragments (3,000
+    // rows each) are not packed, and a task names its fragment's row range.
+    let mut request = AlterTableBackfillColumnsRequest::new("r".into());
+    request.task_size = Some(Some(1_000));
+    let failing = backfill(&stack, "items", request).await;
     let job = stack.wait(&failing, Duration::from_secs(120)).await;
     assert_eq!(job.state, JobState::Failed);
     let error = job.error.unwrap_or_default();
@@ -355,17 +492,25 @@ async fn rows_a_function_raises_on_fail_the_job_or_are_skipped() {
         error.contains("ValueError") && error.contains("cannot handle x ="),
         "{error}"
     );
+    let fragment = number_after(&error, "fragment ");
+    let start = number_after(&error, "rows ");
+    let end = number_after(&error, &format!("rows {start}.."));
+    // x is the row's position in the table, 3,000 rows a fragment.
+    let rows = fragment * 3_000 + start..fragment * 3_000 + end;
+    assert!(
+        rows.contains(&number_after(&error, "cannot handle x = ")),
+        "the failing x should be in the rows named: {error}"
+    );
     // Skipping: only the failing rows stay null, counted and listed.
     let mut request = AlterTableBackfillColumnsRequest::new("r".into());
     request.context = Some(HashMap::from([("on_error".into(), "skip".into())]));
     let skipping = backfill(&stack, "items", request).await;
     let job = stack.wait_done(&skipping, Duration::from_secs(120)).await;
     let x = column(&stack, "x").await;
-    let expected: Vec<Option<i64>> = x
-        .iter()
-        .map(|v| v.and_then(|x| (x % 1000 != 7).then_some(x + 10)))
-        .collect();
-    assert_eq!(column(&stack, "r").await, expected);
+    assert_eq!(
+        column(&stack, "r").await,
+        expect(state.path(), "raises_on_sevens", &x, true)
+    );
     assert_eq!(job.metrics.get(Counter::RowsFailed), 12);
     let (_, page) = stack.get(&format!("/v1/job/{skipping}")).await;
     assert_eq!(page["metrics"]["rows_failed"], 12);
@@ -422,7 +567,7 @@ async fn a_python_process_that_dies_is_replaced_or_named() {
     let x = column(&stack, "x").await;
     assert_eq!(
         column(&stack, "d").await,
-        x.iter().map(|v| v.map(|x| x + 5)).collect::<Vec<_>>()
+        expect(state.path(), "dies_once", &x, false)
     );
     // Killed every time: the job fails with the tail of the process's stderr.
     let always = backfill(
@@ -517,7 +662,7 @@ impl Drop for Server {
     }
 }
 
-async fn fill_with(runtimes: UdfRuntimes, udf: &str) -> Stack {
+async fn fill_with(runtimes: UdfRuntimes, state: &std::path::Path, udf: &str) -> Stack {
     let mut stack = Stack::embedded(StackOptions::default()).await;
     write_sample_table(&stack.table_uri("items"), 12_000, 4)
         .await
@@ -541,26 +686,18 @@ async fn fill_with(runtimes: UdfRuntimes, udf: &str) -> Stack {
     let x = column(&stack, "x").await;
     assert_eq!(
         column(&stack, "y").await,
-        x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>()
+        expect(state, "double_plus_one", &x, false)
     );
     stack
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_lambda_runtime_through_the_invoke_api_with_throttling() {
-    let state = tempfile::tempdir().unwrap();
-    let udfs = payloads(state.path());
-    let emulator = Server::start(&[
-        &format!("{REPO}/udf-runtime/lambda_invoke_emulator.py"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--throttle-rate",
-        "0.3",
-        "--seed",
-        "7",
-    ]);
+/// The Invoke API emulator, started with `options` (throttling...), and a
+/// Lambda runtime that calls it.
+async fn lambda_emulator(options: &[&str]) -> (Server, LambdaRuntime) {
+    let script = format!("{REPO}/udf-runtime/lambda_invoke_emulator.py");
+    let mut args = vec![script.as_str(), "--host", "127.0.0.1", "--port", "0"];
+    args.extend_from_slice(options);
+    let emulator = Server::start(&args);
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(&emulator.url)
         .region(aws_config::Region::new("us-east-1"))
@@ -570,19 +707,133 @@ async fn the_lambda_runtime_through_the_invoke_api_with_throttling() {
         .load()
         .await;
     let runtime = LambdaRuntime::new(aws_sdk_lambda::Client::new(&sdk), "lance-backfill-udf");
-    fill_with(
-        UdfRuntimes::only(Arc::new(runtime)),
-        &udfs["double_plus_one"],
-    )
-    .await;
-    let stats: Value = reqwest::get(format!("{}/_stats", emulator.url))
+    (emulator, runtime)
+}
+
+/// The emulator's invocation counts (`GET /_stats`).
+async fn emulator_stats(emulator: &Server) -> Value {
+    reqwest::get(format!("{}/_stats", emulator.url))
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lambda_runtime_through_the_invoke_api_with_throttling() {
+    let state = tempfile::tempdir().unwrap();
+    let udfs = payloads(state.path());
+    let (emulator, runtime) = lambda_emulator(&["--throttle-rate", "0.3", "--seed", "7"]).await;
+    fill_with(
+        UdfRuntimes::only(Arc::new(runtime)),
+        state.path(),
+        &udfs["double_plus_one"],
+    )
+    .await;
+    let stats = emulator_stats(&emulator).await;
     println!("FIGURES lambda runtime: {stats}");
     assert!(stats["throttled"].as_u64().unwrap_or(0) > 0, "{stats}");
+}
+
+/// Rows of each fragment of [`write_padded_table`]'s tables, and bytes of
+/// `pad` per row: a fragment's `x` and `pad` are 8.2 MB as Arrow IPC, 11 MB
+/// as the base64 of a Lambda event; half of them fit under 6 MB.
+const PADDED_ROWS: u64 = 2_000;
+const PAD_BYTES: usize = 4_096;
+
+/// A table of `fragments` fragments of [`PADDED_ROWS`] rows: `id`, `x` (the
+/// row's position) and `pad` ([`PAD_BYTES`] characters).
+async fn write_padded_table(uri: &str, fragments: u64) {
+    use arrow_schema::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("x", DataType::Int64, true),
+        Field::new("pad", DataType::Utf8, true),
+    ]));
+    let batches: Vec<arrow_array::RecordBatch> = (0..fragments)
+        .map(|fragment| {
+            let ids: Vec<i64> = (fragment * PADDED_ROWS..(fragment + 1) * PADDED_ROWS)
+                .map(|i| i as i64)
+                .collect();
+            let pad: Vec<String> = ids
+                .iter()
+                .map(|i| format!("{i:0>width$}", width = PAD_BYTES))
+                .collect();
+            arrow_array::RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(arrow_array::Int64Array::from(ids.clone())),
+                    Arc::new(arrow_array::Int64Array::from(ids)),
+                    Arc::new(arrow_array::StringArray::from(pad)),
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    let params = lance::dataset::WriteParams {
+        max_rows_per_file: PADDED_ROWS as usize,
+        ..Default::default()
+    };
+    lance::Dataset::write(
+        arrow_array::RecordBatchIterator::new(batches.into_iter().map(Ok), schema),
+        uri,
+        Some(params),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_over_lambdas_6_mb_are_split_and_filled_exactly() {
+    let state = tempfile::tempdir().unwrap();
+    let udfs = payloads(state.path());
+    let (emulator, runtime) = lambda_emulator(&[]).await;
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let fragments = 2;
+    write_padded_table(&stack.table_uri("items"), fragments).await;
+    stack.components.udf = Some(Arc::new(UdfRuntimes::only(Arc::new(runtime))));
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(60),
+    );
+    // y = x * 2 + 1 and n = the rows of the call that computed it; `pad` is
+    // an input only to make the requests large.
+    let outputs = vec![output("y", int64()), output("n", int64())];
+    declare(
+        &stack,
+        "items",
+        virtual_column("y", &["x", "pad"], outputs, &udfs["with_call_rows"]),
+    )
+    .await;
+    // One batch a fragment: 11 MB of request, over Lambda's 6 MB.
+    let mut request = AlterTableBackfillColumnsRequest::new("y".into());
+    request.checkpoint_size = Some(Some(PADDED_ROWS as i32));
+    let job = backfill(&stack, "items", request).await;
+    let done = stack.wait_done(&job, Duration::from_secs(180)).await;
+    assert_eq!(
+        done.metrics.get(Counter::RowsCommitted),
+        fragments * PADDED_ROWS
+    );
+    let x = column(&stack, "x").await;
+    assert_eq!(x.len() as u64, fragments * PADDED_ROWS);
+    assert_eq!(
+        column(&stack, "y").await,
+        expect(state.path(), "double_plus_one", &x, false)
+    );
+    // Each batch was split in halves, and each half went in one call.
+    let halves = (PADDED_ROWS / 2) as i64;
+    assert_eq!(column(&stack, "n").await, vec![Some(halves); x.len()]);
+    let stats = emulator_stats(&emulator).await;
+    println!("FIGURES lambda runtime, batches over 6 MB: {stats}");
+    // The runtime split before sending: Lambda never refused a request.
+    assert_eq!(stats["request_too_large"], 0, "{stats}");
+    assert_eq!(stats["function_errors"], 0, "{stats}");
+    assert!(
+        stats["succeeded"].as_u64().unwrap_or(0) >= 2 * fragments,
+        "two calls a batch: {stats}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -600,6 +851,7 @@ async fn the_http_runtime_against_the_handlers_server() {
     let runtime = HttpRuntime::new(&server.url, Duration::from_secs(60)).unwrap();
     fill_with(
         UdfRuntimes::only(Arc::new(runtime)),
+        state.path(),
         &udfs["double_plus_one"],
     )
     .await;

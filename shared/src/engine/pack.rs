@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use lance::Dataset;
 use tracing::info;
 
@@ -149,7 +150,10 @@ impl Engine {
                     &mut stop,
                     may_have_checkpoints,
                 )
-                .await?;
+                .await
+                .with_context(|| {
+                    format!("fragment {}, rows 0..{}", planned.id, planned.physical_rows)
+                })?;
             let reason = match written {
                 Written::Filled(filled) => {
                     pending.filled.push(filled);
