@@ -144,6 +144,12 @@ async fn open_latest(catalog: &Catalog, uri: &str, branch: Option<&str>) -> Resu
 fn check_names(schema: &ArrowSchema, names: &[String]) -> Result<(), Error> {
     let mut seen = HashSet::new();
     for name in names {
+        if name.is_empty() || name.contains('.') {
+            return Err(Error::invalid_input(format!(
+                "column name '{name}' is not allowed: a column needs a name, without '.' \
+                 (Lance reads a dot as the path to a struct's field)"
+            )));
+        }
         if schema.field_with_name(name).is_ok() {
             return Err(Error::invalid_input(format!(
                 "column '{name}' already exists in the table"

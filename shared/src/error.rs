@@ -99,7 +99,10 @@ impl Error {
             lance::Error::DatasetNotFound { .. } | lance::Error::NotFound { .. } => {
                 Self::not_found(Missing::Table, message)
             }
-            lance::Error::InvalidInput { .. } => Self::InvalidInput(message),
+            // A schema Lance refuses is the one a request described.
+            lance::Error::InvalidInput { .. } | lance::Error::Schema { .. } => {
+                Self::InvalidInput(message)
+            }
             lance::Error::CommitConflict { .. }
             | lance::Error::RetryableCommitConflict { .. }
             | lance::Error::IncompatibleTransaction { .. }

@@ -512,7 +512,7 @@ fn the_api_handler_takes_anything() {
     let cases: u32 = std::env::var("LANCE_BACKFILL_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(5_000);
     let mut runner = lance_backfill_tests::seeded_runner(cases);
     let strategy = (
         path(job_id.clone()),

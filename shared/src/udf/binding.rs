@@ -23,6 +23,10 @@ const MAX_INPUTS: usize = 256;
 /// Payloads up to this size are kept in the binding itself; larger ones
 /// beside the table, content-addressed.
 pub const MAX_INLINE_PAYLOAD_BYTES: usize = 16 * 1024;
+/// How deep an output's type may nest (lists of structs of lists...).
+const MAX_TYPE_DEPTH: usize = 32;
+/// Fields an output's type may hold, all levels together.
+const MAX_TYPE_FIELDS: usize = 1_024;
 
 /// One output column of a function.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,12 +115,51 @@ fn parse_type(value: &serde_json::Value, column: &str) -> Result<DataType, Error
             "output '{column}': data_type is not a JSON Arrow type: {err}"
         ))
     })?;
+    let mut fields = 0;
+    check_type_shape(&json, 0, &mut fields).map_err(|problem| {
+        Error::invalid_input(format!("output '{column}': data_type {problem}"))
+    })?;
     lance_namespace::schema::convert_json_arrow_type(&json).map_err(|err| {
         Error::invalid_input(format!(
             "output '{column}': data_type {value} is not supported: {}",
             crate::error::first_line(&err)
         ))
     })
+}
+
+/// Bounds what the conversion of a JSON Arrow type does arithmetic on or
+/// recurses through: its depth, its fields, and each `length` (a decimal's
+/// precision and scale, a fixed size), which must fit Arrow's own ranges.
+fn check_type_shape(
+    json: &JsonArrowDataType,
+    depth: usize,
+    fields: &mut usize,
+) -> Result<(), String> {
+    if depth > MAX_TYPE_DEPTH {
+        return Err(format!("nests deeper than {MAX_TYPE_DEPTH} levels"));
+    }
+    if let Some(length) = json.length {
+        let fits = match json.r#type.to_ascii_lowercase().as_str() {
+            // precision * 1000 + scale: precision to 76, scale an i8.
+            name if name.starts_with("decimal") => (-128..=76_127).contains(&length),
+            name if name.starts_with("fixed_size") => (1..=i64::from(i32::MAX)).contains(&length),
+            _ => (0..=i64::from(i32::MAX)).contains(&length),
+        };
+        if !fits {
+            return Err(format!(
+                "'{}' has a length out of range: {length}",
+                json.r#type
+            ));
+        }
+    }
+    for field in json.fields.iter().flatten() {
+        *fields += 1;
+        if *fields > MAX_TYPE_FIELDS {
+            return Err(format!("holds more than {MAX_TYPE_FIELDS} fields"));
+        }
+        check_type_shape(&field.r#type, depth + 1, fields)?;
+    }
+    Ok(())
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -334,11 +377,41 @@ fn output_fields(
 #[cfg(test)]
 mod tests {
     use lance_namespace_reqwest_client::models::AddVirtualColumnOutputEntry;
+    use serde_json::json;
 
     use super::*;
 
     fn schema() -> ArrowSchema {
         ArrowSchema::new(vec![ArrowField::new("text", DataType::Utf8, true)])
+    }
+
+    #[test]
+    fn types_that_would_overflow_or_recurse_are_refused_before_conversion() {
+        for (value, problem) in [
+            (
+                json!({"type": "decimal128", "length": i64::MAX}),
+                "out of range",
+            ),
+            (
+                json!({"type": "fixed_size_binary", "length": 0}),
+                "out of range",
+            ),
+            (
+                json!({"type": "fixed_size_binary", "length": -1}),
+                "out of range",
+            ),
+        ] {
+            let err = parse_type(&value, "o").unwrap_err().to_string();
+            assert!(err.contains(problem), "{value}: {err}");
+        }
+        let mut deep = json!({"type": "int64"});
+        for _ in 0..=MAX_TYPE_DEPTH {
+            deep = json!({"type": "list", "fields": [{"name": "item", "nullable": true, "type": deep}]});
+        }
+        let err = parse_type(&deep, "o").unwrap_err().to_string();
+        assert!(err.contains("deeper"), "{err}");
+        let fine = json!({"type": "decimal128", "length": 38_002});
+        assert_eq!(parse_type(&fine, "o").unwrap(), DataType::Decimal128(38, 2));
     }
 
     fn entry(udf: &[u8]) -> AddVirtualColumnEntry {
