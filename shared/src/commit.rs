@@ -52,6 +52,15 @@ enum Attempt {
     Conflict(lance::Error),
 }
 
+/// Whether a running job has a group to commit: `granularity` fragments
+/// staged and not committed, or the last ones once every fragment is resolved.
+fn commit_due(job: &Job, granularity: u64) -> bool {
+    let pending = job.metrics.fragments_pending_commit();
+    !job.state.is_terminal()
+        && pending > 0
+        && (pending >= granularity || job.metrics.all_fragments_resolved())
+}
+
 impl Committer {
     pub fn new(
         store: Arc<dyn JobStore>,
@@ -111,7 +120,16 @@ impl Committer {
             else {
                 return Ok(());
             };
-            let result = self.commit_staged(&current).await;
+            // Another committer may have committed some of them between our
+            // look and the lease: look again, so a group is not cut short.
+            let result = match self.store.get_job(&job.job_id).await {
+                Ok(Some(now)) if commit_due(&now, granularity) => self.commit_staged(&now).await,
+                Ok(_) => {
+                    lease.release().await;
+                    return Ok(());
+                }
+                Err(err) => Err(err.into()),
+            };
             lease.release().await;
             result?;
         }
