@@ -34,6 +34,21 @@ async fn declare_maintained(stack: &Stack, name: &str, sql: &str) {
     stack.wait_done(job_id, Duration::from_secs(60)).await;
 }
 
+/// A table of 1,000 rows with a worker and two maintained columns, `z`
+/// reading `y`, both filled; returns the table's URI.
+async fn chained_columns(stack: &mut Stack) -> String {
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 1000, 2).await.unwrap();
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    declare_maintained(stack, "y", "x * 2 + 1").await;
+    declare_maintained(stack, "z", "y + 1").await;
+    uri
+}
+
 /// Every row holds y = 2x + 1 and z = y + 1.
 async fn all_filled(uri: &str) -> bool {
     let storage = HashMap::new();
@@ -81,15 +96,7 @@ async fn maintainer_jobs(stack: &Stack) -> Vec<lance_backfill::job::Job> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn appended_rows_are_filled_in_order_and_bursts_coalesce() {
     let mut stack = Stack::embedded(StackOptions::default()).await;
-    let uri = stack.table_uri("items");
-    write_sample_table(&uri, 1000, 2).await.unwrap();
-    stack.start_worker(
-        fast_engine(),
-        RunnerConfig::default(),
-        Duration::from_secs(30),
-    );
-    declare_maintained(&stack, "y", "x * 2 + 1").await;
-    declare_maintained(&stack, "z", "y + 1").await;
+    let uri = chained_columns(&mut stack).await;
     assert!(all_filled(&uri).await);
     let (_maintainer, stop) = start_watcher(&stack);
 
@@ -153,15 +160,7 @@ async fn new_versions_and_job_ends_wake_the_watcher_before_its_poll() {
         ..StackOptions::default()
     })
     .await;
-    let uri = stack.table_uri("items");
-    write_sample_table(&uri, 1000, 2).await.unwrap();
-    stack.start_worker(
-        fast_engine(),
-        RunnerConfig::default(),
-        Duration::from_secs(30),
-    );
-    declare_maintained(&stack, "y", "x * 2 + 1").await;
-    declare_maintained(&stack, "z", "y + 1").await;
+    let uri = chained_columns(&mut stack).await;
     let versions =
         maintain::VersionWatch::start(&stack.root, wake.clone()).expect("a local root is watched");
     let (stop, stop_rx) = watch::channel(false);
