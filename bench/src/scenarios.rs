@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use lance::Dataset;
 use lance_backfill::engine::{Delivery, EngineConfig};
 use lance_backfill::events::Publisher;
-use lance_backfill::job::JobState;
+use lance_backfill::job::{Counter, Job, JobState};
 use lance_backfill::queue::TaskQueue;
 use lance_backfill::runner::RunnerConfig;
 use lance_backfill::submit::SubmitSettings;
@@ -73,6 +73,15 @@ pub(crate) async fn backfill(
     table: &str,
     body: serde_json::Value,
 ) -> anyhow::Result<Duration> {
+    Ok(backfill_job(stack, table, body).await?.0)
+}
+
+/// [`backfill`], with the job as it ended.
+pub(crate) async fn backfill_job(
+    stack: &Stack,
+    table: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<(Duration, Job)> {
     let began = chrono::Utc::now();
     let job_id = stack.submit(table, body).await;
     loop {
@@ -81,7 +90,7 @@ pub(crate) async fn backfill(
             JobState::Done => {
                 let finished = job.finished_at.as_deref().context("finished_at")?;
                 let finished = chrono::DateTime::parse_from_rfc3339(finished)?;
-                return Ok((finished.to_utc() - began).to_std()?);
+                return Ok(((finished.to_utc() - began).to_std()?, job));
             }
             JobState::Failed | JobState::Cancelled => {
                 bail!("job {job_id} ended {:?}: {:?}", job.state, job.error)
@@ -279,23 +288,24 @@ pub async fn overheads(options: &Options) -> anyhow::Result<()> {
     );
     println!("| run | tasks | median (min–max) | rows/s |");
     println!("|---|---|---|---|");
-    let tasks_small = (rows / 16).div_ceil(8192) * 16;
     let mut results: Vec<(String, u64, Summary)> = Vec::new();
-    for (label, extra, tasks) in [
-        ("defaults (one task per fragment)", json!({}), 16),
+    for (label, extra) in [
+        ("defaults", json!({})),
+        ("task_size 8192", json!({"task_size": 8192})),
         (
             "checkpoint_size 1024, task_size 8192",
             json!({"checkpoint_size": 1024, "task_size": 8192}),
-            tasks_small,
         ),
     ] {
-        let mut samples = Vec::new();
+        let (mut samples, mut tasks) = (Vec::new(), 0);
         for rep in 0..options.reps {
             let column = format!("c{}_{rep}", results.len());
             stack.declare("items", &[(&column, "x * 2 + 1")]).await;
             let mut body = extra.clone();
             body["column"] = json!(column);
-            samples.push(backfill(&stack, "items", body).await?);
+            let (took, job) = backfill_job(&stack, "items", body).await?;
+            samples.push(took);
+            tasks = job.metrics.get(Counter::TasksTotal);
             verify(&uri, &column, "x * 2 + 1").await?;
         }
         let summary = summarize(&samples);
@@ -306,13 +316,20 @@ pub async fn overheads(options: &Options) -> anyhow::Result<()> {
         );
         results.push((label.to_string(), tasks, summary));
     }
-    if let [(_, base_tasks, base), (_, small_tasks, small)] = results.as_slice() {
+    if let [
+        (_, base_tasks, base),
+        (_, small_tasks, small),
+        (_, _, small_batches),
+    ] = results.as_slice()
+    {
         let extra = small.median.saturating_sub(base.median);
         let per_task = extra / (*small_tasks - *base_tasks).max(1) as u32;
+        let batches = small_batches.median.saturating_sub(small.median);
         println!(
-            "\nCost of small tasks: {} more in all, about {} per extra task (each with its checkpoint write and read).\n",
+            "\nCost of small tasks: {} more in all, about {} per extra task (each with its checkpoint write and read); batches of 1,024 rows instead of the default add {}.\n",
             ms(extra),
-            ms(per_task)
+            ms(per_task),
+            ms(batches)
         );
     }
     Ok(())

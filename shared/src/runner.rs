@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::warn;
 
-use crate::queue::TaskQueue;
+use crate::queue::{Received, TaskQueue};
 use crate::worker::Worker;
 
 #[derive(Debug, Clone)]
@@ -51,7 +51,12 @@ const RECEIVE_RETRY: Duration = Duration::from_secs(1);
 /// How often a poller handles the dead letters (the DLQ's event source on AWS).
 const DEAD_LETTER_SWEEP: Duration = Duration::from_secs(1);
 
-/// Runs pollers until `shutdown` turns true; in-flight batches finish first.
+/// Runs pollers until `shutdown` turns true; messages in flight finish first.
+///
+/// Unlike a Lambda invocation, a poller does not wait for its whole batch:
+/// each message is deleted as soon as it is handled and its place refilled
+/// from the queue, so one slow message (a fragment being assembled) does not
+/// hold back the rest. A poller keeps at most `batch_size` messages in flight.
 pub async fn run(
     worker: Arc<Worker>,
     queue: Arc<dyn TaskQueue>,
@@ -60,43 +65,83 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) {
     let pollers = (0..config.pollers.max(1)).map(|_| {
-        let worker = worker.clone();
-        let queue = queue.clone();
-        let config = config.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut dead_letters_checked = Instant::now();
-            while !*shutdown.borrow() {
-                if config.dead_letters && dead_letters_checked.elapsed() >= DEAD_LETTER_SWEEP {
-                    worker.sweep_dead_letters().await;
-                    dead_letters_checked = Instant::now();
+        let poller = Poller {
+            worker: worker.clone(),
+            queue: queue.clone(),
+            visibility,
+            room: Arc::new(Semaphore::new(config.batch_size.max(1))),
+            config: config.clone(),
+        };
+        tokio::spawn(poller.run(shutdown.clone()))
+    });
+    for poller in pollers.collect::<Vec<_>>() {
+        let _ = poller.await;
+    }
+}
+
+/// One poller: its queue, its worker and its room for messages in flight.
+struct Poller {
+    worker: Arc<Worker>,
+    queue: Arc<dyn TaskQueue>,
+    visibility: Duration,
+    room: Arc<Semaphore>,
+    config: RunnerConfig,
+}
+
+impl Poller {
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut dead_letters_checked = Instant::now();
+        while !*shutdown.borrow() {
+            if self.config.dead_letters && dead_letters_checked.elapsed() >= DEAD_LETTER_SWEEP {
+                self.worker.sweep_dead_letters().await;
+                dead_letters_checked = Instant::now();
+            }
+            // Room for at least one message, and as many more as are free.
+            let permits = tokio::select! {
+                permit = self.room.clone().acquire_owned() => permit,
+                _ = shutdown.changed() => break,
+            };
+            let Ok(first) = permits else { break };
+            let mut permits = vec![first];
+            while let Ok(more) = self.room.clone().try_acquire_owned() {
+                permits.push(more);
+            }
+            let received = tokio::select! {
+                received = self.queue.receive(permits.len(), self.visibility, self.config.wait) => received,
+                _ = shutdown.changed() => break,
+            };
+            match received {
+                Ok(messages) => self.start(messages, permits),
+                Err(err) => {
+                    warn!(error = %format!("{err:#}"), "receive failed");
+                    tokio::time::sleep(RECEIVE_RETRY).await;
                 }
-                let received = tokio::select! {
-                    received = queue.receive(config.batch_size, visibility, config.wait) => received,
-                    _ = shutdown.changed() => break,
-                };
-                let messages = match received {
-                    Ok(messages) => messages,
-                    Err(err) => {
-                        warn!(error = %format!("{err:#}"), "receive failed");
-                        tokio::time::sleep(RECEIVE_RETRY).await;
-                        continue;
-                    }
-                };
-                if messages.is_empty() {
-                    continue;
-                }
-                let deadline = config.invocation_timeout.map(|t| Instant::now() + t);
-                let report = worker.process(messages, deadline).await;
+            }
+        }
+        // Wait for the messages in flight.
+        let _ = self
+            .room
+            .acquire_many(self.config.batch_size.max(1) as u32)
+            .await;
+    }
+
+    /// Handles each message on its own, deleting it once it is finished
+    /// with; unused permits go back.
+    fn start(&self, messages: Vec<Received>, mut permits: Vec<OwnedSemaphorePermit>) {
+        let deadline = self.config.invocation_timeout.map(|t| Instant::now() + t);
+        for message in messages {
+            let Some(permit) = permits.pop() else { break };
+            let worker = self.worker.clone();
+            let queue = self.queue.clone();
+            tokio::spawn(async move {
+                let report = worker.process(vec![message], deadline).await;
                 for receipt in report.succeeded {
                     if let Err(err) = queue.delete(&receipt).await {
                         warn!(error = %format!("{err:#}"), "delete failed; the message will be seen again");
                     }
                 }
-            }
-        })
-    });
-    for poller in pollers.collect::<Vec<_>>() {
-        let _ = poller.await;
+                drop(permit);
+            });
+        }
     }
 }

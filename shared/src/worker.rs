@@ -213,6 +213,9 @@ impl Worker {
         }
         self.process_dead_letters(&dead_letters).await;
         let report = self.process(messages, deadline).await;
+        // Lambda freezes the process once the handler returns: a slot kept
+        // for a next task would stay held, unrenewed, until it expired.
+        self.engine.release_idle_slots().await;
         for id in report.failed {
             response.add_failure(id);
         }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use lance_backfill::api::lambda;
 use lance_backfill::job::{
-    Counter, Job, JobSpec, JobState, Metrics, Params, PlanSummary, new_job_id, now_rfc3339,
+    Counter, Job, JobSpec, JobState, Metrics, MetricsDelta, Params, PlanSummary, new_job_id,
+    now_rfc3339,
 };
 use lance_backfill::queue::TaskQueue;
 use lance_backfill::runner::RunnerConfig;
@@ -98,7 +99,7 @@ async fn conflicts_and_throttling_never_lose_a_staged_fragment() {
         );
         assert!(
             store
-                .mark_task_done(&job.job_id, fragment, 0)
+                .mark_task_done(&job.job_id, fragment, 0, &MetricsDelta::new())
                 .await
                 .unwrap()
                 .newly_done,

@@ -371,14 +371,19 @@ async fn tasks_and_fragments_are_recorded_once(adapter: Adapter) {
     let job = job("t", "y");
     store.create_job(&job, "planned", None).await.unwrap();
     let id = job.job_id.as_str();
-    let first = store.mark_task_done(id, 7, 0).await.unwrap();
+    let computed = MetricsDelta::new().add(Counter::RowsComputed, 100);
+    let first = store.mark_task_done(id, 7, 0, &computed).await.unwrap();
     assert!(first.newly_done);
     assert_eq!(first.tasks_done, 1);
-    let repeated = store.mark_task_done(id, 7, 0).await.unwrap();
+    let repeated = store.mark_task_done(id, 7, 0, &computed).await.unwrap();
     assert!(!repeated.newly_done);
     assert_eq!(repeated.tasks_done, 1);
-    let second = store.mark_task_done(id, 7, 2).await.unwrap();
+    let second = store.mark_task_done(id, 7, 2, &computed).await.unwrap();
     assert_eq!(second.tasks_done, 2);
+    // A task's rows are counted with it, once however often it is recorded.
+    let metrics = store.get_job(id).await.unwrap().unwrap().metrics;
+    assert_eq!(metrics.get(Counter::RowsComputed), 200);
+    assert_eq!(metrics.get(Counter::TasksDone), 2);
     let record = store.get_fragment(id, 7).await.unwrap();
     assert_eq!(record.status, FragmentStatus::Open);
     assert_eq!(record.tasks_done, vec![0, 2]);

@@ -677,3 +677,96 @@ async fn a_branch_is_read_and_committed_on_leaving_main_alone() {
         "main is untouched"
     );
 }
+
+/// A task that ends its Lambda invocation gives its concurrency slot back
+/// before the handler returns (Lambda then freezes the process, so a slot
+/// kept for a next task would stay held until its lease expired), and is
+/// recorded with the rows it computed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_worker_function_gives_its_slot_back_before_returning() {
+    let moto = Moto::connect().await;
+    let stack = Stack::aws(&moto, StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 4000, 1).await.unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    let job_id = stack
+        .submit(
+            "items",
+            json!({"column": "y", "task_size": 1000, "concurrency": 1}),
+        )
+        .await;
+    let sqs = stack.sqs.clone().unwrap();
+    let task = sqs
+        .receive(1, Duration::from_secs(30), Duration::from_secs(2))
+        .await
+        .unwrap()
+        .pop()
+        .expect("a task");
+    let event: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_value(json!({
+        "Records": [{
+            "messageId": task.message_id, "receiptHandle": task.receipt, "body": task.body,
+            "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
+            "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:tasks",
+            "awsRegion": "us-east-1",
+        }]
+    }))
+    .unwrap();
+    let worker = stack
+        .components
+        .worker(fast_engine(), Duration::from_secs(30));
+    let response = worker.handle_sqs_event(event, None).await;
+    assert!(response.batch_item_failures.is_empty());
+    // The job's one slot is free the moment the handler has returned.
+    let ttl = Duration::from_secs(60);
+    assert!(
+        stack
+            .store()
+            .try_lease(&job_id, "slot-0", "another-worker", ttl)
+            .await
+            .unwrap(),
+        "the slot was still held after the invocation"
+    );
+    let job = stack.store().get_job(&job_id).await.unwrap().unwrap();
+    assert_eq!(job.metrics.get(Counter::TasksDone), 1);
+    assert_eq!(job.metrics.get(Counter::RowsComputed), 1000);
+    assert_eq!(job.metrics.get(Counter::TasksTotal), 4);
+}
+
+/// On a long-running worker, a task's slot passes to the next task of the
+/// job; once no task takes it, it is released: every slot is free soon
+/// after the job, and the values are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slots_pass_between_tasks_and_are_released_when_idle() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 8000, 1).await.unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    stack.start_worker(fast_engine(), RunnerConfig::default(), VISIBILITY);
+    let job_id = stack
+        .submit(
+            "items",
+            json!({"column": "y", "task_size": 500, "concurrency": 2}),
+        )
+        .await;
+    let job = stack.wait(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Done, "{:?}", job.error);
+    assert_eq!(job.metrics.get(Counter::TasksDone), 16);
+    assert_eq!(job.metrics.get(Counter::RowsComputed), 8000);
+    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+    let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+    assert_eq!(y, expected(&x));
+    let store = stack.store();
+    let ttl = Duration::from_secs(60);
+    eventually(Duration::from_secs(5), || async {
+        let mut free = true;
+        for slot in ["slot-0", "slot-1"] {
+            free &= store
+                .try_lease(&job_id, slot, "another-worker", ttl)
+                .await
+                .unwrap();
+        }
+        free
+    })
+    .await
+    .expect("both slots free after the job");
+}

@@ -126,9 +126,8 @@ pub struct Engine {
     programs: Mutex<HashMap<String, Arc<Program>>>,
     /// Runtimes of user functions (`None`: this worker runs SQL only).
     udf: Option<Arc<UdfRuntimes>>,
-    /// Wakes tasks of this process waiting for a slot as soon as one is
-    /// released here (slots released elsewhere are found by polling).
-    slot_freed: tokio::sync::Notify,
+    /// This process's share of each job's concurrency slots.
+    local_permits: slots::LocalPermits,
 }
 
 impl Engine {
@@ -155,7 +154,7 @@ impl Engine {
             committer,
             programs: Mutex::new(HashMap::new()),
             udf: None,
-            slot_freed: tokio::sync::Notify::new(),
+            local_permits: slots::LocalPermits::default(),
         }
     }
 

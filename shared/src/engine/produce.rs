@@ -235,8 +235,9 @@ impl<'a> Producer<'a> {
 }
 
 impl Engine {
-    /// Computes and checkpoints a task's rows of a fragment others share;
-    /// `Some(stop)` when it stopped early.
+    /// Computes and checkpoints a task's rows of a fragment others share.
+    /// Ends with what was done since the last flush, for the caller to
+    /// record with the task.
     pub(super) async fn checkpoint_range(
         &self,
         job: &Job,
@@ -245,7 +246,7 @@ impl Engine {
         program: &Arc<Program>,
         task: &TaskRef,
         stop: &mut StopCheck<'_>,
-    ) -> anyhow::Result<Option<Stop>> {
+    ) -> anyhow::Result<Result<Progress, Stop>> {
         let checkpoints = FragmentCheckpoints::open(
             dataset,
             fragment,
@@ -266,11 +267,8 @@ impl Engine {
         .run(task.start, task.end, stop)
         .await?;
         Ok(match produced {
-            Produced::Stopped(reason) => Some(reason),
-            Produced::Completed { mut progress, .. } => {
-                progress.flush(self.store.as_ref(), job).await?;
-                None
-            }
+            Produced::Stopped(reason) => Err(reason),
+            Produced::Completed { progress, .. } => Ok(progress),
         })
     }
 }

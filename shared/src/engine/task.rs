@@ -5,11 +5,21 @@ use lance::Dataset;
 use lance::dataset::fragment::FileFragment;
 use tracing::info;
 
+use super::progress::Progress;
 use super::stop::StopCheck;
 use super::{Delivery, Disposition, Engine, permanent};
 use crate::checkpoint::{FragmentCheckpoints, Key};
-use crate::job::{Job, JobState};
+use crate::job::{Job, JobState, MetricsDelta};
 use crate::plan::TaskRef;
+
+/// How a task that held a slot ended.
+enum Ran {
+    /// Its range is checkpointed and other tasks of the fragment are still
+    /// to come: the fragment is not resolved, so there is nothing to commit.
+    RangeOnly,
+    /// The fragment was written (or the task stopped, or was told how to end).
+    Fragment(Disposition),
+}
 
 impl Engine {
     pub(super) async fn run_task(
@@ -45,7 +55,9 @@ impl Engine {
         let result = self.run_in_slot(&job, task, &tasks_done, delivery).await;
         self.release_slot(slot).await;
         let disposition = match result {
-            Ok(disposition) => disposition,
+            // A range of a fragment others still work on: nothing to commit.
+            Ok(Ran::RangeOnly) => return Ok(Disposition::Done),
+            Ok(Ran::Fragment(disposition)) => disposition,
             Err(err) => self.after_error(&job, task, err).await?,
         };
         if disposition == Disposition::Done {
@@ -78,7 +90,7 @@ impl Engine {
         task: &TaskRef,
         tasks_done: &[u32],
         delivery: &Delivery,
-    ) -> anyhow::Result<Disposition> {
+    ) -> anyhow::Result<Ran> {
         self.mark_running(job).await?;
         let dataset = self.read_dataset(job).await?;
         let program = self.program(job, &dataset).await?;
@@ -88,29 +100,48 @@ impl Engine {
             // The whole fragment in one pass: its file directly, no checkpoints.
             return self
                 .finish_fragment(job, &dataset, &fragment, &program, &mut stop, Some(task))
-                .await;
+                .await
+                .map(Ran::Fragment);
         }
+        let mut counted = MetricsDelta::new();
         if !tasks_done.contains(&task.task) {
-            let stopped = self
+            match self
                 .checkpoint_range(job, &dataset, &fragment, &program, task, &mut stop)
-                .await?;
-            if let Some(stopped) = stopped {
-                return Ok(self.stopped(&job.job_id, task.fragment_id, stopped).await);
+                .await?
+            {
+                Ok(progress) => counted = self.counters_of(job, progress).await?,
+                Err(stopped) => {
+                    let stopped = self.stopped(&job.job_id, task.fragment_id, stopped).await;
+                    return Ok(Ran::Fragment(stopped));
+                }
             }
         }
+        // One write records the task and what it computed.
         let mark = self
             .store
-            .mark_task_done(&job.job_id, task.fragment_id, task.task)
+            .mark_task_done(&job.job_id, task.fragment_id, task.task, &counted)
             .await?;
         if mark.tasks_done < task.tasks_in_fragment {
             if !mark.newly_done {
                 self.forget_if_resolved(job, task).await?;
             }
-            return Ok(Disposition::Done);
+            return Ok(Ran::RangeOnly);
         }
         // Every task of the fragment is checkpointed: assemble its file.
         self.finish_fragment(job, &dataset, &fragment, &program, &mut stop, None)
             .await
+            .map(Ran::Fragment)
+    }
+
+    /// The counters of a task's progress, to record with the task; rows
+    /// a user function failed on are listed (and checked against the job's
+    /// limit) on their own first.
+    async fn counters_of(&self, job: &Job, mut progress: Progress) -> anyhow::Result<MetricsDelta> {
+        if progress.has_failures() {
+            progress.flush(self.store.as_ref(), job).await?;
+            return Ok(MetricsDelta::new());
+        }
+        Ok(progress.delta())
     }
 
     /// Another holder recorded this task first and may already have

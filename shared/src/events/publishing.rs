@@ -142,8 +142,11 @@ impl JobStore for PublishingStore {
         job_id: &str,
         fragment_id: u64,
         task: u32,
+        delta: &MetricsDelta,
     ) -> StoreResult<TaskMark> {
-        self.inner.mark_task_done(job_id, fragment_id, task).await
+        self.inner
+            .mark_task_done(job_id, fragment_id, task, delta)
+            .await
     }
 
     async fn resolve_fragments(

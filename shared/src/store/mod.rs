@@ -213,12 +213,15 @@ pub trait JobStore: Send + Sync + 'static {
 
     async fn get_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<FragmentRecord>;
 
-    /// Records a finished task once, however often it is delivered.
+    /// Records a finished task once, however often it is delivered, and
+    /// adds `delta` (what the task computed) with it: only the delivery that
+    /// records the task counts its rows.
     async fn mark_task_done(
         &self,
         job_id: &str,
         fragment_id: u64,
         task: u32,
+        delta: &MetricsDelta,
     ) -> StoreResult<TaskMark>;
 
     /// Records fragments staged or skipped, each once however often it is

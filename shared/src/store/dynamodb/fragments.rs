@@ -91,9 +91,10 @@ impl DynamoJobStore {
         job_id: &str,
         fragment_id: u64,
         task: u32,
+        delta: &MetricsDelta,
     ) -> StoreResult<TaskMark> {
         let items = self
-            .task_done_items(job_id, fragment_id, task)
+            .task_done_items(job_id, fragment_id, task, delta)
             .map_err(unavailable)?;
         let newly_done = self.transact(items).await?;
         let tasks_done = self.task_records(job_id, fragment_id).await?.len() as u32;
@@ -108,12 +109,13 @@ impl DynamoJobStore {
         job_id: &str,
         fragment_id: u64,
         task: u32,
+        delta: &MetricsDelta,
     ) -> anyhow::Result<Vec<TransactWriteItem>> {
         let record = create_only(&self.table, key(job_pk(job_id), task_sk(fragment_id, task)))?;
         let count = counters_update(
             &self.table,
             job_id,
-            &MetricsDelta::new().add(Counter::TasksDone, 1),
+            &MetricsDelta::new().add(Counter::TasksDone, 1).merge(delta),
         )?;
         Ok(vec![
             TransactWriteItem::builder().put(record).build(),

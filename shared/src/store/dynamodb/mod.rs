@@ -233,8 +233,9 @@ impl JobStore for DynamoJobStore {
         job_id: &str,
         fragment_id: u64,
         task: u32,
+        delta: &MetricsDelta,
     ) -> StoreResult<TaskMark> {
-        self.task_done(job_id, fragment_id, task).await
+        self.task_done(job_id, fragment_id, task, delta).await
     }
 
     async fn resolve_fragments(

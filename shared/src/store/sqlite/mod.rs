@@ -293,15 +293,17 @@ impl JobStore for SqliteJobStore {
         job_id: &str,
         fragment_id: u64,
         task: u32,
+        delta: &MetricsDelta,
     ) -> StoreResult<TaskMark> {
         let job_id = job_id.to_string();
+        let delta = MetricsDelta::new().add(Counter::TasksDone, 1).merge(delta);
         self.run(move |tx| {
                 let inserted = tx.execute(
                     "INSERT OR IGNORE INTO fragment_tasks (job_id, fragment_id, task) VALUES (?1, ?2, ?3)",
                     params![job_id, fragment_id as i64, task],
                 )? == 1;
                 if inserted {
-                    add_counters(tx, &job_id, &MetricsDelta::new().add(Counter::TasksDone, 1))?;
+                    add_counters(tx, &job_id, &delta)?;
                 }
                 let tasks_done: u32 = tx.query_row(
                     "SELECT COUNT(*) FROM fragment_tasks WHERE job_id = ?1 AND fragment_id = ?2",
