@@ -56,7 +56,8 @@ const DEAD_LETTER_SWEEP: Duration = Duration::from_secs(1);
 /// Unlike a Lambda invocation, a poller does not wait for its whole batch:
 /// each message is deleted as soon as it is handled and its place refilled
 /// from the queue, so one slow message (a fragment being assembled) does not
-/// hold back the rest. A poller keeps at most `batch_size` messages in flight.
+/// hold back the rest. A poller keeps at most `batch_size` messages in flight
+/// and receives once half of its places are free.
 pub async fn run(
     worker: Arc<Worker>,
     queue: Arc<dyn TaskQueue>,
@@ -96,9 +97,11 @@ impl Poller {
                 self.worker.sweep_dead_letters().await;
                 dead_letters_checked = Instant::now();
             }
-            // Room for at least one message, and as many more as are free.
+            // Room for half a batch at least (so a receive is not spent on
+            // every message), then as many more as are free.
+            let refill = (self.config.batch_size / 2).max(1) as u32;
             let permits = tokio::select! {
-                permit = self.room.clone().acquire_owned() => permit,
+                permits = self.room.clone().acquire_many_owned(refill) => permits,
                 _ = shutdown.changed() => break,
             };
             let Ok(first) = permits else { break };
@@ -106,8 +109,9 @@ impl Poller {
             while let Ok(more) = self.room.clone().try_acquire_owned() {
                 permits.push(more);
             }
+            let places: usize = permits.iter().map(|p| p.num_permits()).sum();
             let received = tokio::select! {
-                received = self.queue.receive(permits.len(), self.visibility, self.config.wait) => received,
+                received = self.queue.receive(places, self.visibility, self.config.wait) => received,
                 _ = shutdown.changed() => break,
             };
             match received {
@@ -127,8 +131,10 @@ impl Poller {
 
     /// Handles each message on its own, deleting it once it is finished
     /// with; unused permits go back.
-    fn start(&self, messages: Vec<Received>, mut permits: Vec<OwnedSemaphorePermit>) {
+    fn start(&self, messages: Vec<Received>, permits: Vec<OwnedSemaphorePermit>) {
         let deadline = self.config.invocation_timeout.map(|t| Instant::now() + t);
+        // One permit per message (the first may hold several).
+        let mut permits: Vec<_> = permits.into_iter().flat_map(split_permits).collect();
         for message in messages {
             let Some(permit) = permits.pop() else { break };
             let worker = self.worker.clone();
@@ -144,4 +150,17 @@ impl Poller {
             });
         }
     }
+}
+
+/// A permit of several places as one permit per place.
+fn split_permits(mut permit: OwnedSemaphorePermit) -> Vec<OwnedSemaphorePermit> {
+    let mut single = Vec::with_capacity(permit.num_permits());
+    while permit.num_permits() > 1 {
+        match permit.split(1) {
+            Some(one) => single.push(one),
+            None => break,
+        }
+    }
+    single.push(permit);
+    single
 }
