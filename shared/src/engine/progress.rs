@@ -26,12 +26,12 @@ impl Progress {
         self.failures.extend(other.failures);
     }
 
-    pub fn has_failures(&self) -> bool {
+    fn has_failures(&self) -> bool {
         !self.failures.is_empty()
     }
 
     /// The counters, for a caller that records them with something else.
-    pub fn delta(&self) -> MetricsDelta {
+    fn delta(&self) -> MetricsDelta {
         MetricsDelta::new()
             .add(Counter::RowsComputed, self.computed as i64)
             .add(Counter::RowsCheckpointed, self.checkpointed as i64)
@@ -48,6 +48,21 @@ impl Progress {
                     .collect(),
             }
         }));
+    }
+
+    /// The counters to record with something else (a task, fragments'
+    /// outcomes); rows a user function failed on are listed, and checked
+    /// against the job's limit, on their own first.
+    pub async fn counters_to_record(
+        mut self,
+        store: &dyn JobStore,
+        job: &Job,
+    ) -> anyhow::Result<MetricsDelta> {
+        if self.has_failures() {
+            self.flush(store, job).await?;
+            return Ok(MetricsDelta::new());
+        }
+        Ok(self.delta())
     }
 
     /// Writes what was gathered and starts over; fails when the job's

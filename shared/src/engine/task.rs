@@ -5,7 +5,6 @@ use lance::Dataset;
 use lance::dataset::fragment::FileFragment;
 use tracing::info;
 
-use super::progress::Progress;
 use super::stop::StopCheck;
 use super::{Delivery, Disposition, Engine, permanent};
 use crate::checkpoint::{FragmentCheckpoints, Key};
@@ -109,7 +108,11 @@ impl Engine {
                 .checkpoint_range(job, &dataset, &fragment, &program, task, &mut stop)
                 .await?
             {
-                Ok(progress) => counted = self.counters_of(job, progress).await?,
+                Ok(progress) => {
+                    counted = progress
+                        .counters_to_record(self.store.as_ref(), job)
+                        .await?;
+                }
                 Err(stopped) => {
                     let stopped = self.stopped(&job.job_id, task.fragment_id, stopped).await;
                     return Ok(Ran::Fragment(stopped));
@@ -131,17 +134,6 @@ impl Engine {
         self.finish_fragment(job, &dataset, &fragment, &program, &mut stop, None)
             .await
             .map(Ran::Fragment)
-    }
-
-    /// The counters of a task's progress, to record with the task; rows
-    /// a user function failed on are listed (and checked against the job's
-    /// limit) on their own first.
-    async fn counters_of(&self, job: &Job, mut progress: Progress) -> anyhow::Result<MetricsDelta> {
-        if progress.has_failures() {
-            progress.flush(self.store.as_ref(), job).await?;
-            return Ok(MetricsDelta::new());
-        }
-        Ok(progress.delta())
     }
 
     /// Another holder recorded this task first and may already have

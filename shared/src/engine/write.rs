@@ -141,13 +141,10 @@ impl Engine {
             }
             resolutions.push(fragment.resolution);
         }
-        let delta = if progress.has_failures() {
-            // Listed, and checked against max_skip_fraction, on their own.
-            progress.flush(self.store.as_ref(), job).await?;
-            counted
-        } else {
-            progress.delta().merge(&counted)
-        };
+        let delta = progress
+            .counters_to_record(self.store.as_ref(), job)
+            .await?
+            .merge(&counted);
         let recorded = self
             .store
             .resolve_fragments(&job.job_id, &resolutions, &delta)
