@@ -104,18 +104,16 @@ impl Poller {
                 permits = self.room.clone().acquire_many_owned(refill) => permits,
                 _ = shutdown.changed() => break,
             };
-            let Ok(first) = permits else { break };
-            let mut permits = vec![first];
+            let Ok(mut places) = permits else { break };
             while let Ok(more) = self.room.clone().try_acquire_owned() {
-                permits.push(more);
+                places.merge(more);
             }
-            let places: usize = permits.iter().map(|p| p.num_permits()).sum();
             let received = tokio::select! {
-                received = self.queue.receive(places, self.visibility, self.config.wait) => received,
+                received = self.queue.receive(places.num_permits(), self.visibility, self.config.wait) => received,
                 _ = shutdown.changed() => break,
             };
             match received {
-                Ok(messages) => self.start(messages, permits),
+                Ok(messages) => self.start(messages, places),
                 Err(err) => {
                     warn!(error = %format!("{err:#}"), "receive failed");
                     tokio::time::sleep(RECEIVE_RETRY).await;
@@ -129,14 +127,12 @@ impl Poller {
             .await;
     }
 
-    /// Handles each message on its own, deleting it once it is finished
-    /// with; unused permits go back.
-    fn start(&self, messages: Vec<Received>, permits: Vec<OwnedSemaphorePermit>) {
+    /// Handles each message on its own, in one of `places`, deleting it
+    /// once it is finished with; places left unused go back.
+    fn start(&self, messages: Vec<Received>, mut places: OwnedSemaphorePermit) {
         let deadline = self.config.invocation_timeout.map(|t| Instant::now() + t);
-        // One permit per message (the first may hold several).
-        let mut permits: Vec<_> = permits.into_iter().flat_map(split_permits).collect();
         for message in messages {
-            let Some(permit) = permits.pop() else { break };
+            let Some(permit) = places.split(1) else { break };
             let worker = self.worker.clone();
             let queue = self.queue.clone();
             tokio::spawn(async move {
@@ -150,17 +146,4 @@ impl Poller {
             });
         }
     }
-}
-
-/// A permit of several places as one permit per place.
-fn split_permits(mut permit: OwnedSemaphorePermit) -> Vec<OwnedSemaphorePermit> {
-    let mut single = Vec::with_capacity(permit.num_permits());
-    while permit.num_permits() > 1 {
-        match permit.split(1) {
-            Some(one) => single.push(one),
-            None => break,
-        }
-    }
-    single.push(permit);
-    single
 }
