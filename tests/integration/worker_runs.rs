@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use arrow_array::{Int64Array, RecordBatch, RecordBatchIterator, StringArray};
 use lance_backfill::engine::EngineConfig;
 use lance_backfill::job::{Counter, JobState};
-use lance_backfill::queue::{Outgoing, TaskQueue};
+use lance_backfill::queue::{Outgoing, Received, TaskQueue};
 use lance_backfill::runner::RunnerConfig;
 use lance_backfill_tests::{
     Moto, Stack, StackOptions, append_rows, eventually, fast_engine, latest_version, read_i64,
@@ -552,26 +552,35 @@ async fn the_worker_function_fails_the_job_of_a_record_from_the_dlq() {
         .pop()
         .expect("a task");
     let dlq_name = sqs.url().rsplit('/').next().unwrap().to_string() + "-dlq";
-    let record = |arn: &str| {
-        json!({
-            "messageId": task.message_id, "receiptHandle": task.receipt, "body": task.body,
-            "attributes": {"ApproximateReceiveCount": "4"}, "messageAttributes": {},
-            "eventSource": "aws:sqs", "eventSourceARN": arn, "awsRegion": "us-east-1",
-        })
-    };
     let worker = stack
         .components
         .worker(fast_engine(), Duration::from_secs(30));
     // The same body from the DLQ's event source fails the job, and is finished with.
-    let event: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_value(json!({
-        "Records": [record(&format!("arn:aws:sqs:us-east-1:123456789012:{dlq_name}"))]
-    }))
-    .unwrap();
+    let dlq_arn = format!("arn:aws:sqs:us-east-1:123456789012:{dlq_name}");
+    let event = sqs_event(&task, &dlq_arn, 4);
     let response = worker.handle_sqs_event(event, None).await;
     assert!(response.batch_item_failures.is_empty());
     let job = stack.wait(&job_id, Duration::from_secs(10)).await;
     assert_eq!(job.state, JobState::Failed);
     assert!(job.error.unwrap_or_default().contains("dead-letter queue"));
+}
+
+/// The worker function's event for one received message, as the event
+/// source with ARN `arn` delivers it on its `receive_count`th receive.
+fn sqs_event(
+    task: &Received,
+    arn: &str,
+    receive_count: u32,
+) -> aws_lambda_events::event::sqs::SqsEvent {
+    serde_json::from_value(json!({
+        "Records": [{
+            "messageId": task.message_id, "receiptHandle": task.receipt, "body": task.body,
+            "attributes": {"ApproximateReceiveCount": receive_count.to_string()},
+            "messageAttributes": {}, "eventSource": "aws:sqs", "eventSourceARN": arn,
+            "awsRegion": "us-east-1",
+        }]
+    }))
+    .unwrap()
 }
 
 fn sample_batch(rows: i64) -> RecordBatch {
@@ -702,15 +711,7 @@ async fn the_worker_function_gives_its_slot_back_before_returning() {
         .unwrap()
         .pop()
         .expect("a task");
-    let event: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_value(json!({
-        "Records": [{
-            "messageId": task.message_id, "receiptHandle": task.receipt, "body": task.body,
-            "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
-            "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:tasks",
-            "awsRegion": "us-east-1",
-        }]
-    }))
-    .unwrap();
+    let event = sqs_event(&task, "arn:aws:sqs:us-east-1:123456789012:tasks", 1);
     let worker = stack
         .components
         .worker(fast_engine(), Duration::from_secs(30));
