@@ -219,6 +219,9 @@ pub struct Stack {
     pub jobs_table: Option<String>,
     pub service: Arc<Service>,
     pub address: SocketAddr,
+    /// One HTTP client for every call, as a real client keeps its session
+    /// (building one costs milliseconds, a pooled connection nothing).
+    http: reqwest::Client,
     stop: watch::Sender<bool>,
     pollers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -337,6 +340,7 @@ impl Stack {
             jobs_table: None,
             service,
             address,
+            http: reqwest::Client::new(),
             stop,
             pollers: Vec::new(),
         }
@@ -419,8 +423,7 @@ impl Stack {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> (u16, serde_json::Value) {
-        let client = reqwest::Client::new();
-        let mut request = client.request(
+        let mut request = self.http.request(
             method.parse().unwrap(),
             format!("{}{path}", self.base_url()),
         );
