@@ -771,3 +771,34 @@ async fn slots_pass_between_tasks_and_are_released_when_idle() {
     .await
     .expect("both slots free after the job");
 }
+
+/// Batches of a fixed size are read a window at a time: a fragment of
+/// several windows, split into range tasks that start and end inside
+/// windows, with a batch size that divides neither, and deleted rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn windowed_reads_cover_every_row_of_split_fragments() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 300_000, 2).await.unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    let mut dataset = lance::Dataset::open(&uri).await.unwrap();
+    dataset.delete("x % 1000 = 7 OR x = 70000").await.unwrap();
+    stack.start_worker(fast_engine(), RunnerConfig::default(), VISIBILITY);
+    let job_id = stack
+        .submit(
+            "items",
+            json!({"column": "y", "checkpoint_size": 7000, "task_size": 100000}),
+        )
+        .await;
+    let job = stack.wait_done(&job_id, Duration::from_secs(120)).await;
+    assert_eq!(
+        job.metrics.get(Counter::TasksTotal),
+        4,
+        "2 tasks per fragment"
+    );
+    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+    let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+    assert_eq!(x.len(), 300_000 - 300 - 1);
+    assert!(!x.contains(&Some(70000)) && !x.contains(&Some(1007)));
+    assert_eq!(y, expected(&x));
+}

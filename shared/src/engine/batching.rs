@@ -40,6 +40,11 @@ impl BatchSizer {
         self.size
     }
 
+    /// Whether every batch has the same size (no adaptive sizing).
+    pub fn is_fixed(&self) -> bool {
+        !self.adaptive
+    }
+
     /// Feeds back how long a batch of `rows` took.
     pub fn observe(&mut self, rows: u64, elapsed: Duration) {
         if !self.adaptive || rows == 0 {

@@ -43,6 +43,9 @@ struct Evaluator {
     deletions: Option<Arc<DeletionVector>>,
     output_schema: Arc<ArrowSchema>,
     max_batch_bytes: usize,
+    /// Every data file is of format 2 or later, whose reads cut batches at
+    /// exactly the size asked (legacy files cut at their own row groups).
+    exact_batches: bool,
 }
 
 impl FragmentComputer {
@@ -75,6 +78,11 @@ impl FragmentComputer {
                 deletions,
                 output_schema,
                 max_batch_bytes,
+                exact_batches: fragment
+                    .metadata()
+                    .files
+                    .iter()
+                    .all(|file| file.file_major_version >= 2),
             }),
         })
     }
@@ -84,8 +92,10 @@ impl FragmentComputer {
     }
 
     /// Batches for `[start, end)`, in order, with up to `parallelism`
-    /// batches read and computed at once. Sizes come from `sizer`, which
-    /// learns from each finished batch.
+    /// batches read and computed at once. Sizes come from `sizer`: fixed
+    /// sizes are read a window of batches per read (one decode schedule
+    /// for several batches), adaptive ones (and legacy files) a batch per
+    /// read, as large as the sizer says after learning from each batch.
     pub fn stream(
         &self,
         start: u64,
@@ -93,15 +103,72 @@ impl FragmentComputer {
         sizer: Arc<Mutex<BatchSizer>>,
         parallelism: usize,
     ) -> BoxStream<'static, anyhow::Result<ComputedBatch>> {
+        let fixed = {
+            let sizer = sizer.lock().unwrap_or_else(|p| p.into_inner());
+            (sizer.is_fixed() && self.shared.exact_batches).then(|| sizer.size().max(1))
+        };
+        let batches = match fixed {
+            Some(size) => self.fixed_batches(start, end, size),
+            None => self.sized_batches(start, end, sizer),
+        };
+        // Each batch is spawned, so batches of one task use every core; the
+        // spawned work is aborted when the task stops reading.
+        batches
+            .buffered(parallelism.max(1))
+            .map(|joined| match joined {
+                Ok(result) => result,
+                Err(err) => Err(anyhow::anyhow!("batch computation panicked: {err}")),
+            })
+            .boxed()
+    }
+
+    /// Batches of `size` rows, read [`READ_WINDOW_ROWS`] at a time.
+    fn fixed_batches(&self, start: u64, end: u64, size: u64) -> BoxStream<'static, SpawnedBatch> {
+        let shared = self.shared.clone();
+        let window = size * (READ_WINDOW_ROWS / size).max(1);
+        let windows = stream::iter(split(Range { start, end }, window));
+        let reads = windows
+            .then(move |window| {
+                let shared = shared.clone();
+                async move {
+                    let futures = shared
+                        .reader
+                        .read_range(window.start as u32..window.end as u32, size as u32)
+                        .await?;
+                    let ranges = stream::iter(split(window, size));
+                    anyhow::Ok(ranges.zip(futures).map(anyhow::Ok))
+                }
+            })
+            .try_flatten();
+        let shared = self.shared.clone();
+        reads
+            .map(move |read| {
+                let shared = shared.clone();
+                AbortOnDrop::spawn(async move {
+                    let (range, batch) = read?;
+                    let input = batch.await?;
+                    shared.compute(range, input).await
+                })
+            })
+            .boxed()
+    }
+
+    /// Batches read one at a time, each as large as `sizer` says when it
+    /// is drawn; the sizer learns from each finished batch.
+    fn sized_batches(
+        &self,
+        start: u64,
+        end: u64,
+        sizer: Arc<Mutex<BatchSizer>>,
+    ) -> BoxStream<'static, SpawnedBatch> {
         let shared = self.shared.clone();
         ranges(start, end, sizer.clone())
             .map(move |range| {
                 let (shared, sizer) = (shared.clone(), sizer.clone());
-                // Spawned, so batches of one task use every core; aborted
-                // when the task stops reading them.
                 AbortOnDrop::spawn(async move {
                     let began = Instant::now();
-                    let batch = shared.compute(range).await;
+                    let input = shared.read(range).await?;
+                    let batch = shared.compute(range, input).await;
                     if batch.is_ok() {
                         sizer
                             .lock()
@@ -111,13 +178,28 @@ impl FragmentComputer {
                     batch
                 })
             })
-            .buffered(parallelism.max(1))
-            .map(|joined| match joined {
-                Ok(result) => result,
-                Err(err) => Err(anyhow::anyhow!("batch computation panicked: {err}")),
-            })
             .boxed()
     }
+}
+
+/// A batch being read and computed on its own task.
+type SpawnedBatch = AbortOnDrop<anyhow::Result<ComputedBatch>>;
+
+/// Rows read per call when batches have a fixed size: Lance schedules
+/// and coalesces the reads of a whole window at once, while the rows
+/// held in memory stay a few batches' worth.
+const READ_WINDOW_ROWS: u64 = 65_536;
+
+/// `range` cut into consecutive pieces of `size` rows (the last may be shorter).
+fn split(range: Range, size: u64) -> Vec<Range> {
+    let size = size.max(1);
+    (range.start..range.end)
+        .step_by(size as usize)
+        .map(|at| Range {
+            start: at,
+            end: (at + size).min(range.end),
+        })
+        .collect()
 }
 
 /// The row ranges of `[start, end)`, each as large as `sizer` says when it
@@ -144,8 +226,14 @@ fn ranges(start: u64, end: u64, sizer: Arc<Mutex<BatchSizer>>) -> BoxStream<'sta
 }
 
 impl Evaluator {
-    async fn compute(&self, range: Range) -> anyhow::Result<ComputedBatch> {
-        let input = self.read(range).await?;
+    async fn compute(&self, range: Range, input: RecordBatch) -> anyhow::Result<ComputedBatch> {
+        anyhow::ensure!(
+            input.num_rows() as u64 == range.end - range.start,
+            "read {} rows for physical rows {}..{}",
+            input.num_rows(),
+            range.start,
+            range.end
+        );
         let deleted = self.deletions.as_deref().map(|dv| deleted_mask(dv, range));
         let evaluated = self.program.evaluate(&input, deleted.as_ref()).await?;
         let bytes: usize = evaluated
@@ -194,13 +282,6 @@ impl Evaluator {
                 arrow_select::concat::concat_batches(&schema, &batches)?
             }
         };
-        anyhow::ensure!(
-            input.num_rows() as u32 == rows,
-            "read {} rows for physical rows {}..{}",
-            input.num_rows(),
-            range.start,
-            range.end
-        );
         Ok(input)
     }
 }
@@ -209,4 +290,24 @@ fn deleted_mask(deletions: &DeletionVector, range: Range) -> BooleanArray {
     (range.start as u32..range.end as u32)
         .map(|offset| Some(deletions.contains(offset)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, end: u64) -> Range {
+        Range { start, end }
+    }
+
+    #[test]
+    fn split_cuts_consecutive_pieces_with_a_shorter_last() {
+        assert_eq!(
+            split(r(100_000, 150_000), 63_000),
+            vec![r(100_000, 150_000)]
+        );
+        assert_eq!(split(r(5, 27), 10), vec![r(5, 15), r(15, 25), r(25, 27)]);
+        assert_eq!(split(r(0, 20), 10), vec![r(0, 10), r(10, 20)]);
+        assert!(split(r(7, 7), 10).is_empty());
+    }
 }

@@ -200,6 +200,13 @@ impl<'a> Producer<'a> {
                 return Ok(Gap::Stopped(reason));
             }
         }
+        // The reads must have covered the gap: a short read is an error,
+        // not a gap left in the file.
+        anyhow::ensure!(
+            at == gap_end,
+            "the read of fragment {} ended at row {at}, before row {gap_end}",
+            self.fragment_id
+        );
         // While a file is written, the file itself stands for the last values.
         if self.sink.is_none() {
             self.checkpoint(&mut buffer, at).await?;
