@@ -83,6 +83,10 @@ impl Key {
 pub struct FragmentCheckpoints {
     store: Arc<ObjectStore>,
     prefix: Path,
+    /// The prefix as a directory, when the table is on a local disk: each
+    /// operation is then one blocking call instead of the object store's
+    /// several (each a thread hop, which small tasks pay for).
+    local: Option<std::path::PathBuf>,
     fields: Vec<Arc<ArrowField>>,
     /// Known to have none: listing is skipped.
     known_empty: bool,
@@ -116,9 +120,13 @@ impl FragmentCheckpoints {
         }
         let digest = hex::encode(&hasher.finalize()[..16]);
         let prefix = checkpoints_root(dataset).join(digest.as_str());
+        let local = store
+            .has_direct_local_paths()
+            .then(|| std::path::PathBuf::from(format!("/{prefix}")));
         Ok(Self {
             store,
             prefix,
+            local,
             fields,
             known_empty: false,
         })
@@ -134,9 +142,7 @@ impl FragmentCheckpoints {
     }
 
     fn path(&self, range: Range) -> Path {
-        self.prefix
-            .clone()
-            .join(format!("{:020}-{:020}.arrow", range.start, range.end).as_str())
+        self.prefix.clone().join(file_name(range).as_str())
     }
 
     /// The checkpointed ranges, sorted by start.
@@ -144,16 +150,19 @@ impl FragmentCheckpoints {
         if self.known_empty {
             return Ok(Vec::new());
         }
-        let objects: Vec<_> = self
-            .store
-            .list(Some(self.prefix.clone()))
-            .try_collect()
-            .await
-            .context("listing checkpoints")?;
-        let mut ranges: Vec<Range> = objects
+        let names = match &self.local {
+            Some(dir) => local::names(dir.clone()).await?,
+            None => self
+                .store
+                .list(Some(self.prefix.clone()))
+                .map_ok(|meta| meta.location.filename().unwrap_or_default().to_string())
+                .try_collect()
+                .await
+                .context("listing checkpoints")?,
+        };
+        let mut ranges: Vec<Range> = names
             .iter()
-            .filter_map(|meta| {
-                let name = meta.location.filename()?;
+            .filter_map(|name| {
                 let (start, end) = name.strip_suffix(".arrow")?.split_once('-')?;
                 Some(Range {
                     start: start.parse().ok()?,
@@ -207,20 +216,27 @@ impl FragmentCheckpoints {
             }
             writer.finish()?;
         }
-        self.store
-            .put(&self.path(range), &buffer)
-            .await
-            .context("writing checkpoint")?;
-        Ok(())
+        match &self.local {
+            Some(dir) => local::put(dir.clone(), file_name(range), buffer).await,
+            None => self
+                .store
+                .put(&self.path(range), &buffer)
+                .await
+                .map(drop)
+                .context("writing checkpoint"),
+        }
     }
 
     /// The batches of a checkpoint and whether it changed any row.
     pub async fn read(&self, range: Range) -> anyhow::Result<(Vec<RecordBatch>, bool)> {
-        let bytes = self
-            .store
-            .read_one_all(&self.path(range))
-            .await
-            .context("reading checkpoint")?;
+        let bytes = match &self.local {
+            Some(dir) => local::read(dir.join(file_name(range))).await?,
+            None => self
+                .store
+                .read_one_all(&self.path(range))
+                .await
+                .context("reading checkpoint")?,
+        };
         let reader = arrow_ipc::reader::FileReader::try_new(Cursor::new(bytes), None)?;
         let changed = reader
             .schema()
@@ -241,6 +257,9 @@ impl FragmentCheckpoints {
 
     /// Removes every checkpoint of the fragment.
     pub async fn clear(&self) -> anyhow::Result<()> {
+        if let Some(dir) = &self.local {
+            return local::clear(dir.clone()).await;
+        }
         let objects: Vec<_> = self
             .store
             .list(Some(self.prefix.clone()))
@@ -255,6 +274,87 @@ impl FragmentCheckpoints {
             }
         }
         Ok(())
+    }
+}
+
+/// A checkpoint's file name: its range, zero-padded so names sort by start.
+fn file_name(range: Range) -> String {
+    format!("{:020}-{:020}.arrow", range.start, range.end)
+}
+
+/// Checkpoints on a local disk: each operation in one blocking call.
+mod local {
+    use std::io::ErrorKind;
+    use std::path::PathBuf;
+
+    use anyhow::Context;
+
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .context("checkpoint file task panicked")?
+    }
+
+    /// The names of the files in `dir` (none if it does not exist).
+    pub(super) async fn names(dir: PathBuf) -> anyhow::Result<Vec<String>> {
+        blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(err) => return Err(err).context("listing checkpoints"),
+            };
+            let mut names = Vec::new();
+            for entry in entries {
+                let entry = entry.context("listing checkpoints")?;
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+            Ok(names)
+        })
+        .await
+    }
+
+    /// Writes `name` in `dir` whole or not at all: a temporary file,
+    /// renamed into place (as the object store does for local files).
+    pub(super) async fn put(dir: PathBuf, name: String, bytes: Vec<u8>) -> anyhow::Result<()> {
+        blocking(move || {
+            std::fs::create_dir_all(&dir).context("writing checkpoint")?;
+            let temporary = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+            let written = std::fs::write(&temporary, &bytes)
+                .and_then(|()| std::fs::rename(&temporary, dir.join(&name)));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&temporary);
+            }
+            written.context("writing checkpoint")
+        })
+        .await
+    }
+
+    pub(super) async fn read(path: PathBuf) -> anyhow::Result<bytes::Bytes> {
+        blocking(move || {
+            std::fs::read(&path)
+                .map(bytes::Bytes::from)
+                .context("reading checkpoint")
+        })
+        .await
+    }
+
+    /// Removes every file in `dir`; one another holder removed first is no error.
+    pub(super) async fn clear(dir: PathBuf) -> anyhow::Result<()> {
+        let names = names(dir.clone()).await?;
+        blocking(move || {
+            for name in names {
+                match std::fs::remove_file(dir.join(name)) {
+                    Err(err) if err.kind() != ErrorKind::NotFound => {
+                        return Err(err).context("deleting checkpoint");
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -281,6 +381,40 @@ pub fn checkpoints_root(dataset: &Dataset) -> Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn local_files_are_written_whole_listed_read_and_cleared() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("digest");
+        assert!(local::names(dir.clone()).await.unwrap().is_empty());
+        local::clear(dir.clone()).await.unwrap();
+        let range = Range { start: 0, end: 10 };
+        local::put(dir.clone(), file_name(range), b"ten rows".to_vec())
+            .await
+            .unwrap();
+        local::put(
+            dir.clone(),
+            file_name(Range { start: 10, end: 20 }),
+            vec![1],
+        )
+        .await
+        .unwrap();
+        let mut names = local::names(dir.clone()).await.unwrap();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                "00000000000000000000-00000000000000000010.arrow",
+                "00000000000000000010-00000000000000000020.arrow"
+            ],
+            "no temporary file is left"
+        );
+        let bytes = local::read(dir.join(file_name(range))).await.unwrap();
+        assert_eq!(&bytes[..], b"ten rows");
+        local::clear(dir.clone()).await.unwrap();
+        assert!(local::names(dir.clone()).await.unwrap().is_empty());
+        assert!(local::read(dir.join(file_name(range))).await.is_err());
+    }
 
     #[test]
     fn finds_the_contiguous_chain() {
