@@ -48,11 +48,11 @@ fn take_visible(
     let mut taken = Vec::with_capacity(rows.len());
     for (id, body, count) in rows {
         let receipt = format!("{id}:{}", uuid::Uuid::new_v4().simple());
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE messages SET receive_count = receive_count + ?4, visible_at_ms = ?2, receipt = ?3
              WHERE id = ?1",
-            params![id, now + visibility.as_millis() as i64, receipt, added],
-        )?;
+        )?
+        .execute(params![id, now + visibility.as_millis() as i64, receipt, added])?;
         taken.push(Received {
             message_id: id.to_string(),
             receipt,
@@ -114,11 +114,11 @@ impl SqliteQueue {
                 let now = now_millis();
                 // As SQS redrives: a message received too often goes to the DLQ
                 // instead of being delivered again.
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE messages SET dead = ?4
                      WHERE queue = ?1 AND dead = ?5 AND visible_at_ms <= ?2 AND receive_count >= ?3",
-                    params![name, now, max_receive, DEAD, LIVE],
-                )?;
+                )?
+                .execute(params![name, now, max_receive, DEAD, LIVE])?;
                 take_visible(tx, &name, LIVE, now, max, visibility, true)
             })
             .await
@@ -175,7 +175,8 @@ impl TaskQueue for SqliteQueue {
         let receipt = receipt.to_string();
         self.db
             .call(move |tx| {
-                tx.execute("DELETE FROM messages WHERE receipt = ?1", params![receipt])?;
+                tx.prepare_cached("DELETE FROM messages WHERE receipt = ?1")?
+                    .execute(params![receipt])?;
                 Ok(())
             })
             .await

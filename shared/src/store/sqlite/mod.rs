@@ -40,6 +40,15 @@ impl SqliteJobStore {
         Ok(self.db.call(f).await?)
     }
 
+    /// [`Self::run`] for a read-only `f` (see [`EmbeddedDb::read`]).
+    async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> anyhow::Result<T> + Send + 'static,
+    {
+        Ok(self.db.read(f).await?)
+    }
+
     /// A page of jobs, newest first: of one table, or (`None`) of all.
     async fn list_page(
         &self,
@@ -196,7 +205,7 @@ impl JobStore for SqliteJobStore {
 
     async fn get_job(&self, job_id: &str) -> StoreResult<Option<Job>> {
         let job_id = job_id.to_string();
-        self.run(move |tx| read_job(tx, &job_id)).await
+        self.read(move |tx| read_job(tx, &job_id)).await
     }
 
     async fn list_jobs(
@@ -275,7 +284,7 @@ impl JobStore for SqliteJobStore {
 
     async fn get_fragment(&self, job_id: &str, fragment_id: u64) -> StoreResult<FragmentRecord> {
         let job_id = job_id.to_string();
-        self.run(move |tx| {
+        self.read(move |tx| {
                 let status = fragment_status(tx, &job_id, fragment_id)?;
                 let mut stmt = tx.prepare_cached(
                     "SELECT task FROM fragment_tasks WHERE job_id = ?1 AND fragment_id = ?2 ORDER BY task",
@@ -298,18 +307,20 @@ impl JobStore for SqliteJobStore {
         let job_id = job_id.to_string();
         let delta = MetricsDelta::new().add(Counter::TasksDone, 1).merge(delta);
         self.run(move |tx| {
-                let inserted = tx.execute(
-                    "INSERT OR IGNORE INTO fragment_tasks (job_id, fragment_id, task) VALUES (?1, ?2, ?3)",
-                    params![job_id, fragment_id as i64, task],
-                )? == 1;
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO fragment_tasks (job_id, fragment_id, task) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![job_id, fragment_id as i64, task])?
+                    == 1;
                 if inserted {
                     add_counters(tx, &job_id, &delta)?;
                 }
-                let tasks_done: u32 = tx.query_row(
-                    "SELECT COUNT(*) FROM fragment_tasks WHERE job_id = ?1 AND fragment_id = ?2",
-                    params![job_id, fragment_id as i64],
-                    |r| r.get(0),
-                )?;
+                let tasks_done: u32 = tx
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM fragment_tasks WHERE job_id = ?1 AND fragment_id = ?2",
+                    )?
+                    .query_row(params![job_id, fragment_id as i64], |r| r.get(0))?;
                 Ok(TaskMark {
                     newly_done: inserted,
                     tasks_done,
@@ -350,7 +361,7 @@ impl JobStore for SqliteJobStore {
     ) -> StoreResult<HashSet<u64>> {
         let job_id = job_id.to_string();
         let ids = fragment_ids.to_vec();
-        self.run(move |tx| {
+        self.read(move |tx| {
             let mut resolved = HashSet::new();
             for id in ids {
                 if fragment_status(tx, &job_id, id)?.is_resolved() {

@@ -11,22 +11,21 @@ use crate::store::{
 
 pub(super) fn read_job(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Option<Job>> {
     let row = tx
-        .query_row(
+        .prepare_cached(
             "SELECT state, spec, created_at, updated_at, started_at, finished_at, error
              FROM jobs WHERE job_id = ?1",
-            params![job_id],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                    r.get::<_, Option<String>>(6)?,
-                ))
-            },
-        )
+        )?
+        .query_row(params![job_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+            ))
+        })
         .optional()?;
     let Some((state, spec, created_at, updated_at, started_at, finished_at, error)) = row else {
         return Ok(None);
