@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use arrow_array::{BooleanArray, RecordBatch};
 use arrow_schema::Schema as ArrowSchema;
+use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream};
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use lance::dataset::fragment::{FileFragment, FragReadConfig, FragmentReader};
 use lance_core::utils::deletion::DeletionVector;
 
@@ -96,25 +97,33 @@ impl FragmentComputer {
     /// sizes are read a window of batches per read (one decode schedule
     /// for several batches), adaptive ones (and legacy files) a batch per
     /// read, as large as the sizer says after learning from each batch.
+    /// `background`: each batch runs on a task of its own, so it overlaps
+    /// with what the caller does meanwhile (writing the file); otherwise
+    /// batches run on the caller's task, sparing a thread hop per batch.
     pub fn stream(
         &self,
-        start: u64,
-        end: u64,
+        span: Range,
         sizer: Arc<Mutex<BatchSizer>>,
         parallelism: usize,
+        background: bool,
     ) -> BoxStream<'static, anyhow::Result<ComputedBatch>> {
         let fixed = {
             let sizer = sizer.lock().unwrap_or_else(|p| p.into_inner());
             (sizer.is_fixed() && self.shared.exact_batches).then(|| sizer.size().max(1))
         };
         let batches = match fixed {
-            Some(size) => self.fixed_batches(start, end, size),
-            None => self.sized_batches(start, end, sizer),
+            Some(size) => self.fixed_batches(span, size),
+            None => self.sized_batches(span, sizer),
         };
-        // Each batch is spawned, so batches of one task use every core; the
-        // spawned work is aborted when the task stops reading.
+        let parallelism = parallelism.max(1);
+        if !background && parallelism == 1 {
+            return batches.buffered(1).boxed();
+        }
+        // Spawned, so batches use every core; aborted when the caller stops
+        // reading them.
         batches
-            .buffered(parallelism.max(1))
+            .map(AbortOnDrop::spawn)
+            .buffered(parallelism)
             .map(|joined| match joined {
                 Ok(result) => result,
                 Err(err) => Err(anyhow::anyhow!("batch computation panicked: {err}")),
@@ -123,10 +132,10 @@ impl FragmentComputer {
     }
 
     /// Batches of `size` rows, read [`READ_WINDOW_ROWS`] at a time.
-    fn fixed_batches(&self, start: u64, end: u64, size: u64) -> BoxStream<'static, SpawnedBatch> {
+    fn fixed_batches(&self, span: Range, size: u64) -> BoxStream<'static, BatchWork> {
         let shared = self.shared.clone();
         let window = size * (READ_WINDOW_ROWS / size).max(1);
-        let windows = stream::iter(split(Range { start, end }, window));
+        let windows = stream::iter(split(span, window));
         let reads = windows
             .then(move |window| {
                 let shared = shared.clone();
@@ -142,13 +151,14 @@ impl FragmentComputer {
             .try_flatten();
         let shared = self.shared.clone();
         reads
-            .map(move |read| {
+            .map(move |read| -> BatchWork {
                 let shared = shared.clone();
-                AbortOnDrop::spawn(async move {
+                async move {
                     let (range, batch) = read?;
                     let input = batch.await?;
                     shared.compute(range, input).await
-                })
+                }
+                .boxed()
             })
             .boxed()
     }
@@ -157,15 +167,14 @@ impl FragmentComputer {
     /// is drawn; the sizer learns from each finished batch.
     fn sized_batches(
         &self,
-        start: u64,
-        end: u64,
+        span: Range,
         sizer: Arc<Mutex<BatchSizer>>,
-    ) -> BoxStream<'static, SpawnedBatch> {
+    ) -> BoxStream<'static, BatchWork> {
         let shared = self.shared.clone();
-        ranges(start, end, sizer.clone())
-            .map(move |range| {
+        ranges(span.start, span.end, sizer.clone())
+            .map(move |range| -> BatchWork {
                 let (shared, sizer) = (shared.clone(), sizer.clone());
-                AbortOnDrop::spawn(async move {
+                async move {
                     let began = Instant::now();
                     let input = shared.read(range).await?;
                     let batch = shared.compute(range, input).await;
@@ -176,14 +185,15 @@ impl FragmentComputer {
                             .observe(range.end - range.start, began.elapsed());
                     }
                     batch
-                })
+                }
+                .boxed()
             })
             .boxed()
     }
 }
 
-/// A batch being read and computed on its own task.
-type SpawnedBatch = AbortOnDrop<anyhow::Result<ComputedBatch>>;
+/// Reading and computing one batch.
+type BatchWork = BoxFuture<'static, anyhow::Result<ComputedBatch>>;
 
 /// Rows read per call when batches have a fixed size: Lance schedules
 /// and coalesces the reads of a whole window at once, while the rows

@@ -175,9 +175,15 @@ impl<'a> Producer<'a> {
         stop: &mut StopCheck<'_>,
     ) -> anyhow::Result<Gap> {
         let parallelism = self.job.spec.params.intra_applier_concurrency as usize;
-        let mut batches = self
-            .computer
-            .stream(at, gap_end, self.sizer.clone(), parallelism);
+        // Batches overlap with the file's writing; with no file to write,
+        // they run on this task.
+        let span = Range {
+            start: at,
+            end: gap_end,
+        };
+        let mut batches =
+            self.computer
+                .stream(span, self.sizer.clone(), parallelism, self.sink.is_some());
         let mut buffer = Buffer::starting_at(at);
         while let Some(batch) = batches.next().await {
             let batch = batch.map_err(classify_compute_error)?;
