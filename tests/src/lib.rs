@@ -220,7 +220,9 @@ pub struct Stack {
     pub service: Arc<Service>,
     pub address: SocketAddr,
     /// One HTTP client for every call, as a real client keeps its session
-    /// (building one costs milliseconds, a pooled connection nothing).
+    /// (building one costs milliseconds). No connection is kept idle: the
+    /// service closes one after refusing a body unread, and a request sent
+    /// on it meanwhile would fail.
     http: reqwest::Client,
     stop: watch::Sender<bool>,
     pollers: Vec<tokio::task::JoinHandle<()>>,
@@ -340,7 +342,10 @@ impl Stack {
             jobs_table: None,
             service,
             address,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("HTTP client"),
             stop,
             pollers: Vec::new(),
         }
