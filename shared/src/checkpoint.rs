@@ -285,7 +285,7 @@ fn file_name(range: Range) -> String {
 /// Checkpoints on a local disk: each operation in one blocking call.
 mod local {
     use std::io::ErrorKind;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     use anyhow::Context;
 
@@ -319,16 +319,26 @@ mod local {
     /// renamed into place (as the object store does for local files).
     pub(super) async fn put(dir: PathBuf, name: String, bytes: Vec<u8>) -> anyhow::Result<()> {
         blocking(move || {
-            std::fs::create_dir_all(&dir).context("writing checkpoint")?;
-            let temporary = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-            let written = std::fs::write(&temporary, &bytes)
-                .and_then(|()| std::fs::rename(&temporary, dir.join(&name)));
-            if written.is_err() {
-                let _ = std::fs::remove_file(&temporary);
+            let mut written = write_whole(&dir, &name, &bytes);
+            // Another holder of the fragment cleared (and removed) the
+            // directory between our creating it and writing: once more.
+            if matches!(&written, Err(err) if err.kind() == ErrorKind::NotFound) {
+                written = write_whole(&dir, &name, &bytes);
             }
             written.context("writing checkpoint")
         })
         .await
+    }
+
+    fn write_whole(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let temporary = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let written = std::fs::write(&temporary, bytes)
+            .and_then(|()| std::fs::rename(&temporary, dir.join(name)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        written
     }
 
     pub(super) async fn read(path: PathBuf) -> anyhow::Result<bytes::Bytes> {
@@ -340,7 +350,10 @@ mod local {
         .await
     }
 
-    /// Removes every file in `dir`; one another holder removed first is no error.
+    /// Removes every file in `dir`, then `dir` itself (so a table does not
+    /// gather an empty directory per fragment and job). A file another
+    /// holder removed first is no error, nor one written meanwhile that
+    /// keeps the directory.
     pub(super) async fn clear(dir: PathBuf) -> anyhow::Result<()> {
         let names = names(dir.clone()).await?;
         blocking(move || {
@@ -352,7 +365,17 @@ mod local {
                     _ => {}
                 }
             }
-            Ok(())
+            match std::fs::remove_dir(&dir) {
+                Err(err)
+                    if !matches!(
+                        err.kind(),
+                        ErrorKind::NotFound | ErrorKind::DirectoryNotEmpty
+                    ) =>
+                {
+                    Err(err).context("removing the checkpoints' directory")
+                }
+                _ => Ok(()),
+            }
         })
         .await
     }
@@ -412,8 +435,14 @@ mod tests {
         let bytes = local::read(dir.join(file_name(range))).await.unwrap();
         assert_eq!(&bytes[..], b"ten rows");
         local::clear(dir.clone()).await.unwrap();
+        assert!(!dir.exists(), "the emptied directory is removed");
         assert!(local::names(dir.clone()).await.unwrap().is_empty());
         assert!(local::read(dir.join(file_name(range))).await.is_err());
+        // A write after a clear makes the directory again.
+        local::put(dir.clone(), file_name(range), vec![2])
+            .await
+            .unwrap();
+        assert_eq!(local::names(dir.clone()).await.unwrap().len(), 1);
     }
 
     #[test]
