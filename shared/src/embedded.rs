@@ -93,7 +93,8 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// reads and writes, the queue's receive and delete) stay parsed.
 const STATEMENT_CACHE: usize = 64;
 
-/// A shared SQLite connection; every call runs on the blocking pool.
+/// A shared SQLite connection. Calls run on the blocking pool; short reads
+/// run on the caller's thread when the connection is free.
 #[derive(Clone)]
 pub struct EmbeddedDb {
     conn: Arc<Mutex<Connection>>,

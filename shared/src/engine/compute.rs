@@ -131,10 +131,10 @@ impl FragmentComputer {
             .boxed()
     }
 
-    /// Batches of `size` rows, read [`READ_WINDOW_ROWS`] at a time.
+    /// Batches of `size` rows, read a window of whole batches at a time.
     fn fixed_batches(&self, span: Range, size: u64) -> BoxStream<'static, BatchWork> {
         let shared = self.shared.clone();
-        let window = size * (READ_WINDOW_ROWS / size).max(1);
+        let window = size * (READ_WINDOW_ROWS / size).clamp(1, READ_WINDOW_BATCHES);
         let windows = stream::iter(split(span, window));
         let reads = windows
             .then(move |window| {
@@ -196,9 +196,12 @@ impl FragmentComputer {
 type BatchWork = BoxFuture<'static, anyhow::Result<ComputedBatch>>;
 
 /// Rows read per call when batches have a fixed size: Lance schedules
-/// and coalesces the reads of a whole window at once, while the rows
-/// held in memory stay a few batches' worth.
+/// and coalesces the reads of a whole window at once.
 const READ_WINDOW_ROWS: u64 = 65_536;
+/// ... but never more batches than this per read, so the input a read
+/// holds stays a few batches' worth: a job that lowers `checkpoint_size`
+/// to bound memory (wide rows) keeps that bound within a small factor.
+const READ_WINDOW_BATCHES: u64 = 4;
 
 /// `range` cut into consecutive pieces of `size` rows (the last may be shorter).
 fn split(range: Range, size: u64) -> Vec<Range> {
