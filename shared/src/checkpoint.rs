@@ -120,6 +120,8 @@ impl FragmentCheckpoints {
         }
         let digest = hex::encode(&hasher.finalize()[..16]);
         let prefix = checkpoints_root(dataset).join(digest.as_str());
+        // A local store's object path is the absolute file path without
+        // its leading '/' (lance_io's `to_local_path`, not re-exported).
         let local = store
             .has_direct_local_paths()
             .then(|| std::path::PathBuf::from(format!("/{prefix}")));
@@ -299,20 +301,18 @@ mod local {
 
     /// The names of the files in `dir` (none if it does not exist).
     pub(super) async fn names(dir: PathBuf) -> anyhow::Result<Vec<String>> {
-        blocking(move || {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-                Err(err) => return Err(err).context("listing checkpoints"),
-            };
-            let mut names = Vec::new();
-            for entry in entries {
-                let entry = entry.context("listing checkpoints")?;
-                names.push(entry.file_name().to_string_lossy().into_owned());
-            }
-            Ok(names)
-        })
-        .await
+        blocking(move || list(&dir).context("listing checkpoints")).await
+    }
+
+    fn list(dir: &Path) -> std::io::Result<Vec<String>> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(err),
+        };
+        entries
+            .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+            .collect()
     }
 
     /// Writes `name` in `dir` whole or not at all: a temporary file,
@@ -355,9 +355,8 @@ mod local {
     /// holder removed first is no error, nor one written meanwhile that
     /// keeps the directory.
     pub(super) async fn clear(dir: PathBuf) -> anyhow::Result<()> {
-        let names = names(dir.clone()).await?;
         blocking(move || {
-            for name in names {
+            for name in list(&dir).context("listing checkpoints")? {
                 match std::fs::remove_file(dir.join(name)) {
                     Err(err) if err.kind() != ErrorKind::NotFound => {
                         return Err(err).context("deleting checkpoint");
