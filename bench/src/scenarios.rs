@@ -288,33 +288,40 @@ pub async fn overheads(options: &Options) -> anyhow::Result<()> {
     );
     println!("| run | tasks | median (min–max) | rows/s |");
     println!("|---|---|---|---|");
-    let mut results: Vec<(String, u64, Summary)> = Vec::new();
-    for (label, extra) in [
+    let runs = [
         ("defaults", json!({})),
         ("task_size 8192", json!({"task_size": 8192})),
         (
             "checkpoint_size 1024, task_size 8192",
             json!({"checkpoint_size": 1024, "task_size": 8192}),
         ),
-    ] {
-        let (mut samples, mut tasks) = (Vec::new(), 0);
-        for rep in 0..options.reps {
-            let column = format!("c{}_{rep}", results.len());
+    ];
+    // The runs alternate rep by rep, so the machine's drift and the state
+    // of its disk weigh on each alike.
+    let mut samples = vec![Vec::new(); runs.len()];
+    let mut tasks = vec![0; runs.len()];
+    for rep in 0..options.reps {
+        for (i, (_, extra)) in runs.iter().enumerate() {
+            let column = format!("c{i}_{rep}");
             stack.declare("items", &[(&column, "x * 2 + 1")]).await;
             let mut body = extra.clone();
             body["column"] = json!(column);
             let (took, job) = backfill_job(&stack, "items", body).await?;
-            samples.push(took);
-            tasks = job.metrics.get(Counter::TasksTotal);
+            samples[i].push(took);
+            tasks[i] = job.metrics.get(Counter::TasksTotal);
             verify(&uri, &column, "x * 2 + 1").await?;
         }
-        let summary = summarize(&samples);
+    }
+    let mut results: Vec<(String, u64, Summary)> = Vec::new();
+    for (i, (label, _)) in runs.iter().enumerate() {
+        let summary = summarize(&samples[i]);
         println!(
-            "| {label} | {tasks} | {} | {} |",
+            "| {label} | {} | {} | {} |",
+            tasks[i],
             range(&summary),
             rows_per_second(rows, summary.median)
         );
-        results.push((label.to_string(), tasks, summary));
+        results.push((label.to_string(), tasks[i], summary));
     }
     if let [
         (_, base_tasks, base),
@@ -326,9 +333,9 @@ pub async fn overheads(options: &Options) -> anyhow::Result<()> {
         let per_task = extra / (*small_tasks - *base_tasks).max(1) as u32;
         let batches = small_batches.median.saturating_sub(small.median);
         println!(
-            "\nCost of small tasks: {} more in all, about {} per extra task (each with its checkpoint write and read); batches of 1,024 rows instead of the default add {}.\n",
+            "\nCost of small tasks: {} more in all, about {:.2} ms per extra task (each with its checkpoint write and read); batches of 1,024 rows instead of the default add {}.\n",
             ms(extra),
-            ms(per_task),
+            per_task.as_secs_f64() * 1000.0,
             ms(batches)
         );
     }
