@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::warn;
 
 use crate::queue::{Received, TaskQueue};
@@ -57,7 +57,8 @@ const DEAD_LETTER_SWEEP: Duration = Duration::from_secs(1);
 /// each message is deleted as soon as it is handled and its place refilled
 /// from the queue, so one slow message (a fragment being assembled) does not
 /// hold back the rest. A poller keeps at most `batch_size` messages in flight
-/// and receives once half of its places are free.
+/// and receives once half of its places are free. Messages handled while a
+/// delete is under way are deleted together by the next one.
 pub async fn run(
     worker: Arc<Worker>,
     queue: Arc<dyn TaskQueue>,
@@ -66,17 +67,36 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) {
     let pollers = (0..config.pollers.max(1)).map(|_| {
+        let (handled, receipts) = mpsc::unbounded_channel();
         let poller = Poller {
             worker: worker.clone(),
             queue: queue.clone(),
             visibility,
             room: Arc::new(Semaphore::new(config.batch_size.max(1))),
             config: config.clone(),
+            handled,
+            deleter: tokio::spawn(delete_handled(queue.clone(), receipts)),
         };
         tokio::spawn(poller.run(shutdown.clone()))
     });
     for poller in pollers.collect::<Vec<_>>() {
         let _ = poller.await;
+    }
+}
+
+/// Deletes handled messages: each call takes every receipt that arrived
+/// while the one before ran (one SQLite transaction, or a
+/// `DeleteMessageBatch` per 10), so busy pollers delete in groups and an
+/// idle one at once. Ends when every sender is gone.
+async fn delete_handled(queue: Arc<dyn TaskQueue>, mut receipts: mpsc::UnboundedReceiver<String>) {
+    while let Some(first) = receipts.recv().await {
+        let mut group = vec![first];
+        while let Ok(more) = receipts.try_recv() {
+            group.push(more);
+        }
+        if let Err(err) = queue.delete_many(&group).await {
+            warn!(error = %format!("{err:#}"), "delete failed; the messages will be seen again");
+        }
     }
 }
 
@@ -87,6 +107,9 @@ struct Poller {
     visibility: Duration,
     room: Arc<Semaphore>,
     config: RunnerConfig,
+    /// Receipts of handled messages, for `deleter` to delete.
+    handled: mpsc::UnboundedSender<String>,
+    deleter: tokio::task::JoinHandle<()>,
 }
 
 impl Poller {
@@ -120,11 +143,13 @@ impl Poller {
                 }
             }
         }
-        // Wait for the messages in flight.
+        // Wait for the messages in flight, then for their deletes.
         let _ = self
             .room
             .acquire_many(self.config.batch_size.max(1) as u32)
             .await;
+        drop(self.handled);
+        let _ = self.deleter.await;
     }
 
     /// Handles each message on its own, in one of `places`, deleting it
@@ -134,13 +159,12 @@ impl Poller {
         for message in messages {
             let Some(permit) = places.split(1) else { break };
             let worker = self.worker.clone();
-            let queue = self.queue.clone();
+            let handled = self.handled.clone();
             tokio::spawn(async move {
                 let report = worker.process(vec![message], deadline).await;
                 for receipt in report.succeeded {
-                    if let Err(err) = queue.delete(&receipt).await {
-                        warn!(error = %format!("{err:#}"), "delete failed; the message will be seen again");
-                    }
+                    // Only a poller that has stopped waiting drops the receiver.
+                    let _ = handled.send(receipt);
                 }
                 drop(permit);
             });

@@ -63,6 +63,7 @@ macro_rules! conformance {
 
 conformance!(
     every_message_sent_is_received,
+    messages_deleted_together_are_gone_and_only_they,
     received_messages_hide_for_their_visibility,
     visibility_can_be_extended_or_ended,
     delayed_messages_wait,
@@ -131,6 +132,35 @@ async fn every_message_sent_is_received(adapter: Adapter) {
         receive_all(&*queue, Duration::from_secs(60))
             .await
             .is_empty()
+    );
+}
+
+async fn messages_deleted_together_are_gone_and_only_they(adapter: Adapter) {
+    let queue = adapter.queue;
+    let sent: Vec<String> = (0..25).map(|i| format!("message {i}")).collect();
+    queue
+        .send_many(sent.iter().map(|b| outgoing(b)).collect())
+        .await
+        .unwrap();
+    let received = receive_within(&*queue, 25, VISIBILITY, Duration::from_secs(5)).await;
+    assert_eq!(received.len(), 25);
+    // 23: more than two SQS batches of 10, the last one partial.
+    let (deleted, kept) = received.split_at(23);
+    let receipts: Vec<String> = deleted.iter().map(|m| m.receipt.clone()).collect();
+    queue.delete_many(&receipts).await.unwrap();
+    queue.delete_many(&[]).await.unwrap();
+    let again = receive_within(&*queue, 2, Duration::from_secs(60), Duration::from_secs(5)).await;
+    assert_eq!(
+        bodies(&again),
+        bodies(kept),
+        "only the messages not deleted come back"
+    );
+    assert!(again.iter().all(|m| m.receive_count == 2));
+    assert!(
+        receive_within(&*queue, 1, Duration::from_secs(60), Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "no deleted message comes back"
     );
 }
 

@@ -57,6 +57,11 @@ pub trait TaskQueue: Send + Sync + 'static {
 
     async fn delete(&self, receipt: &str) -> anyhow::Result<()>;
 
+    /// Deletes many received messages (SQS: `DeleteMessageBatch`, 10 per
+    /// call). Each is tried; the error counts those left, which come back
+    /// after their visibility timeout as repeated deliveries.
+    async fn delete_many(&self, receipts: &[String]) -> anyhow::Result<()>;
+
     /// Extends (or ends, with zero) the time a received message stays hidden.
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> anyhow::Result<()>;
 

@@ -182,6 +182,19 @@ impl TaskQueue for SqliteQueue {
             .await
     }
 
+    async fn delete_many(&self, receipts: &[String]) -> anyhow::Result<()> {
+        let receipts = receipts.to_vec();
+        self.db
+            .call(move |tx| {
+                let mut delete = tx.prepare_cached("DELETE FROM messages WHERE receipt = ?1")?;
+                for receipt in &receipts {
+                    delete.execute(params![receipt])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> anyhow::Result<()> {
         let receipt = receipt.to_string();
         self.db

@@ -7,7 +7,8 @@ use anyhow::{Context, anyhow};
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{
-    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
 };
 use futures::{StreamExt, TryStreamExt};
 
@@ -170,6 +171,31 @@ impl SqsQueue {
         Ok(())
     }
 
+    /// Deletes up to 10 messages in one `DeleteMessageBatch`; returns how
+    /// many were not deleted.
+    async fn delete_chunk(&self, receipts: &[String]) -> anyhow::Result<usize> {
+        let entries = receipts
+            .iter()
+            .enumerate()
+            .map(|(i, receipt)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(receipt)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let output = self
+            .client
+            .delete_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| anyhow!(e.into_service_error()))
+            .context("DeleteMessageBatch")?;
+        Ok(output.failed().len())
+    }
+
     async fn receive_from(
         &self,
         url: &str,
@@ -232,6 +258,25 @@ impl TaskQueue for SqsQueue {
 
     async fn delete(&self, receipt: &str) -> anyhow::Result<()> {
         self.delete_from(&self.url, receipt).await
+    }
+
+    async fn delete_many(&self, receipts: &[String]) -> anyhow::Result<()> {
+        let mut left = 0;
+        let mut last_error = None;
+        for chunk in receipts.chunks(BATCH_ENTRIES) {
+            match self.delete_chunk(chunk).await {
+                Ok(failed) => left += failed,
+                Err(err) => {
+                    left += chunk.len();
+                    last_error = Some(err);
+                }
+            }
+        }
+        match last_error {
+            Some(err) => Err(err.context(format!("{left} messages not deleted"))),
+            None if left > 0 => Err(anyhow!("DeleteMessageBatch: {left} messages not deleted")),
+            None => Ok(()),
+        }
     }
 
     async fn change_visibility(&self, receipt: &str, timeout: Duration) -> anyhow::Result<()> {
