@@ -1,5 +1,8 @@
-//! Checkpoints (the `CheckpointStore` of the design): computed values of a row range, kept as Arrow IPC files next
-//! to the table (`_backfill/checkpoints/<digest>/<start>-<end>.arrow`).
+//! Checkpoints (the `CheckpointStore` of the design): computed values of a
+//! row range, kept as Arrow IPC next to the table: on an object store one
+//! object per range (`_backfill/checkpoints/<digest>/<start>-<end>.arrow`),
+//! on a local disk one append-only file per fragment
+//! (`_backfill/checkpoints/<digest>.log`, see [`log`]).
 //!
 //! The digest covers everything the values depend on (column, expression,
 //! `where`, output type, fragment and its data files), so a re-run of the
@@ -83,9 +86,9 @@ impl Key {
 pub struct FragmentCheckpoints {
     store: Arc<ObjectStore>,
     prefix: Path,
-    /// The prefix as a directory, when the table is on a local disk: each
-    /// operation is then one blocking call instead of the object store's
-    /// several (each a thread hop, which small tasks pay for).
+    /// The fragment's checkpoint file, when the table is on a local disk:
+    /// each operation is then one blocking call instead of the object
+    /// store's several (each a thread hop, which small tasks pay for).
     local: Option<std::path::PathBuf>,
     fields: Vec<Arc<ArrowField>>,
     /// Known to have none: listing is skipped.
@@ -124,7 +127,7 @@ impl FragmentCheckpoints {
         // its leading '/' (lance_io's `to_local_path`, not re-exported).
         let local = store
             .has_direct_local_paths()
-            .then(|| std::path::PathBuf::from(format!("/{prefix}")));
+            .then(|| std::path::PathBuf::from(format!("/{prefix}.log")));
         Ok(Self {
             store,
             prefix,
@@ -152,8 +155,12 @@ impl FragmentCheckpoints {
         if self.known_empty {
             return Ok(Vec::new());
         }
-        let names = match &self.local {
-            Some(dir) => local::names(dir.clone()).await?,
+        let names: Vec<String> = match &self.local {
+            Some(path) => {
+                let path = path.clone();
+                let ranges = blocking(move || log::ranges(&path).context("listing checkpoints"));
+                return Ok(sorted(ranges.await?));
+            }
             None => self
                 .store
                 .list(Some(self.prefix.clone()))
@@ -162,7 +169,7 @@ impl FragmentCheckpoints {
                 .await
                 .context("listing checkpoints")?,
         };
-        let mut ranges: Vec<Range> = names
+        let ranges = names
             .iter()
             .filter_map(|name| {
                 let (start, end) = name.strip_suffix(".arrow")?.split_once('-')?;
@@ -172,8 +179,7 @@ impl FragmentCheckpoints {
                 })
             })
             .collect();
-        ranges.sort_by_key(|r| (r.start, r.end));
-        Ok(ranges)
+        Ok(sorted(ranges))
     }
 
     /// The longest chain of checkpoints from `start` towards `end`.
@@ -219,7 +225,11 @@ impl FragmentCheckpoints {
             writer.finish()?;
         }
         match &self.local {
-            Some(dir) => local::put(dir.clone(), file_name(range), buffer).await,
+            Some(path) => {
+                let path = path.clone();
+                blocking(move || log::append(&path, range, &buffer).context("writing checkpoint"))
+                    .await
+            }
             None => self
                 .store
                 .put(&self.path(range), &buffer)
@@ -232,7 +242,11 @@ impl FragmentCheckpoints {
     /// The batches of a checkpoint and whether it changed any row.
     pub async fn read(&self, range: Range) -> anyhow::Result<(Vec<RecordBatch>, bool)> {
         let bytes = match &self.local {
-            Some(dir) => local::read(dir.join(file_name(range))).await?,
+            Some(path) => {
+                let path = path.clone();
+                let read = blocking(move || log::read(&path, range).context("reading checkpoint"));
+                bytes::Bytes::from(read.await?)
+            }
             None => self
                 .store
                 .read_one_all(&self.path(range))
@@ -259,8 +273,15 @@ impl FragmentCheckpoints {
 
     /// Removes every checkpoint of the fragment.
     pub async fn clear(&self) -> anyhow::Result<()> {
-        if let Some(dir) = &self.local {
-            return local::clear(dir.clone()).await;
+        if let Some(path) = &self.local {
+            let path = path.clone();
+            return blocking(move || {
+                log::remove(&path).context("deleting checkpoints")?;
+                // Versions before the log kept a directory of files per fragment.
+                log::remove_directory(&path.with_extension(""))
+                    .context("deleting checkpoints of an earlier layout")
+            })
+            .await;
         }
         let objects: Vec<_> = self
             .store
@@ -284,100 +305,19 @@ fn file_name(range: Range) -> String {
     format!("{:020}-{:020}.arrow", range.start, range.end)
 }
 
-/// Checkpoints on a local disk: each operation in one blocking call.
-mod local {
-    use std::io::ErrorKind;
-    use std::path::{Path, PathBuf};
+mod log;
 
-    use anyhow::Context;
-
-    async fn blocking<T: Send + 'static>(
-        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-    ) -> anyhow::Result<T> {
-        tokio::task::spawn_blocking(f)
-            .await
-            .context("checkpoint file task panicked")?
-    }
-
-    /// The names of the files in `dir` (none if it does not exist).
-    pub(super) async fn names(dir: PathBuf) -> anyhow::Result<Vec<String>> {
-        blocking(move || list(&dir).context("listing checkpoints")).await
-    }
-
-    fn list(dir: &Path) -> std::io::Result<Vec<String>> {
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(err) => return Err(err),
-        };
-        entries
-            .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
-            .collect()
-    }
-
-    /// Writes `name` in `dir` whole or not at all: a temporary file,
-    /// renamed into place (as the object store does for local files).
-    pub(super) async fn put(dir: PathBuf, name: String, bytes: Vec<u8>) -> anyhow::Result<()> {
-        blocking(move || {
-            let mut written = write_whole(&dir, &name, &bytes);
-            // Another holder of the fragment cleared (and removed) the
-            // directory between our creating it and writing: once more.
-            if matches!(&written, Err(err) if err.kind() == ErrorKind::NotFound) {
-                written = write_whole(&dir, &name, &bytes);
-            }
-            written.context("writing checkpoint")
-        })
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
         .await
-    }
+        .context("checkpoint file task panicked")?
+}
 
-    fn write_whole(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let temporary = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-        let written = std::fs::write(&temporary, bytes)
-            .and_then(|()| std::fs::rename(&temporary, dir.join(name)));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&temporary);
-        }
-        written
-    }
-
-    pub(super) async fn read(path: PathBuf) -> anyhow::Result<bytes::Bytes> {
-        blocking(move || {
-            std::fs::read(&path)
-                .map(bytes::Bytes::from)
-                .context("reading checkpoint")
-        })
-        .await
-    }
-
-    /// Removes every file in `dir`, then `dir` itself (so a table does not
-    /// gather an empty directory per fragment and job). A file another
-    /// holder removed first is no error, nor one written meanwhile that
-    /// keeps the directory.
-    pub(super) async fn clear(dir: PathBuf) -> anyhow::Result<()> {
-        blocking(move || {
-            for name in list(&dir).context("listing checkpoints")? {
-                match std::fs::remove_file(dir.join(name)) {
-                    Err(err) if err.kind() != ErrorKind::NotFound => {
-                        return Err(err).context("deleting checkpoint");
-                    }
-                    _ => {}
-                }
-            }
-            match std::fs::remove_dir(&dir) {
-                Err(err)
-                    if !matches!(
-                        err.kind(),
-                        ErrorKind::NotFound | ErrorKind::DirectoryNotEmpty
-                    ) =>
-                {
-                    Err(err).context("removing the checkpoints' directory")
-                }
-                _ => Ok(()),
-            }
-        })
-        .await
-    }
+fn sorted(mut ranges: Vec<Range>) -> Vec<Range> {
+    ranges.sort_by_key(|r| (r.start, r.end));
+    ranges
 }
 
 /// Whether any checkpoint (of any job) is kept beside the table: one
@@ -403,46 +343,6 @@ pub fn checkpoints_root(dataset: &Dataset) -> Path {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn local_files_are_written_whole_listed_read_and_cleared() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("digest");
-        assert!(local::names(dir.clone()).await.unwrap().is_empty());
-        local::clear(dir.clone()).await.unwrap();
-        let range = Range { start: 0, end: 10 };
-        local::put(dir.clone(), file_name(range), b"ten rows".to_vec())
-            .await
-            .unwrap();
-        local::put(
-            dir.clone(),
-            file_name(Range { start: 10, end: 20 }),
-            vec![1],
-        )
-        .await
-        .unwrap();
-        let mut names = local::names(dir.clone()).await.unwrap();
-        names.sort();
-        assert_eq!(
-            names,
-            vec![
-                "00000000000000000000-00000000000000000010.arrow",
-                "00000000000000000010-00000000000000000020.arrow"
-            ],
-            "no temporary file is left"
-        );
-        let bytes = local::read(dir.join(file_name(range))).await.unwrap();
-        assert_eq!(&bytes[..], b"ten rows");
-        local::clear(dir.clone()).await.unwrap();
-        assert!(!dir.exists(), "the emptied directory is removed");
-        assert!(local::names(dir.clone()).await.unwrap().is_empty());
-        assert!(local::read(dir.join(file_name(range))).await.is_err());
-        // A write after a clear makes the directory again.
-        local::put(dir.clone(), file_name(range), vec![2])
-            .await
-            .unwrap();
-        assert_eq!(local::names(dir.clone()).await.unwrap().len(), 1);
-    }
 
     #[test]
     fn finds_the_contiguous_chain() {
