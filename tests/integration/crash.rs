@@ -398,7 +398,8 @@ where
         let leftovers = crate::worker_runs::walk(&format!("{uri}/_backfill"));
         assert!(
             leftovers.is_empty(),
-            "run {run}: leftover checkpoints {leftovers:?}"
+            "run {run}: leftover checkpoints {leftovers:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
     }
     println!(

@@ -62,7 +62,8 @@ impl<'a> StopCheck<'a> {
 impl Engine {
     /// What becomes of a task that stopped early: near its deadline it goes
     /// back to the queue at once (its progress is checkpointed); when its
-    /// job ended it is done, and leaves nothing behind if the job is DONE.
+    /// job ended it is done, and leaves nothing behind if the job is DONE
+    /// (if the job cannot be read, it comes back to look again).
     pub(super) async fn stopped(&self, job_id: &str, fragment_id: u64, stop: Stop) -> Disposition {
         match stop {
             Stop::Deadline => Disposition::Requeue {
@@ -74,8 +75,15 @@ impl Engine {
                         self.forget_checkpoints(&job, fragment_id).await
                     }
                     Ok(_) => {}
+                    // The task may have checkpointed after the job's final
+                    // sweep: its next delivery finds the job ended and
+                    // removes what it left, where deleting it now would not.
                     Err(err) => {
-                        warn!(job_id, error = %format!("{err:#}"), "could not read the job")
+                        warn!(job_id, error = %format!("{err:#}"), "could not read the job");
+                        return Disposition::Retry {
+                            after: STATE_CHECK_INTERVAL,
+                            reason: format!("reading the job after it ended: {err:#}"),
+                        };
                     }
                 }
                 Disposition::Done
