@@ -155,21 +155,29 @@ impl FragmentCheckpoints {
         if self.known_empty {
             return Ok(Vec::new());
         }
-        let names: Vec<String> = match &self.local {
+        let mut ranges = match &self.local {
             Some(path) => {
-                let path = path.clone();
-                let ranges = blocking(move || log::ranges(&path).context("listing checkpoints"));
-                return Ok(sorted(ranges.await?));
+                on_disk(path, |path| {
+                    log::ranges(path).context("listing checkpoints")
+                })
+                .await?
             }
-            None => self
-                .store
-                .list(Some(self.prefix.clone()))
-                .map_ok(|meta| meta.location.filename().unwrap_or_default().to_string())
-                .try_collect()
-                .await
-                .context("listing checkpoints")?,
+            None => self.stored_ranges().await?,
         };
-        let ranges = names
+        ranges.sort_by_key(|r| (r.start, r.end));
+        Ok(ranges)
+    }
+
+    /// The ranges of the objects under the prefix, from their names.
+    async fn stored_ranges(&self) -> anyhow::Result<Vec<Range>> {
+        let names: Vec<String> = self
+            .store
+            .list(Some(self.prefix.clone()))
+            .map_ok(|meta| meta.location.filename().unwrap_or_default().to_string())
+            .try_collect()
+            .await
+            .context("listing checkpoints")?;
+        Ok(names
             .iter()
             .filter_map(|name| {
                 let (start, end) = name.strip_suffix(".arrow")?.split_once('-')?;
@@ -178,8 +186,7 @@ impl FragmentCheckpoints {
                     end: end.parse().ok()?,
                 })
             })
-            .collect();
-        Ok(sorted(ranges))
+            .collect())
     }
 
     /// The longest chain of checkpoints from `start` towards `end`.
@@ -226,9 +233,10 @@ impl FragmentCheckpoints {
         }
         match &self.local {
             Some(path) => {
-                let path = path.clone();
-                blocking(move || log::append(&path, range, &buffer).context("writing checkpoint"))
-                    .await
+                on_disk(path, move |path| {
+                    log::append(path, range, &buffer).context("writing checkpoint")
+                })
+                .await
             }
             None => self
                 .store
@@ -243,8 +251,9 @@ impl FragmentCheckpoints {
     pub async fn read(&self, range: Range) -> anyhow::Result<(Vec<RecordBatch>, bool)> {
         let bytes = match &self.local {
             Some(path) => {
-                let path = path.clone();
-                let read = blocking(move || log::read(&path, range).context("reading checkpoint"));
+                let read = on_disk(path, move |path| {
+                    log::read(path, range).context("reading checkpoint")
+                });
                 bytes::Bytes::from(read.await?)
             }
             None => self
@@ -274,9 +283,8 @@ impl FragmentCheckpoints {
     /// Removes every checkpoint of the fragment.
     pub async fn clear(&self) -> anyhow::Result<()> {
         if let Some(path) = &self.local {
-            let path = path.clone();
-            return blocking(move || {
-                log::remove(&path).context("deleting checkpoints")?;
+            return on_disk(path, |path| {
+                log::remove(path).context("deleting checkpoints")?;
                 // Versions before the log kept a directory of files per fragment.
                 log::remove_directory(&path.with_extension(""))
                     .context("deleting checkpoints of an earlier layout")
@@ -307,17 +315,15 @@ fn file_name(range: Range) -> String {
 
 mod log;
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+/// Runs `f` on the fragment's checkpoint file in one blocking call.
+async fn on_disk<T: Send + 'static>(
+    path: &std::path::Path,
+    f: impl FnOnce(&std::path::Path) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f)
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || f(&path))
         .await
         .context("checkpoint file task panicked")?
-}
-
-fn sorted(mut ranges: Vec<Range>) -> Vec<Range> {
-    ranges.sort_by_key(|r| (r.start, r.end));
-    ranges
 }
 
 /// Whether any checkpoint (of any job) is kept beside the table: one

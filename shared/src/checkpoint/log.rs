@@ -94,26 +94,27 @@ pub(super) fn read(path: &Path, range: Range) -> std::io::Result<Vec<u8>> {
 
 /// Removes the file (no error if it is gone already).
 pub(super) fn remove(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != ErrorKind::NotFound => Err(err),
-        _ => Ok(()),
-    }
+    unless_missing(std::fs::remove_file(path)).map(drop)
 }
 
 /// Removes a directory of files (no error if it is gone already).
 pub(super) fn remove_directory(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(err) if err.kind() != ErrorKind::NotFound => Err(err),
-        _ => Ok(()),
-    }
+    unless_missing(std::fs::remove_dir_all(dir)).map(drop)
 }
 
+/// The file, under its shared lock; `None` if there is none.
 fn open_shared(path: &Path) -> std::io::Result<Option<File>> {
-    match File::open(path) {
-        Ok(file) => {
-            file.lock_shared()?;
-            Ok(Some(file))
-        }
+    let Some(file) = unless_missing(File::open(path))? else {
+        return Ok(None);
+    };
+    file.lock_shared()?;
+    Ok(Some(file))
+}
+
+/// `None` for what is not there, the error for any other failure.
+fn unless_missing<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
         Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
         Err(err) => Err(err),
     }

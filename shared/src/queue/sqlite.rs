@@ -172,14 +172,7 @@ impl TaskQueue for SqliteQueue {
     }
 
     async fn delete(&self, receipt: &str) -> anyhow::Result<()> {
-        let receipt = receipt.to_string();
-        self.db
-            .call(move |tx| {
-                tx.prepare_cached("DELETE FROM messages WHERE receipt = ?1")?
-                    .execute(params![receipt])?;
-                Ok(())
-            })
-            .await
+        self.delete_many(&[receipt.to_string()]).await
     }
 
     async fn delete_many(&self, receipts: &[String]) -> anyhow::Result<()> {
