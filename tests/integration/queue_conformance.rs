@@ -110,17 +110,23 @@ async fn receive_within(
     all
 }
 
+/// Sends `count` messages "`prefix` 0", "`prefix` 1", ...; returns their bodies.
+async fn send_numbered(queue: &dyn TaskQueue, prefix: &str, count: usize) -> Vec<String> {
+    let sent: Vec<String> = (0..count).map(|i| format!("{prefix} {i}")).collect();
+    queue
+        .send_many(sent.iter().map(|b| outgoing(b)).collect())
+        .await
+        .unwrap();
+    sent
+}
+
 fn bodies(messages: &[Received]) -> BTreeSet<String> {
     messages.iter().map(|m| m.body.clone()).collect()
 }
 
 async fn every_message_sent_is_received(adapter: Adapter) {
     let queue = adapter.queue;
-    let sent: Vec<String> = (0..25).map(|i| format!("message {i}")).collect();
-    queue
-        .send_many(sent.iter().map(|b| outgoing(b)).collect())
-        .await
-        .unwrap();
+    let sent = send_numbered(&*queue, "message", 25).await;
     let received = receive_all(&*queue, Duration::from_secs(60)).await;
     assert_eq!(received.len(), 25);
     assert_eq!(bodies(&received), sent.iter().cloned().collect());
@@ -137,11 +143,7 @@ async fn every_message_sent_is_received(adapter: Adapter) {
 
 async fn messages_deleted_together_are_gone_and_only_they(adapter: Adapter) {
     let queue = adapter.queue;
-    let sent: Vec<String> = (0..25).map(|i| format!("message {i}")).collect();
-    queue
-        .send_many(sent.iter().map(|b| outgoing(b)).collect())
-        .await
-        .unwrap();
+    send_numbered(&*queue, "message", 25).await;
     let received = receive_within(&*queue, 25, VISIBILITY, Duration::from_secs(5)).await;
     assert_eq!(received.len(), 25);
     // 23: more than two SQS batches of 10, the last one partial.
@@ -228,11 +230,7 @@ async fn delayed_messages_wait(adapter: Adapter) {
 /// leaves the failed ones, which come back.
 async fn a_batch_partly_failed_returns_only_its_failures(adapter: Adapter) {
     let queue = adapter.queue;
-    let sent: Vec<String> = (0..10).map(|i| format!("task {i}")).collect();
-    queue
-        .send_many(sent.iter().map(|b| outgoing(b)).collect())
-        .await
-        .unwrap();
+    send_numbered(&*queue, "task", 10).await;
     let batch = receive_within(&*queue, 10, VISIBILITY, Duration::from_secs(5)).await;
     assert_eq!(batch.len(), 10);
     let (failed, finished): (Vec<_>, Vec<_>) = batch
