@@ -429,12 +429,13 @@ impl JobStore for SqliteJobStore {
         let owner = owner.to_string();
         self.run(move |tx| {
                 let now = now_millis();
-                let changed = tx.execute(
-                    "INSERT INTO leases (job_id, name, owner, until_ms) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (job_id, name) DO UPDATE SET owner = excluded.owner, until_ms = excluded.until_ms
-                     WHERE leases.until_ms < ?5 OR leases.owner = excluded.owner",
-                    params![job_id, name, owner, now + ttl.as_millis() as i64, now],
-                )?;
+                let changed = tx
+                    .prepare_cached(
+                        "INSERT INTO leases (job_id, name, owner, until_ms) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (job_id, name) DO UPDATE SET owner = excluded.owner, until_ms = excluded.until_ms
+                         WHERE leases.until_ms < ?5 OR leases.owner = excluded.owner",
+                    )?
+                    .execute(params![job_id, name, owner, now + ttl.as_millis() as i64, now])?;
                 Ok(changed == 1)
             })
             .await
@@ -445,10 +446,8 @@ impl JobStore for SqliteJobStore {
         let name = name.to_string();
         let owner = owner.to_string();
         self.run(move |tx| {
-            tx.execute(
-                "DELETE FROM leases WHERE job_id = ?1 AND name = ?2 AND owner = ?3",
-                params![job_id, name, owner],
-            )?;
+            tx.prepare_cached("DELETE FROM leases WHERE job_id = ?1 AND name = ?2 AND owner = ?3")?
+                .execute(params![job_id, name, owner])?;
             Ok(())
         })
         .await

@@ -76,10 +76,8 @@ pub(super) fn add_counters(
 
 pub(super) fn push_event(tx: &Transaction<'_>, job_id: &str, message: &str) -> anyhow::Result<()> {
     let event = JobEvent::now(message);
-    tx.execute(
-        "INSERT INTO events (job_id, at, message) VALUES (?1, ?2, ?3)",
-        params![job_id, event.at, event.message],
-    )?;
+    tx.prepare_cached("INSERT INTO events (job_id, at, message) VALUES (?1, ?2, ?3)")?
+        .execute(params![job_id, event.at, event.message])?;
     Ok(())
 }
 
@@ -110,11 +108,8 @@ pub(super) fn fragment_status(
     fragment_id: u64,
 ) -> anyhow::Result<FragmentStatus> {
     let status: Option<String> = tx
-        .query_row(
-            "SELECT status FROM fragments WHERE job_id = ?1 AND fragment_id = ?2",
-            params![job_id, fragment_id as i64],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT status FROM fragments WHERE job_id = ?1 AND fragment_id = ?2")?
+        .query_row(params![job_id, fragment_id as i64], |r| r.get(0))
         .optional()?;
     Ok(status
         .map(|s| FragmentStatus::parse(&s))
@@ -139,11 +134,11 @@ pub(super) fn resolve_one(
         ),
         None => ("SKIPPED", None, Counter::FragmentsSkipped),
     };
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO fragments (job_id, fragment_id, status, staged) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (job_id, fragment_id) DO UPDATE SET status = excluded.status, staged = excluded.staged",
-        params![job_id, resolution.fragment_id as i64, status, staged],
-    )?;
+    )?
+    .execute(params![job_id, resolution.fragment_id as i64, status, staged])?;
     add_counters(tx, job_id, &MetricsDelta::new().add(counter, 1))?;
     Ok(true)
 }
@@ -155,10 +150,11 @@ pub(super) fn commit_fragments(
     fragments: &[StagedFragment],
 ) -> anyhow::Result<()> {
     for fragment in fragments {
-        let changed = tx.execute(
-            "UPDATE fragments SET status = 'COMMITTED' WHERE job_id = ?1 AND fragment_id = ?2 AND status = 'STAGED'",
-            params![job_id, fragment.fragment_id as i64],
-        )?;
+        let changed = tx
+            .prepare_cached(
+                "UPDATE fragments SET status = 'COMMITTED' WHERE job_id = ?1 AND fragment_id = ?2 AND status = 'STAGED'",
+            )?
+            .execute(params![job_id, fragment.fragment_id as i64])?;
         if changed == 1 {
             add_counters(
                 tx,
