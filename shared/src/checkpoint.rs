@@ -9,11 +9,12 @@
 //! same backfill finds them and a changed expression does not. A fragment's
 //! checkpoints are listed under one prefix only, never the whole folder.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use anyhow::Context;
 use arrow_array::RecordBatch;
+use arrow_buffer::Buffer;
+use arrow_ipc::reader::FileDecoder;
 use arrow_schema::{Field as ArrowField, Schema as ArrowSchema};
 use futures::TryStreamExt;
 use lance::Dataset;
@@ -94,6 +95,17 @@ pub struct FragmentCheckpoints {
     /// Known to have none: listing is skipped.
     known_empty: bool,
 }
+
+/// Bytes of a local disk's checkpoints read in one call when several
+/// follow each other: enough for a fragment's few, bounded so a long chain
+/// is not all held at once.
+const READ_TOGETHER_BYTES: u64 = 16 << 20;
+
+/// An IPC file ends with its footer's length and the magic `ARROW1`.
+const IPC_TRAILER_BYTES: usize = 10;
+
+/// Room for an IPC file's schema, footer and padding besides the values.
+const IPC_FRAMING_BYTES: usize = 4096;
 
 /// Where a checkpoint says whether any row changed.
 const CHANGED_KEY: &str = "lance-backfill:changed";
@@ -222,7 +234,9 @@ impl FragmentCheckpoints {
                 .collect::<Vec<_>>(),
             [(CHANGED_KEY.to_string(), changed.to_string())].into(),
         ));
-        let mut buffer = Vec::new();
+        // Sized for the values up front: growing it would copy them again.
+        let values: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+        let mut buffer = Vec::with_capacity(values + IPC_FRAMING_BYTES);
         {
             let mut writer = arrow_ipc::writer::FileWriter::try_new(&mut buffer, &schema)?;
             for batch in batches {
@@ -247,37 +261,40 @@ impl FragmentCheckpoints {
         }
     }
 
-    /// The batches of a checkpoint and whether it changed any row.
-    pub async fn read(&self, range: Range) -> anyhow::Result<(Vec<RecordBatch>, bool)> {
-        let bytes = match &self.local {
-            Some(path) => {
-                let read = on_disk(path, move |path| {
-                    log::read(path, range).context("reading checkpoint")
-                });
-                bytes::Bytes::from(read.await?)
-            }
-            None => self
-                .store
-                .read_one_all(&self.path(range))
-                .await
-                .context("reading checkpoint")?,
+    /// The batches of the first of `ranges`, each with whether it changed
+    /// any row, and on a local disk those of as many next ones as fit in
+    /// [`READ_TOGETHER_BYTES`] (one blocking call and one open for them all).
+    pub async fn read_some(
+        &self,
+        ranges: &[Range],
+    ) -> anyhow::Result<Vec<(Vec<RecordBatch>, bool)>> {
+        let Some(first) = ranges.first().copied() else {
+            return Ok(Vec::new());
         };
-        let reader = arrow_ipc::reader::FileReader::try_new(Cursor::new(bytes), None)?;
-        let changed = reader
-            .schema()
-            .metadata()
-            .get(CHANGED_KEY)
-            .map(|v| v == "true")
-            .unwrap_or(true);
-        let batches = reader.collect::<Result<Vec<_>, _>>()?;
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        anyhow::ensure!(
-            rows as u64 == range.end - range.start,
-            "checkpoint {}-{} holds {rows} rows",
-            range.start,
-            range.end
-        );
-        Ok((batches, changed))
+        let pieces = match &self.local {
+            Some(path) => {
+                let ranges = ranges.to_vec();
+                on_disk(path, move |path| {
+                    log::read(path, &ranges, READ_TOGETHER_BYTES).context("reading checkpoints")
+                })
+                .await?
+                .into_iter()
+                .map(|(range, bytes)| (range, bytes::Bytes::from(bytes)))
+                .collect()
+            }
+            None => {
+                let bytes = self
+                    .store
+                    .read_one_all(&self.path(first))
+                    .await
+                    .context("reading checkpoint")?;
+                vec![(first, bytes)]
+            }
+        };
+        pieces
+            .into_iter()
+            .map(|(range, bytes)| decode(range, bytes))
+            .collect()
     }
 
     /// Removes every checkpoint of the fragment.
@@ -306,6 +323,59 @@ impl FragmentCheckpoints {
         }
         Ok(())
     }
+}
+
+/// A checkpoint's batches and whether it changed any row. The batches
+/// are decoded in place: they share `bytes`, nothing is copied.
+fn decode(range: Range, bytes: bytes::Bytes) -> anyhow::Result<(Vec<RecordBatch>, bool)> {
+    let file = Buffer::from(bytes);
+    let trailer = file
+        .len()
+        .checked_sub(IPC_TRAILER_BYTES)
+        .context("checkpoint shorter than an IPC file's trailer")?;
+    let footer_len = arrow_ipc::reader::read_footer_length(file[trailer..].try_into()?)?;
+    let footer_start = trailer
+        .checked_sub(footer_len)
+        .context("checkpoint footer longer than the file")?;
+    let footer = arrow_ipc::root_as_footer(&file[footer_start..trailer])
+        .map_err(|err| anyhow::anyhow!("reading the checkpoint's footer: {err}"))?;
+    let schema = arrow_ipc::convert::fb_to_schema(
+        footer
+            .schema()
+            .context("checkpoint footer without a schema")?,
+    );
+    let changed = schema
+        .metadata()
+        .get(CHANGED_KEY)
+        .map(|v| v == "true")
+        .unwrap_or(true);
+    let mut decoder = FileDecoder::new(Arc::new(schema), footer.version());
+    for block in footer.dictionaries().iter().flatten() {
+        decoder.read_dictionary(block, &block_bytes(&file, block)?)?;
+    }
+    let mut batches = Vec::new();
+    for block in footer.recordBatches().iter().flatten() {
+        batches.extend(decoder.read_record_batch(block, &block_bytes(&file, block)?)?);
+    }
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    anyhow::ensure!(
+        rows as u64 == range.end - range.start,
+        "checkpoint {}-{} holds {rows} rows",
+        range.start,
+        range.end
+    );
+    Ok((batches, changed))
+}
+
+/// The bytes of one block (a message and its body) of an IPC file.
+fn block_bytes(file: &Buffer, block: &arrow_ipc::Block) -> anyhow::Result<Buffer> {
+    let offset = usize::try_from(block.offset())?;
+    let len = usize::try_from(block.metaDataLength())? + usize::try_from(block.bodyLength())?;
+    anyhow::ensure!(
+        offset.checked_add(len).is_some_and(|end| end <= file.len()),
+        "a checkpoint block lies past the end of the file"
+    );
+    Ok(file.slice_with_length(offset, len))
 }
 
 /// A checkpoint's file name: its range, zero-padded so names sort by start.

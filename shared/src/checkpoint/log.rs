@@ -14,7 +14,7 @@
 //! the next append cuts it off first.
 
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -34,30 +34,44 @@ struct Piece {
 
 /// Appends `bytes` as the checkpoint of `range`.
 pub(super) fn append(path: &Path, range: Range, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
+    let file = open_for_append(path)?;
     file.lock()?;
-    let (_, end) = pieces(&file)?;
+    let (_, end, size) = pieces(&file)?;
     // What follows the last whole piece is one a killed writer left.
-    if file.metadata()?.len() > end {
+    if size > end {
         file.set_len(end)?;
     }
-    let mut piece = Vec::with_capacity(HEADER as usize + bytes.len());
-    piece.extend_from_slice(MAGIC);
-    piece.extend_from_slice(&range.start.to_le_bytes());
-    piece.extend_from_slice(&range.end.to_le_bytes());
-    piece.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-    piece.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
-    piece.extend_from_slice(bytes);
-    file.seek(SeekFrom::Start(end))?;
-    file.write_all(&piece)
+    let mut header = Vec::with_capacity(HEADER as usize);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&range.start.to_le_bytes());
+    header.extend_from_slice(&range.end.to_le_bytes());
+    header.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    header.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+    // Two writes rather than a copy of the bytes behind the header: a
+    // header without all its bytes is a short piece like any other.
+    file.write_all_at(&header, end)?;
+    file.write_all_at(bytes, end + HEADER)
+}
+
+/// The file, made (with its directory) if there is none.
+fn open_for_append(path: &Path) -> std::io::Result<File> {
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    };
+    match open() {
+        Err(err) if err.kind() == ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            open()
+        }
+        opened => opened,
+    }
 }
 
 /// The ranges checkpointed (none if there is no file), in the order written.
@@ -68,16 +82,45 @@ pub(super) fn ranges(path: &Path) -> std::io::Result<Vec<Range>> {
     Ok(pieces(&file)?.0.iter().map(|p| p.range).collect())
 }
 
-/// The bytes of the last checkpoint of exactly `range`.
-pub(super) fn read(path: &Path, range: Range) -> std::io::Result<Vec<u8>> {
-    let missing = || std::io::Error::new(ErrorKind::NotFound, "no such checkpoint");
-    let file = open_shared(path)?.ok_or_else(missing)?;
-    let piece = pieces(&file)?
-        .0
-        .into_iter()
-        .rev()
-        .find(|p| p.range == range)
-        .ok_or_else(missing)?;
+/// The bytes of the last checkpoint of exactly each of `ranges`, in order:
+/// the first always, the next ones while their bytes stay within `budget`.
+/// One open and one pass over the headers for all of them.
+pub(super) fn read(
+    path: &Path,
+    ranges: &[Range],
+    budget: u64,
+) -> std::io::Result<Vec<(Range, Vec<u8>)>> {
+    let missing = |range: &Range| {
+        std::io::Error::new(
+            ErrorKind::NotFound,
+            format!("no checkpoint {}-{}", range.start, range.end),
+        )
+    };
+    let Some(file) = open_shared(path)? else {
+        return match ranges.first() {
+            Some(range) => Err(missing(range)),
+            None => Ok(Vec::new()),
+        };
+    };
+    let (pieces, _, _) = pieces(&file)?;
+    let (mut read, mut taken) = (Vec::new(), 0u64);
+    for range in ranges {
+        let piece = pieces
+            .iter()
+            .rev()
+            .find(|p| p.range == *range)
+            .ok_or_else(|| missing(range))?;
+        if !read.is_empty() && taken + piece.len > budget {
+            break;
+        }
+        read.push((*range, piece_bytes(&file, piece)?));
+        taken += piece.len;
+    }
+    Ok(read)
+}
+
+/// A piece's bytes, checked against its checksum.
+fn piece_bytes(file: &File, piece: &Piece) -> std::io::Result<Vec<u8>> {
     let mut bytes = vec![0; piece.len as usize];
     file.read_exact_at(&mut bytes, piece.offset)?;
     if crc32fast::hash(&bytes) != piece.crc {
@@ -85,7 +128,7 @@ pub(super) fn read(path: &Path, range: Range) -> std::io::Result<Vec<u8>> {
             ErrorKind::InvalidData,
             format!(
                 "checkpoint {}-{} does not match its checksum",
-                range.start, range.end
+                piece.range.start, piece.range.end
             ),
         ));
     }
@@ -120,15 +163,14 @@ fn unless_missing<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
     }
 }
 
-/// The whole pieces, and where the last one ends.
-fn pieces(file: &File) -> std::io::Result<(Vec<Piece>, u64)> {
+/// The whole pieces, where the last one ends, and the file's size. Each
+/// header is read on its own (the bytes between are skipped, not read).
+fn pieces(file: &File) -> std::io::Result<(Vec<Piece>, u64, u64)> {
     let size = file.metadata()?.len();
-    let mut reader = std::io::BufReader::new(file);
-    reader.seek(SeekFrom::Start(0))?;
     let (mut found, mut at) = (Vec::new(), 0u64);
     let mut header = [0u8; HEADER as usize];
     while at + HEADER <= size {
-        reader.read_exact(&mut header)?;
+        file.read_exact_at(&mut header, at)?;
         let word = |i: usize| u64::from_le_bytes(header[i..i + 8].try_into().expect("8 bytes"));
         let (start, end, len) = (word(4), word(12), word(20));
         let crc = u32::from_le_bytes(header[28..32].try_into().expect("4 bytes"));
@@ -143,9 +185,8 @@ fn pieces(file: &File) -> std::io::Result<(Vec<Piece>, u64)> {
             crc,
         });
         at += HEADER + len;
-        reader.seek_relative(len as i64)?;
     }
-    Ok((found, at))
+    Ok((found, at, size))
 }
 
 #[cfg(test)]
@@ -156,13 +197,54 @@ mod tests {
         Range { start, end }
     }
 
+    /// The bytes of one checkpoint.
+    fn one(path: &Path, range: Range) -> std::io::Result<Vec<u8>> {
+        let mut read = read(path, &[range], 0)?;
+        assert_eq!(read.len(), 1);
+        Ok(read.remove(0).1)
+    }
+
+    #[test]
+    fn several_pieces_are_read_together_within_the_budget() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("digest.log");
+        for (i, fill) in [1u8, 2, 3].into_iter().enumerate() {
+            let start = i as u64 * 10;
+            append(&path, range(start, start + 10), &[fill; 100]).unwrap();
+        }
+        let all = [range(0, 10), range(10, 20), range(20, 30)];
+        let fills = |read: Vec<(Range, Vec<u8>)>| -> Vec<(Range, u8, usize)> {
+            read.into_iter().map(|(r, b)| (r, b[0], b.len())).collect()
+        };
+        assert_eq!(
+            fills(read(&path, &all, 300).unwrap()),
+            vec![(all[0], 1, 100), (all[1], 2, 100), (all[2], 3, 100)]
+        );
+        assert_eq!(
+            fills(read(&path, &all, 299).unwrap()),
+            vec![(all[0], 1, 100), (all[1], 2, 100)],
+            "the third would pass the budget"
+        );
+        assert_eq!(
+            fills(read(&path, &all[1..], 0).unwrap()),
+            vec![(all[1], 2, 100)],
+            "the first is read whatever the budget"
+        );
+        let gap = [range(0, 10), range(15, 20)];
+        assert_eq!(
+            read(&path, &gap, 1000).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        assert!(read(&path, &[], 1000).unwrap().is_empty());
+    }
+
     #[test]
     fn pieces_are_appended_listed_read_and_removed() {
         let root = tempfile::tempdir().unwrap();
         let path = root.path().join("checkpoints").join("digest.log");
         assert!(ranges(&path).unwrap().is_empty());
         assert_eq!(
-            read(&path, range(0, 10)).unwrap_err().kind(),
+            one(&path, range(0, 10)).unwrap_err().kind(),
             ErrorKind::NotFound
         );
         append(&path, range(0, 10), b"ten rows").unwrap();
@@ -173,13 +255,13 @@ mod tests {
             vec![range(0, 10), range(10, 20), range(0, 10)]
         );
         assert_eq!(
-            read(&path, range(0, 10)).unwrap(),
+            one(&path, range(0, 10)).unwrap(),
             b"TEN ROWS",
             "the last one wins"
         );
-        assert_eq!(read(&path, range(10, 20)).unwrap(), vec![1; 1000]);
+        assert_eq!(one(&path, range(10, 20)).unwrap(), vec![1; 1000]);
         assert_eq!(
-            read(&path, range(5, 10)).unwrap_err().kind(),
+            one(&path, range(5, 10)).unwrap_err().kind(),
             ErrorKind::NotFound
         );
         remove(&path).unwrap();
@@ -206,7 +288,7 @@ mod tests {
         assert_eq!(ranges(&path).unwrap(), vec![range(0, 10)]);
         append(&path, range(20, 30), b"twenty").unwrap();
         assert_eq!(ranges(&path).unwrap(), vec![range(0, 10), range(20, 30)]);
-        assert_eq!(read(&path, range(20, 30)).unwrap(), b"twenty");
+        assert_eq!(one(&path, range(20, 30)).unwrap(), b"twenty");
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             whole + HEADER + 6,
@@ -222,7 +304,7 @@ mod tests {
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(b"X", HEADER).unwrap();
         assert_eq!(
-            read(&path, range(0, 10)).unwrap_err().kind(),
+            one(&path, range(0, 10)).unwrap_err().kind(),
             ErrorKind::InvalidData
         );
     }

@@ -144,18 +144,24 @@ impl<'a> Producer<'a> {
     }
 
     /// Reuses the checkpoints that continue from `at`; returns where they end.
-    async fn replay(&mut self, existing: &[Range], mut at: u64, end: u64) -> anyhow::Result<u64> {
-        for range in FragmentCheckpoints::covered_from(existing, at, end) {
-            if self.sink.is_some() {
-                let (batches, changed) = self.checkpoints.read(range).await?;
+    async fn replay(&mut self, existing: &[Range], at: u64, end: u64) -> anyhow::Result<u64> {
+        let chain = FragmentCheckpoints::covered_from(existing, at, end);
+        let Some(last) = chain.last() else {
+            return Ok(at);
+        };
+        let mut unread = if self.sink.is_some() { &chain[..] } else { &[] };
+        while !unread.is_empty() {
+            let read = self.checkpoints.read_some(unread).await?;
+            anyhow::ensure!(!read.is_empty(), "no checkpoint was read");
+            unread = &unread[read.len().min(unread.len())..];
+            for (batches, changed) in read {
                 self.changed |= changed;
                 for batch in batches {
                     self.send(batch).await?;
                 }
             }
-            at = range.end;
         }
-        Ok(at)
+        Ok(last.end)
     }
 
     async fn send(&self, batch: RecordBatch) -> anyhow::Result<()> {
