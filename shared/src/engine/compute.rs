@@ -32,7 +32,8 @@ pub struct ComputedBatch {
     pub failed: Vec<(u64, String)>,
 }
 
-/// Reads and evaluates one fragment's rows.
+/// Reads and evaluates one fragment's rows (clones share the open fragment).
+#[derive(Clone)]
 pub struct FragmentComputer {
     shared: Arc<Evaluator>,
 }
@@ -86,6 +87,12 @@ impl FragmentComputer {
                     .all(|file| file.file_major_version >= 2),
             }),
         })
+    }
+
+    /// Whether both are clones of one opening.
+    #[cfg(test)]
+    pub(super) fn is_same_open(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     pub fn output_schema(&self) -> Arc<ArrowSchema> {

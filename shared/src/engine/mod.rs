@@ -4,7 +4,8 @@
 //!
 //! One step per module: [`dispatch`] reads a message and classifies how it
 //! ended, [`fanout`] queues a big job's tasks, [`task`] runs one task,
-//! [`pack`] one task over several small fragments,
+//! [`pack`] one task over several small fragments, [`readers`] keeps
+//! fragments open for their next task,
 //! [`produce`] computes and checkpoints a row range, [`write`] writes and
 //! stages a fragment's file, [`slots`] caps a job's concurrency and
 //! [`stop`] decides when a running task stops early. Commits are the
@@ -17,6 +18,7 @@ mod fanout;
 mod pack;
 mod produce;
 mod progress;
+mod readers;
 mod slots;
 mod stop;
 mod task;
@@ -128,6 +130,7 @@ pub struct Engine {
     udf: Option<Arc<UdfRuntimes>>,
     /// This process's share of each job's concurrency slots.
     local_permits: slots::LocalPermits,
+    open_fragments: readers::OpenFragments,
 }
 
 impl Engine {
@@ -155,6 +158,7 @@ impl Engine {
             programs: Mutex::new(HashMap::new()),
             udf: None,
             local_permits: slots::LocalPermits::default(),
+            open_fragments: readers::OpenFragments::default(),
         }
     }
 

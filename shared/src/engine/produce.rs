@@ -273,8 +273,10 @@ impl Engine {
             program.output_fields.clone(),
         )
         .await?;
-        let computer =
-            FragmentComputer::open(fragment, program.clone(), self.config.max_batch_bytes).await?;
+        let computer = self
+            .open_fragments
+            .open(&job.job_id, fragment, program, self.config.max_batch_bytes)
+            .await?;
         let produced = Producer::new(
             self,
             job,

@@ -10,7 +10,6 @@ use lance::dataset::fragment::FileFragment;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::compute::FragmentComputer;
 use super::produce::{Produced, Producer};
 use super::progress::Progress;
 use super::stop::{Stop, StopCheck};
@@ -94,8 +93,10 @@ impl Engine {
         )
         .await?
         .known_empty(!may_have_checkpoints);
-        let computer =
-            FragmentComputer::open(fragment, program.clone(), self.config.max_batch_bytes).await?;
+        let computer = self
+            .open_fragments
+            .open(&job.job_id, fragment, program, self.config.max_batch_bytes)
+            .await?;
         let target = dataset
             .schema()
             .project(&program.columns)
@@ -115,6 +116,7 @@ impl Engine {
         .run(0, rows, stop);
         let writer = fragment.write_columns(batches, &target);
         let (produced, written) = tokio::join!(producer, writer);
+        self.open_fragments.close(&job.job_id, fragment.id() as u64);
         let written = written.map(|group| group.1);
         settle_written(dataset, fragment.id() as u64, rows, produced, written).await
     }
