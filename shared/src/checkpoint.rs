@@ -234,9 +234,7 @@ impl FragmentCheckpoints {
                 .collect::<Vec<_>>(),
             [(CHANGED_KEY.to_string(), changed.to_string())].into(),
         ));
-        // Sized for the values up front: growing it would copy them again.
-        let values: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
-        let mut buffer = Vec::with_capacity(values + IPC_FRAMING_BYTES);
+        let mut buffer = Vec::with_capacity(encoded_size(batches) + IPC_FRAMING_BYTES);
         {
             let mut writer = arrow_ipc::writer::FileWriter::try_new(&mut buffer, &schema)?;
             for batch in batches {
@@ -323,6 +321,17 @@ impl FragmentCheckpoints {
         }
         Ok(())
     }
+}
+
+/// About the bytes of the values in `batches`, so the buffer they are
+/// encoded into is sized up front (growing it would copy them again).
+/// Slices count only their own rows, not the arrays they slice.
+fn encoded_size(batches: &[RecordBatch]) -> usize {
+    batches
+        .iter()
+        .flat_map(|batch| batch.columns())
+        .map(|column| column.to_data().get_slice_memory_size().unwrap_or(0))
+        .sum()
 }
 
 /// A checkpoint's batches and whether it changed any row. The batches
@@ -419,6 +428,20 @@ pub fn checkpoints_root(dataset: &Dataset) -> Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slice_is_sized_by_its_own_rows() {
+        let schema = Arc::new(ArrowSchema::new(vec![ArrowField::new(
+            "x",
+            arrow_schema::DataType::Int64,
+            false,
+        )]));
+        let whole = arrow_array::Int64Array::from_iter_values(0..1_000_000);
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(whole)]).unwrap();
+        assert_eq!(encoded_size(std::slice::from_ref(&batch)), 8_000_000);
+        let slices = [batch.slice(0, 10), batch.slice(500, 10)];
+        assert_eq!(encoded_size(&slices), 160, "not twice the whole array");
+    }
 
     #[test]
     fn finds_the_contiguous_chain() {
