@@ -26,6 +26,16 @@ struct Opened {
     program: usize,
 }
 
+impl Opened {
+    fn new(job_id: &str, fragment: &FileFragment, program: &Arc<Program>) -> Self {
+        Self {
+            job_id: job_id.to_string(),
+            fragment_id: fragment.id() as u64,
+            program: Arc::as_ptr(program) as usize,
+        }
+    }
+}
+
 /// The fragments opened most recently, the latest last.
 #[derive(Default)]
 pub(super) struct OpenFragments {
@@ -33,7 +43,8 @@ pub(super) struct OpenFragments {
 }
 
 impl OpenFragments {
-    /// The fragment opened for `program`, opened now unless it is kept.
+    /// The fragment opened for `program`, opened now (and kept) unless it
+    /// is kept already.
     pub(super) async fn open(
         &self,
         job_id: &str,
@@ -41,11 +52,7 @@ impl OpenFragments {
         program: &Arc<Program>,
         max_batch_bytes: usize,
     ) -> lance::Result<FragmentComputer> {
-        let key = Opened {
-            job_id: job_id.to_string(),
-            fragment_id: fragment.id() as u64,
-            program: Arc::as_ptr(program) as usize,
-        };
+        let key = Opened::new(job_id, fragment, program);
         if let Some((_, kept)) = self.lock().iter().find(|(opened, _)| *opened == key) {
             return Ok(kept.clone());
         }
@@ -59,10 +66,27 @@ impl OpenFragments {
         Ok(computer)
     }
 
-    /// Closes the fragment: its file is written, no task will read it again.
-    pub(super) fn close(&self, job_id: &str, fragment_id: u64) {
-        self.lock()
-            .retain(|(opened, _)| !(opened.job_id == job_id && opened.fragment_id == fragment_id));
+    /// The fragment for writing its file: the kept opening, no longer kept
+    /// (no task reads the fragment after its file is written), or one
+    /// opened now and not kept, so a fragment filled whole (a pack's) never
+    /// pushes out the fragments range tasks still read.
+    pub(super) async fn take(
+        &self,
+        job_id: &str,
+        fragment: &FileFragment,
+        program: &Arc<Program>,
+        max_batch_bytes: usize,
+    ) -> lance::Result<FragmentComputer> {
+        let key = Opened::new(job_id, fragment, program);
+        let kept = {
+            let mut recent = self.lock();
+            let at = recent.iter().position(|(opened, _)| *opened == key);
+            at.and_then(|at| recent.remove(at))
+        };
+        match kept {
+            Some((_, computer)) => Ok(computer),
+            None => FragmentComputer::open(fragment, program.clone(), max_batch_bytes).await,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Opened, FragmentComputer)>> {
@@ -104,7 +128,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_fragment_is_opened_once_until_closed_or_pushed_out() {
+    async fn a_fragment_is_opened_once_until_taken_or_pushed_out() {
         let root = tempfile::tempdir().unwrap();
         let uri = root.path().join("items.lance");
         let dataset = table(uri.to_str().unwrap(), KEPT + 2).await;
@@ -116,15 +140,29 @@ mod tests {
             let (open, fragment) = (&open, &fragments[index]);
             async move { open.open(job, fragment, &program, 1 << 20).await.unwrap() }
         };
+        let taken = |index: usize, program: Arc<Program>| {
+            let (open, fragment) = (&open, &fragments[index]);
+            async move { open.take("job", fragment, &program, 1 << 20).await.unwrap() }
+        };
         let first = opened("job", 0, program.clone()).await;
         assert!(first.is_same_open(&opened("job", 0, program.clone()).await));
         assert!(!first.is_same_open(&opened("job", 0, recompiled.clone()).await));
         assert!(!first.is_same_open(&opened("other job", 0, program.clone()).await));
         assert!(!first.is_same_open(&opened("job", 1, program.clone()).await));
 
-        open.close("job", 0);
+        assert!(
+            first.is_same_open(&taken(0, program.clone()).await),
+            "the kept one"
+        );
         let reopened = opened("job", 0, program.clone()).await;
-        assert!(!first.is_same_open(&reopened), "closed, so opened anew");
+        assert!(!first.is_same_open(&reopened), "taken, so opened anew");
+        // Taking fragments that are not kept keeps none of them.
+        let kept = open.lock().len();
+        for index in 2..KEPT + 2 {
+            taken(index, program.clone()).await;
+        }
+        assert_eq!(open.lock().len(), kept, "nothing kept, nothing pushed out");
+        assert!(reopened.is_same_open(&opened("job", 0, program.clone()).await));
         // Fragment 1 is kept already: these are KEPT new ones.
         for index in 2..KEPT + 2 {
             opened("job", index, program.clone()).await;

@@ -95,7 +95,7 @@ impl Engine {
         .known_empty(!may_have_checkpoints);
         let computer = self
             .open_fragments
-            .open(&job.job_id, fragment, program, self.config.max_batch_bytes)
+            .take(&job.job_id, fragment, program, self.config.max_batch_bytes)
             .await?;
         let target = dataset
             .schema()
@@ -116,7 +116,6 @@ impl Engine {
         .run(0, rows, stop);
         let writer = fragment.write_columns(batches, &target);
         let (produced, written) = tokio::join!(producer, writer);
-        self.open_fragments.close(&job.job_id, fragment.id() as u64);
         let written = written.map(|group| group.1);
         settle_written(dataset, fragment.id() as u64, rows, produced, written).await
     }
