@@ -2,7 +2,7 @@
 
 moto answers every request and never fails one; the real services do, and
 our code must be tested against that. This wraps moto's WSGI app and its
-backends with four additions, each in its own section below:
+backends with five additions, each in its own section below:
 
 1. **Isolation.** moto runs requests on threads without a lock, and its
    TransactWriteItems applies items one by one and, on a failed condition,
@@ -50,6 +50,8 @@ backends with four additions, each in its own section below:
    section 3 (a positive integer, default 1,048,576), so that tests can
    page small tables; ``operations`` and ``tables`` do not restrict it, and
    a config without it (``/_faults/reset`` too) restores the default.
+   ``dynamodb.key_limits`` is not a fault either: it turns on the
+   per-partition-key throughput limits of section 5.
 
 3. **Limits moto lacks** (moto 5.2.5 already refuses more than 100
    TransactWriteItems actions and more than 10 SQS batch entries; those are
@@ -87,6 +89,78 @@ backends with four additions, each in its own section below:
    ``sqs.ReceiveMessage``, ``s3.PUT``), faulted calls included, at
    ``GET /_stats``; ``POST /_stats/reset`` zeroes them.
 
+5. **Per-partition-key throughput** (opt-in). DynamoDB gives each partition
+   key value at most 3,000 read and 1,000 write capacity units (RCU, WCU) a
+   second, on-demand tables included, and throttles past that. The config
+   ``{"dynamodb": {"key_limits": {"wcu": 1000, "rcu": 3000}}}`` turns this
+   on for the tables ``tables`` names (all without it; ``operations`` does
+   not restrict it). A unit left out takes that default, a positive number
+   replaces it (``"wcu": 5``: a test throttles after a few writes), ``null``
+   counts without limiting; without ``key_limits`` nothing is limited or
+   counted. Charged per partition key value (the value of the table's HASH
+   key attribute; for a global secondary index, of the index's, counted as
+   the table ``<table>/index/<name>``; a local index is its table's):
+
+   - a write (PutItem, UpdateItem, DeleteItem, each BatchWriteItem entry):
+     1 WCU per started KB (1,024 bytes) of the larger of the item before and
+     after it, sized by ``item_size`` (a delete: the deleted item), at least 1;
+   - a read (GetItem, each BatchGetItem key): 1 RCU per started 4 KB of the
+     item (a missing one: 0 bytes), at least 1; half if eventually
+     consistent (0.5 RCU per 4 KB);
+   - a Query or Scan page: per partition key, the sizes of the items it read
+     (as section 3 counts them: before FilterExpression and projection, an
+     index read its index entries) summed, then 1 RCU per started 4 KB, at
+     least 1, halved if eventually consistent; a Query page that read
+     nothing is charged the minimum on its key, a Scan page nothing;
+   - TransactWriteItems: each Put, Update and Delete 2 WCU per started KB,
+     each ConditionCheck 2 RCU per started 4 KB (a transactional read);
+     TransactGetItems: each Get 2 RCU per started 4 KB.
+
+   Window: each key's budget is per fixed one-second window, which starts
+   with the key's first call after its previous window ended. AWS lets a
+   partition bank up to 300 seconds of unused capacity as burst; here
+   nothing is banked, so a call that would take a key past its limit within
+   its window is throttled, whatever went unused before (strict and
+   deterministic: a test sees throttling at once). A call whose cost alone
+   exceeds a limit is always throttled.
+
+   A throttled call writes nothing and is charged nothing; it is answered:
+
+   - a single-item call, Query, Scan: ``ProvisionedThroughputExceededException``
+     (400, the message of section 2's throttling of single-item calls). An
+     UpdateItem's cost is known only once applied: it is undone (section 1's
+     ``UndoLog``) before the answer;
+   - TransactWriteItems, TransactGetItems: ``TransactionCanceledException``,
+     reason ``ThrottlingError`` for each action on a throttled key and
+     ``None`` for the others; the transaction is undone as in section 1;
+   - BatchWriteItem, BatchGetItem: the other entries are applied and the
+     throttled ones returned in UnprocessedItems, UnprocessedKeys (with the
+     table's ConsistentRead and projection); if every entry is throttled,
+     ``ProvisionedThroughputExceededException``.
+
+   A call is charged when it succeeds or fails its condition (DynamoDB
+   charges failed conditional writes: the cost of the write, or for an
+   UpdateItem the item before); not when refused otherwise (validation,
+   size limits, injected faults, a transaction cancelled for another
+   reason). Writes to indexes and PartiQL are not charged; the
+   ConsumedCapacity in answers is moto's own. Each check and its charge run
+   under the DynamoDB lock of section 1 (TransactGetItems too, while this is
+   on), so concurrent calls are charged one after another.
+
+   ``GET /_faults`` reports the counters under ``capacity``; ``POST /_faults``
+   and ``/_faults/reset`` zero them::
+
+     {"key_limits": {"rcu": 3000, "wcu": 1000},        (null: off)
+      "tables": {"jobs-1": {"rcu": 4.5, "wcu": 12, "throttled": 1,
+                            "keys": {"a": {"rcu": 4.5, "wcu": 12,
+                                           "peak_rcu": 4.5, "peak_wcu": 8,
+                                           "throttled": 1}}}}}
+
+   per table and key: ``rcu``, ``wcu`` consumed in total, ``peak_rcu``,
+   ``peak_wcu`` the most in one window, ``throttled`` the calls (batch
+   entries) refused for the key; a table's figures are the sums of its
+   keys' (which are listed once they consumed or were throttled).
+
 Started by ``scripts/moto.sh`` with moto's own command line (``-H``, ``-p``).
 """
 
@@ -97,14 +171,17 @@ import functools
 import inspect
 import io
 import json
+import math
 import os
 import random
 import sys
 import threading
+import time
 import uuid
 import zlib
-from base64 import b64decode
+from base64 import b64decode, b64encode
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -116,6 +193,7 @@ import moto.dynamodb.models.table
 import moto.server
 import moto.sqs.models
 from moto.dynamodb.exceptions import (
+    ConditionalCheckFailed,
     ItemSizeTooLarge,
     ItemSizeToUpdateTooLarge,
     MockValidationException,
@@ -123,6 +201,7 @@ from moto.dynamodb.exceptions import (
 from moto.dynamodb.models import DynamoDBBackend
 from moto.dynamodb.models.dynamo_type import DynamoType, Item, LimitedSizeDict
 from moto.dynamodb.models.table import Table
+from moto.dynamodb.responses import DynamoHandler
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication
 from moto.sqs.exceptions import (
     BatchRequestTooLong,
@@ -183,6 +262,10 @@ OPERATION_FILTER = {"dynamodb": "operations", "sqs": "operations", "s3": "method
 # Per service: settings that are not faults, with their defaults.
 SETTINGS: dict[str, dict[str, int]] = {"dynamodb": {"page_bytes": 1024 * 1024}}
 RESOURCE_FILTER = {"dynamodb": "tables", "sqs": "queues", "s3": "buckets"}
+# Section 5: the per-partition-key limits, per second, and their window.
+KEY_LIMITS_KEY = "key_limits"
+KEY_LIMITS = {"rcu": 3000, "wcu": 1000}
+WINDOW_SECONDS = 1.0
 
 ITEM_MAX_BYTES = 400 * 1024
 TRANSACTION_MAX_BYTES = 4 * 1024 * 1024
@@ -227,11 +310,30 @@ def _validate_service_section(service: str, section: Any) -> None:
         elif key in SETTINGS.get(service, {}):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{service}.{key} must be a positive integer")
+        elif service == "dynamodb" and key == KEY_LIMITS_KEY:
+            _validate_key_limits(value)
         else:
             expected = sorted(
-                [*FAULT_KINDS[service], *SETTINGS.get(service, {}), OPERATION_FILTER[service]]
+                [
+                    *FAULT_KINDS[service],
+                    *SETTINGS.get(service, {}),
+                    *([KEY_LIMITS_KEY] if service == "dynamodb" else []),
+                    OPERATION_FILTER[service],
+                ]
             )
             raise ValueError(f"unknown key {service}.{key} (expected one of {expected})")
+
+
+def _validate_key_limits(limits: Any) -> None:
+    name = f"dynamodb.{KEY_LIMITS_KEY}"
+    if not isinstance(limits, dict):
+        raise TypeError(f"{name} must be an object")
+    for unit, limit in limits.items():
+        if unit not in KEY_LIMITS:
+            raise ValueError(f"unknown key {name}.{unit} (expected one of {sorted(KEY_LIMITS)})")
+        number = isinstance(limit, (int, float)) and not isinstance(limit, bool)
+        if limit is not None and not (number and 0 < limit < math.inf):
+            raise ValueError(f"{name}.{unit} must be a positive number or null")
 
 
 def _validate_names(key: str, value: Any) -> None:
@@ -249,8 +351,141 @@ class Injection:
     rng: random.Random
 
 
+@dataclass(frozen=True)
+class Charge:
+    """Capacity units a call takes from one partition key value of a table
+    (or of a global index, named ``<table>/index/<name>``)."""
+
+    table: str
+    key: str
+    rcu: float = 0.0
+    wcu: float = 0.0
+
+
+@dataclass
+class KeyUse:
+    """One partition key value's current window and its counters."""
+
+    window_start: float = -math.inf
+    window_rcu: float = 0.0
+    window_wcu: float = 0.0
+    rcu: float = 0.0
+    wcu: float = 0.0
+    peak_rcu: float = 0.0
+    peak_wcu: float = 0.0
+    throttled: int = 0
+
+
+class Capacity:
+    """Section 5: the per-key limits (None: off), the tables they apply to,
+    and each key's window and counters. ``over`` and ``charge`` are called
+    under the DynamoDB lock, so a check and its charge are one step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.configure({})
+
+    def configure(self, config: dict[str, Any]) -> None:
+        """Takes the limits and ``tables`` of a config; zeroes the counters."""
+        limits = config.get("dynamodb", {}).get(KEY_LIMITS_KEY)
+        with self._lock:
+            self._limits: dict[str, float | None] | None = (
+                None
+                if limits is None
+                else {unit: limits.get(unit, default) for unit, default in KEY_LIMITS.items()}
+            )
+            self._tables: list[str] | None = config.get(RESOURCE_FILTER["dynamodb"])
+            self._keys: dict[tuple[str, str], KeyUse] = {}
+
+    def active(self) -> bool:
+        with self._lock:
+            return self._limits is not None
+
+    def applies(self, table: str) -> bool:
+        """Whether calls on ``table`` (a table's name) are limited and counted."""
+        with self._lock:
+            return self._limits is not None and (self._tables is None or table in self._tables)
+
+    def over(self, charges: list[Charge]) -> set[tuple[str, str]]:
+        """The (table, key) pairs that ``charges`` would take past a limit in
+        their current window, each counted as throttled once; empty if they
+        all fit. Charges nothing."""
+        wanted: dict[tuple[str, str], list[float]] = {}
+        for c in charges:
+            units = wanted.setdefault((c.table, c.key), [0.0, 0.0])
+            units[0] += c.rcu
+            units[1] += c.wcu
+        now = time.monotonic()
+        with self._lock:
+            if self._limits is None:
+                return set()
+            rcu_limit, wcu_limit = self._limits["rcu"], self._limits["wcu"]
+            over = set()
+            for pair, (rcu, wcu) in wanted.items():
+                use = self._use(pair, now)
+                if (rcu_limit is not None and use.window_rcu + rcu > rcu_limit) or (
+                    wcu_limit is not None and use.window_wcu + wcu > wcu_limit
+                ):
+                    over.add(pair)
+                    use.throttled += 1
+            return over
+
+    def charge(self, charges: list[Charge]) -> None:
+        """Adds ``charges`` to their keys' windows and totals."""
+        now = time.monotonic()
+        with self._lock:
+            if self._limits is None:
+                return
+            for c in charges:
+                use = self._use((c.table, c.key), now)
+                use.window_rcu += c.rcu
+                use.window_wcu += c.wcu
+                use.rcu += c.rcu
+                use.wcu += c.wcu
+                use.peak_rcu = max(use.peak_rcu, use.window_rcu)
+                use.peak_wcu = max(use.peak_wcu, use.window_wcu)
+
+    def _use(self, pair: tuple[str, str], now: float) -> KeyUse:
+        """A key's counters, its window restarted if the last one is over."""
+        use = self._keys.setdefault(pair, KeyUse())
+        if now - use.window_start >= WINDOW_SECONDS:
+            use.window_start, use.window_rcu, use.window_wcu = now, 0.0, 0.0
+        return use
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            tables: dict[str, dict[str, Any]] = {}
+            for (table, key), use in sorted(self._keys.items()):
+                if not (use.rcu or use.wcu or use.throttled):
+                    continue  # only ever in a throttled call's other keys
+                entry = tables.setdefault(
+                    table, {"rcu": 0.0, "wcu": 0.0, "throttled": 0, "keys": {}}
+                )
+                entry["rcu"] += use.rcu
+                entry["wcu"] += use.wcu
+                entry["throttled"] += use.throttled
+                entry["keys"][key] = {
+                    "rcu": _units(use.rcu),
+                    "wcu": _units(use.wcu),
+                    "peak_rcu": _units(use.peak_rcu),
+                    "peak_wcu": _units(use.peak_wcu),
+                    "throttled": use.throttled,
+                }
+            for entry in tables.values():
+                entry["rcu"], entry["wcu"] = _units(entry["rcu"]), _units(entry["wcu"])
+            limits = None if self._limits is None else dict(sorted(self._limits.items()))
+            return {"key_limits": limits, "tables": tables}
+
+
+def _units(value: float | None) -> float | int | None:
+    """Capacity units as JSON shows them: whole numbers without ``.0``."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class Faults:
-    """The current fault config, one RNG per kind and the counters."""
+    """The current fault config, one RNG per kind and the counters (the
+    capacity counters of section 5 are ``CAPACITY``'s, configured and
+    reported with them)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -269,6 +504,7 @@ class Faults:
             self._eligible: Counter[str] = Counter()
             self._injected: Counter[str] = Counter()
             self._errors: Counter[str] = Counter()
+        CAPACITY.configure(config)
 
     def draw(
         self, service: str, kinds: list[str], op: str, resources: list[str]
@@ -318,6 +554,7 @@ class Faults:
             self._errors[f"{injection.service}.{injection.kind}.{code}"] += 1
 
     def snapshot(self) -> dict[str, Any]:
+        capacity = CAPACITY.snapshot()
         with self._lock:
             return {
                 "config": self._config,
@@ -333,6 +570,7 @@ class Faults:
                     for s, defaults in SETTINGS.items()
                     for k, default in defaults.items()
                 },
+                "capacity": capacity,
             }
 
 
@@ -364,6 +602,7 @@ class Stats:
         }
 
 
+CAPACITY = Capacity()
 FAULTS = Faults()
 STATS = Stats()
 
@@ -542,10 +781,10 @@ def error_body(name: str, message: str) -> dict[str, Any]:
     return {"__type": DDB + name, "message": message}
 
 
-def transaction_cancelled(count: int, culprit: int, reason: dict[str, str]) -> Response:
+def transaction_cancelled(count: int, culprits: Container[int], reason: dict[str, str]) -> Response:
     """TransactionCanceledException: one reason per action, ``reason`` for
-    action ``culprit`` and ``None`` for the others."""
-    reasons = [reason if i == culprit else {"Code": "None"} for i in range(count)]
+    the actions ``culprits`` and ``None`` for the others."""
+    reasons = [reason if i in culprits else {"Code": "None"} for i in range(count)]
     codes = ", ".join(r["Code"] for r in reasons)
     return dynamodb_error(
         400,
@@ -612,7 +851,7 @@ def dynamodb_fault(call: Call) -> Response | None:
     elif hit.kind == "transaction_conflict":
         code = "TransactionCanceledException"
         reason = {"Code": "TransactionConflict", "Message": conflict}
-        response = transaction_cancelled(actions, culprit, reason)
+        response = transaction_cancelled(actions, {culprit}, reason)
     elif hit.kind == "item_conflict":
         code = "TransactionConflictException"
         response = dynamodb_error(400, error_body(code, conflict))
@@ -631,6 +870,18 @@ THROTTLED_TABLE = (
     "Consider increasing your provisioning level with the UpdateTable API."
 )
 THROTTLED_REQUESTS = "Rate of requests exceeds the allowed throughput."
+THROTTLED_KEY = (
+    "Throughput exceeds the current capacity of your table or index. DynamoDB is "
+    "automatically scaling your table or index so please try again shortly. If "
+    "exceptions persist, check if you have a hot key: "
+    "https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/bp-partition-key-design.html"
+)
+
+
+def throughput_exceeded() -> Response:
+    """ProvisionedThroughputExceededException, as DynamoDB sends it."""
+    code = "ProvisionedThroughputExceededException"
+    return dynamodb_error(400, error_body(code, THROTTLED_TABLE))
 
 
 def throttled(call: Call, hit: Injection, actions: int, culprit: int) -> tuple[str, Response]:
@@ -643,10 +894,9 @@ def throttled(call: Call, hit: Injection, actions: int, culprit: int) -> tuple[s
     if call.op == "TransactWriteItems" and actions and variant:
         reason = {"Code": "ThrottlingError", "Message": THROTTLED_INDEX}
         code = "TransactionCanceledException"
-        return code, transaction_cancelled(actions, culprit, reason)
+        return code, transaction_cancelled(actions, {culprit}, reason)
     if call.op in SINGLE_ITEM_OPS and variant:
-        code = "ProvisionedThroughputExceededException"
-        return code, dynamodb_error(400, error_body(code, THROTTLED_TABLE))
+        return "ProvisionedThroughputExceededException", throughput_exceeded()
     body = error_body("ThrottlingException", THROTTLED_REQUESTS)
     body["__type"] = "com.amazon.coral.availability#ThrottlingException"
     return "ThrottlingException", dynamodb_error(400, body)
@@ -706,8 +956,22 @@ class FaultInjector:
         _REQUEST.call = call
         try:
             return self.app(environ, start_response)
+        except Answered as answered:  # by a backend hook, past moto and Flask
+            return answered.response(environ, start_response)
         finally:
             _REQUEST.call = None
+
+
+class Answered(BaseException):
+    """A call a backend hook answers itself (section 5's throttling). A
+    BaseException, so that moto (which turns an Exception inside a
+    transaction into a cancellation reason) and Flask (which turns one into
+    a 500) let it through to ``FaultInjector``, which sends ``response``;
+    section 1's transaction undo restores what the call wrote on the way."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
 
 
 def _json_response(body: Any, status: int = 200) -> Response:
@@ -1220,6 +1484,387 @@ def undo_transactions_by_item() -> None:
 
 
 # --------------------------------------------------------------------------
+# Throughput: per-partition-key capacity (section 5)
+# --------------------------------------------------------------------------
+
+
+def write_units(size: int) -> float:
+    """WCU of a write of ``size`` bytes: 1 per started KB, at least 1."""
+    return float(max(1, math.ceil(size / 1024)))
+
+
+def read_units(size: int, consistent: bool) -> float:
+    """RCU of a read of ``size`` bytes: 1 per started 4 KB, at least 1;
+    half if eventually consistent."""
+    units = float(max(1, math.ceil(size / 4096)))
+    return units if consistent else units / 2
+
+
+def key_label(value: DynamoType) -> str:
+    """A partition key value as the counters name it (binary in base64)."""
+    v = value.value
+    return b64encode(v).decode() if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def stored_item(table: Table, hash_key: DynamoType, range_key: DynamoType | None) -> Item | None:
+    """The item stored under a key, looked up without making a bucket."""
+    if table.has_range_key:
+        bucket = table.items.get(hash_key)
+        return bucket.get(range_key) if bucket is not None else None
+    return table.items.get(hash_key)
+
+
+def stored_size(table: Table, hash_key: DynamoType, range_key: DynamoType | None) -> int:
+    item = stored_item(table, hash_key, range_key)
+    return item_size(item.attrs) if item is not None else 0
+
+
+Place = tuple[Table, DynamoType, DynamoType | None]
+
+
+def _place(
+    backend: DynamoDBBackend, ops: Container[str], table_name: Any, key: Any
+) -> Place | None:
+    """The table and key a backend call charges: None if the request is not
+    one of ``ops``, its table is not limited, or moto is about to refuse it
+    (an unknown table, a bad key), which costs nothing."""
+    call = current_call()
+    if call is None or call.op not in ops or not CAPACITY.active():
+        return None
+    try:
+        table = backend.get_table(table_name)
+        hash_key, range_key = backend.get_keys_value(table, key)
+    except Exception:
+        return None
+    return (table, hash_key, range_key) if CAPACITY.applies(table.name) else None
+
+
+@dataclass
+class Batch:
+    """What the backend hooks note for the request a handler wrapper runs:
+    the BatchWriteItem/BatchGetItem entries throttled (a count, and per table
+    as the request names it), or each TransactGetItems Get's charge (None:
+    not charged), in order."""
+
+    refused: int = 0
+    unprocessed: dict[str, list[Any]] = field(default_factory=dict)
+    gets: list[Charge | None] = field(default_factory=list)
+
+
+def _admit(charges: list[Charge], table_name: Any = None, entry: Any = None) -> bool:
+    """Whether ``charges`` fit their keys' budgets. If not: a batch entry
+    (``entry``, under ``table_name``) is set aside as unprocessed (False);
+    any other call is answered ProvisionedThroughputExceededException."""
+    if not CAPACITY.over(charges):
+        return True
+    batch = getattr(_REQUEST, "batch", None)
+    if batch is not None and entry is not None:
+        batch.refused += 1
+        batch.unprocessed.setdefault(table_name, []).append(entry)
+        return False
+    raise Answered(throughput_exceeded())
+
+
+def _run_charged(run: Any, charges: list[Charge]) -> Any:
+    """``run()``, charging ``charges`` if it succeeds or fails its condition."""
+    try:
+        result = run()
+    except ConditionalCheckFailed:
+        CAPACITY.charge(charges)
+        raise
+    CAPACITY.charge(charges)
+    return result
+
+
+THROTTLING_REASON = {"Code": "ThrottlingError", "Message": THROTTLED_KEY}
+
+
+def _cancel_throttled(count: int, charges: list[tuple[int, Charge]]) -> None:
+    """Charges a transaction's actions (``(index, charge)``) at once, or
+    cancels it with ThrottlingError on each action of a key they would take
+    past its limit."""
+    over = CAPACITY.over([c for _, c in charges])
+    if over:
+        culprits = {i for i, c in charges if (c.table, c.key) in over}
+        raise Answered(transaction_cancelled(count, culprits, THROTTLING_REASON))
+    CAPACITY.charge([c for _, c in charges])
+
+
+def charge_transactions() -> None:
+    """TransactWriteItems: 2 WCU per started KB of each written item (the
+    larger of before and after), 2 RCU per started 4 KB of each
+    ConditionCheck's item, charged once the transaction applied; if a key
+    would go over, the transaction is cancelled. Applied first (inside
+    ``undo_transactions_by_item``), so the undo log restores its writes."""
+
+    def transact(original: Any) -> Any:
+        def transact_write_items(self: DynamoDBBackend, transact_items: list[Any]) -> Any:
+            call = current_call()
+            if (
+                call is None
+                or call.op != "TransactWriteItems"
+                or not CAPACITY.active()
+                or not isinstance(transact_items, list)
+                or len(transact_items) > 100
+            ):
+                return original(self, transact_items)
+            actions: list[tuple[int, str, Place, int]] = []
+            for i, action in enumerate(transact_items):
+                place = _target(self, action)
+                if place is not None and CAPACITY.applies(place[0].name):
+                    actions.append((i, next(iter(action)), place, stored_size(*place)))
+            result = original(self, transact_items)
+            charges = []
+            for i, kind, place, before in actions:
+                label = key_label(place[1])
+                if kind == "ConditionCheck":
+                    charge = Charge(place[0].name, label, rcu=2 * read_units(before, True))
+                else:
+                    size = max(before, stored_size(*place))
+                    charge = Charge(place[0].name, label, wcu=2 * write_units(size))
+                charges.append((i, charge))
+            _cancel_throttled(len(transact_items), charges)
+            return result
+
+        return transact_write_items
+
+    _wrap(DynamoDBBackend, "transact_write_items", transact)
+
+
+def _partition(table: Table, index_name: str | None) -> tuple[str, str]:
+    """The counters' table name and the partition key attribute of a read:
+    the table's, or for a global index ``<table>/index/<name>`` and the
+    index's HASH attribute (a local index shares its table's partitions)."""
+    global_indexes = (table.global_indexes or []) if index_name else []
+    for index in global_indexes:
+        if index.name == index_name:
+            hashes = [k["AttributeName"] for k in index.schema if k["KeyType"] == "HASH"]
+            if hashes:
+                return f"{table.name}/index/{index_name}", hashes[0]
+    return table.name, table.hash_key_attr
+
+
+def page_charges(
+    table: Table,
+    index_name: str | None,
+    items: list[Item],
+    consistent: bool,
+    queried: DynamoType | None,
+) -> list[Charge]:
+    """A Query or Scan page's charges: per partition key, the summed sizes of
+    the items (or index entries) it read; a Query that read none, the
+    minimum on its key ``queried``."""
+    name, hash_attr = _partition(table, index_name)
+    sizes: dict[str, int] = {}
+    for item in items:
+        value = item.attrs.get(hash_attr)
+        if value is not None:
+            label = key_label(value)
+            sizes[label] = sizes.get(label, 0) + item_size(item.attrs)
+    if not sizes and queried is not None:
+        sizes[key_label(queried)] = 0
+    return [Charge(name, label, rcu=read_units(size, consistent)) for label, size in sizes.items()]
+
+
+def limit_key_throughput() -> None:
+    """The single-item calls, batches, TransactGetItems, Query and Scan
+    (TransactWriteItems: ``charge_transactions``). Applied after the size
+    limits and page limits (outside them, inside the lock), so a write they
+    refuse is not charged and a page is cut before it is charged."""
+    put_signature = inspect.signature(DynamoDBBackend.put_item)
+    update_signature = inspect.signature(DynamoDBBackend.update_item)
+    delete_signature = inspect.signature(DynamoDBBackend.delete_item)
+    get_signature = inspect.signature(DynamoDBBackend.get_item)
+
+    def put(original: Any) -> Any:
+        def put_item(self: DynamoDBBackend, *args: Any, **kwargs: Any) -> Any:
+            arguments = put_signature.bind(self, *args, **kwargs).arguments
+            name, attrs = arguments["table_name"], arguments["item_attrs"]
+            place = _place(self, ("PutItem", "BatchWriteItem"), name, attrs)
+            size = item_size(attrs) if place is not None else 0
+            if place is None or size > ITEM_MAX_BYTES:  # the size limit refuses it
+                return original(self, *args, **kwargs)
+            before = stored_size(*place)
+            charges = [
+                Charge(place[0].name, key_label(place[1]), wcu=write_units(max(before, size)))
+            ]
+            if not _admit(charges, name, {"PutRequest": {"Item": attrs}}):
+                return None  # unprocessed; BatchWriteItem ignores what this returns
+            return _run_charged(lambda: original(self, *args, **kwargs), charges)
+
+        return put_item
+
+    def update(original: Any) -> Any:
+        def update_item(self: DynamoDBBackend, *args: Any, **kwargs: Any) -> Any:
+            arguments = update_signature.bind(self, *args, **kwargs).arguments
+            name, key = arguments["table_name"], arguments["key"]
+            place = _place(self, ("UpdateItem",), name, key)
+            if place is None:
+                return original(self, *args, **kwargs)
+            table, label, before = place[0].name, key_label(place[1]), stored_size(*place)
+            least = [Charge(table, label, wcu=write_units(before))]
+            _admit(least)  # the item after is not known yet: at least the one before
+            log = UndoLog(self, [{"Update": {"TableName": name, "Key": key}}])
+            try:
+                item = original(self, *args, **kwargs)
+            except ConditionalCheckFailed:
+                CAPACITY.charge(least)
+                raise
+            after = item_size(item.attrs) if item is not None else 0
+            charges = [Charge(table, label, wcu=write_units(max(before, after)))]
+            if CAPACITY.over(charges):
+                log.restore()
+                raise Answered(throughput_exceeded())
+            CAPACITY.charge(charges)
+            return item
+
+        return update_item
+
+    def delete(original: Any) -> Any:
+        def delete_item(self: DynamoDBBackend, *args: Any, **kwargs: Any) -> Any:
+            arguments = delete_signature.bind(self, *args, **kwargs).arguments
+            name, key = arguments["table_name"], arguments["key"]
+            place = _place(self, ("DeleteItem", "BatchWriteItem"), name, key)
+            if place is None:
+                return original(self, *args, **kwargs)
+            units = write_units(stored_size(*place))
+            charges = [Charge(place[0].name, key_label(place[1]), wcu=units)]
+            if not _admit(charges, name, {"DeleteRequest": {"Key": key}}):
+                return None
+            return _run_charged(lambda: original(self, *args, **kwargs), charges)
+
+        return delete_item
+
+    def get(original: Any) -> Any:
+        def get_item(self: DynamoDBBackend, *args: Any, **kwargs: Any) -> Any:
+            arguments = get_signature.bind(self, *args, **kwargs).arguments
+            name, keys = arguments["table_name"], arguments["keys"]
+            ops = ("GetItem", "BatchGetItem", "TransactGetItems")
+            place = _place(self, ops, name, keys)
+            call, batch = current_call(), getattr(_REQUEST, "batch", None)
+            if call is not None and call.op == "TransactGetItems":
+                if batch is not None:  # charged by the handler, all Gets at once
+                    batch.gets.append(
+                        None
+                        if place is None
+                        else Charge(
+                            place[0].name,
+                            key_label(place[1]),
+                            rcu=2 * read_units(stored_size(*place), True),
+                        )
+                    )
+                return original(self, *args, **kwargs)
+            if place is None or call is None:
+                return original(self, *args, **kwargs)
+            if call.op == "GetItem":
+                consistent = call.params.get("ConsistentRead") is True
+            else:
+                request = (call.params.get("RequestItems") or {}).get(name) or {}
+                consistent = request.get("ConsistentRead") is True
+            units = read_units(stored_size(*place), consistent)
+            charges = [Charge(place[0].name, key_label(place[1]), rcu=units)]
+            if not _admit(charges, name, keys):
+                return None  # unprocessed: BatchGetItem lists no item for it
+            CAPACITY.charge(charges)
+            return original(self, *args, **kwargs)
+
+        return get_item
+
+    def batched(original: Any, unprocessed: str) -> Any:
+        def run(self: DynamoHandler) -> Any:
+            if not CAPACITY.active():
+                return original(self)
+            batch = Batch()
+            _REQUEST.batch = batch
+            try:
+                result = original(self)
+            finally:
+                _REQUEST.batch = None
+            if not batch.refused:
+                return result
+            requested = self.body["RequestItems"]
+            if unprocessed == "UnprocessedItems":
+                entries = sum(len(writes) for writes in requested.values())
+            else:
+                entries = sum(len(reads["Keys"]) for reads in requested.values())
+            if batch.refused == entries:
+                raise Answered(throughput_exceeded())  # nothing was read or written
+            body = result.result
+            for name, refused in batch.unprocessed.items():
+                if unprocessed == "UnprocessedItems":
+                    body[unprocessed].setdefault(name, []).extend(refused)
+                else:  # the keys, with the table's read options
+                    options = {k: v for k, v in requested[name].items() if k != "Keys"}
+                    body[unprocessed].setdefault(name, {"Keys": [], **options})
+                    body[unprocessed][name]["Keys"].extend(refused)
+            return result
+
+        return run
+
+    def transact_get(original: Any) -> Any:
+        def transact_get_items(self: DynamoHandler) -> Any:
+            if not CAPACITY.active():
+                return original(self)
+            batch = Batch()
+            _REQUEST.batch = batch
+            try:
+                with _LOCK:  # the reads, their check and their charge: one step
+                    result = original(self)
+                    charges = [(i, c) for i, c in enumerate(batch.gets) if c is not None]
+                    _cancel_throttled(len(batch.gets), charges)
+                    return result
+            finally:
+                _REQUEST.batch = None
+
+        return transact_get_items
+
+    def paged(original: Any, signature: inspect.Signature, projection: str) -> Any:
+        """Reads the page without FilterExpression and projection, charges
+        the items read, then filters and projects as moto does."""
+
+        def read(self: Table, *args: Any, **kwargs: Any) -> Any:
+            call = current_call()
+            if call is None or call.op not in ("Query", "Scan") or not CAPACITY.applies(self.name):
+                return original(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
+            arguments = bound.arguments
+            filter_expression = arguments.get("filter_expression")
+            projection_expressions = arguments.get(projection)
+            arguments["filter_expression"] = None
+            arguments[projection] = None
+            items, scanned_count, last_evaluated_key = original(*bound.args, **bound.kwargs)
+            charges = page_charges(
+                self,
+                arguments.get("index_name"),
+                items,
+                bool(arguments.get("consistent_read")),
+                arguments.get("hash_key"),
+            )
+            if CAPACITY.over(charges):
+                raise Answered(throughput_exceeded())
+            CAPACITY.charge(charges)
+            if filter_expression is not None:
+                items = [item for item in items if filter_expression.expr(item)]
+            if projection_expressions:
+                items = [item.project(projection_expressions) for item in items]
+            return items, scanned_count, last_evaluated_key
+
+        return read
+
+    query_signature = inspect.signature(Table.query)
+    scan_signature = inspect.signature(Table.scan)
+    _wrap(DynamoDBBackend, "put_item", put)
+    _wrap(DynamoDBBackend, "update_item", update)
+    _wrap(DynamoDBBackend, "delete_item", delete)
+    _wrap(DynamoDBBackend, "get_item", get)
+    _wrap(DynamoHandler, "batch_write_item", lambda o: batched(o, "UnprocessedItems"))
+    _wrap(DynamoHandler, "batch_get_item", lambda o: batched(o, "UnprocessedKeys"))
+    _wrap(DynamoHandler, "transact_get_items", transact_get)
+    _wrap(Table, "query", lambda o: paged(o, query_signature, "projection_expressions"))
+    _wrap(Table, "scan", lambda o: paged(o, scan_signature, "projection_expression"))
+
+
+# --------------------------------------------------------------------------
 # Isolation: DynamoDB item operations one at a time
 # --------------------------------------------------------------------------
 
@@ -1262,9 +1907,11 @@ def main(argv: list[str]) -> None:
         FAULTS.configure(validate_config(json.loads(os.environ.get("MOTO_FAULTS") or "{}")))
     except (ValueError, TypeError) as e:
         sys.exit(f"MOTO_FAULTS: {e}")
+    charge_transactions()
     undo_transactions_by_item()
     enforce_dynamodb_item_limits()
     limit_dynamodb_pages()
+    limit_key_throughput()
     enforce_sqs_message_limits()
     inject_sqs_backend_faults()
     isolate_dynamodb_requests()

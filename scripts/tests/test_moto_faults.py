@@ -1064,3 +1064,263 @@ def test_a_transaction_costs_what_it_touches_not_the_table(moto: Moto) -> None:
         f"first {window}: {first:.2f} s, last {window}: {last:.2f} s"
     )
     assert ddb.describe_table(TableName=t)["Table"]["ItemCount"] == 2 * n
+
+
+# --- DynamoDB per-partition-key throughput -------------------------------------
+
+PTEE = "ProvisionedThroughputExceededException"
+THROTTLED_TABLE = (
+    "The level of configured provisioned throughput for the table was exceeded. "
+    "Consider increasing your provisioning level with the UpdateTable API."
+)
+# "pk" + "a" + "v" + 3,580 bytes = 3,584 bytes (3.5 KB): 4 WCU, 1 RCU
+BIG = {"v": {"S": "x" * 3580}}
+
+
+def key(pk: str) -> dict:
+    return {"pk": {"S": pk}}
+
+
+def capacity(moto: Moto, t: str) -> dict:
+    """The capacity counters of table t (per table and per key)."""
+    return moto.faults()["capacity"]["tables"].get(t, {})
+
+
+def assert_throughput_exceeded(response: dict) -> None:
+    assert code(response) == PTEE
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert response["ResponseMetadata"]["HTTPHeaders"]["x-amzn-errortype"] == DDB + PTEE
+    assert response["Error"]["Message"] == THROTTLED_TABLE
+
+
+def test_key_limits_are_opt_in_defaulted_and_validated(moto: Moto) -> None:
+    ddb, t = moto.clients["dynamodb"], table(moto)
+    assert moto.faults()["capacity"] == {"key_limits": None, "tables": {}}
+    ddb.put_item(TableName=t, Item=key("a"))  # off: not counted
+    assert moto.faults()["capacity"]["tables"] == {}
+    body = moto.faults({"dynamodb": {"key_limits": {}}})  # AWS's per-key limits
+    assert body["capacity"] == {"key_limits": {"rcu": 3000, "wcu": 1000}, "tables": {}}
+    for bad in (
+        {"wcu": 0},
+        {"rcu": -1},
+        {"wcu": "5"},
+        {"wcu": True},
+        {"iops": 5},
+        5,
+        [],
+    ):
+        status, body = moto.call("POST", "/_faults", {"dynamodb": {"key_limits": bad}})
+        assert status == 400 and body["error"], bad
+    status, _ = moto.call("POST", "/_faults", {"sqs": {"key_limits": {}}})
+    assert status == 400
+    assert moto.faults()["config"] == {"dynamodb": {"key_limits": {}}}
+    # only the tables named are limited (and counted)
+    other = table(moto)
+    moto.faults({"dynamodb": {"key_limits": {"wcu": 1}}, "tables": [other]})
+    for _ in range(3):
+        ddb.put_item(TableName=t, Item=key("a"))
+    ddb.put_item(TableName=other, Item=key("a"))
+    assert_throughput_exceeded(error(ddb.put_item, TableName=other, Item=key("a")))
+    counters = moto.faults()["capacity"]["tables"]
+    assert list(counters) == [other] and counters[other]["throttled"] == 1
+    status, body = moto.call("POST", "/_faults/reset")
+    assert body["capacity"] == {"key_limits": None, "tables": {}}
+
+
+def test_writes_past_a_keys_budget_are_throttled_and_not_applied(moto: Moto) -> None:
+    ddb, t = moto.clients["dynamodb"], table(moto)
+    moto.faults({"dynamodb": {"key_limits": {"wcu": 5}}})
+    ddb.put_item(TableName=t, Item={**key("a"), "n": {"N": "1"}})  # 1 WCU
+    ddb.put_item(TableName=t, Item={**key("a"), **BIG})  # 3.5 KB: 4 WCU, 5 in this second
+    # the item before is 3.5 KB: 4 more WCU, so nothing more goes to "a"
+    assert_throughput_exceeded(error(ddb.put_item, TableName=t, Item={**key("a"), "n": {"N": "2"}}))
+    assert code(error(ddb.delete_item, TableName=t, Key=key("a"))) == PTEE
+    ddb.put_item(TableName=t, Item={**key("b"), **BIG})  # another key, same second: 4 WCU
+    # an UpdateItem is charged by the item after: applied, over, undone
+    ddb.put_item(TableName=t, Item={**key("u"), "n": {"N": "1"}})
+    ddb.put_item(TableName=t, Item={**key("u"), "n": {"N": "2"}})  # 2 WCU
+    grow = {
+        "TableName": t,
+        "Key": key("u"),
+        "UpdateExpression": "SET v = :v",
+        "ExpressionAttributeValues": {":v": BIG["v"]},
+    }
+    assert_throughput_exceeded(error(ddb.update_item, **grow))  # 2 + 4 > 5
+    counters = capacity(moto, t)
+    assert counters["keys"] == {
+        "a": {"rcu": 0, "wcu": 5, "peak_rcu": 0, "peak_wcu": 5, "throttled": 2},
+        "b": {"rcu": 0, "wcu": 4, "peak_rcu": 0, "peak_wcu": 4, "throttled": 0},
+        "u": {"rcu": 0, "wcu": 2, "peak_rcu": 0, "peak_wcu": 2, "throttled": 1},
+    }
+    assert (counters["rcu"], counters["wcu"], counters["throttled"]) == (0, 11, 3)
+    assert get(moto, t, "a") == {**key("a"), **BIG}  # not overwritten, not deleted
+    assert get(moto, t, "u") == {**key("u"), "n": {"N": "2"}}  # the update was undone
+    time.sleep(1.05)  # the windows that began with the first writes are over
+    ddb.put_item(TableName=t, Item={**key("a"), "n": {"N": "3"}})
+    ddb.update_item(**grow)
+    assert get(moto, t, "a") == {**key("a"), "n": {"N": "3"}}
+    assert get(moto, t, "u")["v"] == BIG["v"]
+    counters = capacity(moto, t)["keys"]
+    assert counters["a"]["wcu"] == 9 and counters["a"]["peak_wcu"] == 5
+    assert counters["u"]["wcu"] == 6 and counters["u"]["peak_wcu"] == 4
+    assert counters["a"]["rcu"] == 1  # two eventually consistent reads, 0.5 each
+
+
+def test_transactions_cost_double_and_are_cancelled_with_throttling_error(moto: Moto) -> None:
+    ddb, t = moto.clients["dynamodb"], table(moto)
+    moto.faults({"dynamodb": {"key_limits": {"wcu": 5, "rcu": 3}}})
+    ddb.transact_write_items(TransactItems=[put(t, "a", n={"N": "1"}), put(t, "b")])  # 2 WCU each
+    ddb.transact_write_items(TransactItems=[put(t, "a", n={"N": "2"}), put(t, "c")])  # a: 4
+    response = error(
+        ddb.transact_write_items,
+        TransactItems=[put(t, "d"), put(t, "a", n={"N": "3"}), put(t, "e")],  # a: 6 > 5
+    )
+    assert code(response) == "TransactionCanceledException"
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    reasons = response["CancellationReasons"]
+    assert [r["Code"] for r in reasons] == ["None", "ThrottlingError", "None"]
+    assert reasons[1]["Message"].startswith("Throughput exceeds the current capacity")
+    assert response["Error"]["Message"] == (
+        "Transaction cancelled, please refer cancellation reasons for specific reasons "
+        "[None, ThrottlingError, None]"
+    )
+    # a ConditionCheck is a transactional read: 2 RCU per 4 KB
+    check = {
+        "ConditionCheck": {
+            "TableName": t,
+            "Key": key("b"),
+            "ConditionExpression": "attribute_exists(pk)",
+        }
+    }
+    ddb.transact_write_items(TransactItems=[check, put(t, "f")])  # b: 2 RCU
+    response = error(ddb.transact_write_items, TransactItems=[check, put(t, "g")])  # b: 4 > 3
+    assert [r["Code"] for r in response["CancellationReasons"]] == ["ThrottlingError", "None"]
+    # TransactGetItems: 2 RCU per 4 KB and Get
+    ddb.transact_get_items(TransactItems=[{"Get": {"TableName": t, "Key": key("c")}}])  # c: 2
+    response = error(
+        ddb.transact_get_items,
+        TransactItems=[
+            {"Get": {"TableName": t, "Key": key("f")}},
+            {"Get": {"TableName": t, "Key": key("c")}},  # c: 4 > 3
+        ],
+    )
+    assert code(response) == "TransactionCanceledException"
+    assert [r["Code"] for r in response["CancellationReasons"]] == ["None", "ThrottlingError"]
+    keys = capacity(moto, t)["keys"]
+    assert keys["a"] == {"rcu": 0, "wcu": 4, "peak_rcu": 0, "peak_wcu": 4, "throttled": 1}
+    assert keys["b"] == {"rcu": 2, "wcu": 2, "peak_rcu": 2, "peak_wcu": 2, "throttled": 1}
+    assert keys["c"] == {"rcu": 2, "wcu": 2, "peak_rcu": 2, "peak_wcu": 2, "throttled": 1}
+    assert keys["f"]["rcu"] == 0  # the cancelled TransactGetItems is not charged
+    assert not {"d", "e", "g"} & set(keys)  # nor the cancelled transactions' other items
+    moto.call("POST", "/_faults/reset")
+    assert get(moto, t, "a") == {**key("a"), "n": {"N": "2"}}
+    assert [get(moto, t, pk) for pk in "deg"] == [None, None, None]
+
+
+def test_reads_cost_per_4_kb_and_half_when_eventually_consistent(moto: Moto) -> None:
+    ddb, t = moto.clients["dynamodb"], table(moto)
+    ddb.put_item(TableName=t, Item={**key("r"), "v": {"S": "x" * 4996}})  # 5,000 bytes
+    moto.faults({"dynamodb": {"key_limits": {"rcu": 4, "wcu": None}}})
+    ddb.get_item(TableName=t, Key=key("r"), ConsistentRead=True)  # 2 RCU
+    ddb.get_item(TableName=t, Key=key("r"))  # eventually consistent: 1 RCU
+    page = ddb.query(
+        TableName=t,
+        KeyConditionExpression="pk = :r",
+        FilterExpression="attribute_not_exists(v)",
+        ExpressionAttributeValues={":r": {"S": "r"}},
+    )  # charged for the item read, although the filter drops it: 1 RCU
+    assert page["Count"] == 0 and page["ScannedCount"] == 1
+    assert_throughput_exceeded(error(ddb.get_item, TableName=t, Key=key("r")))
+    ddb.get_item(TableName=t, Key=key("none"), ConsistentRead=True)  # missing: 1 RCU
+    ddb.get_item(TableName=t, Key=key("none"))  # 0.5
+    counters = capacity(moto, t)
+    assert counters["keys"] == {
+        "r": {"rcu": 4, "wcu": 0, "peak_rcu": 4, "peak_wcu": 0, "throttled": 1},
+        "none": {"rcu": 1.5, "wcu": 0, "peak_rcu": 1.5, "peak_wcu": 0, "throttled": 0},
+    }
+    assert counters["rcu"] == 5.5 and counters["throttled"] == 1
+
+
+def test_count_only_limits_count_queries_scans_and_index_reads_per_key(moto: Moto) -> None:
+    ddb, ix = moto.clients["dynamodb"], indexed_table(moto)
+    body = moto.faults({"dynamodb": {"key_limits": {"rcu": None, "wcu": None}}})
+    assert body["capacity"]["key_limits"] == {"rcu": None, "wcu": None}
+    filler = {"v": {"S": "x" * 3000}}  # items of 3,010 bytes: 3 WCU
+    for sk in "12":
+        ddb.put_item(TableName=ix, Item={**key("a"), "sk": {"S": sk}, "g": {"S": "ga"}, **filler})
+    ddb.put_item(TableName=ix, Item={**key("b"), "sk": {"S": "1"}, "g": {"S": "gb"}})  # 1 WCU
+    for _ in range(20):  # far past any limit: only counted
+        ddb.put_item(TableName=ix, Item={**key("hot"), "sk": {"S": "1"}})
+    ddb.scan(TableName=ix)  # per key: a 6,020 bytes: 1 RCU (eventual), b 0.5, hot 0.5
+    ddb.query(
+        TableName=ix,
+        ConsistentRead=True,
+        KeyConditionExpression="pk = :a",
+        ExpressionAttributeValues={":a": {"S": "a"}},
+    )  # a: 2 RCU
+    ddb.query(
+        TableName=ix,
+        KeyConditionExpression="pk = :none",
+        ExpressionAttributeValues={":none": {"S": "none"}},
+    )  # nothing read: the minimum, 0.5
+    by_g(moto, ix, "ga")  # the global index's partition "ga": 1 RCU
+    ddb.query(
+        TableName=ix,
+        IndexName="by_l",
+        KeyConditionExpression="pk = :b",
+        ExpressionAttributeValues={":b": {"S": "b"}},
+    )  # a local index is its table's partition: b 0.5
+    tables = moto.faults()["capacity"]["tables"]
+    keys = {k: (v["rcu"], v["wcu"], v["throttled"]) for k, v in tables[ix]["keys"].items()}
+    assert keys == {"a": (3, 6, 0), "b": (1, 1, 0), "hot": (0.5, 20, 0), "none": (0.5, 0, 0)}
+    assert tables[f"{ix}/index/by_g"]["keys"] == {
+        "ga": {"rcu": 1, "wcu": 0, "peak_rcu": 1, "peak_wcu": 0, "throttled": 0}
+    }
+    moto.faults({"dynamodb": {"key_limits": {"rcu": None, "wcu": None}}})  # zeroes them
+    assert moto.faults()["capacity"]["tables"] == {}
+
+
+def test_batches_return_throttled_entries_unprocessed(moto: Moto) -> None:
+    ddb, t = moto.clients["dynamodb"], table(moto)
+    spare = table(moto)  # not limited
+    ddb.put_item(TableName=t, Item={**key("d"), "n": {"N": "4"}})
+    moto.faults({"dynamodb": {"key_limits": {"wcu": 2, "rcu": 1}}, "tables": [t]})
+    # "pk" + "a" + "v" + 1,500 = 1,504 bytes: 2 WCU, the budget of "a"
+    ddb.put_item(TableName=t, Item={**key("a"), "v": {"S": "x" * 1500}})
+    refused = {**key("a"), "n": {"N": "1"}, "bin": {"B": b"\x00\xff"}}
+    response = ddb.batch_write_item(
+        RequestItems={
+            t: [
+                {"PutRequest": {"Item": refused}},
+                {"PutRequest": {"Item": {**key("b"), "n": {"N": "1"}}}},
+                {"DeleteRequest": {"Key": key("c")}},  # a missing item: 1 WCU
+            ]
+        }
+    )
+    assert response["UnprocessedItems"] == {t: [{"PutRequest": {"Item": refused}}]}
+    # every entry throttled: the call fails; an entry of a table not limited is not
+    only_a = {t: [{"PutRequest": {"Item": refused}}]}
+    assert_throughput_exceeded(error(ddb.batch_write_item, RequestItems=only_a))
+    response = ddb.batch_write_item(
+        RequestItems={**only_a, spare: [{"PutRequest": {"Item": key("a")}}]}
+    )
+    assert response["UnprocessedItems"] == only_a
+    ddb.get_item(TableName=t, Key=key("b"), ConsistentRead=True)  # 1 RCU: b's budget
+    request = {"Keys": [key("b"), key("d")], "ConsistentRead": True, "ProjectionExpression": "pk"}
+    response = ddb.batch_get_item(RequestItems={t: request})
+    assert response["Responses"] == {t: [key("d")]}
+    assert response["UnprocessedKeys"] == {t: {**request, "Keys": [key("b")]}}
+    only_b = {t: {"Keys": [key("b")], "ConsistentRead": True}}
+    assert_throughput_exceeded(error(ddb.batch_get_item, RequestItems=only_b))
+    assert list(moto.faults()["capacity"]["tables"]) == [t]
+    keys = capacity(moto, t)["keys"]
+    assert {k: (v["rcu"], v["wcu"], v["throttled"]) for k, v in keys.items()} == {
+        "a": (0, 2, 3),
+        "b": (1, 1, 2),
+        "c": (0, 1, 0),
+        "d": (1, 0, 0),
+    }
+    moto.call("POST", "/_faults/reset")
+    assert get(moto, t, "a") == {**key("a"), "v": {"S": "x" * 1500}}
+    assert get(moto, t, "b") == {**key("b"), "n": {"N": "1"}}
+    assert get(moto, spare, "a") == key("a")
