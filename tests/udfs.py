@@ -17,6 +17,7 @@ import base64
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import cloudpickle
@@ -30,6 +31,13 @@ STATE = os.environ.get("UDF_TEST_STATE", "/tmp")
 def double_plus_one(batch: pa.RecordBatch) -> pa.Array:
     """Vectorised: x * 2 + 1 with pyarrow.compute."""
     return pc.add(pc.multiply(batch.column("x"), 2), 1)
+
+
+def slow_double_plus_one(batch: pa.RecordBatch) -> pa.Array:
+    """x * 2 + 1, taking 30 ms a call: a job long enough for another writer
+    to change the table while it runs."""
+    time.sleep(0.03)
+    return double_plus_one(batch)
 
 
 def identity(batch: pa.RecordBatch) -> pa.Array:
@@ -141,6 +149,7 @@ def embed(batch: pa.RecordBatch) -> np.ndarray:
 
 FUNCTIONS: dict[str, Any] = {
     "double_plus_one": double_plus_one,
+    "slow_double_plus_one": slow_double_plus_one,
     "identity": identity,
     "row_by_row": row_by_row,
     "two_outputs": two_outputs,

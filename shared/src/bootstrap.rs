@@ -132,10 +132,20 @@ async fn aws_with_sdk(root: &str) -> anyhow::Result<(Components, aws_config::Sdk
     Ok((components, sdk))
 }
 
-/// What the trigger function needs: [`aws`] and a maintainer.
+/// What the trigger function needs: [`aws`] and a maintainer, which
+/// schedules columns' retries on `LANCE_BACKFILL_MAINTAIN_QUEUE_URL`.
 pub async fn aws_trigger(root: &str) -> anyhow::Result<(Components, Maintainer)> {
-    let components = aws(root).await?;
-    let maintainer = components.maintainer(config::submit_settings()?);
+    let (components, sdk) = aws_with_sdk(root).await?;
+    let retries = std::env::var(config::env::MAINTAIN_QUEUE_URL)
+        .ok()
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            let sqs = aws_sdk_sqs::Client::new(&sdk);
+            Arc::new(SqsQueue::new(sqs, url, None)) as Arc<dyn TaskQueue>
+        });
+    let maintainer = components
+        .maintainer(config::submit_settings()?)
+        .with_retries(retries);
     Ok((components, maintainer))
 }
 

@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Missing};
 use crate::job::JobSpec;
+use crate::plan::ReadAt;
 
 /// A checkpointed range `[start, end)` of one fragment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,11 +45,14 @@ pub struct Key {
 }
 
 impl Key {
-    /// The key of a job's checkpoints, with the columns' types at the job's
-    /// read version, and the fields the checkpoints hold.
-    pub fn for_job(
+    /// The key of the checkpoints of a job's fragment read `at`, with the
+    /// columns' types in `dataset` (the version it is read at), and the
+    /// fields the checkpoints hold. Equal to the key of the program the
+    /// engine compiles for it ([`crate::computed::Program::checkpoint_key`]).
+    pub fn for_fragment(
         spec: &JobSpec,
         dataset: &Dataset,
+        at: &ReadAt,
     ) -> Result<(Self, Vec<Arc<ArrowField>>), Error> {
         let columns = spec.columns();
         let fields = columns
@@ -72,7 +76,7 @@ impl Key {
         let key = Self {
             column: columns.join(","),
             expression: spec.expression.clone(),
-            filter: spec.filter.clone(),
+            filter: spec.filter_for(at),
             output_type: fields
                 .iter()
                 .map(|f| f.data_type().to_string())

@@ -1,8 +1,13 @@
 //! Committing staged fragments: grouped `DataReplacement` transactions, one
-//! committer at a time (the commit lease in the job store), conflicts
-//! retried against the latest version, rewritten fragments reported rather
-//! than written.
+//! committer at a time (the commit lease in the job store). Before each
+//! commit the job is reconciled with the latest version of its table
+//! ([`crate::live`]): what moved is planned again, and the staged files
+//! still aligned with their fragments are committed on top of the latest
+//! version. Each publication is announced to the job store first
+//! ([`JobStore::begin_commit`]), so a job cancelled, or a committer whose
+//! lease lapsed, publishes nothing.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,19 +18,21 @@ use lance::dataset::transaction::{DataReplacementGroup, Operation, Transaction};
 use lance::table::format::DataFile;
 use tracing::{info, warn};
 
-use crate::job::{Counter, Job, MetricsDelta};
+use crate::job::{Counter, Job, MetricsDelta, now_millis};
 use crate::lifecycle::Lifecycle;
-use crate::staging::{delete_data_file, describe_fragments, ids, is_committed, still_aligned};
+use crate::live::{Reconciled, Reconciler};
+use crate::staging::{describe_fragments, ids, is_committed, still_aligned};
 use crate::store::{COMMIT_LEASE, HeldLease, JobStore, StagedFragment};
 use crate::table::Catalog;
 
 /// Our own retries after Lance's (which rebase over compatible commits)
-/// give up on a conflict.
+/// give up on a conflict: each reconciles the job with the table again.
 pub const MAX_CONFLICT_RETRIES: u32 = 8;
 /// Lance's own rebase-and-retry attempts inside one commit call.
 const LANCE_COMMIT_RETRIES: u32 = 20;
-/// How long Lance may keep retrying one commit call.
-const LANCE_COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A publication must end this long before the commit lease it was
+/// announced under expires.
+const PUBLISH_MARGIN: Duration = Duration::from_millis(100);
 /// First wait after a conflict; doubles with each retry.
 const CONFLICT_BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// The wait stops doubling here (6.4 s): later retries wait no longer, so a
@@ -42,6 +49,7 @@ pub struct Committer {
     store: Arc<dyn JobStore>,
     catalog: Arc<Catalog>,
     lifecycle: Lifecycle,
+    reconciler: Reconciler,
     worker_id: String,
     lease_ttl: Duration,
 }
@@ -50,6 +58,16 @@ pub struct Committer {
 enum Attempt {
     Committed,
     Conflict(lance::Error),
+    /// The job store refused the publication (the job ended, or the lease
+    /// was lost): nothing was published.
+    Refused,
+}
+
+/// What a round under the commit lease did.
+enum Round {
+    /// Committed a group: look again.
+    Again,
+    Stop,
 }
 
 /// Whether a running job has a group to commit: `granularity` fragments
@@ -61,11 +79,21 @@ fn commit_due(job: &Job, granularity: u64) -> bool {
         && (pending >= granularity || job.metrics.all_fragments_resolved())
 }
 
+/// Whether every fragment of a running job is committed, skipped or moved on.
+fn finished(job: &Job) -> bool {
+    let metrics = &job.metrics;
+    !job.state.is_terminal()
+        && metrics.fragments_pending_commit() == 0
+        && metrics.all_fragments_resolved()
+        && metrics.fragments_finished() >= metrics.get(Counter::FragmentsTotal)
+}
+
 impl Committer {
     pub fn new(
         store: Arc<dyn JobStore>,
         catalog: Arc<Catalog>,
         lifecycle: Lifecycle,
+        reconciler: Reconciler,
         worker_id: String,
         lease_ttl: Duration,
     ) -> Self {
@@ -73,15 +101,17 @@ impl Committer {
             store,
             catalog,
             lifecycle,
+            reconciler,
             worker_id,
             lease_ttl,
         }
     }
 
     /// Commits what is due: a full group of staged fragments, or everything
-    /// once every fragment is resolved; ends the job when nothing is left.
-    /// Whoever holds the commit lease re-checks after releasing it, so a
-    /// fragment staged meanwhile is never left behind.
+    /// once every fragment is resolved; ends the job when nothing is left
+    /// and the table has not moved rows of the job meanwhile. Whoever holds
+    /// the commit lease re-checks after releasing it, so a fragment staged
+    /// meanwhile is never left behind.
     pub async fn advance(&self, job: &Job) -> anyhow::Result<()> {
         let owner = format!(
             "{}/commit/{}",
@@ -93,20 +123,7 @@ impl Committer {
             let Some(current) = self.store.get_job(&job.job_id).await? else {
                 return Ok(());
             };
-            if current.state.is_terminal() {
-                return Ok(());
-            }
-            let metrics = &current.metrics;
-            let pending = metrics.fragments_pending_commit();
-            let resolved = metrics.all_fragments_resolved();
-            if pending == 0 {
-                if resolved && metrics.fragments_finished() >= metrics.get(Counter::FragmentsTotal)
-                {
-                    self.lifecycle.finish(&current).await?;
-                }
-                return Ok(());
-            }
-            if pending < granularity && !resolved {
+            if !commit_due(&current, granularity) && !finished(&current) {
                 return Ok(());
             }
             let Some(lease) = HeldLease::acquire(
@@ -120,58 +137,93 @@ impl Committer {
             else {
                 return Ok(());
             };
-            // Another committer may have committed some of them between our
-            // look and the lease: look again, so a group is not cut short.
-            let result = match self.store.get_job(&job.job_id).await {
-                Ok(Some(now)) if commit_due(&now, granularity) => self.commit_staged(&now).await,
-                Ok(_) => {
-                    lease.release().await;
-                    return Ok(());
-                }
-                Err(err) => Err(err.into()),
-            };
+            let round = self.under_lease(&job.job_id, granularity, &owner).await;
             lease.release().await;
-            result?;
+            match round? {
+                Round::Again => continue,
+                Round::Stop => return Ok(()),
+            }
         }
         Ok(())
     }
 
-    async fn commit_staged(&self, job: &Job) -> anyhow::Result<()> {
-        let staged = self.store.staged_fragments(&job.job_id).await?;
-        if staged.is_empty() {
-            return Ok(());
+    /// With the lease: the job reconciled with its table, then a group
+    /// committed, or the job finished.
+    async fn under_lease(
+        &self,
+        job_id: &str,
+        granularity: u64,
+        owner: &str,
+    ) -> anyhow::Result<Round> {
+        // Another committer may have committed some between our look and
+        // the lease: look again, so a group is not cut short.
+        let Some(job) = self.store.get_job(job_id).await? else {
+            return Ok(Round::Stop);
+        };
+        if !commit_due(&job, granularity) && !finished(&job) {
+            return Ok(Round::Stop);
         }
-        let pinned = job.spec.read_dataset(&self.catalog).await?;
+        let Some(latest) = self.reconciled(&job).await? else {
+            return Ok(Round::Stop);
+        };
+        // Reconciling may have moved fragments or planned new ones.
+        let Some(job) = self.store.get_job(job_id).await? else {
+            return Ok(Round::Stop);
+        };
+        if commit_due(&job, granularity) {
+            self.commit_staged(&job, latest, owner).await?;
+            return Ok(Round::Again);
+        }
+        if finished(&job) {
+            self.lifecycle.finish(&job).await?;
+        }
+        Ok(Round::Stop)
+    }
+
+    /// The latest version once the job's plan matches it; `None` when the
+    /// table changed in a way the job cannot follow (it is failed).
+    async fn reconciled(&self, job: &Job) -> anyhow::Result<Option<Arc<Dataset>>> {
+        match self.reconciler.reconcile(job).await? {
+            Reconciled::Current(latest) => Ok(Some(latest)),
+            Reconciled::Failed(reason) => {
+                self.lifecycle.fail(&job.job_id, &reason).await;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn commit_staged(
+        &self,
+        job: &Job,
+        mut latest: Arc<Dataset>,
+        owner: &str,
+    ) -> anyhow::Result<()> {
         let mut conflicts = 0;
         loop {
-            // From the job's open read version: resolving the latest version
-            // reuses its store and session, and its manifest when nothing
-            // was committed since.
-            let mut latest = Dataset::clone(&pinned);
-            latest
-                .checkout_latest()
-                .await
-                .context("opening the latest version")?;
+            let staged = self.store.staged_fragments(&job.job_id).await?;
             let rest = self.record_found_committed(job, &latest, &staged).await?;
-            let (ready, rewritten): (Vec<_>, Vec<_>) =
-                rest.into_iter().partition(|s| still_aligned(&latest, s));
-            if !ready.is_empty() {
-                match self.commit_ready(job, latest, &ready).await? {
-                    Attempt::Committed => {}
-                    Attempt::Conflict(err) if conflicts < MAX_CONFLICT_RETRIES => {
-                        conflicts += 1;
-                        self.note_conflict(job, conflicts, &err).await?;
-                        continue;
-                    }
-                    Attempt::Conflict(err) => {
-                        return Err(anyhow::Error::new(err).context("committing DataReplacement"));
-                    }
+            let ready = self.aligned(job, &latest, rest).await?;
+            if ready.is_empty() {
+                return Ok(());
+            }
+            match self.commit_ready(job, &latest, &ready, owner).await? {
+                Attempt::Committed | Attempt::Refused => return Ok(()),
+                Attempt::Conflict(err) if conflicts < MAX_CONFLICT_RETRIES => {
+                    conflicts += 1;
+                    self.note_conflict(job, conflicts, &err).await?;
+                    let now = self.store.get_job(&job.job_id).await?;
+                    let Some(now) = now.filter(|j| !j.state.is_terminal()) else {
+                        return Ok(());
+                    };
+                    let Some(reconciled) = self.reconciled(&now).await? else {
+                        return Ok(());
+                    };
+                    latest = reconciled;
+                }
+                Attempt::Conflict(err) => {
+                    return Err(anyhow::Error::new(err).context("committing DataReplacement"));
                 }
             }
-            if !rewritten.is_empty() {
-                self.report_rewritten(job, &pinned, &rewritten).await;
-            }
-            return Ok(());
         }
     }
 
@@ -194,39 +246,88 @@ impl Committer {
         Ok(rest)
     }
 
-    /// One `DataReplacement` of the ready fragments on top of `latest`.
+    /// The staged files still aligned with their fragments in `latest`.
+    /// Reconciling has moved every fragment the table's changes touched,
+    /// so a file out of line here is a change the job could not follow:
+    /// the job fails rather than commit values onto other rows.
+    async fn aligned(
+        &self,
+        job: &Job,
+        latest: &Dataset,
+        staged: Vec<StagedFragment>,
+    ) -> anyhow::Result<Vec<StagedFragment>> {
+        let mut bases: HashMap<u64, Arc<Dataset>> = HashMap::new();
+        let mut ready = Vec::with_capacity(staged.len());
+        for fragment in staged {
+            let version = fragment.version.unwrap_or(job.spec.read_version);
+            let base = match bases.get(&version) {
+                Some(base) => base.clone(),
+                None => {
+                    let spec = &job.spec;
+                    let base = self
+                        .catalog
+                        .at_version(&spec.table_uri, spec.branch.as_deref(), version)
+                        .await?;
+                    bases.insert(version, base.clone());
+                    base
+                }
+            };
+            if !still_aligned(latest, &base, &fragment) {
+                let reason = format!(
+                    "fragment {} changed at version {} in a way the job could not follow; its \
+                     values were not committed: submit the backfill again",
+                    fragment.lance_id(),
+                    latest.version().version
+                );
+                self.lifecycle.fail(&job.job_id, &reason).await;
+                return Ok(Vec::new());
+            }
+            ready.push(fragment);
+        }
+        Ok(ready)
+    }
+
+    /// One `DataReplacement` of the ready fragments on top of `latest`,
+    /// published only under a commit the job store accepted.
     async fn commit_ready(
         &self,
         job: &Job,
-        latest: Dataset,
+        latest: &Arc<Dataset>,
         ready: &[StagedFragment],
+        owner: &str,
     ) -> anyhow::Result<Attempt> {
-        let replacements = ready
-            .iter()
-            .map(|s| {
-                let file: DataFile = serde_json::from_value(s.data_file.clone())
-                    .context("staged data file record")?;
-                Ok(DataReplacementGroup(s.fragment_id, file))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        // The read version, not the latest: Lance then checks every commit
-        // since the rows were read for conflicts.
-        let transaction = Transaction::new(
-            job.spec.read_version,
-            Operation::DataReplacement { replacements },
-            None,
-        );
-        let committed = CommitBuilder::new(Arc::new(latest))
+        let transaction = data_replacement(latest.version().version, ready)?;
+        let Some(until) = self
+            .store
+            .begin_commit(&job.job_id, owner, self.lease_ttl)
+            .await?
+        else {
+            info!("commit refused: the job ended or the commit lease was lost");
+            return Ok(Attempt::Refused);
+        };
+        let window = Duration::from_millis((until - now_millis()).max(0) as u64)
+            .saturating_sub(PUBLISH_MARGIN);
+        let commit = CommitBuilder::new(latest.clone())
             .with_max_retries(LANCE_COMMIT_RETRIES)
-            .with_retry_timeout(LANCE_COMMIT_TIMEOUT)
-            .execute(transaction)
-            .await;
+            .with_retry_timeout(window)
+            .execute(transaction);
+        let committed = match tokio::time::timeout(window, commit).await {
+            Ok(committed) => committed,
+            // It may still land: the announcement stands until the lease
+            // it was made under expires, and the next look finds it.
+            Err(_) => anyhow::bail!("publishing the commit took longer than its commit lease"),
+        };
         let dataset = match committed {
             Ok(dataset) => dataset,
-            Err(err) if is_conflict(&err) => return Ok(Attempt::Conflict(err)),
-            Err(err) => return Err(anyhow::Error::new(err).context("committing DataReplacement")),
+            Err(err) => {
+                self.store.end_commit(&job.job_id, owner).await?;
+                if is_conflict(&err) {
+                    return Ok(Attempt::Conflict(err));
+                }
+                return Err(anyhow::Error::new(err).context("committing DataReplacement"));
+            }
         };
-        self.record_commit(job, dataset.version().version, ready)
+        self.record_commit(job, dataset.version().version, ready, owner)
             .await?;
         Ok(Attempt::Committed)
     }
@@ -237,11 +338,21 @@ impl Committer {
         job: &Job,
         version: u64,
         ready: &[StagedFragment],
+        owner: &str,
     ) -> anyhow::Result<()> {
         let rows: u64 = ready.iter().map(|s| s.rows).sum();
-        let fragments = describe_fragments(&ids(ready));
+        let lance_ids: Vec<u64> = ready.iter().map(StagedFragment::lance_id).collect();
+        let fragments = describe_fragments(&lance_ids);
         let event = format!("committed fragments {fragments} ({rows} rows) as version {version}");
-        self.store.record_commit(&job.job_id, ready, &event).await?;
+        self.store
+            .record_commit(&job.job_id, ready, &event, owner)
+            .await?;
+        let foreign = job.metrics.get(Counter::ForeignVersion);
+        let read = job.spec.read_version;
+        if ready.iter().any(|s| s.version.unwrap_or(read) < foreign) {
+            let delta = MetricsDelta::new().add(Counter::CommitsRebased, 1);
+            self.store.add_metrics(&job.job_id, &delta).await?;
+        }
         info!(%fragments, version, rows, "committed");
         Ok(())
     }
@@ -252,7 +363,7 @@ impl Committer {
         attempt: u32,
         err: &lance::Error,
     ) -> anyhow::Result<()> {
-        warn!(attempt, error = %crate::error::first_line(err), "commit conflict, retrying");
+        warn!(attempt, error = %crate::error::first_line(err), "commit conflict, reconciling and retrying");
         self.store
             .add_metrics(
                 &job.job_id,
@@ -265,26 +376,26 @@ impl Committer {
         .await;
         Ok(())
     }
+}
 
-    /// Fragments rewritten since the read version are never written: their
-    /// files are removed and the job fails naming them.
-    async fn report_rewritten(&self, job: &Job, pinned: &Dataset, rewritten: &[StagedFragment]) {
-        for staged in rewritten {
-            delete_data_file(pinned, staged).await;
-        }
-        let fragments = describe_fragments(&ids(rewritten));
-        self.lifecycle
-            .fail(
-                &job.job_id,
-                &format!(
-                    "fragments {fragments} were rewritten (compaction or an update) after read version {}; \
-                     their new values were not committed, so no row got a value meant for another; \
-                     the other fragments are committed: submit the backfill again to fill the rest",
-                    job.spec.read_version
-                ),
-            )
-            .await;
-    }
+/// The replacement of the staged fragments' files, read at `version`: the
+/// job's own check of the versions before it (reconciling) replaces
+/// Lance's, which would refuse a group read at an older version after any
+/// compaction, update or new column anywhere in its fragments.
+fn data_replacement(version: u64, ready: &[StagedFragment]) -> anyhow::Result<Transaction> {
+    let replacements = ready
+        .iter()
+        .map(|s| {
+            let file: DataFile =
+                serde_json::from_value(s.data_file.clone()).context("staged data file record")?;
+            Ok(DataReplacementGroup(s.lance_id(), file))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Transaction::new(
+        version,
+        Operation::DataReplacement { replacements },
+        None,
+    ))
 }
 
 fn is_conflict(err: &lance::Error) -> bool {

@@ -40,6 +40,7 @@ pub mod env {
     pub const UDF_TIMEOUT_SECONDS: &str = "LANCE_BACKFILL_UDF_TIMEOUT_SECONDS";
     pub const LOG_FORMAT: &str = "LANCE_BACKFILL_LOG_FORMAT";
     pub const EVENT_BUS: &str = "LANCE_BACKFILL_EVENT_BUS";
+    pub const MAINTAIN_QUEUE_URL: &str = "LANCE_BACKFILL_MAINTAIN_QUEUE_URL";
 }
 
 fn var(name: &str) -> Option<String> {

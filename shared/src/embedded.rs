@@ -72,6 +72,24 @@ CREATE TABLE IF NOT EXISTS leases (
     until_ms INTEGER NOT NULL,
     PRIMARY KEY (job_id, name)
 );
+CREATE TABLE IF NOT EXISTS commit_intents (
+    job_id   TEXT PRIMARY KEY,
+    owner    TEXT NOT NULL,
+    until_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS watermarks (
+    table_key TEXT NOT NULL,
+    column    TEXT NOT NULL,
+    body      TEXT NOT NULL,
+    revision  INTEGER NOT NULL,
+    PRIMARY KEY (table_key, column)
+);
+CREATE TABLE IF NOT EXISTS replanned (
+    job_id      TEXT NOT NULL,
+    fragment_id INTEGER NOT NULL,
+    body        TEXT NOT NULL,
+    PRIMARY KEY (job_id, fragment_id)
+);
 CREATE TABLE IF NOT EXISTS messages (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     queue         TEXT NOT NULL,

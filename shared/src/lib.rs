@@ -11,6 +11,10 @@
 //! the engine (Lambda's SQS event, the local poller). docs/architecture.md
 //! walks the same path.
 
+// The worker's future nests the engine's, the committer's and reconciling's
+// (which plans SQL): proving it Send and Sync needs more than the default 128.
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod bootstrap;
 pub mod checkpoint;
@@ -25,6 +29,7 @@ pub mod error;
 pub mod events;
 pub mod job;
 pub mod lifecycle;
+pub mod live;
 pub mod local;
 pub mod maintain;
 pub mod plan;

@@ -10,14 +10,18 @@ use tracing::{info, warn};
 
 use crate::checkpoint::{self, FragmentCheckpoints, checkpoints_root};
 use crate::job::{Counter, Job, JobState};
-use crate::plan;
+use crate::plan::{self, PlannedFragment};
 use crate::queue::{Message, Outgoing, QueueSet};
 use crate::staging::{delete_data_file, is_committed};
-use crate::store::{COMMIT_LEASE, HeldLease, JobStore, StoreResult};
+use crate::store::{COMMIT_LEASE, HeldLease, JobStore, StoreError, StoreResult};
 use crate::table::Catalog;
 
 /// Fragments whose leftover checkpoints are removed at once when a job ends.
 const SWEEP_PARALLELISM: usize = 16;
+/// How long a cancellation waits for a commit being published (a commit
+/// lasts at most its lease, a minute by default; most take milliseconds).
+pub const CANCEL_WAIT: Duration = Duration::from_secs(20);
+const CANCEL_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Clone)]
 pub struct Lifecycle {
@@ -69,17 +73,25 @@ impl Lifecycle {
     }
 
     /// Marks the job CANCELLED; returns the state it left, or `None` when it
-    /// had already ended. Staged files are then removed by a worker.
+    /// had already ended. Staged files are then removed by a worker. A
+    /// commit being published is waited for (at most
+    /// [`CANCEL_WAIT`]): once the cancel is answered, the job publishes
+    /// nothing more.
     pub async fn cancel(&self, job: &Job, by: &str) -> StoreResult<Option<JobState>> {
-        let moved = self
-            .store
-            .transition(
-                &job.job_id,
-                JobState::Cancelled,
-                Some(&format!("cancelled by {by}")),
-                None,
-            )
-            .await?;
+        let event = format!("cancelled by {by}");
+        let started = tokio::time::Instant::now();
+        let moved = loop {
+            match self
+                .store
+                .transition(&job.job_id, JobState::Cancelled, Some(&event), None)
+                .await
+            {
+                Err(StoreError::CommitInFlight(_)) if started.elapsed() < CANCEL_WAIT => {
+                    tokio::time::sleep(CANCEL_POLL).await;
+                }
+                other => break other?,
+            }
+        };
         if moved.is_some() {
             self.queue_cleanup(job).await;
         }
@@ -123,7 +135,8 @@ impl Lifecycle {
     }
 
     /// Removes checkpoints of the job's fragments that a crash left behind
-    /// (normally they are removed as each fragment is staged).
+    /// (normally they are removed as each fragment is staged), those
+    /// planned at submission and those planned since.
     async fn sweep_checkpoints(&self, job: &Job) -> anyhow::Result<()> {
         let dataset = job.spec.read_dataset(&self.catalog).await?;
         let store = dataset.object_store(None).await?;
@@ -134,24 +147,38 @@ impl Lifecycle {
         if leftovers.is_empty() {
             return Ok(());
         }
-        let (key, fields) = checkpoint::Key::for_job(&job.spec, &dataset)?;
-        let fragments = plan::fragments(&dataset, job.spec.selection()).await?;
+        let mut fragments = plan::fragments(&dataset, job.spec.selection()).await?;
+        fragments.extend(
+            self.store
+                .replanned_fragments(&job.job_id)
+                .await?
+                .into_iter()
+                .filter(|r| r.work)
+                .map(|r| r.fragment),
+        );
         futures::stream::iter(fragments)
-            .map(|planned| {
-                let (dataset, key, fields) = (dataset.clone(), key.clone(), fields.clone());
-                async move {
-                    if let Some(fragment) = dataset.get_fragment(planned.id as usize) {
-                        FragmentCheckpoints::open(&dataset, &fragment, &key, fields)
-                            .await?
-                            .clear()
-                            .await?;
-                    }
-                    anyhow::Ok(())
-                }
-            })
+            .map(|planned| self.clear_checkpoints(job, planned))
             .buffer_unordered(SWEEP_PARALLELISM)
             .try_collect::<Vec<_>>()
             .await?;
+        Ok(())
+    }
+
+    /// Removes one fragment's checkpoints, at the version it is read at.
+    async fn clear_checkpoints(&self, job: &Job, planned: PlannedFragment) -> anyhow::Result<()> {
+        let spec = &job.spec;
+        let version = planned.at.version_or(spec.read_version);
+        let dataset = self
+            .catalog
+            .at_version(&spec.table_uri, spec.branch.as_deref(), version)
+            .await?;
+        let (key, fields) = checkpoint::Key::for_fragment(spec, &dataset, &planned.at)?;
+        if let Some(fragment) = dataset.get_fragment(planned.lance_id() as usize) {
+            FragmentCheckpoints::open(&dataset, &fragment, &key, fields)
+                .await?
+                .clear()
+                .await?;
+        }
         Ok(())
     }
 

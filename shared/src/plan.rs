@@ -12,9 +12,56 @@ pub const PACK_ROWS: u64 = 131_072;
 /// and how much a redelivery repeats.
 pub const PACK_FRAGMENTS: usize = 256;
 
+/// Lance numbers fragments with 32 bits (a row address holds the id in its
+/// upper half). A job's own id for a fragment adds above those bits how
+/// many times the job planned that fragment again after its inputs were
+/// rewritten in place ([`job_fragment`]): each planning is a fragment of
+/// its own in the job store, with its own tasks and outcome.
+const LANCE_ID_BITS: u32 = 32;
+
+/// The Lance fragment a job's fragment id names.
+pub fn lance_fragment(job_fragment: u64) -> u64 {
+    job_fragment & ((1u64 << LANCE_ID_BITS) - 1)
+}
+
+/// How many times the job planned the fragment again in place.
+pub fn generation(job_fragment: u64) -> u64 {
+    job_fragment >> LANCE_ID_BITS
+}
+
+/// The job's id for Lance fragment `lance` planned for the
+/// `generation`-th time in place (0: the first).
+pub fn job_fragment(lance: u64, generation: u64) -> u64 {
+    (generation << LANCE_ID_BITS) | lance_fragment(lance)
+}
+
+/// Where a job reads a fragment: fragments planned at submission are read
+/// at the job's read version and choose rows with its `where`; fragments
+/// the job planned later, because the table changed under it (compaction
+/// moved rows, an update rewrote them), are read at the version that made
+/// them, and those an update made choose every row again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct ReadAt {
+    /// `None`: the job's read version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Every row is computed again, even where the default `where`
+    /// (`<column> IS NULL`) would skip it: its inputs may have changed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refill: bool,
+}
+
+impl ReadAt {
+    /// The version to read, given the job's read version.
+    pub fn version_or(&self, read_version: u64) -> u64 {
+        self.version.unwrap_or(read_version)
+    }
+}
+
 /// One task: a contiguous range of physical rows of ONE fragment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRef {
+    /// The job's id of the fragment (see [`job_fragment`]).
     pub fragment_id: u64,
     /// Index of this task within its fragment.
     pub task: u32,
@@ -22,8 +69,10 @@ pub struct TaskRef {
     /// Physical row offsets `[start, end)`.
     pub start: u64,
     pub end: u64,
-    /// The fragment's physical row count at the read version.
+    /// The fragment's physical row count at the version it is read at.
     pub fragment_rows: u64,
+    #[serde(flatten)]
+    pub at: ReadAt,
 }
 
 impl TaskRef {
@@ -38,14 +87,33 @@ impl TaskRef {
     pub fn label(&self) -> String {
         format!("{}/{}", self.fragment_id, self.task)
     }
+
+    /// The fragment the task reads.
+    pub fn fragment(&self) -> PlannedFragment {
+        PlannedFragment {
+            id: self.fragment_id,
+            physical_rows: self.fragment_rows,
+            at: self.at,
+        }
+    }
 }
 
 /// A fragment chosen by the planner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedFragment {
+    /// The job's id of the fragment (see [`job_fragment`]).
     pub id: u64,
     #[serde(rename = "rows")]
     pub physical_rows: u64,
+    #[serde(flatten)]
+    pub at: ReadAt,
+}
+
+impl PlannedFragment {
+    /// The Lance fragment.
+    pub fn lance_id(&self) -> u64 {
+        lance_fragment(self.id)
+    }
 }
 
 /// One task over several small fragments, each filled whole.
@@ -91,13 +159,22 @@ pub struct Selection<'a> {
     /// Fragments to leave alone (`skip_frags`).
     pub skip: &'a [u64],
     /// Only fragments with this id or a higher one (a maintained column's
-    /// job covers the fragments appended since the last).
+    /// job covers the fragments appended since the last)...
     pub first_id: Option<u64>,
+    /// ... and these, filled whole (their inputs were rewritten); with
+    /// `refill_all`, every fragment is.
+    pub refill: &'a [u64],
+    pub refill_all: bool,
 }
 
 impl Selection<'_> {
     fn covers(&self, id: u64) -> bool {
-        !self.skip.contains(&id) && self.first_id.is_none_or(|first| id >= first)
+        !self.skip.contains(&id)
+            && (self.first_id.is_none_or(|first| id >= first) || self.refill.contains(&id))
+    }
+
+    fn refills(&self, id: u64) -> bool {
+        self.refill_all || self.refill.contains(&id)
     }
 }
 
@@ -124,9 +201,14 @@ pub async fn fragments(
             None => fragment.physical_rows().await? as u64,
         };
         if physical_rows > 0 {
+            let id = fragment.id() as u64;
             planned.push(PlannedFragment {
-                id: fragment.id() as u64,
+                id,
                 physical_rows,
+                at: ReadAt {
+                    version: None,
+                    refill: selection.refills(id),
+                },
             });
         }
     }
@@ -148,6 +230,7 @@ pub fn tasks_of(fragment: PlannedFragment, task_size: Option<u64>) -> Vec<TaskRe
                 start,
                 end: (start + size).min(rows),
                 fragment_rows: rows,
+                at: fragment.at,
             }
         })
         .collect()
@@ -209,6 +292,7 @@ mod tests {
         let fragment = PlannedFragment {
             id: 7,
             physical_rows: 25,
+            at: ReadAt::default(),
         };
         let tasks = tasks_of(fragment, Some(10));
         assert_eq!(tasks.len(), 3);
@@ -233,6 +317,7 @@ mod tests {
             .map(|(id, rows)| PlannedFragment {
                 id: id as u64,
                 physical_rows: *rows,
+                at: ReadAt::default(),
             })
             .collect()
     }

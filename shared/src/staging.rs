@@ -14,16 +14,36 @@ pub fn is_committed(latest: &Dataset, staged: &StagedFragment) -> bool {
         return false;
     };
     latest
-        .get_fragment(staged.fragment_id as usize)
+        .get_fragment(staged.lance_id() as usize)
         .is_some_and(|f| f.metadata().files.iter().any(|file| file.path == path))
 }
 
-/// A fragment keeps its id and row count unless it was rewritten
-/// (compaction, or an update that moved its rows).
-pub fn still_aligned(latest: &Dataset, staged: &StagedFragment) -> bool {
-    latest
-        .get_fragment(staged.fragment_id as usize)
-        .is_some_and(|f| f.metadata().physical_rows.map(|r| r as u64) == Some(staged.rows))
+/// Whether the staged file still lines up with its fragment in `latest`:
+/// the same fragment with the same physical rows, and the same files for
+/// every field its values were computed from as in `base`, the version it
+/// was read at. Deleted rows and new columns do not matter.
+pub fn still_aligned(latest: &Dataset, base: &Dataset, staged: &StagedFragment) -> bool {
+    let id = staged.lance_id() as usize;
+    let (Some(now), Some(then)) = (latest.get_fragment(id), base.get_fragment(id)) else {
+        return false;
+    };
+    let files = |fragment: &lance::dataset::fragment::FileFragment| {
+        let mut paths: Vec<String> = fragment
+            .metadata()
+            .files
+            .iter()
+            .filter(|file| {
+                file.fields
+                    .iter()
+                    .any(|field| staged.read_fields.contains(field))
+            })
+            .map(|file| file.path.clone())
+            .collect();
+        paths.sort();
+        paths
+    };
+    now.metadata().physical_rows.map(|r| r as u64) == Some(staged.rows)
+        && files(&now) == files(&then)
 }
 
 /// Removes a staged file that will never be committed.

@@ -65,8 +65,14 @@ pub struct SubmitRequest {
     pub ignored_fields: Vec<String>,
     /// Only fragments with this id or a higher one (maintained columns).
     pub first_fragment_id: Option<u64>,
-    /// For a maintained column's job: the highest fragment id it covers.
+    /// For a maintained column's job: the highest fragment id it covers,
+    /// and the table version it takes the column up to.
     pub maintained_through: Option<u64>,
+    pub maintained_version: Option<u64>,
+    /// Fragments filled whole (their inputs were rewritten since the
+    /// column's last job); `refill_all`: every fragment.
+    pub refill_fragments: Vec<u64>,
+    pub refill_all: bool,
 }
 
 impl SubmitRequest {
@@ -87,6 +93,9 @@ impl SubmitRequest {
             ignored_fields: Vec::new(),
             first_fragment_id: None,
             maintained_through: None,
+            maintained_version: None,
+            refill_fragments: Vec::new(),
+            refill_all: false,
         }
     }
 }
@@ -181,12 +190,7 @@ impl Submitter {
             .filter(|key| !key.is_empty())
             .map(|key| IdempotencyClaim {
                 key: hex::encode(Sha256::digest(format!("{}\n{key}", submit.submitted_by))),
-                fingerprint: fingerprint(
-                    &submit.table,
-                    request,
-                    &submit.skip_fragments,
-                    submit.first_fragment_id,
-                ),
+                fingerprint: fingerprint(&submit.table, request, &submit),
             });
         let options = JobOptions::from_context(request.context.as_ref())?;
         let planned = self.plan(&submit).await?;
@@ -299,6 +303,8 @@ impl Submitter {
             num_frags,
             skip: &submit.skip_fragments,
             first_id: submit.first_fragment_id,
+            refill: &submit.refill_fragments,
+            refill_all: submit.refill_all,
         };
         let fragments = plan::fragments(&dataset, selection)
             .await
@@ -495,8 +501,7 @@ fn check_id(table: &TableId, request: &AlterTableBackfillColumnsRequest) -> Resu
 fn fingerprint(
     table: &TableId,
     request: &AlterTableBackfillColumnsRequest,
-    skip_fragments: &[u64],
-    first_fragment_id: Option<u64>,
+    submit: &SubmitRequest,
 ) -> String {
     let mut canonical = request.clone();
     canonical.identity = None;
@@ -508,12 +513,18 @@ fn fingerprint(
     hasher.update(table.key().as_bytes());
     hasher.update([0]);
     hasher.update(text.as_bytes());
-    for id in skip_fragments {
+    for id in &submit.skip_fragments {
         hasher.update(b",");
         hasher.update(id.to_string().as_bytes());
     }
-    if let Some(first) = first_fragment_id {
+    if let Some(first) = submit.first_fragment_id {
         hasher.update(format!(";from {first}").as_bytes());
+    }
+    for id in &submit.refill_fragments {
+        hasher.update(format!(";refill {id}").as_bytes());
+    }
+    if submit.refill_all {
+        hasher.update(b";refill all");
     }
     hex::encode(hasher.finalize())
 }
@@ -580,6 +591,9 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: J
             ignored_fields: submit.ignored_fields.clone(),
             first_fragment_id: submit.first_fragment_id,
             maintained_through: submit.maintained_through,
+            maintained_version: submit.maintained_version,
+            refill_fragments: submit.refill_fragments.clone(),
+            refill_all: submit.refill_all,
             plan: PlanSummary {
                 fragments: fragments.len() as u64,
                 tasks,
@@ -661,6 +675,9 @@ mod tests {
     #[test]
     fn fingerprints_ignore_member_order_and_nulls() {
         let table = TableId(vec!["t".into()]);
+        let plain = |table: &TableId| {
+            SubmitRequest::new(table.clone(), request(r#"{"column": "y"}"#), "p".into())
+        };
         let context = |pairs: &[(&str, &str)]| {
             let mut request = request(r#"{"column": "y"}"#);
             request.context = Some(
@@ -669,7 +686,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
             );
-            fingerprint(&table, &request, &[], None)
+            fingerprint(&table, &request, &plain(&table))
         };
         let pairs: Vec<(String, String)> = (0..50)
             .map(|i| (format!("k{i}"), format!("v{i}")))
@@ -685,19 +702,17 @@ mod tests {
             fingerprint(
                 &table,
                 &request(r#"{"column": "y", "where": null}"#),
-                &[],
-                None
+                &plain(&table)
             ),
-            fingerprint(&table, &request(r#"{"column": "y"}"#), &[], None)
+            fingerprint(&table, &request(r#"{"column": "y"}"#), &plain(&table))
         );
         assert_ne!(
             fingerprint(
                 &table,
                 &request(r#"{"column": "y", "concurrency": 2}"#),
-                &[],
-                None
+                &plain(&table)
             ),
-            fingerprint(&table, &request(r#"{"column": "y"}"#), &[], None)
+            fingerprint(&table, &request(r#"{"column": "y"}"#), &plain(&table))
         );
     }
 }

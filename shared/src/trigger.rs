@@ -36,6 +36,32 @@ pub fn table_of_event(root: &str, event: &Value) -> Option<TableId> {
     }
 }
 
+/// The tables an SQS event's records name (retries the maintainer
+/// scheduled, [`crate::maintain::Retry`]), each with its message id; `None`
+/// when the event is not an SQS event. A record that names no table is
+/// left out.
+pub fn tables_of_queue_event(event: &Value) -> Option<Vec<(String, TableId)>> {
+    let records = event.get("Records")?.as_array()?;
+    if !records
+        .iter()
+        .all(|r| r.get("eventSource").and_then(Value::as_str) == Some("aws:sqs"))
+    {
+        return None;
+    }
+    Some(
+        records
+            .iter()
+            .filter_map(|record| {
+                let id = record.get("messageId")?.as_str()?.to_string();
+                let body = record.get("body")?.as_str()?;
+                let retry: crate::maintain::Retry = serde_json::from_str(body).ok()?;
+                let table = TableId::from_parts(retry.table_id, "table_id").ok()?;
+                Some((id, table))
+            })
+            .collect(),
+    )
+}
+
 /// `<prefix>/<name>.lance/_versions/<file>` in the root's bucket is a
 /// version of the table `<name>`.
 pub fn table_of_version_key(root: &str, bucket: &str, key: &str) -> Option<TableId> {
@@ -87,6 +113,19 @@ mod tests {
             table_of_version_key("s3://data", "data", "t.lance/_versions/2.manifest").map(|t| t.0),
             Some(vec!["t".to_string()])
         );
+    }
+
+    #[test]
+    fn retry_messages_name_their_tables() {
+        let event = json!({"Records": [
+            {"eventSource": "aws:sqs", "messageId": "m1", "body": "{\"table_id\": [\"ns\", \"t\"]}"},
+            {"eventSource": "aws:sqs", "messageId": "m2", "body": "not json"}
+        ]});
+        let tables = tables_of_queue_event(&event).unwrap();
+        assert_eq!(tables.len(), 1);
+        assert_eq!(tables[0].0, "m1");
+        assert_eq!(tables[0].1.0, vec!["ns".to_string(), "t".to_string()]);
+        assert!(tables_of_queue_event(&json!({"source": "aws.s3"})).is_none());
     }
 
     #[test]

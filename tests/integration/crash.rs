@@ -14,7 +14,7 @@ use lance_backfill_tests::{Moto, read_i64, replacements_per_fragment, write_samp
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-const KEY: &str = "crash-key";
+pub(crate) const KEY: &str = "crash-key";
 
 /// Where in a job a kill lands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -24,7 +24,7 @@ enum Phase {
     Committing,
 }
 
-fn binary() -> PathBuf {
+pub(crate) fn binary() -> PathBuf {
     // target/<profile>/deps/integration-<hash> -> target/<profile>/lance-backfill
     let exe = std::env::current_exe().expect("test executable");
     let path = exe
@@ -40,7 +40,7 @@ fn binary() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -48,9 +48,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Serve {
-    child: Child,
-    url: String,
+pub(crate) struct Serve {
+    pub child: Child,
+    pub url: String,
 }
 
 /// Where `serve` keeps its jobs and tasks.
@@ -98,7 +98,7 @@ impl Backend {
     }
 
     /// Whether the task queue holds no message (waiting or in flight).
-    async fn queue_empty(&self, root: &str) -> bool {
+    pub(crate) async fn queue_empty(&self, root: &str) -> bool {
         match self {
             Self::Embedded => {
                 let state = lance_backfill::bootstrap::default_state_path(root).unwrap();
@@ -114,7 +114,7 @@ impl Backend {
     }
 }
 
-fn start(backend: &Backend, root: &str, port: u16, log: &Path) -> Serve {
+pub(crate) fn start(backend: &Backend, root: &str, port: u16, log: &Path) -> Serve {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -154,7 +154,7 @@ fn start(backend: &Backend, root: &str, port: u16, log: &Path) -> Serve {
     }
 }
 
-async fn ready(client: &reqwest::Client, url: &str) {
+pub(crate) async fn ready(client: &reqwest::Client, url: &str) {
     let until = Instant::now() + Duration::from_secs(30);
     while Instant::now() < until {
         if client.get(format!("{url}/health")).send().await.is_ok() {
@@ -165,7 +165,11 @@ async fn ready(client: &reqwest::Client, url: &str) {
     panic!("serve did not come up at {url}");
 }
 
-async fn job(client: &reqwest::Client, url: &str, id: &str) -> Option<serde_json::Value> {
+pub(crate) async fn job(
+    client: &reqwest::Client,
+    url: &str,
+    id: &str,
+) -> Option<serde_json::Value> {
     let response = client
         .get(format!("{url}/v1/job/{id}"))
         .header("x-api-key", KEY)
@@ -175,7 +179,7 @@ async fn job(client: &reqwest::Client, url: &str, id: &str) -> Option<serde_json
     response.json().await.ok()
 }
 
-fn env_number(name: &str, default: u64) -> u64 {
+pub(crate) fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())

@@ -62,6 +62,9 @@ fn a_job() -> Job {
             ignored_fields: Vec::new(),
             first_fragment_id: None,
             maintained_through: None,
+            maintained_version: None,
+            refill_fragments: Vec::new(),
+            refill_all: false,
         },
         state: JobState::Pending,
         created_at: now.clone(),
@@ -78,6 +81,8 @@ fn staged(fragment_id: u64) -> StagedFragment {
         fragment_id,
         data_file: json!({"path": format!("{fragment_id}.lance")}),
         rows: 10,
+        version: None,
+        read_fields: Vec::new(),
     }
 }
 

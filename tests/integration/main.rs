@@ -13,6 +13,7 @@ mod events;
 mod faults;
 mod fuzz;
 mod lancedb_client;
+mod live;
 mod maintained;
 mod official_client;
 mod queue_conformance;

@@ -307,3 +307,149 @@ async fn an_s3_version_event_fills_the_appended_rows() {
     let expected: Vec<Option<i64>> = x.iter().map(|v| v.map(|x| x * 2 + 1)).collect();
     assert_eq!(y, expected);
 }
+
+/// A table of `rows` rows in `fragments` fragments with a worker and `y`
+/// maintained as `sql`, filled; returns the table's URI.
+async fn maintained_y(stack: &mut Stack, rows: u64, fragments: u64, sql: &str) -> String {
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, rows, fragments).await.unwrap();
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    declare_maintained(stack, "y", sql).await;
+    uri
+}
+
+/// Every row holds `f(x)` in `column`.
+async fn column_holds(uri: &str, column: &str, f: impl Fn(i64) -> i64) -> bool {
+    let storage = HashMap::new();
+    let (Ok(x), Ok(y)) = (
+        read_i64(uri, "x", &storage).await,
+        read_i64(uri, column, &storage).await,
+    ) else {
+        return false;
+    };
+    x.iter().zip(&y).all(|(x, y)| *y == x.map(&f))
+}
+
+/// A maintained job fails on a row (division by zero); once the row is
+/// deleted the column is tried again (after its backoff) from what its
+/// last DONE job covered, and every row is filled, those of the failed
+/// fragment included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_maintained_job_is_retried_until_every_row_is_filled() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = maintained_y(&mut stack, 1000, 2, "100 / (x + 1)").await;
+    let (_maintainer, stop) = start_watcher(&stack);
+    // x = -1, 0, 1: the first divides by zero.
+    append_rows(&uri, -1, 3).await;
+    eventually(Duration::from_secs(60), || async {
+        maintainer_jobs(&stack)
+            .await
+            .iter()
+            .any(|job| job.state == lance_backfill::job::JobState::Failed)
+    })
+    .await
+    .expect("the job over the bad row fails");
+    let failed = maintainer_jobs(&stack)
+        .await
+        .into_iter()
+        .find(|job| job.state == lance_backfill::job::JobState::Failed)
+        .unwrap();
+    eventually(Duration::from_secs(30), || async {
+        stack
+            .events(&failed.job_id)
+            .await
+            .iter()
+            .any(|e| e.contains("tried again in"))
+    })
+    .await
+    .expect("the retry is noted on the failed job");
+    let mut dataset = lance::Dataset::open(&uri).await.unwrap();
+    dataset.delete("x = -1").await.unwrap();
+    append_rows(&uri, 5000, 10).await;
+    if eventually(Duration::from_secs(90), || {
+        column_holds(&uri, "y", |x| 100 / (x + 1))
+    })
+    .await
+    .is_err()
+    {
+        for job in maintainer_jobs(&stack).await {
+            eprintln!(
+                "{} {:?} {:?} {:?}",
+                job.job_id,
+                job.state,
+                job.spec.first_fragment_id,
+                stack.events(&job.job_id).await
+            );
+        }
+        panic!("every row filled once the bad row is gone");
+    }
+    let _ = stop.send(true);
+}
+
+/// A maintained column follows updates of its inputs, as a stored
+/// generated column does: rows whose `x` an update rewrote (moving them)
+/// or a merge rewrote in place get the values of their new `x`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_maintained_column_follows_updates_of_its_inputs() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = maintained_y(&mut stack, 1000, 4, "x * 3").await;
+    let (_maintainer, stop) = start_watcher(&stack);
+    let python = crate::udf::python();
+    let writer = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/live_writer.py");
+    for change in [
+        &["update", "id < 100", "x", "x + 7"][..],
+        &["patch-x", "9", "1000"],
+    ] {
+        let status = std::process::Command::new(&python)
+            .arg(writer)
+            .arg(&uri)
+            .args(change)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        eventually(Duration::from_secs(60), || {
+            column_holds(&uri, "y", |x| x * 3)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("y follows {change:?}"));
+    }
+    let _ = stop.send(true);
+}
+
+/// Where a column stands is a record of its own: however many other jobs
+/// the table had, the next maintainer job covers only what is new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_maintained_column_has_no_lookback_limit() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = maintained_y(&mut stack, 200, 2, "x * 2 + 1").await;
+    let (maintainer, stop) = start_watcher(&stack);
+    eventually(Duration::from_secs(60), || async {
+        !maintainer_jobs(&stack).await.is_empty()
+    })
+    .await
+    .unwrap();
+    let _ = stop.send(true);
+    // 60 other jobs on the table, more than any listing looks at.
+    stack.declare("items", &[("w", "x + 1")]).await;
+    for i in 0..60 {
+        let job = stack
+            .submit("items", json!({"column": "w", "where": format!("x > {i}")}))
+            .await;
+        stack.wait_done(&job, Duration::from_secs(60)).await;
+    }
+    append_rows(&uri, 200, 50).await;
+    let table = lance_backfill::table::TableId(vec!["items".into()]);
+    let jobs = maintainer.maintain(&table).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    let job = stack.wait_done(&jobs[0], Duration::from_secs(60)).await;
+    assert!(
+        job.spec.first_fragment_id.is_some_and(|first| first >= 2),
+        "{:?}",
+        job.spec
+    );
+    assert!(column_holds(&uri, "y", |x| x * 2 + 1).await);
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lance::dataset::optimize::{CompactionOptions, compact_files};
 use lance_backfill::engine::{Delivery, Disposition};
-use lance_backfill::job::{Counter, JobState};
+use lance_backfill::job::Counter;
 use lance_backfill::runner::RunnerConfig;
 use lance_backfill_tests::{
     Moto, Stack, StackOptions, fast_engine, latest_version, read_i64, write_sample_table,
@@ -155,39 +155,45 @@ async fn compaction_during_a_job_never_puts_values_on_wrong_rows() {
     };
     let metrics = compact_files(&mut dataset, options, None).await.unwrap();
     assert!(metrics.fragments_removed >= 8, "{metrics:?}");
-    // ...and the rest of the job meets fragments that no longer exist.
+    // ...and the rest of the job meets fragments the compaction rewrote:
+    // they are filled at the read version and staged, then found moved,
+    // and the fragment holding their rows now is added to the job with
+    // their values carried to it.
     for body in &bodies[4..] {
         engine.handle(body, &delivery).await;
     }
-    let job = stack.wait(&job_id, Duration::from_secs(60)).await;
-    assert_eq!(
-        job.state,
-        JobState::Failed,
-        "{:?}",
-        stack.events(&job_id).await
-    );
-    let error = job.error.clone().unwrap_or_default();
-    assert!(error.contains("fragments 4 were rewritten"), "{error}");
-    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
-    let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
-    let filled = y.iter().filter(|v| v.is_some()).count();
-    assert_eq!(filled, 4000, "the committed half survives compaction");
-    for (x, y) in x.iter().zip(&y) {
-        let x = x.unwrap();
-        assert!(y.is_none() || *y == Some(x * 2 + 1), "x = {x} got {y:?}");
-    }
-    // Submitting again fills what is left.
     stack.start_worker(
         fast_engine(),
         RunnerConfig::default(),
         Duration::from_secs(30),
     );
-    let again = stack.submit("items", json!({"column": "y"})).await;
-    stack.wait_done(&again, Duration::from_secs(120)).await;
+    let job = stack.wait_done(&job_id, Duration::from_secs(60)).await;
+    let events = stack.events(&job_id).await;
+    let replanned = job.metrics.get(Counter::RowsReplanned);
+    assert_eq!(
+        job.metrics.get(Counter::FragmentsReplanned),
+        1,
+        "{events:?}"
+    );
+    assert_eq!(job.metrics.get(Counter::FragmentsMoved), 4, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains(" 4000 computed values carried")),
+        "the values of the four staged fragments' live rows were carried: {events:?}"
+    );
+    assert!(
+        job.metrics.get(Counter::RowsComputed) + 4000 <= 16_000 + replanned,
+        "carried values were not computed again: {:?}",
+        job.metrics
+    );
+    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
     let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+    assert_eq!(x.len(), 8000, "the deleted rows stay deleted");
     assert_eq!(
         y,
-        x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>()
+        x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>(),
+        "every row has its own value"
     );
 }
 

@@ -9,9 +9,10 @@ use lance_backfill::job::{
     Counter, Job, JobSpec, JobState, Metrics, MetricsDelta, Params, PlanSummary, new_job_id,
     now_rfc3339,
 };
+use lance_backfill::plan::{PlannedFragment, ReadAt, job_fragment};
 use lance_backfill::store::{
-    CreateOutcome, FragmentStatus, HeldLease, IdempotencyClaim, JobStore, Resolution,
-    SqliteJobStore, StagedFragment, StoreError,
+    COMMIT_LEASE, ColumnWatermark, CreateOutcome, FragmentStatus, HeldLease, IdempotencyClaim,
+    JobStore, PlanChange, Replanned, Resolution, SqliteJobStore, StagedFragment, StoreError,
 };
 use lance_backfill::table::TableId;
 use lance_backfill_tests::Moto;
@@ -75,6 +76,9 @@ conformance!(
     fragments_are_resolved_in_batches,
     listing_pages_newest_first,
     missing_jobs_and_bad_tokens,
+    plans_change_once_however_often_recorded,
+    a_commit_in_flight_holds_off_a_cancel,
+    watermarks_change_only_from_the_revision_read,
 );
 
 /// The embedded store's run of the 10,000-fragment job; DynamoDB's runs on
@@ -120,6 +124,9 @@ fn job(table: &str, column: &str) -> Job {
             ignored_fields: Vec::new(),
             first_fragment_id: None,
             maintained_through: None,
+            maintained_version: None,
+            refill_fragments: Vec::new(),
+            refill_all: false,
         },
         state: JobState::Pending,
         created_at: now.clone(),
@@ -143,6 +150,8 @@ fn staged(fragment_id: u64, rows: u64) -> StagedFragment {
         fragment_id,
         data_file: serde_json::json!({"path": format!("{fragment_id}.lance")}),
         rows,
+        version: None,
+        read_fields: vec![0, 1],
     }
 }
 
@@ -497,7 +506,7 @@ async fn fragments_are_resolved_in_batches(adapter: Adapter) {
     let staged_now = store.staged_fragments(id).await.unwrap();
     assert_eq!(staged_now.len(), 120);
     store
-        .record_commit(id, &staged_now, "committed 120 fragments as version 2")
+        .record_commit(id, &staged_now, "committed 120 fragments as version 2", "c")
         .await
         .unwrap();
     let metrics = store.get_job(id).await.unwrap().unwrap().metrics;
@@ -630,4 +639,193 @@ async fn a_job_of_ten_thousand_fragments_committed_one_by_one(store: Arc<dyn Job
         "FIGURES ten thousand fragments: staged, committed and announced one by one in {:.1} s",
         began.elapsed().as_secs_f64()
     );
+}
+
+fn replanned(id: u64, rows: u64, work: bool) -> Replanned {
+    Replanned {
+        fragment: PlannedFragment {
+            id,
+            physical_rows: rows,
+            at: ReadAt {
+                version: Some(9),
+                refill: id % 2 == 1,
+            },
+        },
+        tasks: u64::from(work),
+        work,
+    }
+}
+
+/// Fragments added to a job and moved on, each once: staged ones leave
+/// the staged list with their file handed back, finished ones stay.
+async fn plans_change_once_however_often_recorded(adapter: Adapter) {
+    let store = adapter.store;
+    let job = job("t", "y");
+    store.create_job(&job, "planned", None).await.unwrap();
+    let id = job.job_id.as_str();
+    store.stage_fragment(id, &staged(0, 100)).await.unwrap();
+    store.stage_fragment(id, &staged(1, 100)).await.unwrap();
+    store.mark_committed(id, &[staged(1, 100)]).await.unwrap();
+    let again = job_fragment(2, 1);
+    let change = PlanChange {
+        added: vec![
+            replanned(7, 300, true),
+            replanned(8, 50, false),
+            replanned(again, 100, true),
+        ],
+        moved: vec![0, 1, 2],
+    };
+    let first = store.change_plan(id, &change).await.unwrap();
+    assert_eq!(first.added, vec![7, 8, again]);
+    let moved: Vec<u64> = first.moved.iter().map(|(id, _)| *id).collect();
+    assert_eq!(moved, vec![0, 2], "the committed fragment stays committed");
+    assert_eq!(
+        first.moved[0].1,
+        Some(staged(0, 100)),
+        "its file is handed back"
+    );
+    assert_eq!(first.moved[1].1, None, "an open fragment had none");
+    // Recorded again (a committer that died before moving its watermark).
+    let second = store.change_plan(id, &change).await.unwrap();
+    assert!(
+        second.added.is_empty() && second.moved.is_empty(),
+        "{second:?}"
+    );
+    assert!(store.staged_fragments(id).await.unwrap().is_empty());
+    let statuses = store.fragment_statuses(id, &[0, 1, 2, 7]).await.unwrap();
+    assert_eq!(statuses[&0], FragmentStatus::Moved);
+    assert_eq!(statuses[&1], FragmentStatus::Committed);
+    assert_eq!(statuses[&7], FragmentStatus::Open);
+    let listed = store.replanned_fragments(id).await.unwrap();
+    let ids: Vec<u64> = listed.iter().map(|r| r.fragment.id).collect();
+    assert_eq!(ids, vec![7, 8, again]);
+    assert_eq!(listed[0], replanned(7, 300, true));
+    let metrics = store.get_job(id).await.unwrap().unwrap().metrics;
+    assert_eq!(metrics.get(Counter::FragmentsTotal), 4 + 2, "work only");
+    assert_eq!(metrics.get(Counter::FragmentsReplanned), 2);
+    assert_eq!(metrics.get(Counter::RowsReplanned), 400);
+    assert_eq!(metrics.get(Counter::RowsTotal), 400 + 400);
+    assert_eq!(metrics.get(Counter::FragmentsMoved), 2);
+    assert_eq!(
+        metrics.get(Counter::FragmentsStaged),
+        1,
+        "one staged, one moved"
+    );
+    assert_eq!(metrics.fragments_pending_commit(), 0);
+}
+
+/// A commit is announced only by the lease's holder of an active job; a
+/// cancel waits while it stands, and once cancelled no commit is accepted.
+async fn a_commit_in_flight_holds_off_a_cancel(adapter: Adapter) {
+    let store = adapter.store;
+    let first = job("t", "y");
+    store.create_job(&first, "planned", None).await.unwrap();
+    let id = first.job_id.as_str();
+    let ttl = Duration::from_secs(30);
+    assert_eq!(
+        store.begin_commit(id, "a", ttl).await.unwrap(),
+        None,
+        "no lease"
+    );
+    assert!(store.try_lease(id, COMMIT_LEASE, "a", ttl).await.unwrap());
+    assert_eq!(
+        store.begin_commit(id, "b", ttl).await.unwrap(),
+        None,
+        "not b's lease"
+    );
+    let until = store
+        .begin_commit(id, "a", ttl)
+        .await
+        .unwrap()
+        .expect("a holds it");
+    assert!(until > lance_backfill::job::now_millis());
+    let refused = store
+        .transition(id, JobState::Cancelled, Some("c"), None)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::CommitInFlight(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.get_job(id).await.unwrap().unwrap().state,
+        JobState::Pending
+    );
+    store
+        .record_commit(id, &[], "committed nothing as version 4", "a")
+        .await
+        .unwrap();
+    let moved = store
+        .transition(id, JobState::Cancelled, Some("c"), None)
+        .await;
+    assert_eq!(moved.unwrap(), Some(JobState::Pending));
+    assert_eq!(
+        store.begin_commit(id, "a", ttl).await.unwrap(),
+        None,
+        "a cancelled job publishes nothing"
+    );
+    // An announcement that was never ended stops holding a cancel once
+    // the lease it was made under expires.
+    let other = job("t", "z");
+    store.create_job(&other, "planned", None).await.unwrap();
+    let other_id = other.job_id.as_str();
+    let short = Duration::from_millis(300);
+    assert!(
+        store
+            .try_lease(other_id, COMMIT_LEASE, "a", short)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .begin_commit(other_id, "a", short)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let moved = store
+        .transition(other_id, JobState::Cancelled, None, None)
+        .await;
+    assert_eq!(moved.unwrap(), Some(JobState::Pending));
+}
+
+/// A maintained column's record: written from revision 0, then only by
+/// whoever read its current revision.
+async fn watermarks_change_only_from_the_revision_read(adapter: Adapter) {
+    let store = adapter.store;
+    let (mark, revision) = store.watermark("t", "y").await.unwrap();
+    assert_eq!((mark.clone(), revision), (ColumnWatermark::default(), 0));
+    let first = ColumnWatermark {
+        through_fragment: Some(3),
+        through_version: Some(7),
+        last_job: Some("j1".into()),
+        ..ColumnWatermark::default()
+    };
+    assert!(store.set_watermark("t", "y", &first, 0).await.unwrap());
+    assert!(
+        !store.set_watermark("t", "y", &first, 0).await.unwrap(),
+        "exists"
+    );
+    let (read, revision) = store.watermark("t", "y").await.unwrap();
+    assert_eq!(read, first);
+    let next = ColumnWatermark {
+        failures: 2,
+        retry_at_ms: 99,
+        ..first.clone()
+    };
+    assert!(
+        store
+            .set_watermark("t", "y", &next, revision)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_watermark("t", "y", &first, revision)
+            .await
+            .unwrap(),
+        "a stale revision changes nothing"
+    );
+    assert_eq!(store.watermark("t", "y").await.unwrap().0, next);
+    assert_eq!(store.watermark("t", "z").await.unwrap().1, 0, "per column");
 }

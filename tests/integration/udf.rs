@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("LANCE_BACKFILL_UDF_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 

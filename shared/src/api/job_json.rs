@@ -14,6 +14,10 @@ pub(crate) fn metrics_json(metrics: &Metrics) -> Value {
     json!({
         "fragments": pair(metrics.fragments_finished(), metrics.get(Counter::FragmentsTotal)),
         "fragments_skipped": metrics.get(Counter::FragmentsSkipped),
+        "fragments_moved": metrics.get(Counter::FragmentsMoved),
+        "fragments_replanned": metrics.get(Counter::FragmentsReplanned),
+        "rows_replanned": metrics.get(Counter::RowsReplanned),
+        "commits_rebased": metrics.get(Counter::CommitsRebased),
         "tasks": pair(metrics.get(Counter::TasksDone), metrics.get(Counter::TasksTotal)),
         "rows_computed": pair(metrics.get(Counter::RowsComputed), total_rows),
         "rows_checkpointed": pair(metrics.get(Counter::RowsCheckpointed), total_rows),

@@ -177,6 +177,10 @@ pub(crate) fn store_unavailable(err: StoreError) -> ApiError {
             lance_namespace::ErrorCode::Throttling,
             "the job store is busy; retry shortly",
         ),
+        StoreError::CommitInFlight(_) => ApiError::coded(
+            lance_namespace::ErrorCode::Throttling,
+            "a commit of the job is being published; retry the cancel shortly",
+        ),
         StoreError::BadPageToken => {
             ApiError::invalid_input("query parameter 'page_token' is not a token this API issued")
         }

@@ -107,6 +107,10 @@ impl Program {
         Ok(chosen)
     }
 
+    /// The expression's values for the chosen rows, the current ones for
+    /// the others. Only the chosen rows are evaluated: a row the `where`
+    /// leaves alone, or a deleted one, cannot fail the batch (a division
+    /// by zero on a deleted row) nor cost its evaluation.
     fn sql_values(
         &self,
         value: &Arc<dyn lance::deps::datafusion::physical_plan::PhysicalExpr>,
@@ -115,9 +119,15 @@ impl Program {
         current: &[ArrayRef],
     ) -> Result<Vec<ArrayRef>, Error> {
         let rows = batch.num_rows();
+        let all = chosen.true_count() == rows;
+        let input = if all {
+            batch.clone()
+        } else {
+            filter_record_batch(batch, chosen).map_err(evaluation)?
+        };
         let computed = value
-            .evaluate(batch)
-            .and_then(|v| v.into_array(rows))
+            .evaluate(&input)
+            .and_then(|v| v.into_array(input.num_rows()))
             .map_err(evaluation)?;
         let target = self.output_fields[0].data_type();
         let computed = if computed.data_type() == target {
@@ -125,13 +135,31 @@ impl Program {
         } else {
             arrow_cast::cast(&computed, target).map_err(evaluation)?
         };
-        if chosen.true_count() == rows {
+        if all {
             return Ok(vec![computed]);
         }
-        Ok(vec![
-            arrow_select::zip::zip(chosen, &computed, &current[0]).map_err(evaluation)?,
-        ])
+        Ok(vec![put_back(&computed, chosen, &current[0])?])
     }
+}
+
+/// Values computed for the chosen rows (in order) put in their places;
+/// the other rows keep `current`.
+fn put_back(
+    computed: &ArrayRef,
+    chosen: &BooleanArray,
+    current: &ArrayRef,
+) -> Result<ArrayRef, Error> {
+    let mut next = 0u32;
+    let take: UInt32Array = (0..chosen.len())
+        .map(|i| {
+            chosen.value(i).then(|| {
+                next += 1;
+                next - 1
+            })
+        })
+        .collect();
+    let placed = arrow_select::take::take(computed.as_ref(), &take, None).map_err(evaluation)?;
+    arrow_select::zip::zip(chosen, &placed, current).map_err(evaluation)
 }
 
 /// Calls the function on the chosen rows only and puts its values back in
@@ -152,22 +180,11 @@ async fn udf_values(
         .map_err(|err| udf_failure(binding, err))?;
     let computed = results::outputs(&called.values, binding, input.num_rows())?;
     let positions: Vec<usize> = (0..chosen.len()).filter(|i| chosen.value(*i)).collect();
-    // Row i of the batch takes value k of the computed ones, if chosen.
-    let mut next = 0u32;
-    let take: UInt32Array = (0..chosen.len())
-        .map(|i| {
-            chosen.value(i).then(|| {
-                next += 1;
-                next - 1
-            })
-        })
-        .collect();
-    let mut values = Vec::with_capacity(computed.len());
-    for (computed, current) in computed.iter().zip(current) {
-        let placed =
-            arrow_select::take::take(computed.as_ref(), &take, None).map_err(evaluation)?;
-        values.push(arrow_select::zip::zip(chosen, &placed, current).map_err(evaluation)?);
-    }
+    let values = computed
+        .iter()
+        .zip(current)
+        .map(|(computed, current)| put_back(computed, chosen, current))
+        .collect::<Result<Vec<_>, _>>()?;
     let failed = called
         .failed
         .into_iter()

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Schema as ArrowSchema};
-use lance::datatypes::{Schema as LanceSchema, escape_field_path_for_project, parse_field_path};
+use lance::datatypes::{Schema as LanceSchema, parse_field_path};
 use lance::io::exec::Planner;
 
 use crate::error::{Error, Missing, first_line};
@@ -16,7 +16,7 @@ pub mod limits;
 mod program;
 
 pub use evaluate::Evaluated;
-pub use program::Program;
+pub use program::{Program, field_ids};
 
 /// Field metadata key holding a computed column's SQL expression.
 pub const BINDING_KEY: &str = "lance-backfill:expression";
@@ -124,10 +124,7 @@ pub fn resolve_target(schema: &LanceSchema, column: &str) -> Result<TargetColumn
     })
 }
 
-/// The default `where`: rows whose value is still missing.
-pub fn default_filter(column: &str) -> String {
-    format!("{} IS NULL", escape_field_path_for_project(column))
-}
+pub use crate::job::default_filter;
 
 /// Checks an expression against a schema and returns its inferred type and
 /// the columns it reads. Used when declaring a computed column.

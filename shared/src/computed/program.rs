@@ -245,6 +245,25 @@ impl Program {
         self
     }
 
+    /// Ids of the fields it fills, and of the other fields it reads (its
+    /// inputs and the `where`'s columns), children included.
+    pub fn field_ids(&self) -> (Vec<i32>, Vec<i32>) {
+        let targets: Vec<i32> = self
+            .read_schema
+            .fields
+            .iter()
+            .filter(|f| self.columns.contains(&f.name))
+            .flat_map(field_ids)
+            .collect();
+        let inputs = self
+            .read_schema
+            .field_ids()
+            .into_iter()
+            .filter(|id| !targets.contains(id))
+            .collect();
+        (targets, inputs)
+    }
+
     /// The user function's binding, for a program that runs one.
     pub fn udf(&self) -> Option<&Binding> {
         match &self.values {
@@ -252,6 +271,15 @@ impl Program {
             Values::Sql(_) => None,
         }
     }
+}
+
+/// The ids of a field and of its children, all the way down.
+pub fn field_ids(field: &lance::datatypes::Field) -> Vec<i32> {
+    let mut ids = vec![field.id];
+    for child in &field.children {
+        ids.extend(field_ids(child));
+    }
+    ids
 }
 
 fn indices(schema: &ArrowSchema, columns: &[String]) -> Result<Vec<usize>, Error> {

@@ -22,7 +22,7 @@ impl Engine {
         if job.state.is_terminal() {
             return Ok(Disposition::Done);
         }
-        let dataset = self.read_dataset(&job).await?;
+        let dataset = job.spec.read_dataset(&self.catalog).await?;
         let fragments = plan::fragments(&dataset, job.spec.selection()).await?;
         let slice = plan::fragment_slice(&fragments, first, count);
         let messages: Vec<Outgoing> = plan::tasks(slice, job.spec.params.task_size)

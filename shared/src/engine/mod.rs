@@ -28,6 +28,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use lance::Dataset;
 
 use crate::commit::Committer;
@@ -35,6 +37,8 @@ use crate::computed::{Program, TargetColumn};
 use crate::error::{Error, Missing};
 use crate::job::Job;
 use crate::lifecycle::Lifecycle;
+use crate::live::Reconciler;
+use crate::plan::ReadAt;
 use crate::queue::QueueSet;
 use crate::store::JobStore;
 use crate::table::Catalog;
@@ -141,10 +145,12 @@ impl Engine {
         config: EngineConfig,
     ) -> Self {
         let lifecycle = Lifecycle::new(store.clone(), queues.clone(), catalog.clone());
+        let reconciler = Reconciler::new(store.clone(), catalog.clone(), queues.clone());
         let committer = Committer::new(
             store.clone(),
             catalog.clone(),
             lifecycle.clone(),
+            reconciler,
             config.worker_id.clone(),
             config.lease_ttl,
         );
@@ -176,14 +182,21 @@ impl Engine {
         &self.config
     }
 
-    /// The compiled program of a job (cached per job), with its user
-    /// function's runtime attached.
-    async fn program(&self, job: &Job, dataset: &Dataset) -> anyhow::Result<Arc<Program>> {
+    /// The compiled program of a job for fragments read `at` (cached per
+    /// job and `where`), with its user function's runtime attached.
+    async fn program(
+        &self,
+        job: &Job,
+        dataset: &Dataset,
+        at: &ReadAt,
+    ) -> anyhow::Result<Arc<Program>> {
+        let filter = job.spec.filter_for(at);
+        let cache_key = format!("{}\u{1f}{filter}", job.job_id);
         if let Some(found) = self
             .programs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&job.job_id)
+            .get(&cache_key)
         {
             return Ok(found.clone());
         }
@@ -192,13 +205,14 @@ impl Engine {
                 Missing::Column,
                 format!(
                     "column '{}' is missing at version {}",
-                    job.spec.column, job.spec.read_version
+                    job.spec.column,
+                    dataset.version().version
                 ),
             )
             .into_permanent()
         })?;
         let target = TargetColumn::of_job(&job.spec, field.data_type());
-        let mut program = Program::compile(dataset.schema(), &target, Some(&job.spec.filter))
+        let mut program = Program::compile(dataset.schema(), &target, Some(&filter))
             .map_err(Error::into_permanent)?;
         if let Some(binding) = &job.spec.udf {
             program = program.with_udf(self.udf_call(job, dataset, binding).await?);
@@ -208,7 +222,7 @@ impl Engine {
         if programs.len() >= PROGRAM_CACHE_SIZE {
             programs.clear();
         }
-        programs.insert(job.job_id.clone(), program.clone());
+        programs.insert(cache_key, program.clone());
         Ok(program)
     }
 
@@ -234,7 +248,16 @@ impl Engine {
         }))
     }
 
-    async fn read_dataset(&self, job: &Job) -> anyhow::Result<Arc<Dataset>> {
-        job.spec.read_dataset(&self.catalog).await
+    /// The table at the version a fragment read `at` is read at.
+    async fn read_dataset(&self, job: &Job, at: &ReadAt) -> anyhow::Result<Arc<Dataset>> {
+        let spec = &job.spec;
+        match at.version {
+            None => spec.read_dataset(&self.catalog).await,
+            Some(version) => self
+                .catalog
+                .at_version(&spec.table_uri, spec.branch.as_deref(), version)
+                .await
+                .with_context(|| format!("opening {} at version {version}", spec.table_uri)),
+        }
     }
 }

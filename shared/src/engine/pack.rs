@@ -10,12 +10,11 @@ use lance::Dataset;
 use tracing::info;
 
 use super::stop::StopCheck;
-use super::task::planned_fragment;
+use super::task::{Open, planned_fragment};
 use super::write::{Filled, Written};
 use super::{Delivery, Disposition, Engine};
 use crate::checkpoint;
-use crate::computed::Program;
-use crate::job::{Counter, Job, JobState, MAX_FLUSH_INTERVAL_SECONDS, MetricsDelta};
+use crate::job::{Counter, Job, JobState, MetricsDelta};
 use crate::plan::{Pack, PlannedFragment};
 
 /// Fragments recorded together: DynamoDB's transactions hold this many.
@@ -25,8 +24,8 @@ const RECORD_BATCH: usize = 49;
 struct Pending<'a> {
     engine: &'a Engine,
     job: &'a Job,
+    /// The table (at any version: it locates files to remove).
     dataset: &'a Dataset,
-    program: &'a Program,
     filled: Vec<Filled>,
     recorded_at: Instant,
     every: Duration,
@@ -41,7 +40,7 @@ impl Pending<'_> {
             return Ok(());
         }
         self.engine
-            .record_filled(self.job, self.dataset, self.program, filled, counted)
+            .record_filled(self.job, self.dataset, filled, counted)
             .await
     }
 
@@ -120,36 +119,22 @@ impl Engine {
         delivery: &Delivery,
     ) -> anyhow::Result<Disposition> {
         self.mark_running(job).await?;
-        let dataset = self.read_dataset(job).await?;
-        let program = self.program(job, &dataset).await?;
+        let first = open.first().map(|f| f.at).unwrap_or_default();
+        let table = self.read_dataset(job, &first).await?;
         // One listing for the pack instead of one per fragment.
-        let may_have_checkpoints = checkpoint::any_kept(&dataset).await?;
+        let may_have_checkpoints = checkpoint::any_kept(&table).await?;
         let mut stop = StopCheck::new(self, &job.job_id, delivery.deadline);
         let mut pending = Pending {
             engine: self,
             job,
-            dataset: &dataset,
-            program: &program,
+            dataset: &table,
             filled: Vec::new(),
             recorded_at: Instant::now(),
-            every: Duration::from_secs_f64(
-                job.spec
-                    .params
-                    .batch_checkpoint_flush_interval_seconds
-                    .clamp(0.0, MAX_FLUSH_INTERVAL_SECONDS),
-            ),
+            every: job.spec.params.flush_interval(),
         };
         for (i, planned) in open.iter().enumerate() {
-            let fragment = planned_fragment(job, &dataset, planned.id, planned.physical_rows)?;
             let written = self
-                .write_fragment(
-                    job,
-                    &dataset,
-                    &fragment,
-                    &program,
-                    &mut stop,
-                    may_have_checkpoints,
-                )
+                .fill_one(job, planned, &mut stop, may_have_checkpoints)
                 .await
                 .with_context(|| {
                     format!("fragment {}, rows 0..{}", planned.id, planned.physical_rows)
@@ -166,7 +151,7 @@ impl Engine {
             };
             if let Some(reason) = reason {
                 pending.record(MetricsDelta::new()).await?;
-                return Ok(self.stopped(&job.job_id, planned.id, reason).await);
+                return Ok(self.stopped(&job.job_id, planned, reason).await);
             }
             if pending.due() {
                 pending.record(MetricsDelta::new()).await?;
@@ -180,16 +165,38 @@ impl Engine {
         Ok(Disposition::Done)
     }
 
+    /// Writes one fragment of a pack, read at its version.
+    async fn fill_one(
+        &self,
+        job: &Job,
+        planned: &PlannedFragment,
+        stop: &mut StopCheck<'_>,
+        may_have_checkpoints: bool,
+    ) -> anyhow::Result<Written> {
+        let dataset = self.read_dataset(job, &planned.at).await?;
+        let program = self.program(job, &dataset, &planned.at).await?;
+        let fragment = planned_fragment(&dataset, planned)?;
+        let open = Open {
+            dataset: &dataset,
+            planned,
+            fragment: &fragment,
+            program: &program,
+        };
+        self.write_fragment(job, &open, stop, may_have_checkpoints)
+            .await
+    }
+
     /// A late delivery of a pack of a DONE job removes what any holder left
     /// of its fragments' checkpoints (if any checkpoint is kept at all).
     async fn forget_pack_checkpoints(&self, job: &Job, pack: &Pack) {
-        let kept = match self.read_dataset(job).await {
+        let first = pack.fragments.first().map(|f| f.at).unwrap_or_default();
+        let kept = match self.read_dataset(job, &first).await {
             Ok(dataset) => checkpoint::any_kept(&dataset).await.unwrap_or(true),
             Err(_) => true,
         };
         if kept {
             for fragment in &pack.fragments {
-                self.forget_checkpoints(job, fragment.id).await;
+                self.forget_checkpoints(job, fragment).await;
             }
         }
     }

@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use futures::StreamExt;
-use lance::Dataset;
-use lance::dataset::fragment::FileFragment;
 use tokio::sync::mpsc;
 use tracing::info;
 
@@ -16,10 +14,10 @@ use super::batching::BatchSizer;
 use super::compute::{ComputedBatch, FragmentComputer};
 use super::progress::Progress;
 use super::stop::{Stop, StopCheck};
+use super::task::Open;
 use super::{Engine, permanent};
 use crate::checkpoint::{FragmentCheckpoints, Range};
-use crate::computed::Program;
-use crate::job::{Job, MAX_FLUSH_INTERVAL_SECONDS};
+use crate::job::Job;
 use crate::plan::TaskRef;
 
 /// Where a fragment's values go while its file is written.
@@ -95,12 +93,7 @@ impl<'a> Producer<'a> {
             checkpoints,
             sink,
             sizer: Arc::new(Mutex::new(BatchSizer::new(params))),
-            // Bounded at submission; clamped again for jobs recorded earlier.
-            flush_every: Duration::from_secs_f64(
-                params
-                    .batch_checkpoint_flush_interval_seconds
-                    .clamp(0.0, MAX_FLUSH_INTERVAL_SECONDS),
-            ),
+            flush_every: params.flush_interval(),
             counts: Progress::default(),
             fragment_id,
             changed: false,
@@ -260,33 +253,30 @@ impl Engine {
     pub(super) async fn checkpoint_range(
         &self,
         job: &Job,
-        dataset: &Dataset,
-        fragment: &FileFragment,
-        program: &Arc<Program>,
+        open: &Open<'_>,
         task: &TaskRef,
         stop: &mut StopCheck<'_>,
     ) -> anyhow::Result<Result<Progress, Stop>> {
         let checkpoints = FragmentCheckpoints::open(
-            dataset,
-            fragment,
-            &program.checkpoint_key(),
-            program.output_fields.clone(),
+            open.dataset,
+            open.fragment,
+            &open.program.checkpoint_key(),
+            open.program.output_fields.clone(),
         )
         .await?;
         let computer = self
             .open_fragments
-            .open(&job.job_id, fragment, program, self.config.max_batch_bytes)
+            .open(
+                &job.job_id,
+                open.planned.id,
+                open.fragment,
+                open.program,
+                self.config.max_batch_bytes,
+            )
             .await?;
-        let produced = Producer::new(
-            self,
-            job,
-            &computer,
-            &checkpoints,
-            fragment.id() as u64,
-            None,
-        )
-        .run(task.start, task.end, stop)
-        .await?;
+        let produced = Producer::new(self, job, &computer, &checkpoints, open.planned.id, None)
+            .run(task.start, task.end, stop)
+            .await?;
         Ok(match produced {
             Produced::Stopped(reason) => Err(reason),
             Produced::Completed { progress, .. } => Ok(progress),

@@ -27,10 +27,10 @@ struct Opened {
 }
 
 impl Opened {
-    fn new(job_id: &str, fragment: &FileFragment, program: &Arc<Program>) -> Self {
+    fn new(job_id: &str, fragment_id: u64, program: &Arc<Program>) -> Self {
         Self {
             job_id: job_id.to_string(),
-            fragment_id: fragment.id() as u64,
+            fragment_id,
             program: Arc::as_ptr(program) as usize,
         }
     }
@@ -48,11 +48,12 @@ impl OpenFragments {
     pub(super) async fn open(
         &self,
         job_id: &str,
+        fragment_id: u64,
         fragment: &FileFragment,
         program: &Arc<Program>,
         max_batch_bytes: usize,
     ) -> lance::Result<FragmentComputer> {
-        let key = Opened::new(job_id, fragment, program);
+        let key = Opened::new(job_id, fragment_id, program);
         if let Some((_, kept)) = self.lock().iter().find(|(opened, _)| *opened == key) {
             return Ok(kept.clone());
         }
@@ -73,11 +74,12 @@ impl OpenFragments {
     pub(super) async fn take(
         &self,
         job_id: &str,
+        fragment_id: u64,
         fragment: &FileFragment,
         program: &Arc<Program>,
         max_batch_bytes: usize,
     ) -> lance::Result<FragmentComputer> {
-        let key = Opened::new(job_id, fragment, program);
+        let key = Opened::new(job_id, fragment_id, program);
         let kept = {
             let mut recent = self.lock();
             let at = recent.iter().position(|(opened, _)| *opened == key);
@@ -138,11 +140,21 @@ mod tests {
         let open = OpenFragments::default();
         let opened = |job: &'static str, index: usize, program: Arc<Program>| {
             let (open, fragment) = (&open, &fragments[index]);
-            async move { open.open(job, fragment, &program, 1 << 20).await.unwrap() }
+            let id = fragment.id() as u64;
+            async move {
+                open.open(job, id, fragment, &program, 1 << 20)
+                    .await
+                    .unwrap()
+            }
         };
         let taken = |index: usize, program: Arc<Program>| {
             let (open, fragment) = (&open, &fragments[index]);
-            async move { open.take("job", fragment, &program, 1 << 20).await.unwrap() }
+            let id = fragment.id() as u64;
+            async move {
+                open.take("job", id, fragment, &program, 1 << 20)
+                    .await
+                    .unwrap()
+            }
         };
         let first = opened("job", 0, program.clone()).await;
         assert!(first.is_same_open(&opened("job", 0, program.clone()).await));

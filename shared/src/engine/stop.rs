@@ -7,6 +7,7 @@ use tracing::warn;
 
 use super::{Disposition, Engine};
 use crate::job::JobState;
+use crate::plan::PlannedFragment;
 
 /// How often a running task looks at the job's state (cancellation).
 pub const STATE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -64,7 +65,12 @@ impl Engine {
     /// back to the queue at once (its progress is checkpointed); when its
     /// job ended it is done, and leaves nothing behind if the job is DONE
     /// (if the job cannot be read, it comes back to look again).
-    pub(super) async fn stopped(&self, job_id: &str, fragment_id: u64, stop: Stop) -> Disposition {
+    pub(super) async fn stopped(
+        &self,
+        job_id: &str,
+        fragment: &PlannedFragment,
+        stop: Stop,
+    ) -> Disposition {
         match stop {
             Stop::Deadline => Disposition::Requeue {
                 delay: Duration::ZERO,
@@ -72,7 +78,7 @@ impl Engine {
             Stop::Cancelled => {
                 match self.store.get_job(job_id).await {
                     Ok(Some(job)) if job.state == JobState::Done => {
-                        self.forget_checkpoints(&job, fragment_id).await
+                        self.forget_checkpoints(&job, fragment).await
                     }
                     Ok(_) => {}
                     // The task may have checkpointed after the job's final

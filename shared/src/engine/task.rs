@@ -1,6 +1,8 @@
 //! Running one task: take a concurrency slot, compute the task's rows (or
 //! the whole fragment), record it done, and commit what is due.
 
+use std::sync::Arc;
+
 use lance::Dataset;
 use lance::dataset::fragment::FileFragment;
 use tracing::info;
@@ -8,8 +10,9 @@ use tracing::info;
 use super::stop::StopCheck;
 use super::{Delivery, Disposition, Engine, permanent};
 use crate::checkpoint::{FragmentCheckpoints, Key};
+use crate::computed::Program;
 use crate::job::{Job, JobState, MetricsDelta};
-use crate::plan::TaskRef;
+use crate::plan::{PlannedFragment, TaskRef};
 
 /// How a task that held a slot ended.
 enum Ran {
@@ -34,7 +37,7 @@ impl Engine {
         };
         if job.state.is_terminal() {
             if job.state == JobState::Done {
-                self.forget_checkpoints(&job, task.fragment_id).await;
+                self.forget_checkpoints(&job, &task.fragment()).await;
             }
             return Ok(Disposition::Done);
         }
@@ -42,7 +45,7 @@ impl Engine {
         if resolved {
             // A repeated delivery: whatever an earlier holder of this task
             // checkpointed after the fragment was written is of no use.
-            self.forget_checkpoints(&job, task.fragment_id).await;
+            self.forget_checkpoints(&job, &task.fragment()).await;
             self.committer.advance(&job).await?;
             return Ok(Disposition::Done);
         }
@@ -79,7 +82,7 @@ impl Engine {
             return Err(err);
         }
         info!(error = %format!("{err:#}"), "another delivery finished the fragment first");
-        self.forget_checkpoints(job, task.fragment_id).await;
+        self.forget_checkpoints(job, &task.fragment()).await;
         Ok(Disposition::Done)
     }
 
@@ -91,30 +94,34 @@ impl Engine {
         delivery: &Delivery,
     ) -> anyhow::Result<Ran> {
         self.mark_running(job).await?;
-        let dataset = self.read_dataset(job).await?;
-        let program = self.program(job, &dataset).await?;
-        let fragment = task_fragment(job, &dataset, task)?;
+        let planned = task.fragment();
+        let dataset = self.read_dataset(job, &planned.at).await?;
+        let program = self.program(job, &dataset, &planned.at).await?;
+        let fragment = planned_fragment(&dataset, &planned)?;
         let mut stop = StopCheck::new(self, &job.job_id, delivery.deadline);
+        let open = Open {
+            dataset: &dataset,
+            planned: &planned,
+            fragment: &fragment,
+            program: &program,
+        };
         if task.covers_fragment() {
             // The whole fragment in one pass: its file directly, no checkpoints.
             return self
-                .finish_fragment(job, &dataset, &fragment, &program, &mut stop, Some(task))
+                .finish_fragment(job, &open, &mut stop, Some(task))
                 .await
                 .map(Ran::Fragment);
         }
         let mut counted = MetricsDelta::new();
         if !tasks_done.contains(&task.task) {
-            match self
-                .checkpoint_range(job, &dataset, &fragment, &program, task, &mut stop)
-                .await?
-            {
+            match self.checkpoint_range(job, &open, task, &mut stop).await? {
                 Ok(progress) => {
                     counted = progress
                         .counters_to_record(self.store.as_ref(), job)
                         .await?;
                 }
                 Err(stopped) => {
-                    let stopped = self.stopped(&job.job_id, task.fragment_id, stopped).await;
+                    let stopped = self.stopped(&job.job_id, &task.fragment(), stopped).await;
                     return Ok(Ran::Fragment(stopped));
                 }
             }
@@ -131,7 +138,7 @@ impl Engine {
             return Ok(Ran::RangeOnly);
         }
         // Every task of the fragment is checkpointed: assemble its file.
-        self.finish_fragment(job, &dataset, &fragment, &program, &mut stop, None)
+        self.finish_fragment(job, &open, &mut stop, None)
             .await
             .map(Ran::Fragment)
     }
@@ -143,7 +150,7 @@ impl Engine {
     async fn forget_if_resolved(&self, job: &Job, task: &TaskRef) -> anyhow::Result<()> {
         let (resolved, _) = self.fragment_progress(&job.job_id, task).await?;
         if resolved {
-            self.forget_checkpoints(job, task.fragment_id).await;
+            self.forget_checkpoints(job, &task.fragment()).await;
         }
         Ok(())
     }
@@ -180,11 +187,11 @@ impl Engine {
     /// A task of a finished job (a late or repeated delivery, or one that
     /// was computing when the job ended) removes what it or an earlier
     /// holder left of its fragment's checkpoints.
-    pub(super) async fn forget_checkpoints(&self, job: &Job, fragment_id: u64) {
+    pub(super) async fn forget_checkpoints(&self, job: &Job, planned: &PlannedFragment) {
         let result = async {
-            let dataset = self.read_dataset(job).await?;
-            let (key, fields) = Key::for_job(&job.spec, &dataset)?;
-            if let Some(fragment) = dataset.get_fragment(fragment_id as usize) {
+            let dataset = self.read_dataset(job, &planned.at).await?;
+            let (key, fields) = Key::for_fragment(&job.spec, &dataset, &planned.at)?;
+            if let Some(fragment) = dataset.get_fragment(planned.lance_id() as usize) {
                 FragmentCheckpoints::open(&dataset, &fragment, &key, fields)
                     .await?
                     .clear()
@@ -194,35 +201,36 @@ impl Engine {
         }
         .await;
         if let Err(err) = result {
-            tracing::warn!(job_id = %job.job_id, fragment = fragment_id, error = %format!("{err:#}"), "could not remove checkpoints");
+            tracing::warn!(job_id = %job.job_id, fragment = planned.id, error = %format!("{err:#}"), "could not remove checkpoints");
         }
     }
 }
 
-/// The task's fragment at the read version, with the row count it was planned with.
-fn task_fragment(job: &Job, dataset: &Dataset, task: &TaskRef) -> anyhow::Result<FileFragment> {
-    planned_fragment(job, dataset, task.fragment_id, task.fragment_rows)
+/// A fragment opened for a task: the version it is read at, the job's
+/// fragment, the Lance fragment and the program filling it.
+pub(super) struct Open<'a> {
+    pub dataset: &'a Dataset,
+    pub planned: &'a PlannedFragment,
+    pub fragment: &'a FileFragment,
+    pub program: &'a Arc<Program>,
 }
 
-/// Fragment `id` at the read version, which must have the `rows` physical
-/// rows it was planned with.
+/// The planned fragment at the version it is read at, which must have the
+/// physical rows it was planned with.
 pub(super) fn planned_fragment(
-    job: &Job,
     dataset: &Dataset,
-    id: u64,
-    rows: u64,
+    planned: &PlannedFragment,
 ) -> anyhow::Result<FileFragment> {
-    let fragment = dataset.get_fragment(id as usize).ok_or_else(|| {
-        permanent(format!(
-            "fragment {id} does not exist at version {}",
-            job.spec.read_version
-        ))
-    })?;
+    let id = planned.lance_id();
+    let version = dataset.version().version;
+    let fragment = dataset
+        .get_fragment(id as usize)
+        .ok_or_else(|| permanent(format!("fragment {id} does not exist at version {version}")))?;
     let actual = fragment.metadata().physical_rows.map(|r| r as u64);
-    if actual != Some(rows) {
+    if actual != Some(planned.physical_rows) {
         return Err(permanent(format!(
-            "fragment {id} has {actual:?} physical rows at version {}, the task expected {rows}",
-            job.spec.read_version
+            "fragment {id} has {actual:?} physical rows at version {version}, the task expected {}",
+            planned.physical_rows
         )));
     }
     Ok(fragment)

@@ -1,34 +1,31 @@
 //! Writing a fragment's new column file (every physical row, in order) and
 //! recording it: staged for a commit, or skipped when no value changed.
 
-use std::sync::Arc;
-
 use anyhow::Context;
 use arrow_array::RecordBatch;
 use lance::Dataset;
-use lance::dataset::fragment::FileFragment;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::produce::{Produced, Producer};
 use super::progress::Progress;
 use super::stop::{Stop, StopCheck};
+use super::task::Open;
 use super::{Disposition, Engine};
 use crate::checkpoint::FragmentCheckpoints;
-use crate::computed::Program;
 use crate::job::{Counter, Job, MetricsDelta};
-use crate::plan::TaskRef;
+use crate::plan::{PlannedFragment, TaskRef};
 use crate::staging::{delete_data_file, delete_file_at};
 use crate::store::{Resolution, StagedFragment};
 
 /// Batches in flight between the producer and the file writer.
 const WRITER_QUEUE: usize = 4;
 
-/// A fragment filled: its outcome, whether it had checkpoints (to clear
-/// once the outcome is recorded) and the progress to record with it.
+/// A fragment filled: its outcome, its checkpoints (to clear once the
+/// outcome is recorded, if it had any) and the progress to record with it.
 pub(super) struct Filled {
     pub resolution: Resolution,
-    pub checkpointed: bool,
+    pub checkpoints: Option<Box<FragmentCheckpoints>>,
     pub progress: Progress,
 }
 
@@ -44,25 +41,18 @@ impl Engine {
     pub(super) async fn finish_fragment(
         &self,
         job: &Job,
-        dataset: &Dataset,
-        fragment: &FileFragment,
-        program: &Arc<Program>,
+        open: &Open<'_>,
         stop: &mut StopCheck<'_>,
         task: Option<&TaskRef>,
     ) -> anyhow::Result<Disposition> {
-        let filled = match self
-            .write_fragment(job, dataset, fragment, program, stop, true)
-            .await?
-        {
+        let filled = match self.write_fragment(job, open, stop, true).await? {
             Written::Filled(filled) => filled,
             Written::Stopped(reason) => {
-                return Ok(self
-                    .stopped(&job.job_id, fragment.id() as u64, reason)
-                    .await);
+                return Ok(self.stopped(&job.job_id, open.planned, reason).await);
             }
         };
         let counted = MetricsDelta::new().add(Counter::TasksDone, task.is_some() as i64);
-        self.record_filled(job, dataset, program, vec![filled], counted)
+        self.record_filled(job, open.dataset, vec![filled], counted)
             .await?;
         Ok(Disposition::Done)
     }
@@ -75,16 +65,17 @@ impl Engine {
     pub(super) async fn write_fragment(
         &self,
         job: &Job,
-        dataset: &Dataset,
-        fragment: &FileFragment,
-        program: &Arc<Program>,
+        open: &Open<'_>,
         stop: &mut StopCheck<'_>,
         may_have_checkpoints: bool,
     ) -> anyhow::Result<Written> {
-        let rows = fragment
-            .metadata()
-            .physical_rows
-            .context("fragment without a physical row count")? as u64;
+        let Open {
+            dataset,
+            planned,
+            fragment,
+            program,
+        } = *open;
+        let rows = planned.physical_rows;
         let checkpoints = FragmentCheckpoints::open(
             dataset,
             fragment,
@@ -95,7 +86,13 @@ impl Engine {
         .known_empty(!may_have_checkpoints);
         let computer = self
             .open_fragments
-            .take(&job.job_id, fragment, program, self.config.max_batch_bytes)
+            .take(
+                &job.job_id,
+                planned.id,
+                fragment,
+                program,
+                self.config.max_batch_bytes,
+            )
             .await?;
         let target = dataset
             .schema()
@@ -105,19 +102,18 @@ impl Engine {
         let batches = futures::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|item| (item, receiver))
         });
-        let producer = Producer::new(
-            self,
-            job,
-            &computer,
-            &checkpoints,
-            fragment.id() as u64,
-            Some(sender),
-        )
-        .run(0, rows, stop);
+        let producer = Producer::new(self, job, &computer, &checkpoints, planned.id, Some(sender))
+            .run(0, rows, stop);
         let writer = fragment.write_columns(batches, &target);
         let (produced, written) = tokio::join!(producer, writer);
         let written = written.map(|group| group.1);
-        settle_written(dataset, fragment.id() as u64, rows, produced, written).await
+        let staging = Staging {
+            dataset,
+            planned,
+            read_fields: program.read_schema.field_ids(),
+            checkpoints,
+        };
+        staging.settle(produced, written).await
     }
 
     /// Records filled fragments (staged, or needing no new file) with their
@@ -128,7 +124,6 @@ impl Engine {
         &self,
         job: &Job,
         dataset: &Dataset,
-        program: &Program,
         filled: Vec<Filled>,
         counted: MetricsDelta,
     ) -> anyhow::Result<()> {
@@ -137,8 +132,8 @@ impl Engine {
         let mut checkpointed = Vec::new();
         for fragment in filled {
             progress.merge(fragment.progress);
-            if fragment.checkpointed {
-                checkpointed.push(fragment.resolution.fragment_id);
+            if let Some(checkpoints) = fragment.checkpoints {
+                checkpointed.push((fragment.resolution.fragment_id, checkpoints));
             }
             resolutions.push(fragment.resolution);
         }
@@ -159,71 +154,69 @@ impl Engine {
                 (None, false) => {}
             }
         }
-        for id in checkpointed {
-            clear_checkpoints(dataset, program, id).await;
+        for (id, checkpoints) in checkpointed {
+            // The staged file (or the skip) now stands for these values.
+            if let Err(err) = checkpoints.clear().await {
+                warn!(fragment = id, error = %format!("{err:#}"), "could not clear checkpoints");
+            }
         }
         Ok(())
     }
 }
 
-/// The staged file (or the skip) now stands for these values.
-async fn clear_checkpoints(dataset: &Dataset, program: &Program, fragment_id: u64) {
-    let cleared = async {
-        if let Some(fragment) = dataset.get_fragment(fragment_id as usize) {
-            let key = program.checkpoint_key();
-            FragmentCheckpoints::open(dataset, &fragment, &key, program.output_fields.clone())
-                .await?
-                .clear()
-                .await?;
-        }
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(err) = cleared {
-        warn!(fragment = fragment_id, error = %format!("{err:#}"), "could not clear checkpoints");
-    }
+/// A fragment's file being settled: where it was read, what its values
+/// were computed from, and its checkpoints.
+struct Staging<'a> {
+    dataset: &'a Dataset,
+    planned: &'a PlannedFragment,
+    read_fields: Vec<i32>,
+    checkpoints: FragmentCheckpoints,
 }
 
-/// Pairs what the producer reported with the file the writer wrote: a
-/// stopped or failed fill removes the file, a fill that changed nothing too.
-async fn settle_written(
-    dataset: &Dataset,
-    fragment_id: u64,
-    rows: u64,
-    produced: anyhow::Result<Produced>,
-    written: lance::Result<lance::table::format::DataFile>,
-) -> anyhow::Result<Written> {
-    let (changed, checkpointed, progress) = match produced {
-        Ok(Produced::Completed {
-            changed,
-            checkpointed,
-            progress,
-        }) => (changed, checkpointed, progress),
-        Ok(Produced::Stopped(_)) | Err(_) => {
-            if let Ok(file) = &written {
-                delete_file_at(dataset, &file.path).await;
+impl Staging<'_> {
+    /// Pairs what the producer reported with the file the writer wrote: a
+    /// stopped or failed fill removes the file, a fill that changed nothing
+    /// too.
+    async fn settle(
+        self,
+        produced: anyhow::Result<Produced>,
+        written: lance::Result<lance::table::format::DataFile>,
+    ) -> anyhow::Result<Written> {
+        let (changed, checkpointed, progress) = match produced {
+            Ok(Produced::Completed {
+                changed,
+                checkpointed,
+                progress,
+            }) => (changed, checkpointed, progress),
+            Ok(Produced::Stopped(_)) | Err(_) => {
+                if let Ok(file) = &written {
+                    delete_file_at(self.dataset, &file.path).await;
+                }
+                return match produced {
+                    Ok(Produced::Stopped(reason)) => Ok(Written::Stopped(reason)),
+                    Err(err) => Err(err),
+                    Ok(Produced::Completed { .. }) => unreachable!("matched above"),
+                };
             }
-            return match produced {
-                Ok(Produced::Stopped(reason)) => Ok(Written::Stopped(reason)),
-                Err(err) => Err(err),
-                Ok(Produced::Completed { .. }) => unreachable!("matched above"),
-            };
-        }
-    };
-    let file = written.context("writing the fragment's column file")?;
-    let resolution = if changed {
-        Resolution::staged(StagedFragment {
-            fragment_id,
-            data_file: serde_json::to_value(&file)?,
-            rows,
-        })
-    } else {
-        delete_file_at(dataset, &file.path).await;
-        Resolution::skipped(fragment_id)
-    };
-    Ok(Written::Filled(Filled {
-        resolution,
-        checkpointed,
-        progress,
-    }))
+        };
+        let file = written.context("writing the fragment's column file")?;
+        let planned = self.planned;
+        let resolution = if changed {
+            Resolution::staged(StagedFragment {
+                fragment_id: planned.id,
+                data_file: serde_json::to_value(&file)?,
+                rows: planned.physical_rows,
+                version: planned.at.version,
+                read_fields: self.read_fields,
+            })
+        } else {
+            delete_file_at(self.dataset, &file.path).await;
+            Resolution::skipped(planned.id)
+        };
+        Ok(Written::Filled(Filled {
+            resolution,
+            checkpoints: checkpointed.then(|| Box::new(self.checkpoints)),
+            progress,
+        }))
+    }
 }

@@ -2,7 +2,7 @@
 //! creation (SUBMITTED) and each transition, after the store took it. One
 //! seam for the API, the engine and the lifecycle alike.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +12,9 @@ use tracing::warn;
 use super::{JobChange, JobNotice, Publisher};
 use crate::job::{Job, JobEvent, JobState, Metrics, MetricsDelta, published_version};
 use crate::store::{
-    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, Resolution, RowFailure,
-    StagedFragment, StoreResult, TaskMark,
+    ColumnWatermark, CreateOutcome, FragmentRecord, FragmentStatus, IdempotencyClaim, JobPage,
+    JobStore, PlanChange, PlanChanged, Replanned, Resolution, RowFailure, StagedFragment,
+    StoreResult, TaskMark,
 };
 
 /// Events read to find a DONE job's published version (its last commit's).
@@ -168,6 +169,22 @@ impl JobStore for PublishingStore {
         self.inner.resolved_fragments(job_id, fragment_ids).await
     }
 
+    async fn fragment_statuses(
+        &self,
+        job_id: &str,
+        fragment_ids: &[u64],
+    ) -> StoreResult<HashMap<u64, FragmentStatus>> {
+        self.inner.fragment_statuses(job_id, fragment_ids).await
+    }
+
+    async fn change_plan(&self, job_id: &str, change: &PlanChange) -> StoreResult<PlanChanged> {
+        self.inner.change_plan(job_id, change).await
+    }
+
+    async fn replanned_fragments(&self, job_id: &str) -> StoreResult<Vec<Replanned>> {
+        self.inner.replanned_fragments(job_id).await
+    }
+
     async fn staged_fragments(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>> {
         self.inner.staged_fragments(job_id).await
     }
@@ -176,13 +193,49 @@ impl JobStore for PublishingStore {
         self.inner.mark_committed(job_id, fragments).await
     }
 
+    async fn begin_commit(
+        &self,
+        job_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<i64>> {
+        self.inner.begin_commit(job_id, owner, ttl).await
+    }
+
     async fn record_commit(
         &self,
         job_id: &str,
         fragments: &[StagedFragment],
         event: &str,
+        owner: &str,
     ) -> StoreResult<()> {
-        self.inner.record_commit(job_id, fragments, event).await
+        self.inner
+            .record_commit(job_id, fragments, event, owner)
+            .await
+    }
+
+    async fn end_commit(&self, job_id: &str, owner: &str) -> StoreResult<()> {
+        self.inner.end_commit(job_id, owner).await
+    }
+
+    async fn watermark(
+        &self,
+        table_key: &str,
+        column: &str,
+    ) -> StoreResult<(ColumnWatermark, u64)> {
+        self.inner.watermark(table_key, column).await
+    }
+
+    async fn set_watermark(
+        &self,
+        table_key: &str,
+        column: &str,
+        watermark: &ColumnWatermark,
+        revision: u64,
+    ) -> StoreResult<bool> {
+        self.inner
+            .set_watermark(table_key, column, watermark, revision)
+            .await
     }
 
     async fn try_lease(

@@ -109,6 +109,17 @@ pub struct JobSpec {
     /// next job starts after it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintained_through: Option<u64>,
+    /// A maintained column's job: the table version whose changes it
+    /// takes the column up to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintained_version: Option<u64>,
+    /// Fragments whose inputs an update rewrote since the column's last
+    /// job: filled whole, even rows that have a value (see
+    /// [`crate::plan::ReadAt::refill`]). `refill_all`: every fragment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refill_fragments: Vec<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refill_all: bool,
 }
 
 impl JobSpec {
@@ -118,6 +129,20 @@ impl JobSpec {
             num_frags: self.params.num_frags,
             skip: &self.skip_fragments,
             first_id: self.first_fragment_id,
+            refill: &self.refill_fragments,
+            refill_all: self.refill_all,
+        }
+    }
+
+    /// The `where` a fragment read `at` is filled with: the job's, except
+    /// that a fragment holding rows an update rewrote is filled whole when
+    /// the job's `where` is the default (`<column> IS NULL`): their values
+    /// may be there already, computed from inputs the update changed.
+    pub fn filter_for(&self, at: &crate::plan::ReadAt) -> String {
+        if at.refill && self.filter == default_filter(&self.column) {
+            REFILL_FILTER.to_string()
+        } else {
+            self.filter.clone()
         }
     }
 
@@ -129,6 +154,17 @@ impl JobSpec {
         }
     }
 }
+
+/// The default `where`: rows whose value is still missing.
+pub fn default_filter(column: &str) -> String {
+    format!(
+        "{} IS NULL",
+        lance::datatypes::escape_field_path_for_project(column)
+    )
+}
+
+/// The `where` of rows filled whole (see [`JobSpec::filter_for`]).
+pub const REFILL_FILTER: &str = "true";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobEvent {
@@ -156,10 +192,26 @@ pub enum Counter {
     Queued,
     /// Rows a user function raised on, left null (`on_error: skip`).
     RowsFailed,
+    /// Fragments whose rows moved on (compaction, an update) or whose
+    /// inputs were rewritten before their values were committed.
+    FragmentsMoved,
+    /// Fragments the job planned after its submission (where moved rows
+    /// went, rows an update rewrote), and their rows; both are also in
+    /// the totals.
+    FragmentsReplanned,
+    RowsReplanned,
+    /// Commits made at a later version than the one their fragments were
+    /// read at, over commits of other writers.
+    CommitsRebased,
+    /// The latest table version whose changes the job has taken into
+    /// account (set, not summed: only its committer moves it).
+    HistoryVersion,
+    /// The latest version seen made by another writer (set likewise).
+    ForeignVersion,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 21] = [
         Counter::FragmentsTotal,
         Counter::FragmentsStaged,
         Counter::FragmentsCommitted,
@@ -175,6 +227,12 @@ impl Counter {
         Counter::ConflictRetries,
         Counter::Queued,
         Counter::RowsFailed,
+        Counter::FragmentsMoved,
+        Counter::FragmentsReplanned,
+        Counter::RowsReplanned,
+        Counter::CommitsRebased,
+        Counter::HistoryVersion,
+        Counter::ForeignVersion,
     ];
 
     pub fn name(self) -> &'static str {
@@ -194,6 +252,12 @@ impl Counter {
             Self::ConflictRetries => "conflict_retries",
             Self::Queued => "queued",
             Self::RowsFailed => "rows_failed",
+            Self::FragmentsMoved => "fragments_moved",
+            Self::FragmentsReplanned => "fragments_replanned",
+            Self::RowsReplanned => "rows_replanned",
+            Self::CommitsRebased => "commits_rebased",
+            Self::HistoryVersion => "history_version",
+            Self::ForeignVersion => "foreign_version",
         }
     }
 
@@ -216,9 +280,12 @@ impl Metrics {
         self.values.insert(counter.name(), value);
     }
 
-    /// Fragments with nothing left to do: committed or skipped.
+    /// Fragments with nothing left to do: committed, skipped, or moved
+    /// on (the job planned where their rows went instead).
     pub fn fragments_finished(&self) -> u64 {
-        self.get(Counter::FragmentsCommitted) + self.get(Counter::FragmentsSkipped)
+        self.get(Counter::FragmentsCommitted)
+            + self.get(Counter::FragmentsSkipped)
+            + self.get(Counter::FragmentsMoved)
     }
 
     /// Staged fragments not yet committed.
@@ -227,9 +294,11 @@ impl Metrics {
             .saturating_sub(self.get(Counter::FragmentsCommitted))
     }
 
-    /// Every fragment has been staged or skipped.
+    /// Every fragment has been staged, skipped or moved on.
     pub fn all_fragments_resolved(&self) -> bool {
-        self.get(Counter::FragmentsStaged) + self.get(Counter::FragmentsSkipped)
+        self.get(Counter::FragmentsStaged)
+            + self.get(Counter::FragmentsSkipped)
+            + self.get(Counter::FragmentsMoved)
             >= self.get(Counter::FragmentsTotal)
     }
 }

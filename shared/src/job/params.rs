@@ -50,6 +50,17 @@ pub struct Params {
     pub manifest: Option<String>,
 }
 
+impl Params {
+    /// How often computed values are checkpointed (bounded at submission;
+    /// bounded again here for jobs recorded by earlier versions).
+    pub fn flush_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(
+            self.batch_checkpoint_flush_interval_seconds
+                .clamp(0.0, MAX_FLUSH_INTERVAL_SECONDS),
+        )
+    }
+}
+
 /// `max(64, ceil(fragments / 20))`: about twenty commits for a big table.
 pub fn default_commit_granularity(fragments: u64) -> u32 {
     fragments

@@ -1,22 +1,25 @@
 //! Maintained columns: a column declared with `auto_backfill` is filled
-//! whenever a new table version brings rows it has no value for. Each pass
-//! looks at a table's latest version and submits, through the same
-//! submission as the API, a job over the fragments appended since the last
-//! job it made (fragment ids only grow, so "appended since" is "id above").
+//! whenever a new table version brings rows it has no value for, and
+//! computed again where an update rewrote its inputs, as a stored generated
+//! column would be. Each pass looks at a table's latest version and
+//! submits, through the same submission as the API, one job per column
+//! over the fragments appended since its last DONE job (fragment ids only
+//! grow, so "appended since" is "id above") and the fragments whose inputs
+//! changed since then ([`due`]).
 //!
-//! - Idempotent: one job per table, column and version (the idempotency key
-//!   names them), however many watchers see the version.
+//! - Durable: where each column stands is a record of its own in the job
+//!   store ([`ColumnWatermark`]), moved forward only by DONE jobs, so any
+//!   process, a restarted `serve` or a fresh Lambda, carries on where the
+//!   last left off, however many jobs the table has had.
+//! - Idempotent: one job per table, column, version and attempt (the
+//!   idempotency key names them), however many watchers see the version.
 //! - Coalesced: while a column's job runs, new versions wait; the next pass
 //!   after it ends submits one job covering all of them.
+//! - Retried: a failed or cancelled job counts nothing covered; the column
+//!   is tried again after a backoff (5 s doubling to 10 minutes), noted on
+//!   the failed job, until a job is DONE.
 //! - Chained: a column whose inputs include a maintained column waits until
-//!   that column has covered the same fragments and its job has ended.
-//!
-//! What each column covered is read from its latest maintainer job
-//! (`maintained_through`), so any process, a restarted `serve` or a fresh
-//! Lambda, carries on where the last left off. `serve` runs [`watch`] over
-//! the tables under its root, woken early by new versions of local tables
-//! and by jobs' ends ([`wake`]); on AWS the trigger function runs
-//! [`Maintainer::maintain`] for the table an event names.
+//!   that column has caught up with the same version and its job has ended.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,12 +32,16 @@ use tracing::{info, warn};
 
 use crate::computed::{MAINTAINED_KEY, Program, resolve_target};
 use crate::error::Error;
-use crate::store::JobStore;
+use crate::job::{Job, JobState, now_millis};
+use crate::queue::{Outgoing, TaskQueue};
+use crate::store::{ColumnWatermark, JobStore};
 use crate::submit::{SubmitOutcome, SubmitRequest, Submitter};
 use crate::table::{Catalog, TableId};
 
+mod due;
 mod wake;
 
+use due::Due;
 pub use wake::{MIN_WAKE_GAP, VersionWatch, Wake, WakeOnJobEnd};
 
 /// How `serve` looks for new versions by default.
@@ -43,31 +50,49 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_WATCHED_TABLES: usize = 10_000;
 /// Who maintained-column jobs are submitted by.
 pub const MAINTAINER: &str = "maintainer";
-/// A column's latest maintainer job is looked for among this many of the
-/// table's newest jobs; beyond, the column starts again from every fragment
-/// (its default `where` then fills only what is still null).
-const JOBS_LOOKED_AT: usize = 50;
-
-/// Where a maintained column stands, from its latest maintainer job.
-#[derive(Debug, Clone, Default)]
-struct Covered {
-    /// The highest fragment id its jobs covered (`None`: none yet, so the
-    /// first job covers every fragment, filling whatever is still null).
-    through: Option<u64>,
-    /// The last job submitted for it.
-    last_job: Option<String>,
-}
+/// The wait before trying a column again after its first failed job;
+/// doubled after each further one, up to [`RETRY_BACKOFF_CAP`].
+pub const RETRY_BACKOFF_BASE: Duration = Duration::from_secs(5);
+pub const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(600);
 
 /// A maintained column and the columns it reads.
-struct Maintained {
-    column: String,
-    inputs: Vec<String>,
+pub(crate) struct Maintained {
+    pub column: String,
+    pub inputs: Vec<String>,
+    /// Ids of the fields it reads (not those it fills).
+    pub input_fields: Vec<i32>,
 }
 
 pub struct Maintainer {
     catalog: Arc<Catalog>,
     store: Arc<dyn JobStore>,
     submitter: Submitter,
+    /// Where a table's next attempt is scheduled, when nothing polls (the
+    /// trigger function on AWS): a message naming the table, delayed by
+    /// the column's backoff, comes back to the trigger.
+    retries: Option<Arc<dyn TaskQueue>>,
+}
+
+/// A scheduled look at a table (the body of a retry message).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Retry {
+    pub table_id: Vec<String>,
+}
+
+/// SQS delays a message 15 minutes at most.
+const MAX_MESSAGE_DELAY: Duration = Duration::from_secs(900);
+
+/// A table at its latest version, as one pass sees it.
+struct Latest<'a> {
+    table: &'a TableId,
+    dataset: &'a Arc<Dataset>,
+    columns: &'a [Maintained],
+}
+
+/// The wait before attempt `failures + 1`.
+pub fn retry_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (RETRY_BACKOFF_BASE * (1u32 << doublings)).min(RETRY_BACKOFF_CAP)
 }
 
 impl Maintainer {
@@ -76,6 +101,28 @@ impl Maintainer {
             catalog,
             store,
             submitter,
+            retries: None,
+        }
+    }
+
+    /// Schedules columns' next attempts on `queue` (see [`Retry`]).
+    pub fn with_retries(mut self, queue: Option<Arc<dyn TaskQueue>>) -> Self {
+        self.retries = queue;
+        self
+    }
+
+    /// Sends the table's retry message, due in `wait`.
+    async fn schedule(&self, table: &TableId, wait: Duration) {
+        let Some(queue) = &self.retries else {
+            return;
+        };
+        let body = serde_json::to_string(&Retry {
+            table_id: table.0.clone(),
+        })
+        .unwrap_or_default();
+        let message = Outgoing::raw(&body, wait.min(MAX_MESSAGE_DELAY));
+        if let Err(err) = queue.send_many(vec![message]).await {
+            warn!(table = %table.display(), error = %format!("{err:#}"), "could not schedule the retry");
         }
     }
 
@@ -97,111 +144,204 @@ impl Maintainer {
     /// version; returns their ids.
     pub async fn maintain(&self, table: &TableId) -> Result<Vec<String>, Error> {
         let uri = self.catalog.locate(table).await?;
-        let dataset = self
-            .catalog
-            .latest(&uri, None)
-            .await
-            .map_err(|err| Error::from_lance(err, "opening the table"))?;
+        let dataset = Arc::new(
+            self.catalog
+                .latest(&uri, None)
+                .await
+                .map_err(|err| Error::from_lance(err, "opening the table"))?,
+        );
         let columns = maintained_columns(&dataset)?;
-        let Some(last_fragment) = dataset.get_fragments().iter().map(|f| f.id() as u64).max()
-        else {
+        if dataset.get_fragments().is_empty() {
             return Ok(Vec::new());
+        }
+        let latest = Latest {
+            table,
+            dataset: &dataset,
+            columns: &columns,
         };
         let mut submitted = Vec::new();
         for column in &columns {
-            let Some(state) = self.due(table, column, &columns, last_fragment).await? else {
-                continue;
-            };
-            if let Some(job_id) = self
-                .submit(table, column, &state, &dataset, last_fragment)
-                .await?
-            {
+            if let Some(job_id) = self.maintain_column(&latest, column).await? {
                 submitted.push(job_id);
             }
         }
         Ok(submitted)
     }
 
-    /// The column's state when it needs a job now (fragments beyond what it
-    /// covered, no job of its own running, its maintained inputs settled).
-    async fn due(
+    /// The column's job, if it needs one now.
+    async fn maintain_column(
+        &self,
+        latest: &Latest<'_>,
+        column: &Maintained,
+    ) -> Result<Option<String>, Error> {
+        let Some((mark, revision)) = self.settled(latest.table, &column.column).await? else {
+            return Ok(None);
+        };
+        if now_millis() < mark.retry_at_ms {
+            return Ok(None);
+        }
+        let version = latest.dataset.version().version;
+        let Some(due) = Due::of(latest.dataset, column, &mark).await? else {
+            // Nothing to fill: the column is caught up with this version.
+            if mark.through_version.is_none_or(|v| v < version) {
+                let caught_up = ColumnWatermark {
+                    through_version: Some(version),
+                    ..mark
+                };
+                self.save(latest.table, &column.column, &caught_up, revision)
+                    .await?;
+            }
+            return Ok(None);
+        };
+        if !self.inputs_settled(latest, column, version).await? {
+            return Ok(None);
+        }
+        let Some(job_id) = self.submit(latest, column, &mark, &due).await? else {
+            return Ok(None);
+        };
+        let started = ColumnWatermark {
+            last_job: Some(job_id.clone()),
+            ..mark
+        };
+        self.save(latest.table, &column.column, &started, revision)
+            .await?;
+        Ok(Some(job_id))
+    }
+
+    /// The column's record once its last job's end is taken into account
+    /// (a DONE job moves it forward, a failed one counts), with its
+    /// revision; `None` while that job runs, or when another maintainer
+    /// changed the record meanwhile.
+    async fn settled(
         &self,
         table: &TableId,
-        column: &Maintained,
-        all: &[Maintained],
-        last_fragment: u64,
-    ) -> Result<Option<Covered>, Error> {
-        let state = self.state(table, &column.column).await?;
-        if state
-            .through
-            .is_some_and(|through| through >= last_fragment)
-        {
-            return Ok(None);
-        }
-        if self.is_running(&state).await? {
-            return Ok(None);
-        }
-        for input in all.iter().filter(|c| column.inputs.contains(&c.column)) {
-            let input_state = self.state(table, &input.column).await?;
-            let settled = input_state.through.is_some_and(|t| t >= last_fragment)
-                && !self.is_running(&input_state).await?;
-            if !settled {
-                return Ok(None);
-            }
-        }
-        Ok(Some(state))
-    }
-
-    /// The column's latest maintainer job among the table's newest jobs.
-    async fn state(&self, table: &TableId, column: &str) -> Result<Covered, Error> {
-        let page = self
+        column: &str,
+    ) -> Result<Option<(ColumnWatermark, u64)>, Error> {
+        let (mark, revision) = self
             .store
-            .list_jobs(&table.key(), JOBS_LOOKED_AT, None)
+            .watermark(&table.key(), column)
             .await
-            .map_err(|err| Error::transient(format!("listing the table's jobs: {err}")))?;
-        Ok(page
-            .jobs
-            .into_iter()
-            .find(|job| job.spec.submitted_by == MAINTAINER && job.spec.column == column)
-            .map(|job| Covered {
-                through: job.spec.maintained_through,
-                last_job: Some(job.job_id),
-            })
-            .unwrap_or_default())
-    }
-
-    async fn is_running(&self, state: &Covered) -> Result<bool, Error> {
-        let Some(job_id) = &state.last_job else {
-            return Ok(false);
+            .map_err(|err| Error::transient(format!("reading the column's record: {err}")))?;
+        let Some(job_id) = mark.last_job.clone() else {
+            return Ok(Some((mark, revision)));
         };
         let job = self
             .store
-            .get_job(job_id)
+            .get_job(&job_id)
             .await
             .map_err(|err| Error::transient(format!("reading job {job_id}: {err}")))?;
-        Ok(job.is_some_and(|job| !job.state.is_terminal()))
+        let Some(job) = job else {
+            return Ok(Some((mark, revision)));
+        };
+        let next = match job.state {
+            JobState::Pending | JobState::Running => return Ok(None),
+            JobState::Done => advanced(&mark, &job),
+            JobState::Failed | JobState::Cancelled => {
+                let next = self.count_failure(&mark, &job).await;
+                if next != mark {
+                    let wait = retry_backoff(next.failures);
+                    self.schedule(table, wait).await;
+                }
+                next
+            }
+        };
+        if next == mark {
+            return Ok(Some((mark, revision)));
+        }
+        if !self.save(table, column, &next, revision).await? {
+            return Ok(None);
+        }
+        Ok(Some((next, revision + 1)))
     }
 
-    /// Submits the column's job over the fragments after those it covered.
-    async fn submit(
+    /// The record after a failed or cancelled job (counted once), with the
+    /// time of the next attempt noted on the job.
+    async fn count_failure(&self, mark: &ColumnWatermark, job: &Job) -> ColumnWatermark {
+        if mark.counted_failure.as_deref() == Some(job.job_id.as_str()) {
+            return mark.clone();
+        }
+        let failures = mark.failures + 1;
+        let wait = retry_backoff(failures);
+        let note = format!(
+            "maintained column '{}': tried again in {} s (attempt {}), from the rows its last \
+             DONE job covered",
+            job.spec.column,
+            wait.as_secs(),
+            failures + 1
+        );
+        if let Err(err) = self.store.add_event(&job.job_id, &note).await {
+            warn!(job_id = %job.job_id, error = %err, "could not note the retry");
+        }
+        info!(job_id = %job.job_id, failures, "maintained column: job ended without filling it");
+        ColumnWatermark {
+            failures,
+            counted_failure: Some(job.job_id.clone()),
+            retry_at_ms: now_millis() + wait.as_millis() as i64,
+            ..mark.clone()
+        }
+    }
+
+    /// Writes the record if nobody changed it since `revision`.
+    async fn save(
         &self,
         table: &TableId,
+        column: &str,
+        mark: &ColumnWatermark,
+        revision: u64,
+    ) -> Result<bool, Error> {
+        self.store
+            .set_watermark(&table.key(), column, mark, revision)
+            .await
+            .map_err(|err| Error::transient(format!("recording the column's record: {err}")))
+    }
+
+    /// Whether every maintained column the column reads has caught up with
+    /// `version` and has no job running.
+    async fn inputs_settled(
+        &self,
+        latest: &Latest<'_>,
         column: &Maintained,
-        state: &Covered,
-        dataset: &Dataset,
-        last_fragment: u64,
+        version: u64,
+    ) -> Result<bool, Error> {
+        for input in latest
+            .columns
+            .iter()
+            .filter(|c| column.inputs.contains(&c.column))
+        {
+            let Some((mark, _)) = self.settled(latest.table, &input.column).await? else {
+                return Ok(false);
+            };
+            if mark.through_version.is_none_or(|v| v < version) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Submits the column's job; `None` when another job (a user's) fills
+    /// the column now.
+    async fn submit(
+        &self,
+        latest: &Latest<'_>,
+        column: &Maintained,
+        mark: &ColumnWatermark,
+        due: &Due,
     ) -> Result<Option<String>, Error> {
+        let (table, version) = (latest.table, latest.dataset.version().version);
         let request = AlterTableBackfillColumnsRequest::new(column.column.clone());
         let mut submit = SubmitRequest::new(table.clone(), request, MAINTAINER.to_string());
         // Declaring a maintained user-function column needed the permission.
         submit.allow_udf = true;
-        submit.first_fragment_id = state.through.map(|through| through + 1);
-        submit.maintained_through = Some(last_fragment);
+        submit.first_fragment_id = due.first_fragment;
+        submit.refill_fragments = due.refill.clone();
+        submit.refill_all = due.refill_all;
+        submit.maintained_through = Some(due.last_fragment);
+        submit.maintained_version = Some(version);
         submit.idempotency_key = Some(format!(
-            "maintain:{}:{}:{}",
+            "maintain:{}:{}:{version}:{}",
             table.key(),
             column.column,
-            dataset.version().version
+            mark.failures
         ));
         let job_id = match self.submitter.submit(submit).await {
             Ok(SubmitOutcome::Created { job_id } | SubmitOutcome::Replayed { job_id }) => job_id,
@@ -210,14 +350,28 @@ impl Maintainer {
             Err(Error::Conflict(_)) => return Ok(None),
             Err(err) => return Err(err),
         };
-        info!(table = %table.display(), column = %column.column, %job_id, version = dataset.version().version, through = last_fragment, "maintained column: job submitted");
+        info!(table = %table.display(), column = %column.column, %job_id, version, through = due.last_fragment, refill = due.refill.len(), "maintained column: job submitted");
         Ok(Some(job_id))
+    }
+}
+
+/// The record after a DONE job: what it covered is covered.
+fn advanced(mark: &ColumnWatermark, job: &Job) -> ColumnWatermark {
+    let spec = &job.spec;
+    let version = spec.maintained_version.unwrap_or(spec.read_version);
+    ColumnWatermark {
+        through_fragment: mark.through_fragment.max(spec.maintained_through),
+        through_version: mark.through_version.max(Some(version)),
+        failures: 0,
+        counted_failure: None,
+        retry_at_ms: 0,
+        ..mark.clone()
     }
 }
 
 /// The table's maintained columns (a user function's once, by its first
 /// output), each with the columns it reads.
-fn maintained_columns(dataset: &Dataset) -> Result<Vec<Maintained>, Error> {
+pub(crate) fn maintained_columns(dataset: &Dataset) -> Result<Vec<Maintained>, Error> {
     let schema = dataset.schema();
     let mut columns: Vec<Maintained> = Vec::new();
     for field in &schema.fields {
@@ -236,9 +390,11 @@ fn maintained_columns(dataset: &Dataset) -> Result<Vec<Maintained>, Error> {
             .map(|f| f.name.clone())
             .filter(|name| !program.columns.contains(name))
             .collect();
+        let (_, input_fields) = program.field_ids();
         columns.push(Maintained {
             column: target.name,
             inputs,
+            input_fields,
         });
     }
     Ok(columns)

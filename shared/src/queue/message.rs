@@ -165,6 +165,7 @@ mod tests {
             start: 0,
             end: 5,
             fragment_rows: 5,
+            at: Default::default(),
         };
         let message = Message::run("j", task);
         assert_eq!(Message::parse(&message.to_body()).unwrap(), message);
@@ -181,6 +182,7 @@ mod tests {
                 .map(|id| crate::plan::PlannedFragment {
                     id: *id,
                     physical_rows: 10,
+                    at: Default::default(),
                 })
                 .collect(),
         };

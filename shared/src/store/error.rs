@@ -18,6 +18,10 @@ pub enum StoreError {
     /// The item the call is about does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// A commit of the job is being published: the job cannot be cancelled
+    /// until it is recorded (or its commit lease expires).
+    #[error("a commit of job {0} is being published")]
+    CommitInFlight(String),
     /// A page token this store did not issue.
     #[error("page_token is not valid")]
     BadPageToken,
@@ -29,7 +33,10 @@ pub enum StoreError {
 impl StoreError {
     /// Whether a later retry of the same call may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Contention(_) | Self::Unavailable(_))
+        matches!(
+            self,
+            Self::Contention(_) | Self::Unavailable(_) | Self::CommitInFlight(_)
+        )
     }
 }
 
@@ -39,7 +46,7 @@ impl From<StoreError> for crate::error::Error {
             StoreError::ItemTooLarge(_) => Self::Permanent(err.to_string()),
             StoreError::BadPageToken => Self::invalid_input(err.to_string()),
             StoreError::NotFound(_) => Self::Internal(err.to_string()),
-            StoreError::Contention(_) => Self::Transient {
+            StoreError::Contention(_) | StoreError::CommitInFlight(_) => Self::Transient {
                 message: err.to_string(),
                 throttled: true,
             },

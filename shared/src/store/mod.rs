@@ -2,13 +2,14 @@
 //! progress, and leases. DynamoDB in the cloud, SQLite on one machine;
 //! both pass the same conformance suite (tests/integration/store_conformance.rs).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::job::{Job, JobEvent, JobState, Metrics, MetricsDelta};
+use crate::job::{Counter, Job, JobEvent, JobState, Metrics, MetricsDelta};
+use crate::plan::PlannedFragment;
 
 pub mod dynamodb;
 mod error;
@@ -63,9 +64,75 @@ pub struct StagedFragment {
     pub fragment_id: u64,
     /// The Lance `DataFile` written by `write_columns`, serialised.
     pub data_file: serde_json::Value,
-    /// Physical rows of the fragment at the read version: a fragment with
-    /// another count (or none) at commit time was rewritten meanwhile.
+    /// Physical rows of the fragment at the version it was read at: a
+    /// fragment with another count (or none) at commit time was rewritten
+    /// meanwhile.
     pub rows: u64,
+    /// The version the fragment was read at (`None`: the job's read version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Ids of every field the values were computed from (inputs, `where`
+    /// columns and the filled columns): the file is committed only while
+    /// the fragment still has the same files for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_fields: Vec<i32>,
+}
+
+impl StagedFragment {
+    /// The Lance fragment the file belongs to.
+    pub fn lance_id(&self) -> u64 {
+        crate::plan::lance_fragment(self.fragment_id)
+    }
+}
+
+/// A fragment a job planned after its submission, because the table
+/// changed under it: rows a compaction or an update moved into it, or a
+/// fragment whose inputs were rewritten in place.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replanned {
+    pub fragment: PlannedFragment,
+    /// Tasks it is split into (counted with it).
+    pub tasks: u64,
+    /// False: the fragment only holds rows the job already filled (a
+    /// compaction of committed fragments); it is followed, so an update of
+    /// its rows later in the job is seen, but nothing is computed.
+    pub work: bool,
+}
+
+impl Replanned {
+    /// What adding the fragment adds to the job's counters.
+    pub fn counts(&self) -> MetricsDelta {
+        if !self.work {
+            return MetricsDelta::new();
+        }
+        let rows = self.fragment.physical_rows as i64;
+        MetricsDelta::new()
+            .add(Counter::FragmentsTotal, 1)
+            .add(Counter::FragmentsReplanned, 1)
+            .add(Counter::TasksTotal, self.tasks as i64)
+            .add(Counter::RowsTotal, rows)
+            .add(Counter::RowsReplanned, rows)
+    }
+}
+
+/// A change of a job's plan while it runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PlanChange {
+    /// Fragments added to the job (each once, however often it is added).
+    pub added: Vec<Replanned>,
+    /// Fragments whose rows moved on (or whose inputs were rewritten) before
+    /// their values were committed: open or staged ones become moved, and
+    /// their staged files are no longer the job's to commit.
+    pub moved: Vec<u64>,
+}
+
+/// What [`JobStore::change_plan`] recorded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PlanChanged {
+    /// Fragments newly added (the others were added before).
+    pub added: Vec<u64>,
+    /// Fragments newly moved, with the staged file each had, if any.
+    pub moved: Vec<(u64, Option<StagedFragment>)>,
 }
 
 /// What became of one fragment: a new file staged, or none needed.
@@ -92,6 +159,23 @@ impl Resolution {
     }
 }
 
+/// Where a maintained column stands: the maintainer's durable record of
+/// it, one per table and column.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ColumnWatermark {
+    /// Every row of fragments up to this id, as of `through_version`, has
+    /// the column's value: its DONE jobs filled them.
+    pub through_fragment: Option<u64>,
+    pub through_version: Option<u64>,
+    /// The column's latest job.
+    pub last_job: Option<String>,
+    /// Jobs that failed (or were cancelled) in a row, the last of them
+    /// counted, and when the next may start (milliseconds since the epoch).
+    pub failures: u32,
+    pub counted_failure: Option<String>,
+    pub retry_at_ms: i64,
+}
+
 /// A row a user function raised on (left null, `on_error: skip`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowFailure {
@@ -108,6 +192,10 @@ pub enum FragmentStatus {
     Staged,
     Committed,
     Skipped,
+    /// Its rows moved to other fragments (compaction, an update) or its
+    /// inputs were rewritten before its values were committed: the job
+    /// planned where they went instead.
+    Moved,
 }
 
 impl FragmentStatus {
@@ -117,6 +205,7 @@ impl FragmentStatus {
             Self::Staged => "STAGED",
             Self::Committed => "COMMITTED",
             Self::Skipped => "SKIPPED",
+            Self::Moved => "MOVED",
         }
     }
 
@@ -125,6 +214,7 @@ impl FragmentStatus {
             "STAGED" => Self::Staged,
             "COMMITTED" => Self::Committed,
             "SKIPPED" => Self::Skipped,
+            "MOVED" => Self::Moved,
             _ => Self::Open,
         }
     }
@@ -132,6 +222,11 @@ impl FragmentStatus {
     /// Nothing left for a task to do on this fragment.
     pub fn is_resolved(self) -> bool {
         !matches!(self, Self::Open)
+    }
+
+    /// Its values are in the table (committed) or needed none (skipped).
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Committed | Self::Skipped)
     }
 }
 
@@ -185,7 +280,9 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Moves the job to `to` if its current state allows it; returns the
     /// state it left, or `None` when the move was not allowed. A terminal
-    /// state releases the column lock.
+    /// state releases the column lock. CANCELLED waits for no one: while a
+    /// commit of the job is being published ([`Self::begin_commit`]) the
+    /// move is refused with [`StoreError::CommitInFlight`].
     async fn transition(
         &self,
         job_id: &str,
@@ -227,8 +324,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// Records fragments staged or skipped, each once however often it is
     /// recorded, with their counters; `delta` is added with the last one,
     /// and only if this call records it. Returns the fragments this call
-    /// recorded: the others were resolved before (their files are surplus).
-    /// Many fragments cost few calls (DynamoDB: one transaction per 49).
+    /// recorded: the others were resolved before, or the job has ended
+    /// (their files are surplus). Many fragments cost few calls (DynamoDB:
+    /// one transaction per 49).
     async fn resolve_fragments(
         &self,
         job_id: &str,
@@ -262,20 +360,68 @@ pub trait JobStore: Send + Sync + 'static {
         Ok(!recorded.is_empty())
     }
 
+    /// The status of each of `fragment_ids` (open when never recorded).
+    async fn fragment_statuses(
+        &self,
+        job_id: &str,
+        fragment_ids: &[u64],
+    ) -> StoreResult<HashMap<u64, FragmentStatus>>;
+
+    /// Adds fragments to the job and marks others moved, each once however
+    /// often it is recorded, with their counters: an added fragment with
+    /// work counts in the fragments, tasks and rows to do (and as
+    /// re-planned); a moved one leaves the staged count if it was staged.
+    async fn change_plan(&self, job_id: &str, change: &PlanChange) -> StoreResult<PlanChanged>;
+
+    /// The fragments added to the job after its submission, in id order.
+    async fn replanned_fragments(&self, job_id: &str) -> StoreResult<Vec<Replanned>>;
+
     /// Staged fragments not yet committed, in fragment order.
     async fn staged_fragments(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>>;
 
     /// Marks staged fragments committed and counts them, atomically per fragment.
     async fn mark_committed(&self, job_id: &str, fragments: &[StagedFragment]) -> StoreResult<()>;
 
+    /// Says that `owner` is about to publish a commit of the job: recorded
+    /// only while the job is PENDING or RUNNING and `owner` holds the
+    /// unexpired commit lease, which is renewed for `ttl` with it; returns
+    /// that expiry (milliseconds since the epoch), which the publication
+    /// must not outlive. `None`: refused, publish nothing. While it stands,
+    /// the job cannot be cancelled.
+    async fn begin_commit(
+        &self,
+        job_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<i64>>;
+
     /// Records a commit of `fragments`: marks them committed, counts one
-    /// commit and adds its event, in as few calls as the store allows.
+    /// commit and adds its event, in as few calls as the store allows,
+    /// and ends `owner`'s [`Self::begin_commit`].
     async fn record_commit(
         &self,
         job_id: &str,
         fragments: &[StagedFragment],
         event: &str,
+        owner: &str,
     ) -> StoreResult<()>;
+
+    /// Ends `owner`'s [`Self::begin_commit`] without a commit (it failed).
+    async fn end_commit(&self, job_id: &str, owner: &str) -> StoreResult<()>;
+
+    /// The maintained column's record and its revision (0 when it has none).
+    async fn watermark(&self, table_key: &str, column: &str)
+    -> StoreResult<(ColumnWatermark, u64)>;
+
+    /// Replaces the record if its revision is still `revision`; false when
+    /// another maintainer changed it first.
+    async fn set_watermark(
+        &self,
+        table_key: &str,
+        column: &str,
+        watermark: &ColumnWatermark,
+        revision: u64,
+    ) -> StoreResult<bool>;
 
     /// Takes (or renews, for the same owner) a named lease of the job.
     async fn try_lease(

@@ -10,8 +10,8 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::calls::{Failure, classify, retry_busy};
 use super::items::{
-    Item, counters_update, create_only, event_put, fragment_sk, get_s, job_pk, key, lease_sk, n, s,
-    staged_sk, task_prefix, task_sk,
+    Item, counters_update, counters_update_while_active, create_only, event_put, fragment_sk,
+    get_s, job_pk, key, lease_sk, n, s, staged_sk, task_prefix, task_sk,
 };
 use super::{DynamoJobStore, unavailable};
 use crate::job::{Counter, MetricsDelta, now_millis};
@@ -25,7 +25,7 @@ const COMMITTED_PER_TRANSACTION: usize = 49;
 /// Fragments resolved per transaction: up to 2 writes each plus the counters.
 const RESOLVED_PER_TRANSACTION: usize = 49;
 /// Keys of one BatchGetItem (DynamoDB's limit).
-const KEYS_PER_BATCH_GET: usize = 100;
+pub(super) const KEYS_PER_BATCH_GET: usize = 100;
 /// Tries of the keys a BatchGetItem left unprocessed, backing off from 20 ms.
 const UNPROCESSED_ATTEMPTS: u32 = 8;
 const UNPROCESSED_BACKOFF: Duration = Duration::from_millis(20);
@@ -182,11 +182,9 @@ impl DynamoJobStore {
             if let Some(delta) = delta {
                 counts = counts.merge(delta);
             }
-            items.push(
-                TransactWriteItem::builder()
-                    .update(counters_update(&self.table, job_id, &counts)?)
-                    .build(),
-            );
+            // Only while the job runs: an ended job takes no more outcomes.
+            let update = counters_update_while_active(&self.table, job_id, &counts)?;
+            items.push(TransactWriteItem::builder().update(update).build());
             Ok(items)
         })()
         .map_err(unavailable)?;
@@ -212,6 +210,7 @@ impl DynamoJobStore {
 
     /// A group holding fragments resolved already (a repeated delivery) is
     /// recorded without them; if others are resolved meanwhile, one by one.
+    /// Nothing is recorded for a job that ended.
     /// `delta` goes with the group's last fragment.
     async fn resolve_or_retry(
         &self,
@@ -222,6 +221,13 @@ impl DynamoJobStore {
         let ids = |rs: &[Resolution]| rs.iter().map(|r| r.fragment_id).collect::<Vec<_>>();
         if self.resolve_group(job_id, group, delta).await? {
             return Ok(ids(group));
+        }
+        if self
+            .job(job_id)
+            .await?
+            .is_none_or(|job| job.state.is_terminal())
+        {
+            return Ok(Vec::new());
         }
         let resolved = self.resolved(job_id, &ids(group)).await?;
         let last = group.last().map(|r| r.fragment_id);
@@ -270,7 +276,11 @@ impl DynamoJobStore {
 
     /// One BatchGetItem of fragment items, retried for the keys DynamoDB
     /// leaves unprocessed (it may, under load).
-    async fn batch_get_statuses(&self, job_id: &str, ids: &[u64]) -> StoreResult<Vec<Item>> {
+    pub(super) async fn batch_get_statuses(
+        &self,
+        job_id: &str,
+        ids: &[u64],
+    ) -> StoreResult<Vec<Item>> {
         let mut keys: Vec<Item> = ids
             .iter()
             .map(|id| key(job_pk(job_id), fragment_sk(*id)))
@@ -313,32 +323,10 @@ impl DynamoJobStore {
     }
 
     pub(super) async fn staged(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>> {
-        let items: Vec<Item> = retry_busy(|| async {
-            self.client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", s(job_pk(job_id)))
-                .expression_attribute_values(":prefix", s("STAGED#"))
-                .consistent_read(true)
-                .into_paginator()
-                .items()
-                .send()
-                .try_collect()
-                .await
-                .map_err(|err| classify(err, "Query staged fragments"))
-        })
-        .await
-        .map_err(Failure::into_store_error)?;
-        items
-            .iter()
-            .map(|item| {
-                let text = get_s(item, "staged")
-                    .ok_or_else(|| anyhow::anyhow!("staged item without body"))?;
-                serde_json::from_str(text).map_err(anyhow::Error::from)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-            .map_err(unavailable)
+        let items = self
+            .all_under(job_id, "STAGED#", "Query staged fragments")
+            .await?;
+        super::bodies(&items, "staged")
     }
 
     /// The writes that mark one staged fragment committed.

@@ -152,6 +152,35 @@ pub(super) fn create_only(table: &str, item: Item) -> anyhow::Result<Put> {
         .build()?)
 }
 
+/// An `ADD` update of counters on the job item, made only while the job
+/// is PENDING or RUNNING (a transaction carrying it fails otherwise).
+pub(super) fn counters_update_while_active(
+    table: &str,
+    job_id: &str,
+    delta: &MetricsDelta,
+) -> anyhow::Result<Update> {
+    let update = counters_update(table, job_id, delta)?;
+    let mut names = update
+        .expression_attribute_names
+        .clone()
+        .unwrap_or_default();
+    let mut values = update
+        .expression_attribute_values
+        .clone()
+        .unwrap_or_default();
+    names.insert("#state".into(), "state".into());
+    values.insert(":pending".into(), s(JobState::Pending.as_str()));
+    values.insert(":running".into(), s(JobState::Running.as_str()));
+    Ok(Update::builder()
+        .table_name(table)
+        .set_key(Some(job_key(job_id)))
+        .update_expression(update.update_expression)
+        .condition_expression("#state IN (:pending, :running)")
+        .set_expression_attribute_names(Some(names))
+        .set_expression_attribute_values(Some(values))
+        .build()?)
+}
+
 /// An `ADD` update of counters on the job item.
 pub(super) fn counters_update(
     table: &str,

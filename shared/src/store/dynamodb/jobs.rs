@@ -266,11 +266,17 @@ impl DynamoJobStore {
             if !job.state.can_become(to) {
                 return Ok(None);
             }
-            let items = self
+            let mut items = self
                 .transition_items(&job, to, event, error)
                 .map_err(unavailable)?;
+            if to == JobState::Cancelled {
+                items.push(self.no_commit_in_flight(job_id).map_err(unavailable)?);
+            }
             if self.transact(items).await? {
                 return Ok(Some(job.state));
+            }
+            if to == JobState::Cancelled && self.commit_in_flight(job_id).await? {
+                return Err(StoreError::CommitInFlight(job_id.to_string()));
             }
             // The state moved under us: look again.
         }

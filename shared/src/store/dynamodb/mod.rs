@@ -9,9 +9,10 @@ mod calls;
 mod fragments;
 mod items;
 mod jobs;
+mod plans;
 mod row_failures;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -23,8 +24,9 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::{
-    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, Resolution, RowFailure,
-    StagedFragment, StoreError, StoreResult, TaskMark,
+    ColumnWatermark, CreateOutcome, FragmentRecord, FragmentStatus, IdempotencyClaim, JobPage,
+    JobStore, PlanChange, PlanChanged, Replanned, Resolution, RowFailure, StagedFragment,
+    StoreError, StoreResult, TaskMark,
 };
 use crate::job::{Job, JobEvent, JobState, Metrics, MetricsDelta};
 use calls::{Failure, classify, classify_transaction, retry_busy};
@@ -112,6 +114,28 @@ impl DynamoJobStore {
                 .await
                 .map(|output| output.item)
                 .map_err(|err| classify(err, "GetItem"))
+        })
+        .await
+        .map_err(Failure::into_store_error)
+    }
+
+    /// Every item of the job whose sort key starts with `prefix`, read
+    /// through all pages (`what` names the query in errors).
+    async fn all_under(&self, job_id: &str, prefix: &str, what: &str) -> StoreResult<Vec<Item>> {
+        retry_busy(|| async {
+            self.client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", items::s(items::job_pk(job_id)))
+                .expression_attribute_values(":prefix", items::s(prefix))
+                .consistent_read(true)
+                .into_paginator()
+                .items()
+                .send()
+                .try_collect()
+                .await
+                .map_err(|err| classify(err, what))
         })
         .await
         .map_err(Failure::into_store_error)
@@ -255,6 +279,22 @@ impl JobStore for DynamoJobStore {
         self.resolved(job_id, fragment_ids).await
     }
 
+    async fn fragment_statuses(
+        &self,
+        job_id: &str,
+        fragment_ids: &[u64],
+    ) -> StoreResult<HashMap<u64, FragmentStatus>> {
+        self.statuses(job_id, fragment_ids).await
+    }
+
+    async fn change_plan(&self, job_id: &str, change: &PlanChange) -> StoreResult<PlanChanged> {
+        self.change(job_id, change).await
+    }
+
+    async fn replanned_fragments(&self, job_id: &str) -> StoreResult<Vec<Replanned>> {
+        self.replanned(job_id).await
+    }
+
     async fn staged_fragments(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>> {
         self.staged(job_id).await
     }
@@ -263,13 +303,47 @@ impl JobStore for DynamoJobStore {
         self.committed(job_id, fragments, None).await
     }
 
+    async fn begin_commit(
+        &self,
+        job_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<i64>> {
+        self.begin(job_id, owner, ttl).await
+    }
+
     async fn record_commit(
         &self,
         job_id: &str,
         fragments: &[StagedFragment],
         event: &str,
+        owner: &str,
     ) -> StoreResult<()> {
-        self.committed(job_id, fragments, Some(event)).await
+        self.committed(job_id, fragments, Some(event)).await?;
+        self.end(job_id, owner).await
+    }
+
+    async fn end_commit(&self, job_id: &str, owner: &str) -> StoreResult<()> {
+        self.end(job_id, owner).await
+    }
+
+    async fn watermark(
+        &self,
+        table_key: &str,
+        column: &str,
+    ) -> StoreResult<(ColumnWatermark, u64)> {
+        self.read_watermark(table_key, column).await
+    }
+
+    async fn set_watermark(
+        &self,
+        table_key: &str,
+        column: &str,
+        watermark: &ColumnWatermark,
+        revision: u64,
+    ) -> StoreResult<bool> {
+        self.write_watermark(table_key, column, watermark, revision)
+            .await
     }
 
     async fn try_lease(
@@ -289,4 +363,17 @@ impl JobStore for DynamoJobStore {
 
 fn unavailable(err: impl Into<anyhow::Error>) -> StoreError {
     StoreError::Unavailable(err.into())
+}
+
+/// The JSON each item holds in `attribute`, read back.
+fn bodies<T: serde::de::DeserializeOwned>(items: &[Item], attribute: &str) -> StoreResult<Vec<T>> {
+    items
+        .iter()
+        .map(|item| {
+            let text = items::get_s(item, attribute)
+                .ok_or_else(|| anyhow!("an item without its '{attribute}'"))?;
+            serde_json::from_str(text).map_err(anyhow::Error::from)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(unavailable)
 }

@@ -1,14 +1,15 @@
 //! The embedded job store: the same contract as DynamoDB, in SQLite.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Transaction, params};
 
 use super::{
-    CreateOutcome, FragmentRecord, IdempotencyClaim, JobPage, JobStore, Resolution, RowFailure,
-    StagedFragment, StoreError, StoreResult, TaskMark, column_lock_key, decode_token, encode_token,
+    ColumnWatermark, CreateOutcome, FragmentRecord, FragmentStatus, IdempotencyClaim, JobPage,
+    JobStore, PlanChange, PlanChanged, Replanned, Resolution, RowFailure, StagedFragment,
+    StoreError, StoreResult, TaskMark, column_lock_key, decode_token, encode_token,
 };
 use crate::embedded::EmbeddedDb;
 
@@ -17,8 +18,8 @@ use crate::job::{
     Counter, Job, JobEvent, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339,
 };
 use rows::{
-    active_lock_holder, add_counters, commit_fragments, fragment_status, idempotency_outcome,
-    insert_job, push_event, read_events, read_job, read_metrics, resolve_one,
+    active_lock_holder, add_counters, commit_fragments, commit_in_flight, fragment_status,
+    idempotency_outcome, insert_job, push_event, read_events, read_job, read_metrics, resolve_one,
 };
 
 #[derive(Clone)]
@@ -233,37 +234,25 @@ impl JobStore for SqliteJobStore {
         event: Option<&str>,
         error: Option<&str>,
     ) -> StoreResult<Option<JobState>> {
-        let job_id = job_id.to_string();
+        let id = job_id.to_string();
         let event = event.map(str::to_string);
         let error = error.map(str::to_string);
-        self.run(move |tx| {
-                let Some(job) = read_job(tx, &job_id)? else {
-                    return Ok(None);
+        let moved = self
+            .run(move |tx| {
+                let Some(job) = read_job(tx, &id)? else {
+                    return Ok(Ok(None));
                 };
                 if !job.state.can_become(to) {
-                    return Ok(None);
+                    return Ok(Ok(None));
                 }
-                let now = now_rfc3339();
-                tx.execute(
-                    "UPDATE jobs SET state = ?2, updated_at = ?3,
-                        started_at = CASE WHEN ?2 = 'RUNNING' THEN ?3 ELSE started_at END,
-                        finished_at = CASE WHEN ?2 IN ('DONE','FAILED','CANCELLED') THEN ?3 ELSE finished_at END,
-                        error = COALESCE(?4, error)
-                     WHERE job_id = ?1",
-                    params![job_id, to.as_str(), now, error],
-                )?;
-                if to.is_terminal() {
-                    tx.execute(
-                        "DELETE FROM column_locks WHERE lock_key = ?1 AND job_id = ?2",
-                        params![column_lock_key(&job), job_id],
-                    )?;
+                if to == JobState::Cancelled && commit_in_flight(tx, &id)? {
+                    return Ok(Err(()));
                 }
-                if let Some(event) = &event {
-                    push_event(tx, &job_id, event)?;
-                }
-                Ok(Some(job.state))
+                move_job(tx, &job, to, event.as_deref(), error.as_deref())?;
+                Ok(Ok(Some(job.state)))
             })
-            .await
+            .await?;
+        moved.map_err(|()| StoreError::CommitInFlight(job_id.to_string()))
     }
 
     async fn add_event(&self, job_id: &str, message: &str) -> StoreResult<()> {
@@ -340,6 +329,11 @@ impl JobStore for SqliteJobStore {
         let delta = delta.clone();
         self.run(move |tx| {
             let mut recorded = Vec::with_capacity(resolutions.len());
+            // A job that ended takes no more outcomes: the caller removes
+            // its file (cleanup may have run already).
+            if read_job(tx, &job_id)?.is_none_or(|job| job.state.is_terminal()) {
+                return Ok(recorded);
+            }
             for (i, resolution) in resolutions.iter().enumerate() {
                 if !resolve_one(tx, &job_id, resolution)? {
                     continue;
@@ -373,6 +367,33 @@ impl JobStore for SqliteJobStore {
         .await
     }
 
+    async fn fragment_statuses(
+        &self,
+        job_id: &str,
+        fragment_ids: &[u64],
+    ) -> StoreResult<HashMap<u64, FragmentStatus>> {
+        let job_id = job_id.to_string();
+        let ids = fragment_ids.to_vec();
+        self.read(move |tx| {
+            ids.into_iter()
+                .map(|id| Ok((id, fragment_status(tx, &job_id, id)?)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn change_plan(&self, job_id: &str, change: &PlanChange) -> StoreResult<PlanChanged> {
+        let job_id = job_id.to_string();
+        let change = change.clone();
+        self.run(move |tx| rows::change_plan(tx, &job_id, &change))
+            .await
+    }
+
+    async fn replanned_fragments(&self, job_id: &str) -> StoreResult<Vec<Replanned>> {
+        let job_id = job_id.to_string();
+        self.read(move |tx| rows::replanned(tx, &job_id)).await
+    }
+
     async fn staged_fragments(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>> {
         let job_id = job_id.to_string();
         self.run(move |tx| {
@@ -396,15 +417,29 @@ impl JobStore for SqliteJobStore {
             .await
     }
 
+    async fn begin_commit(
+        &self,
+        job_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<i64>> {
+        let (job_id, owner) = (job_id.to_string(), owner.to_string());
+        let ttl_ms = ttl.as_millis() as i64;
+        self.run(move |tx| rows::begin_commit(tx, &job_id, &owner, ttl_ms))
+            .await
+    }
+
     async fn record_commit(
         &self,
         job_id: &str,
         fragments: &[StagedFragment],
         event: &str,
+        owner: &str,
     ) -> StoreResult<()> {
         let job_id = job_id.to_string();
         let fragments = fragments.to_vec();
         let event = event.to_string();
+        let owner = owner.to_string();
         self.run(move |tx| {
             commit_fragments(tx, &job_id, &fragments)?;
             add_counters(
@@ -412,9 +447,39 @@ impl JobStore for SqliteJobStore {
                 &job_id,
                 &MetricsDelta::new().add(Counter::CommitsDone, 1),
             )?;
+            rows::end_commit(tx, &job_id, &owner)?;
             push_event(tx, &job_id, &event)
         })
         .await
+    }
+
+    async fn end_commit(&self, job_id: &str, owner: &str) -> StoreResult<()> {
+        let (job_id, owner) = (job_id.to_string(), owner.to_string());
+        self.run(move |tx| rows::end_commit(tx, &job_id, &owner))
+            .await
+    }
+
+    async fn watermark(
+        &self,
+        table_key: &str,
+        column: &str,
+    ) -> StoreResult<(ColumnWatermark, u64)> {
+        let (table_key, column) = (table_key.to_string(), column.to_string());
+        self.read(move |tx| rows::watermark(tx, &table_key, &column))
+            .await
+    }
+
+    async fn set_watermark(
+        &self,
+        table_key: &str,
+        column: &str,
+        watermark: &ColumnWatermark,
+        revision: u64,
+    ) -> StoreResult<bool> {
+        let (table_key, column) = (table_key.to_string(), column.to_string());
+        let watermark = watermark.clone();
+        self.run(move |tx| rows::set_watermark(tx, &table_key, &column, &watermark, revision))
+            .await
     }
 
     async fn try_lease(
@@ -452,4 +517,34 @@ impl JobStore for SqliteJobStore {
         })
         .await
     }
+}
+
+/// Moves the job to `to`: its times, error and event; a terminal state
+/// releases its column lock.
+fn move_job(
+    tx: &Transaction<'_>,
+    job: &Job,
+    to: JobState,
+    event: Option<&str>,
+    error: Option<&str>,
+) -> anyhow::Result<()> {
+    let now = now_rfc3339();
+    tx.execute(
+        "UPDATE jobs SET state = ?2, updated_at = ?3,
+            started_at = CASE WHEN ?2 = 'RUNNING' THEN ?3 ELSE started_at END,
+            finished_at = CASE WHEN ?2 IN ('DONE','FAILED','CANCELLED') THEN ?3 ELSE finished_at END,
+            error = COALESCE(?4, error)
+         WHERE job_id = ?1",
+        params![job.job_id, to.as_str(), now, error],
+    )?;
+    if to.is_terminal() {
+        tx.execute(
+            "DELETE FROM column_locks WHERE lock_key = ?1 AND job_id = ?2",
+            params![column_lock_key(job), job.job_id],
+        )?;
+    }
+    if let Some(event) = event {
+        push_event(tx, &job.job_id, event)?;
+    }
+    Ok(())
 }

@@ -5,7 +5,8 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::job::{Counter, Job, JobEvent, JobSpec, JobState, Metrics, MetricsDelta, now_millis};
 use crate::store::{
-    CreateOutcome, FragmentStatus, IDEMPOTENCY_TTL, IdempotencyClaim, Resolution, StagedFragment,
+    COMMIT_LEASE, ColumnWatermark, CreateOutcome, FragmentStatus, IDEMPOTENCY_TTL,
+    IdempotencyClaim, PlanChange, PlanChanged, Replanned, Resolution, StagedFragment,
     column_lock_key,
 };
 
@@ -252,4 +253,168 @@ pub(super) fn insert_job(tx: &Transaction<'_>, job: &Job) -> anyhow::Result<()> 
         params![column_lock_key(job), job.job_id],
     )?;
     Ok(())
+}
+
+/// Adds the change's fragments that are new and moves the open or staged
+/// ones it names, each with its counters.
+pub(super) fn change_plan(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    change: &PlanChange,
+) -> anyhow::Result<PlanChanged> {
+    let mut changed = PlanChanged::default();
+    for added in &change.added {
+        let inserted =
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO replanned (job_id, fragment_id, body) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                job_id,
+                added.fragment.id as i64,
+                serde_json::to_string(added)?
+            ])? == 1;
+        if inserted {
+            add_counters(tx, job_id, &added.counts())?;
+            changed.added.push(added.fragment.id);
+        }
+    }
+    for id in &change.moved {
+        if let Some(staged) = move_one(tx, job_id, *id)? {
+            changed.moved.push((*id, staged));
+        }
+    }
+    Ok(changed)
+}
+
+/// Marks an open or staged fragment moved; `Some(staged file)` when it
+/// did (the file, if it had one), `None` when it was moved or finished.
+fn move_one(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    id: u64,
+) -> anyhow::Result<Option<Option<StagedFragment>>> {
+    let row: Option<(String, Option<String>)> = tx
+        .prepare_cached(
+            "SELECT status, staged FROM fragments WHERE job_id = ?1 AND fragment_id = ?2",
+        )?
+        .query_row(params![job_id, id as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (status, staged) = match row {
+        Some((status, staged)) => (FragmentStatus::parse(&status), staged),
+        None => (FragmentStatus::Open, None),
+    };
+    let staged: Option<StagedFragment> = match (status, staged) {
+        (FragmentStatus::Open, _) => None,
+        (FragmentStatus::Staged, Some(text)) => Some(serde_json::from_str(&text)?),
+        _ => return Ok(None),
+    };
+    tx.prepare_cached(
+        "INSERT INTO fragments (job_id, fragment_id, status, staged) VALUES (?1, ?2, 'MOVED', NULL)
+         ON CONFLICT (job_id, fragment_id) DO UPDATE SET status = 'MOVED', staged = NULL",
+    )?
+    .execute(params![job_id, id as i64])?;
+    let mut delta = MetricsDelta::new().add(Counter::FragmentsMoved, 1);
+    if staged.is_some() {
+        delta = delta.add(Counter::FragmentsStaged, -1);
+    }
+    add_counters(tx, job_id, &delta)?;
+    Ok(Some(staged))
+}
+
+/// The fragments added to the job after its submission.
+pub(super) fn replanned(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<Vec<Replanned>> {
+    let mut stmt =
+        tx.prepare_cached("SELECT body FROM replanned WHERE job_id = ?1 ORDER BY fragment_id")?;
+    let rows = stmt.query_map(params![job_id], |r| r.get::<_, String>(0))?;
+    let mut replanned = Vec::new();
+    for row in rows {
+        replanned.push(serde_json::from_str(&row?)?);
+    }
+    Ok(replanned)
+}
+
+/// Records `owner`'s commit in progress until its commit lease expires,
+/// if the job is active and `owner` holds the lease.
+pub(super) fn begin_commit(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    owner: &str,
+    ttl_ms: i64,
+) -> anyhow::Result<Option<i64>> {
+    let active = read_job(tx, job_id)?.is_some_and(|job| !job.state.is_terminal());
+    let now = now_millis();
+    let renewed = tx
+        .prepare_cached(
+            "UPDATE leases SET until_ms = ?4
+             WHERE job_id = ?1 AND name = ?2 AND owner = ?3 AND until_ms > ?5",
+        )?
+        .execute(params![job_id, COMMIT_LEASE, owner, now + ttl_ms, now])?
+        == 1;
+    if !(active && renewed) {
+        return Ok(None);
+    }
+    let until = now + ttl_ms;
+    tx.prepare_cached(
+        "INSERT INTO commit_intents (job_id, owner, until_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT (job_id) DO UPDATE SET owner = excluded.owner, until_ms = excluded.until_ms",
+    )?
+    .execute(params![job_id, owner, until])?;
+    Ok(Some(until))
+}
+
+pub(super) fn end_commit(tx: &Transaction<'_>, job_id: &str, owner: &str) -> anyhow::Result<()> {
+    tx.prepare_cached("DELETE FROM commit_intents WHERE job_id = ?1 AND owner = ?2")?
+        .execute(params![job_id, owner])?;
+    Ok(())
+}
+
+/// Whether a commit of the job may be being published now.
+pub(super) fn commit_in_flight(tx: &Transaction<'_>, job_id: &str) -> anyhow::Result<bool> {
+    let until: Option<i64> = tx
+        .prepare_cached("SELECT until_ms FROM commit_intents WHERE job_id = ?1")?
+        .query_row(params![job_id], |r| r.get(0))
+        .optional()?;
+    Ok(until.is_some_and(|until| until >= now_millis()))
+}
+
+/// A maintained column's record and its revision (0: none).
+pub(super) fn watermark(
+    tx: &Transaction<'_>,
+    table_key: &str,
+    column: &str,
+) -> anyhow::Result<(ColumnWatermark, u64)> {
+    let row: Option<(String, i64)> = tx
+        .prepare_cached(
+            "SELECT body, revision FROM watermarks WHERE table_key = ?1 AND column = ?2",
+        )?
+        .query_row(params![table_key, column], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(match row {
+        Some((body, revision)) => (serde_json::from_str(&body)?, revision as u64),
+        None => (ColumnWatermark::default(), 0),
+    })
+}
+
+/// Replaces the record if its revision is still `revision`.
+pub(super) fn set_watermark(
+    tx: &Transaction<'_>,
+    table_key: &str,
+    column: &str,
+    watermark: &ColumnWatermark,
+    revision: u64,
+) -> anyhow::Result<bool> {
+    let body = serde_json::to_string(watermark)?;
+    let changed = if revision == 0 {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO watermarks (table_key, column, body, revision) VALUES (?1, ?2, ?3, 1)",
+        )?
+        .execute(params![table_key, column, body])?
+    } else {
+        tx.prepare_cached(
+            "UPDATE watermarks SET body = ?3, revision = revision + 1
+             WHERE table_key = ?1 AND column = ?2 AND revision = ?4",
+        )?
+        .execute(params![table_key, column, body, revision as i64])?
+    };
+    Ok(changed == 1)
 }
