@@ -5,6 +5,7 @@
 //! cold start, binary sizes and peak memory. `bench/run` builds and runs it.
 
 mod calls;
+mod live;
 mod maintain;
 mod measure;
 mod scenarios;
@@ -33,7 +34,7 @@ struct Cli {
     /// (`--shapes 100000/10000,1000000/16`).
     #[arg(long, value_delimiter = ',')]
     shapes: Vec<String>,
-    /// Only these sections (throughput, udf, overheads, calls, planning, latency, startup).
+    /// Only these sections (throughput, udf, overheads, calls, live, maintain, planning, latency, startup).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -79,6 +80,9 @@ fn main() -> anyhow::Result<()> {
         }
         if wants("calls") {
             calls::calls(&options).await?;
+        }
+        if wants("live") {
+            live::live(&options).await?;
         }
         if wants("maintain") {
             maintain::maintained(&options).await?;
