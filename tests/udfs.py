@@ -35,8 +35,13 @@ def double_plus_one(batch: pa.RecordBatch) -> pa.Array:
 
 def slow_double_plus_one(batch: pa.RecordBatch) -> pa.Array:
     """x * 2 + 1, taking 30 ms a call: a job long enough for another writer
-    to change the table while it runs."""
+    to change the table while it runs; and while `<state>/hold` exists (at
+    most 2 minutes), held, so a test can have the change land mid-job."""
     time.sleep(0.03)
+    hold = os.path.join(STATE, "hold")
+    deadline = time.monotonic() + 120
+    while os.path.exists(hold) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return double_plus_one(batch)
 
 
@@ -147,7 +152,41 @@ def embed(batch: pa.RecordBatch) -> np.ndarray:
     return np.outer(lengths, np.ones(64, dtype=np.float32)) + grid
 
 
+def environment(batch: pa.RecordBatch) -> pa.Array:
+    """Every row: the process's whole environment, one NAME=value a line."""
+    text = "\n".join(f"{name}={value}" for name, value in sorted(os.environ.items()))
+    return pa.array([text] * batch.num_rows, pa.string())
+
+
+def probe_paths(batch: pa.RecordBatch) -> pa.Array:
+    """Each row's `s` is a path: "read" when the function could open it (a
+    file) or list it (a directory), else "refused: <why>"."""
+
+    def probe(path: str | None) -> str:
+        try:
+            if path and os.path.isdir(path):
+                os.listdir(path)
+            elif path:
+                with open(path, "rb") as f:
+                    f.read(1)
+            else:
+                return "no path"
+            return "read"
+        except OSError as err:
+            return f"refused: {type(err).__name__}"
+
+    return pa.array([probe(p) for p in batch.column("s").to_pylist()], pa.string())
+
+
+def pid(batch: pa.RecordBatch) -> pa.Array:
+    """Every row: the id of the process the function runs in."""
+    return pa.array([os.getpid()] * batch.num_rows, pa.int64())
+
+
 FUNCTIONS: dict[str, Any] = {
+    "environment": environment,
+    "probe_paths": probe_paths,
+    "pid": pid,
     "double_plus_one": double_plus_one,
     "slow_double_plus_one": slow_double_plus_one,
     "identity": identity,

@@ -34,11 +34,13 @@ Every answer is a JSON object with a ``status``:
   is the exception's class name for errors raised by the user's code (``setup``
   or the call), or one of the runtime's own: ``BadRequest`` (malformed request),
   ``ChecksumMismatch``, ``ModuleNotFoundError`` (unpickling needs a module this
-  environment lacks), ``NotCallable``, ``PayloadUnavailable`` (payload_uri
-  unreadable), ``LengthMismatch``, ``BadResult`` (a value that cannot be
-  converted to the declared type), ``NullViolation`` (nulls in a non-nullable
-  output). ``traceback`` holds the last 4,000 characters of the formatted
-  traceback ("" when there is none). The process stays alive.
+  environment lacks), ``NotCallable``, ``PayloadUnavailable`` (a ``payload_url``
+  or a cached file that cannot be read), ``LengthMismatch``, ``BadResult`` (a
+  value that cannot be converted to the declared type), ``NullViolation``
+  (nulls in a non-nullable output), and on HTTP only ``Unauthorized`` (401),
+  ``PayloadTooLarge`` (413) and ``NotFound`` (404). ``traceback`` holds the last
+  4,000 characters of the formatted traceback ("" when there is none). The
+  process stays alive.
 
 Transport 1: pipe (``python3 lance_backfill_udf_runtime.py pipe``)
 ------------------------------------------------------------------
@@ -62,15 +64,67 @@ stderr, and stdin is replaced by /dev/null.
 Transport 2: AWS Lambda (``lance_backfill_udf_runtime.lambda_handler``)
 -----------------------------------------------------------------------
 Event ``{"protocol": 1, "udf": {"id", "name", "outputs", "payload_b64"?,
-"payload_uri"?, "workspace_zips"?}, "input_b64": <base64 IPC stream>}``. A UDF
+"payload_url"?, "workspace_zips"?}, "input_b64": <base64 IPC stream>}``. A UDF
 not yet loaded in this container is loaded from ``payload_b64``, else from
-``payload_uri`` (``s3://bucket/key`` through boto3, ``file:///path`` or a plain
-path), else the answer is ``unknown_udf``. Answer ``{"status": "ok", "rows": N,
-"output_b64": <base64 IPC stream>}`` or an error object; the handler never
-raises.
+``payload_url``, else the answer is ``unknown_udf``. Answer ``{"status": "ok",
+"rows": N, "output_b64": <base64 IPC stream>}`` or an error object; the handler
+never raises.
+
+``payload_url`` is an ``https://`` URL the function GETs the pickle from: the
+service's worker presigns a GET of the pickle it keeps beside the table, so the
+function needs no S3 permission. It is fetched with urllib: no redirect is
+followed, the whole download has 60 s, the body is at most 512 MiB, and the
+bytes must hash to the UDF's id (``ChecksumMismatch`` otherwise); a fetch that
+fails is ``PayloadUnavailable``. An ``http://`` URL is refused (``BadRequest``)
+unless the environment variable ``LANCE_BACKFILL_UDF_ALLOW_HTTP_URLS`` is ``1``,
+which is meant only for tests against local emulators; any other scheme is
+refused. There is no other way to name a payload: an event whose ``udf`` has a
+``payload_uri`` is answered ``BadRequest`` (send ``payload_b64`` or
+``payload_url``).
 
 Transport 3: HTTP (``python3 lance_backfill_udf_runtime.py http --port 8000``)
 ------------------------------------------------------------------------------
+Whoever may load a UDF may run code in this process, so the server listens on
+127.0.0.1 unless ``--host`` says otherwise, and every request except ``GET
+/health`` must be signed with a secret shared with the client. Expose the
+server (``--host 0.0.0.0``) only on a network you trust, and only with the
+signature on; the signature authenticates requests but does not encrypt them
+(put TLS in front on a network you do not trust).
+
+The secret is the environment variable ``LANCE_BACKFILL_UDF_HTTP_SECRET``
+(removed from ``os.environ`` once read, so child processes do not inherit it;
+code loaded into the server can still find it in the process's memory, so
+whoever may load functions is trusted with it) or the contents of
+``--secret-file PATH`` (leading and trailing whitespace stripped; the file wins
+over the variable). Without a secret the server does not start (exit status 2,
+a message on stderr) unless ``--insecure-no-auth`` is given: then nothing is
+checked and a warning is logged at start.
+
+Signature, version 1. A signed request carries two headers:
+
+- ``x-lance-backfill-timestamp: T``, the Unix time in whole seconds, written as
+  decimal digits only (``1718000000``);
+- ``x-lance-backfill-signature: v1=S``, where ``S`` is the lowercase hex (64
+  characters) of HMAC-SHA256 with key = the secret's UTF-8 bytes and message =
+  the UTF-8 bytes of ``T + "\n" + METHOD + "\n" + PATH + "\n"`` followed by the
+  body's bytes exactly as sent (nothing when there is no body). ``T`` is the
+  header's value, ``METHOD`` the upper-case HTTP method (``PUT``, ``POST``,
+  ``GET``) and ``PATH`` the request target exactly as sent on the request line
+  (``/invoke``, ``/udf/<id>``, the query string included). In Python:
+  ``hmac.new(secret.encode(), f"{T}\n{METHOD}\n{PATH}\n".encode() + body,
+  hashlib.sha256).hexdigest()`` (``signed_headers`` in this module builds both
+  headers).
+
+The server answers 401 with the error object, ``error_type``
+``Unauthorized``, when a header is missing or malformed, when ``T`` is more
+than 300 s from its clock, or when the signature does not match (compared with
+``hmac.compare_digest``). The headers and the timestamp are checked before the
+body is read, the signature once it is read and before anything parses or
+unpickles it. A body is at most ``--max-body-bytes`` (512 MiB by default):
+over it, 413 and error type ``PayloadTooLarge``.
+
+Routes:
+
 - ``POST /`` or ``/invoke``, body an IPC stream of one RecordBatch: runs the UDF
   the server was started with (``--udf-file --outputs --name``) or the one named
   by header ``x-lance-backfill-udf: <id>`` (loaded earlier, or loadable from
@@ -78,12 +132,20 @@ Transport 3: HTTP (``python3 lance_backfill_udf_runtime.py http --port 8000``)
   ``x-lance-backfill-udf-name``). 200 + ``application/vnd.apache.arrow.stream``
   (one column ``result``; header ``x-lance-backfill-rows``); function error ->
   422 + error object; unknown UDF -> 404 ``unknown_udf``; bad request -> 400.
+- ``x-lance-backfill-udf-uri`` names a file in the server's cache directory
+  (``--cache-dir``; by default a new temporary directory made at start and
+  removed at exit), by an absolute path or one relative to that directory. The
+  path is resolved (symlinks, ``..``) and must then lie inside the directory;
+  any other path, and any URI (``file://``, ``s3://``, ``https://``, ...), is
+  refused with 400 ``BadRequest``. A file that cannot be read there is 422
+  ``PayloadUnavailable``.
 - ``PUT /udf/<id>``, body the pickle bytes, header ``x-lance-backfill-outputs``
   (JSON list) and optional ``x-lance-backfill-udf-name`` -> 200 ``{"status":
   "ok", "setup_ms"}``.
 - ``PUT /workspace/<sha256>``, body a zip of user code: extracted and put on
   ``sys.path`` (the HTTP form of ``workspace_zips``) -> 200 ``{"status": "ok"}``.
-- ``GET /health`` -> 200 ``{"status": "ok", "udfs": [ids]}``.
+- ``GET /health`` (never signed) -> 200 ``{"status": "ok", "udfs": [ids]}``.
+- Anything else (signed) -> 404 ``NotFound``.
 Calls run concurrently (threaded server) unless ``--serial``.
 """
 
@@ -94,6 +156,8 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import hmac
+import http.client
 import http.server
 import importlib
 import io
@@ -101,14 +165,19 @@ import json
 import os
 import pickle
 import platform
+import re
+import shutil
 import signal
+import stat
 import struct
 import sys
 import tempfile
 import threading
 import time
 import traceback
+import urllib.error
 import urllib.parse
+import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -457,25 +526,6 @@ class UdfRegistry:
 REGISTRY = UdfRegistry()
 
 
-def read_payload_uri(uri: str) -> bytes:
-    """Fetch a pickle from ``s3://bucket/key`` (boto3), ``file:///path`` or a plain path."""
-    if uri.startswith("s3://"):
-        bucket, _, key = uri[len("s3://") :].partition("/")
-        try:
-            import boto3  # present in Lambda's Python images
-        except ImportError:
-            raise UdfError("PayloadUnavailable", f"reading {uri} needs boto3, which is not installed") from None
-        try:
-            return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:
-            raise UdfError("PayloadUnavailable", f"cannot read udf payload {uri}: {exc}") from None
-    path = urllib.parse.unquote(urllib.parse.urlsplit(uri).path) if uri.startswith("file://") else uri
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UdfError("PayloadUnavailable", f"cannot read udf payload {uri}: {exc}") from None
-
-
 def decode_base64(text: Any, what: str) -> bytes:
     if not isinstance(text, str):
         raise bad_request(f"{what} must be a base64 string")
@@ -483,6 +533,132 @@ def decode_base64(text: Any, what: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise bad_request(f"{what} is not valid base64: {exc}") from None
+
+
+# --------------------------------------------------------------------------
+# Payloads fetched by the runtime: a presigned URL (Lambda), the cache (HTTP)
+# --------------------------------------------------------------------------
+
+MAX_PAYLOAD_BYTES = 512 * 1024 * 1024
+PAYLOAD_URL_TIMEOUT_SECONDS = 60.0
+ALLOW_HTTP_URLS_ENV = "LANCE_BACKFILL_UDF_ALLOW_HTTP_URLS"
+_READ_CHUNK = 1 << 20
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect becomes an HTTP error: a presigned URL answers itself."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def shown_url(url: str) -> str:
+    """A URL for messages, without its query (a presigned URL's signature)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def fetch_payload_url(
+    url: Any,
+    udf_id: Any,
+    max_bytes: int | None = None,
+    timeout: float | None = None,
+) -> bytes:
+    """GET a pickle from an ``https://`` URL (``http://`` only when
+    ``LANCE_BACKFILL_UDF_ALLOW_HTTP_URLS=1``) and check it hashes to ``udf_id``."""
+    max_bytes = MAX_PAYLOAD_BYTES if max_bytes is None else max_bytes
+    timeout = PAYLOAD_URL_TIMEOUT_SECONDS if timeout is None else timeout
+    if not isinstance(url, str) or not url:
+        raise bad_request("payload_url must be an https:// URL string")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        raise bad_request(f"payload_url is not a URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme == "http" and os.environ.get(ALLOW_HTTP_URLS_ENV) != "1":
+        raise bad_request(
+            f"payload_url must be an https:// URL, not {shown_url(url)} (http:// is accepted only with "
+            f"{ALLOW_HTTP_URLS_ENV}=1, for tests against local emulators)"
+        )
+    if scheme not in ("https", "http") or not host:
+        raise bad_request(f"payload_url must be an https:// URL, not {shown_url(url)!r}")
+    shown = shown_url(url)
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(_RefuseRedirects)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with opener.open(urllib.request.Request(url, method="GET"), timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise UdfError(
+                    "PayloadUnavailable", f"udf payload {shown} is {declared} bytes, over the {max_bytes} allowed"
+                )
+            while True:
+                chunk = response.read(_READ_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UdfError("PayloadUnavailable", f"udf payload {shown} is over the {max_bytes} bytes allowed")
+                if time.monotonic() > deadline:
+                    raise UdfError("PayloadUnavailable", f"udf payload {shown} took over {timeout:g} s to download")
+                chunks.append(chunk)
+    except UdfError:
+        raise
+    except urllib.error.HTTPError as exc:
+        followed = " (redirects are not followed)" if 300 <= exc.code < 400 else ""
+        raise UdfError(
+            "PayloadUnavailable", f"cannot read udf payload {shown}: HTTP {exc.code} {exc.reason}{followed}"
+        ) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise UdfError("PayloadUnavailable", f"cannot read udf payload {shown}: {reason}") from None
+    data = b"".join(chunks)
+    verify_checksum(udf_id, data)
+    return data
+
+
+def is_inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is strictly below ``directory`` (both already resolved)."""
+    return path != directory and directory in path.parents
+
+
+def read_cached_payload(cache_dir: Path, reference: str, max_bytes: int | None = None) -> bytes:
+    """A pickle named by ``x-lance-backfill-udf-uri``: a file of the cache
+    directory (an absolute path or one relative to it), never a URI."""
+    max_bytes = MAX_PAYLOAD_BYTES if max_bytes is None else max_bytes
+    if _URI_SCHEME.match(reference):
+        raise bad_request(
+            f"{UDF_URI_HEADER} {reference!r} is a URI; it must be a path inside the server's cache "
+            f"directory {cache_dir} (file://, s3:// and other schemes are not accepted)"
+        )
+    if "\x00" in reference:
+        raise bad_request(f"{UDF_URI_HEADER} holds a NUL character")
+    root = cache_dir.resolve()
+    try:
+        path = (root / reference).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise bad_request(f"{UDF_URI_HEADER} {reference!r} cannot be resolved: {exc}") from None
+    if not is_inside(path, root):
+        raise bad_request(
+            f"{UDF_URI_HEADER} {reference!r} is not inside the server's cache directory {root} "
+            "(after resolving symlinks and '..')"
+        )
+    try:
+        # No symlink in the last step (swapped in since resolve()); a FIFO must not block.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise UdfError("PayloadUnavailable", f"udf payload {reference!r} is not a regular file")
+            data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise UdfError("PayloadUnavailable", f"cannot read udf payload {reference!r}: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise UdfError("PayloadUnavailable", f"udf payload {reference!r} is over the {max_bytes} bytes allowed")
+    return data
 
 
 # --------------------------------------------------------------------------
@@ -818,8 +994,24 @@ def handle_pipe_request(header: Any, body: memoryview) -> tuple[dict[str, Any], 
         return error_from_exception(exc).to_response(), b""
 
 
+def make_undumpable() -> None:
+    """Linux: stop other processes of the same user (other principals'
+    function processes included) from reading this one's memory, batches
+    and /proc/<pid>/environ. A function may undo it for its own process
+    only."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):
+        pass
+
+
 def serve_pipe() -> int:
     """The pipe loop: ready, then one response per request until exit or EOF."""
+    make_undumpable()
     protocol_in, protocol_out = claim_stdio()
     reader = FrameReader(protocol_in)
     writer = FrameWriter(protocol_out)
@@ -880,7 +1072,12 @@ def parse_lambda_event(event: Any) -> tuple[Mapping[str, Any], Any]:
         raise bad_request(f"protocol {protocol!r} is not supported (this runtime speaks {PROTOCOL_VERSION})")
     udf_event = event.get("udf")
     if not isinstance(udf_event, Mapping) or not isinstance(udf_event.get("id"), str):
-        raise bad_request("the event needs 'udf': {'id', 'name', 'outputs', 'payload_b64' or 'payload_uri'}")
+        raise bad_request("the event needs 'udf': {'id', 'name', 'outputs', 'payload_b64' or 'payload_url'}")
+    if udf_event.get("payload_uri") is not None:
+        raise bad_request(
+            "udf.payload_uri is no longer accepted (the runtime reads no s3://, file:// or local path); "
+            "send the pickle as payload_b64 or an https:// URL to GET it from as payload_url"
+        )
     if "input_b64" not in event:
         raise bad_request("the event needs 'input_b64' (a base64 Arrow IPC stream)")
     return udf_event, event["input_b64"]
@@ -889,8 +1086,8 @@ def parse_lambda_event(event: Any) -> tuple[Mapping[str, Any], Any]:
 def lambda_payload(udf_event: Mapping[str, Any]) -> bytes | None:
     if udf_event.get("payload_b64"):
         return decode_base64(udf_event["payload_b64"], "payload_b64")
-    if udf_event.get("payload_uri"):
-        return read_payload_uri(str(udf_event["payload_uri"]))
+    if udf_event.get("payload_url"):
+        return fetch_payload_url(udf_event["payload_url"], udf_event.get("id"))
     return None
 
 
@@ -903,17 +1100,95 @@ UDF_URI_HEADER = "x-lance-backfill-udf-uri"
 UDF_NAME_HEADER = "x-lance-backfill-udf-name"
 OUTPUTS_HEADER = "x-lance-backfill-outputs"
 ROWS_HEADER = "x-lance-backfill-rows"
+TIMESTAMP_HEADER = "x-lance-backfill-timestamp"
+SIGNATURE_HEADER = "x-lance-backfill-signature"
+SECRET_ENV = "LANCE_BACKFILL_UDF_HTTP_SECRET"
+SIGNATURE_VERSION = "v1"
+MAX_CLOCK_SKEW_SECONDS = 300
+DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
+# A refused request's unread body is read and dropped up to this size so the
+# client sees the answer; past it the connection is closed instead.
+DISCARD_BODY_BYTES = 64 * 1024 * 1024
 CLIENT_ERRORS = {"BadRequest", "ChecksumMismatch"}
+REFUSAL_STATUS = {"Unauthorized": 401, "PayloadTooLarge": 413, "BadRequest": 400}
+_TIMESTAMP = re.compile(r"[0-9]{1,15}")
+_SIGNATURE = re.compile(r"v1=([0-9a-f]{64})")
+
+
+def signature_message(timestamp: str, method: str, path: str, body: BytesLike) -> bytes:
+    """What a version 1 signature signs: ``f"{timestamp}\\n{METHOD}\\n{path}\\n"`` + the body."""
+    return f"{timestamp}\n{method.upper()}\n{path}\n".encode() + bytes(body)
+
+
+def request_signature(secret: str | bytes, timestamp: str, method: str, path: str, body: BytesLike) -> str:
+    """The ``x-lance-backfill-signature`` value: ``v1=`` + lowercase hex HMAC-SHA256."""
+    key = secret.encode("utf-8") if isinstance(secret, str) else secret
+    digest = hmac.new(key, signature_message(timestamp, method, path, body), hashlib.sha256).hexdigest()
+    return f"{SIGNATURE_VERSION}={digest}"
+
+
+def signed_headers(
+    secret: str | bytes, method: str, path: str, body: BytesLike = b"", now: float | None = None
+) -> dict[str, str]:
+    """The two headers that sign a request to ``http`` (for Python clients)."""
+    timestamp = str(int(time.time() if now is None else now))
+    return {
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: request_signature(secret, timestamp, method, path, body),
+    }
+
+
+def unauthorized(message: str) -> UdfError:
+    return UdfError("Unauthorized", message)
+
+
+def check_signature_headers(timestamp: str | None, signature: str | None, now: float) -> tuple[str, str]:
+    """The timestamp and hex signature of a request, checked for form and age (before its body is read)."""
+    if timestamp is None:
+        raise unauthorized(f"the request is not signed: header {TIMESTAMP_HEADER} is missing")
+    if signature is None:
+        raise unauthorized(f"the request is not signed: header {SIGNATURE_HEADER} is missing")
+    timestamp = timestamp.strip()
+    if not _TIMESTAMP.fullmatch(timestamp):
+        raise unauthorized(f"header {TIMESTAMP_HEADER} must be the Unix time in whole seconds (decimal digits)")
+    match = _SIGNATURE.fullmatch(signature.strip())
+    if match is None:
+        raise unauthorized(f"header {SIGNATURE_HEADER} must be 'v1=' and 64 lowercase hex digits")
+    skew = int(timestamp) - now
+    if abs(skew) > MAX_CLOCK_SKEW_SECONDS:
+        raise unauthorized(
+            f"header {TIMESTAMP_HEADER} is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the "
+            f"server's clock (at most {MAX_CLOCK_SKEW_SECONDS} s are accepted)"
+        )
+    return timestamp, match.group(1)
+
+
+def verify_signature(secret: bytes, timestamp: str, digest: str, method: str, path: str, body: BytesLike) -> None:
+    expected = request_signature(secret, timestamp, method, path, body)
+    if not hmac.compare_digest(f"{SIGNATURE_VERSION}={digest}", expected):
+        raise unauthorized("the request's signature does not match (wrong secret, or a signed part changed)")
 
 
 class RuntimeHttpServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], default_udf: str | None, serial: bool, log: bool) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        default_udf: str | None,
+        serial: bool,
+        log: bool,
+        secret: bytes | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        cache_dir: Path | None = None,
+    ) -> None:
         super().__init__(address, RuntimeRequestHandler)
         self.default_udf = default_udf
         self.serial = serial
         self.log = log
+        self.secret = secret
+        self.max_body_bytes = max_body_bytes
+        self.cache_dir = None if cache_dir is None else cache_dir.resolve()  # None: no file may be named
 
 
 class RuntimeRequestHandler(http.server.BaseHTTPRequestHandler):
@@ -921,13 +1196,17 @@ class RuntimeRequestHandler(http.server.BaseHTTPRequestHandler):
     server: RuntimeHttpServer
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if self._path() == "/health":
+        if self._path() == "/health":  # the one route that needs no signature
             self._send_json(200, {"status": "ok", "udfs": REGISTRY.ids()})
-        else:
-            self._send_json(404, error_object("NotFound", f"no route GET {self._path()}"))
+            return
+        if self._receive() is None:
+            return
+        self._send_json(404, error_object("NotFound", f"no route GET {self._path()}"))
 
     def do_PUT(self) -> None:  # noqa: N802
-        body = self._read_body()
+        body = self._receive()
+        if body is None:
+            return
         path = self._path()
         try:
             if path.startswith("/udf/"):
@@ -947,7 +1226,9 @@ class RuntimeRequestHandler(http.server.BaseHTTPRequestHandler):
             self._send_error(exc)
 
     def do_POST(self) -> None:  # noqa: N802
-        body = self._read_body()
+        body = self._receive()
+        if body is None:
+            return
         if self._path() not in ("/", "/invoke"):
             self._send_json(404, error_object("NotFound", f"no route POST {self._path()}"))
             return
@@ -970,6 +1251,41 @@ class RuntimeRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         self._send(200, output, ARROW_STREAM_MIME, {ROWS_HEADER: str(batch.num_rows)})
 
+    def _receive(self) -> bytes | None:
+        """The body of a request whose signature holds; None once a refusal
+        (401, 413, 400) is answered. Nothing parses the body before this."""
+        secret = self.server.secret
+        body_read = False
+        try:
+            signed = None
+            if secret is not None:
+                signed = check_signature_headers(
+                    self.headers.get(TIMESTAMP_HEADER), self.headers.get(SIGNATURE_HEADER), time.time()
+                )
+            body = self._read_body()
+            body_read = True
+            if signed is not None:
+                verify_signature(secret, signed[0], signed[1], self.command, self.path, body)
+            return body
+        except UdfError as exc:
+            keep_alive = body_read or self._discard_body()
+            self._send_json(REFUSAL_STATUS.get(exc.error_type, 400), exc.to_response(), close=not keep_alive)
+            return None
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue``: refuse (401, 413) before the client sends the body."""
+        try:
+            if self.server.secret is not None and not (self.command == "GET" and self._path() == "/health"):
+                check_signature_headers(
+                    self.headers.get(TIMESTAMP_HEADER), self.headers.get(SIGNATURE_HEADER), time.time()
+                )
+            if not self._is_chunked() and self._content_length() > self.server.max_body_bytes:
+                raise self._too_large(f"{self._content_length()} bytes")
+        except UdfError as exc:
+            self._send_json(REFUSAL_STATUS.get(exc.error_type, 400), exc.to_response(), close=True)
+            return False
+        return super().handle_expect_100()
+
     def _resolve_udf(self) -> LoadedUdf | None:
         """The UDF a call names (or the server's); answers 400/404 itself when there is none."""
         udf_id = self.headers.get(UDF_HEADER) or self.server.default_udf
@@ -979,48 +1295,126 @@ class RuntimeRequestHandler(http.server.BaseHTTPRequestHandler):
         name = self.headers.get(UDF_NAME_HEADER)
         udf = REGISTRY.get(udf_id)
         if udf is None:
-            uri = self.headers.get(UDF_URI_HEADER)
-            if not uri:
+            reference = self.headers.get(UDF_URI_HEADER)
+            if not reference:
                 self._send_json(404, unknown_udf(udf_id))
                 return None
-            udf, _ = REGISTRY.load(udf_id, name, outputs_header, read_payload_uri(uri))
+            if self.server.cache_dir is None:
+                raise bad_request(f"{UDF_URI_HEADER} is not accepted: this server has no cache directory")
+            payload = read_cached_payload(self.server.cache_dir, reference, self.server.max_body_bytes)
+            udf, _ = REGISTRY.load(udf_id, name, outputs_header, payload)
         return udf.declared(name, parse_outputs(outputs_header) if outputs_header else None)
 
     def _path(self) -> str:
         return urllib.parse.urlsplit(self.path).path
 
+    def _is_chunked(self) -> bool:
+        return "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+
+    def _content_length(self) -> int:
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not text.isdigit():
+            raise bad_request(f"Content-Length {text!r} is not a byte count")
+        return int(text)
+
+    def _too_large(self, size: str) -> UdfError:
+        limit = self.server.max_body_bytes
+        return UdfError("PayloadTooLarge", f"the request body is {size}, over the {limit} bytes allowed")
+
     def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        """The body, refused (413) past ``--max-body-bytes`` before more than that is read."""
+        limit = self.server.max_body_bytes
+        if self._is_chunked():
             chunks = []
+            total = 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                except ValueError:
+                    raise bad_request("the chunked request body is malformed") from None
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return b"".join(chunks)
+                total += size
+                if total > limit:
+                    raise self._too_large(f"over {limit} bytes")
                 chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.rfile.readline(1024)
+        length = self._content_length()
+        if length > limit:
+            raise self._too_large(f"{length} bytes")
+        return self.rfile.read(length)
+
+    def _discard_body(self) -> bool:
+        """Read and drop the body of a refused request when it is small enough,
+        so the connection stays usable; False when it must be closed."""
+        if self._is_chunked():
+            return False
+        try:
+            remaining = self._content_length()
+        except UdfError:
+            return False
+        if remaining > DISCARD_BODY_BYTES:
+            return False
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                return False
+            remaining -= len(chunk)
+        return True
 
     def _send_error(self, exc: UdfError) -> None:
         self._send_json(400 if exc.error_type in CLIENT_ERRORS else 422, exc.to_response())
 
-    def _send_json(self, status: int, obj: Mapping[str, Any]) -> None:
-        self._send(status, json.dumps(obj).encode("utf-8"), "application/json")
+    def _send_json(self, status: int, obj: Mapping[str, Any], close: bool = False) -> None:
+        headers = {"WWW-Authenticate": "LanceBackfill-HMAC-SHA256"} if status == 401 else {}
+        self._send(status, json.dumps(obj).encode("utf-8"), "application/json", headers, close)
 
-    def _send(self, status: int, body: BytesLike, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: BytesLike,
+        content_type: str,
+        headers: Mapping[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
         size = body.size if isinstance(body, pa.Buffer) else len(body)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(size))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         if self.server.log:
             super().log_message(format, *args)
+
+
+class ConfigError(Exception):
+    """A server option that does not allow starting (exit status 2)."""
+
+
+def http_secret(secret_file: str | None) -> str | None:
+    """The signing secret: ``--secret-file``'s contents (stripped), else
+    ``LANCE_BACKFILL_UDF_HTTP_SECRET``. The variable is removed from
+    ``os.environ`` either way, so child processes do not inherit it."""
+    from_env = os.environ.pop(SECRET_ENV, None)
+    if secret_file:
+        try:
+            secret = Path(secret_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --secret-file {secret_file}: {exc}") from None
+        if not secret:
+            raise ConfigError(f"--secret-file {secret_file} is empty")
+        return secret
+    return from_env or None
 
 
 def serve_http(
@@ -1031,7 +1425,27 @@ def serve_http(
     name: str | None,
     serial: bool,
     log: bool,
+    secret_file: str | None = None,
+    insecure_no_auth: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    cache_dir: str | None = None,
 ) -> int:
+    try:
+        secret = http_secret(secret_file)
+    except ConfigError as exc:
+        print(f"lance-backfill udf runtime: {exc}", file=sys.stderr)
+        return 2
+    if secret is None and not insecure_no_auth:
+        print(
+            "lance-backfill udf runtime: the http server needs a secret to check request signatures: set "
+            f"{SECRET_ENV} or pass --secret-file PATH (or --insecure-no-auth to accept unsigned requests, "
+            "which lets anyone who can reach the port run code here)",
+            file=sys.stderr,
+        )
+        return 2
+    if max_body_bytes <= 0:
+        print("lance-backfill udf runtime: --max-body-bytes must be positive", file=sys.stderr)
+        return 2
     default_udf = None
     if udf_file:
         if not outputs:
@@ -1048,15 +1462,51 @@ def serve_http(
         except UdfError as exc:
             print(json.dumps(exc.to_response()), file=sys.stderr)
             return 1
-    server = RuntimeHttpServer((host, port), default_udf, serial, log)
+    if cache_dir:
+        cache = Path(cache_dir)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"lance-backfill udf runtime: cannot use --cache-dir {cache_dir}: {exc}", file=sys.stderr)
+            return 2
+        made_cache = None
+    else:
+        cache = made_cache = Path(tempfile.mkdtemp(prefix="lance-backfill-udf-cache-"))
+    try:
+        server = RuntimeHttpServer(
+            (host, port),
+            default_udf,
+            serial,
+            log,
+            secret=None if secret is None else secret.encode("utf-8"),
+            max_body_bytes=max_body_bytes,
+            cache_dir=cache,
+        )
+    except BaseException:
+        if made_cache is not None:
+            shutil.rmtree(made_cache, ignore_errors=True)
+        raise
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"listening on http://{host}:{server.server_address[1]}", flush=True)
+    bound_host, bound_port = server.server_address[:2]
+    if secret is None:
+        if insecure_no_auth:
+            print(
+                f"WARNING: --insecure-no-auth: requests to http://{bound_host}:{bound_port} are not "
+                "authenticated; anyone who can reach it can run code in this process",
+                file=sys.stderr,
+                flush=True,
+            )
+    elif insecure_no_auth:
+        print("note: a secret is set, so --insecure-no-auth is ignored: requests must be signed", file=sys.stderr)
+    print(f"listening on http://{bound_host}:{bound_port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if made_cache is not None:
+            shutil.rmtree(made_cache, ignore_errors=True)
     return 0
 
 
@@ -1065,13 +1515,49 @@ def serve_http(
 # --------------------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="lance-backfill's Python UDF runtime")
     transports = parser.add_subparsers(dest="transport", required=True)
     transports.add_parser("pipe", help="serve framed requests on stdin/stdout (the local process pool)")
-    http_parser = transports.add_parser("http", help="serve Arrow IPC over HTTP (model servers)")
-    http_parser.add_argument("--host", default="127.0.0.1")
+    http_parser = transports.add_parser(
+        "http",
+        help="serve Arrow IPC over HTTP (model servers)",
+        description=(
+            "Serve Arrow IPC over HTTP. Every request but GET /health must be signed (HMAC-SHA256, see the "
+            f"module docstring) with the secret of {SECRET_ENV} or --secret-file."
+        ),
+    )
+    http_parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; expose it only on a network you trust, with a secret)",
+    )
     http_parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    http_parser.add_argument(
+        "--secret-file", help=f"a file holding the signing secret (stripped; instead of {SECRET_ENV})"
+    )
+    http_parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="start without a secret and accept unsigned requests (anyone who can connect can run code)",
+    )
+    http_parser.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body accepted, 413 past it (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    http_parser.add_argument(
+        "--cache-dir",
+        help=f"the only directory {UDF_URI_HEADER} may name files in (default: a new temporary directory)",
+    )
     http_parser.add_argument("--udf-file", help="a cloudpickled UDF to serve by default")
     http_parser.add_argument(
         "--outputs", help="its outputs, a JSON list of {column, struct_field, data_type, nullable}"
@@ -1082,7 +1568,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.transport == "pipe":
         return serve_pipe()
-    return serve_http(args.host, args.port, args.udf_file, args.outputs, args.name, args.serial, args.log_requests)
+    return serve_http(
+        args.host,
+        args.port,
+        args.udf_file,
+        args.outputs,
+        args.name,
+        args.serial,
+        args.log_requests,
+        secret_file=args.secret_file,
+        insecure_no_auth=args.insecure_no_auth,
+        max_body_bytes=args.max_body_bytes,
+        cache_dir=args.cache_dir,
+    )
 
 
 if __name__ == "__main__":

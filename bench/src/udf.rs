@@ -150,7 +150,8 @@ fn udf_ref(name: &str, payload: &str) -> anyhow::Result<UdfRef> {
         outputs: json!([{"column": "y", "struct_field": "y",
                          "data_type": {"type": "int64"}, "nullable": true}]),
         pickle: Arc::new(pickle),
-        payload_uri: None,
+        principal: "bench".into(),
+        wants: Default::default(),
         workspace_zips: Vec::new(),
     })
 }

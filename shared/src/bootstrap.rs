@@ -9,6 +9,7 @@ use anyhow::Context;
 
 use crate::api::Service;
 use crate::api::auth::Authenticator;
+use crate::api::tokens::PageTokens;
 use crate::config;
 use crate::embedded::EmbeddedDb;
 use crate::engine::{Engine, EngineConfig};
@@ -44,6 +45,7 @@ impl Components {
                 self.catalog.clone(),
             ),
             auth,
+            tokens: page_tokens(),
         }
     }
 
@@ -82,6 +84,16 @@ impl Components {
     }
 }
 
+/// What seals the API's page tokens: `LANCE_BACKFILL_TOKEN_SECRET` when set
+/// (every API process of a deployment must share it), else a key of this
+/// process alone (tokens then last until it restarts).
+fn page_tokens() -> PageTokens {
+    match std::env::var(config::env::TOKEN_SECRET) {
+        Ok(secret) if !secret.is_empty() => PageTokens::from_secret(&secret),
+        _ => PageTokens::random(),
+    }
+}
+
 pub async fn catalog(root: &str) -> anyhow::Result<Arc<Catalog>> {
     let catalog = Catalog::open(root, config::storage_options()?)
         .await
@@ -101,7 +113,8 @@ pub async fn aws(root: &str) -> anyhow::Result<Components> {
 /// what workers build.
 pub async fn aws_worker(root: &str) -> anyhow::Result<Components> {
     let (mut components, sdk) = aws_with_sdk(root).await?;
-    components.udf = Some(Arc::new(config::udf_runtimes(Some(&sdk), None)?));
+    let hidden = hidden_from_functions(root, None);
+    components.udf = Some(Arc::new(config::udf_runtimes(Some(&sdk), None, hidden)?));
     Ok(components)
 }
 
@@ -145,6 +158,7 @@ pub async fn aws_trigger(root: &str) -> anyhow::Result<(Components, Maintainer)>
         });
     let maintainer = components
         .maintainer(config::submit_settings()?)
+        .with_access(config::access()?)
         .with_retries(retries);
     Ok((components, maintainer))
 }
@@ -169,7 +183,11 @@ pub async fn embedded(
             catalog: catalog(root).await?,
             store: Arc::new(SqliteJobStore::new(db)),
             queues,
-            udf: Some(Arc::new(config::udf_runtimes(None, None)?)),
+            udf: Some(Arc::new(config::udf_runtimes(
+                None,
+                None,
+                hidden_from_functions(root, Some(state)),
+            )?)),
         },
         queue,
     ))
@@ -178,9 +196,37 @@ pub async fn embedded(
 /// Where the embedded state lives by default: beside the tables for a
 /// local root.
 pub fn default_state_path(root: &str) -> Option<std::path::PathBuf> {
+    Some(local_root(root)?.join("_lance_backfill").join("state.db"))
+}
+
+/// The directory of a root on this machine's disk, if it is one.
+pub fn local_root(root: &str) -> Option<std::path::PathBuf> {
     if root.contains("://") && !root.starts_with("file://") {
         return None;
     }
-    let local = root.strip_prefix("file://").unwrap_or(root);
-    Some(Path::new(local).join("_lance_backfill").join("state.db"))
+    Some(std::path::PathBuf::from(
+        root.strip_prefix("file://").unwrap_or(root),
+    ))
+}
+
+/// What user functions may not see on this machine: the namespace root
+/// (a local one), the embedded state's directory, and the service user's
+/// cloud and SSH credentials.
+pub fn hidden_from_functions(
+    root: &str,
+    state: Option<&std::path::Path>,
+) -> Vec<std::path::PathBuf> {
+    let mut hidden = Vec::new();
+    if let Some(local) = local_root(root) {
+        hidden.push(local);
+    }
+    if let Some(dir) = state.and_then(std::path::Path::parent) {
+        hidden.push(dir.to_path_buf());
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        for private in [".aws", ".ssh", ".config/gcloud", ".azure", ".docker"] {
+            hidden.push(std::path::Path::new(&home).join(private));
+        }
+    }
+    hidden
 }

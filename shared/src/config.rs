@@ -38,6 +38,9 @@ pub mod env {
     pub const UDF_PYTHON: &str = "LANCE_BACKFILL_UDF_PYTHON";
     pub const UDF_WORKERS: &str = "LANCE_BACKFILL_UDF_WORKERS";
     pub const UDF_TIMEOUT_SECONDS: &str = "LANCE_BACKFILL_UDF_TIMEOUT_SECONDS";
+    pub const UDF_HTTP_SECRET: &str = "LANCE_BACKFILL_UDF_HTTP_SECRET";
+    pub const TOKEN_SECRET: &str = "LANCE_BACKFILL_TOKEN_SECRET";
+    pub const EVENT_SECRET: &str = "LANCE_BACKFILL_EVENT_SECRET";
     pub const LOG_FORMAT: &str = "LANCE_BACKFILL_LOG_FORMAT";
     pub const EVENT_BUS: &str = "LANCE_BACKFILL_EVENT_BUS";
     pub const MAINTAIN_QUEUE_URL: &str = "LANCE_BACKFILL_MAINTAIN_QUEUE_URL";
@@ -206,10 +209,12 @@ pub fn access() -> anyhow::Result<Access> {
 
 /// Where user functions run: `LANCE_BACKFILL_UDF_RUNTIMES` rules, the rest
 /// on the local pool of `LANCE_BACKFILL_UDF_PYTHON` processes (`workers`
-/// of them if given, else `LANCE_BACKFILL_UDF_WORKERS`).
+/// of them if given, else `LANCE_BACKFILL_UDF_WORKERS`), which may not see
+/// the directories `hidden` names.
 pub fn udf_runtimes(
     aws: Option<&aws_config::SdkConfig>,
     workers: Option<usize>,
+    hidden: Vec<std::path::PathBuf>,
 ) -> anyhow::Result<UdfRuntimes> {
     let defaults = PoolConfig::default();
     let size = match workers {
@@ -223,10 +228,15 @@ pub fn udf_runtimes(
             env::UDF_TIMEOUT_SECONDS,
             defaults.call_timeout.as_secs(),
         )?),
+        hidden,
     };
     UdfRuntimes::parse(
         &var(env::UDF_RUNTIMES).unwrap_or_default(),
-        &Targets { pool, aws },
+        &Targets {
+            pool,
+            aws,
+            http_secret: var(env::UDF_HTTP_SECRET).as_deref(),
+        },
     )
     .with_context(|| format!("{} is not valid", env::UDF_RUNTIMES))
 }

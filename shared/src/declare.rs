@@ -1,21 +1,22 @@
-//! Declaring columns (`add_columns`): `expression` entries are filled once
-//! (Lance `add_columns`); `computed` entries declare a computed column (a SQL
-//! expression) and `virtual_column` entries a user function's outputs, all
-//! added all-null with their binding in the fields' metadata, for backfill
-//! jobs to fill. Nothing here runs a user function: its payload is only
-//! decoded, checked and kept.
+//! Declaring columns (`add_columns`): `computed` entries declare a computed
+//! column (a SQL expression), `virtual_column` entries a user function's
+//! outputs, and `expression` entries a column filled once: all are added
+//! all-null with their binding in the fields' metadata, for backfill jobs
+//! to fill (the caller starts the jobs of `expression` columns and of
+//! those declared with `auto_backfill`). Nothing here evaluates an
+//! expression or runs a user function: a payload is only decoded, checked
+//! and kept.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use arrow_schema::{DataType, Field as ArrowField, Schema as ArrowSchema};
-use futures::FutureExt;
+use arrow_schema::{Field as ArrowField, Schema as ArrowSchema};
 use lance::Dataset;
 use lance::dataset::NewColumnTransform;
 use lance_namespace_reqwest_client::models::{AddColumnsEntry, AddVirtualColumnEntry};
 use tracing::info;
 
-use crate::computed::{BINDING_KEY, MAINTAINED_KEY, infer_expression};
+use crate::computed::{BINDING_KEY, DECLARED_BY_KEY, MAINTAINED_KEY, infer_expression};
 use crate::error::{Error, Missing};
 use crate::table::{Catalog, TableId, branch_name};
 use crate::udf::binding::{self, Declared};
@@ -41,8 +42,6 @@ enum NewColumn {
 
 /// What to add, checked against the table before anything changes.
 struct Additions {
-    /// Filled at once: (name, SQL).
-    fills: Vec<(String, String)>,
     /// Declared all-null, filled by backfills.
     declared: Vec<ArrowField>,
     /// User functions whose payloads are kept beside the table.
@@ -50,6 +49,8 @@ struct Additions {
     /// Columns to fill right after the declaration (one per function or
     /// computed column declared with `auto_backfill`).
     to_fill: Vec<String>,
+    /// `expression` columns: filled once, now.
+    fill_once: Vec<String>,
 }
 
 /// What a declaration did.
@@ -58,6 +59,8 @@ pub struct Declaration {
     pub version: u64,
     /// Columns the caller should backfill now (`auto_backfill`).
     pub to_fill: Vec<String>,
+    /// `expression` columns the caller should fill now, and wait for.
+    pub fill_once: Vec<String>,
 }
 
 /// Whether an entry declares a user function (that needs its own permission).
@@ -67,26 +70,44 @@ pub fn declares_udf(entries: &[AddColumnsEntry]) -> bool {
         .any(|e| e.virtual_column.as_ref().is_some_and(Option::is_some))
 }
 
+/// Whether the entries ask for a backfill at once (`expression` columns,
+/// `auto_backfill` functions; `maintained` for computed columns): the
+/// caller needs the right to submit.
+pub fn starts_jobs(entries: &[AddColumnsEntry], maintained: bool) -> bool {
+    entries.iter().any(|e| {
+        e.expression.as_ref().is_some_and(Option::is_some)
+            || (maintained && e.computed.as_ref().is_some_and(Option::is_some))
+            || e.virtual_column
+                .as_ref()
+                .and_then(Option::as_ref)
+                .is_some_and(|v| v.auto_backfill.flatten().unwrap_or(false))
+    })
+}
+
 /// Adds the columns to the table (on `branch`). `maintained`: the request's
-/// `context` asked for its computed columns to be kept filled as rows arrive.
+/// `context` asked for its computed columns to be kept filled as rows
+/// arrive, on behalf of `declared_by`.
 pub async fn add_columns(
     catalog: &Catalog,
     table: &TableId,
     branch: Option<String>,
     entries: &[AddColumnsEntry],
     maintained: bool,
+    declared_by: &str,
 ) -> Result<Declaration, Error> {
     let columns = parse_entries(entries)?;
     let uri = catalog.locate(table).await?;
     let branch = branch.filter(|b| branch_name(Some(b)).is_some());
     let mut dataset = open_latest(catalog, &uri, branch.as_deref()).await?;
-    let additions = check(&ArrowSchema::from(dataset.schema()), &columns, maintained)?;
+    let schema = ArrowSchema::from(dataset.schema());
+    let additions = check(&schema, &columns, maintained, declared_by)?;
     apply(&mut dataset, &additions).await?;
     let version = dataset.version().version;
-    info!(table = %table.display(), filled = additions.fills.len(), declared = additions.declared.len(), version, "columns added");
+    info!(table = %table.display(), declared = additions.declared.len(), version, "columns added");
     Ok(Declaration {
         version,
         to_fill: additions.to_fill,
+        fill_once: additions.fill_once,
     })
 }
 
@@ -171,6 +192,7 @@ fn check(
     schema: &ArrowSchema,
     columns: &[NewColumn],
     maintained: bool,
+    declared_by: &str,
 ) -> Result<Additions, Error> {
     let mut names = Vec::new();
     let mut functions = Vec::new();
@@ -187,80 +209,84 @@ fn check(
         }
     }
     check_names(schema, &names)?;
-    let (fills, schema) = check_fills(schema, columns)?;
-    let (mut declared, mut to_fill) = check_computed(&schema, columns, maintained)?;
+    let maintain = |field: ArrowField| mark_maintained(field, declared_by);
+    let SqlColumns {
+        mut declared,
+        mut to_fill,
+        fill_once,
+    } = check_sql(schema, columns, maintained, &maintain)?;
     let functions = functions
         .into_iter()
         .map(|(function, auto)| {
             let mut fields = function.fields.clone();
             if auto {
                 to_fill.push(function.binding.primary_column().to_string());
-                fields = fields.into_iter().map(mark_maintained).collect();
+                fields = fields.into_iter().map(maintain).collect();
             }
             declared.extend(fields);
             function
         })
         .collect();
     Ok(Additions {
-        fills,
         declared,
         functions,
         to_fill,
+        fill_once,
     })
 }
 
-/// The `expression` columns, and the schema with them added.
-fn check_fills(
-    schema: &ArrowSchema,
-    columns: &[NewColumn],
-) -> Result<(Vec<(String, String)>, ArrowSchema), Error> {
-    let mut fills = Vec::new();
-    let mut types: Vec<(String, DataType)> = Vec::new();
-    for column in columns {
-        if let NewColumn::Expression { name, sql } = column {
-            let (data_type, _) =
-                infer_expression(schema, sql, &format!("expression of column '{name}'"))?;
-            fills.push((name.clone(), sql.clone()));
-            types.push((name.clone(), data_type));
-        }
-    }
-    let mut extended = schema.clone();
-    for (name, data_type) in types {
-        extended = extend(&extended, ArrowField::new(name, data_type, true));
-    }
-    Ok((fills, extended))
+/// The SQL columns of a declaration.
+#[derive(Default)]
+struct SqlColumns {
+    declared: Vec<ArrowField>,
+    /// Maintained ones: filled now and as rows arrive.
+    to_fill: Vec<String>,
+    /// `expression` ones: filled once, now.
+    fill_once: Vec<String>,
 }
 
-/// The `computed` columns as fields (and those to fill now, when maintained).
-fn check_computed(
+/// The `computed` and `expression` columns as fields (an expression
+/// column's SQL is kept like a computed one's), with those to fill now:
+/// maintained ones, and expression ones (filled once).
+fn check_sql(
     schema: &ArrowSchema,
     columns: &[NewColumn],
     maintained: bool,
-) -> Result<(Vec<ArrowField>, Vec<String>), Error> {
+    maintain: &dyn Fn(ArrowField) -> ArrowField,
+) -> Result<SqlColumns, Error> {
     let mut schema = schema.clone();
-    let mut declared = Vec::new();
-    let mut to_fill = Vec::new();
+    let mut sql_columns = SqlColumns::default();
     for column in columns {
-        if let NewColumn::Computed { name, sql } = column {
-            let what = format!("computed expression of column '{name}'");
-            let (data_type, _) = infer_expression(&schema, sql, &what)?;
-            let mut field = ArrowField::new(name, data_type, true)
-                .with_metadata(HashMap::from([(BINDING_KEY.to_string(), sql.clone())]));
-            if maintained {
-                field = mark_maintained(field);
-                to_fill.push(name.clone());
-            }
-            schema = extend(&schema, field.clone());
-            declared.push(field);
+        let (name, sql, once) = match column {
+            NewColumn::Computed { name, sql } => (name, sql, false),
+            NewColumn::Expression { name, sql } => (name, sql, true),
+            NewColumn::Virtual { .. } => continue,
+        };
+        let what = match once {
+            true => format!("expression of column '{name}'"),
+            false => format!("computed expression of column '{name}'"),
+        };
+        let (data_type, _) = infer_expression(&schema, sql, &what)?;
+        let mut field = ArrowField::new(name, data_type, true)
+            .with_metadata(HashMap::from([(BINDING_KEY.to_string(), sql.clone())]));
+        if once {
+            sql_columns.fill_once.push(name.clone());
+        } else if maintained {
+            field = maintain(field);
+            sql_columns.to_fill.push(name.clone());
         }
+        schema = extend(&schema, field.clone());
+        sql_columns.declared.push(field);
     }
-    Ok((declared, to_fill))
+    Ok(sql_columns)
 }
 
-/// A maintained column is filled whenever new rows arrive.
-fn mark_maintained(field: ArrowField) -> ArrowField {
+/// A maintained column is filled whenever new rows arrive, with the rights
+/// of whoever declared it.
+fn mark_maintained(field: ArrowField, declared_by: &str) -> ArrowField {
     let mut metadata = field.metadata().clone();
     metadata.insert(MAINTAINED_KEY.to_string(), "true".to_string());
+    metadata.insert(DECLARED_BY_KEY.to_string(), declared_by.to_string());
     field.with_metadata(metadata)
 }
 
@@ -270,21 +296,6 @@ async fn apply(dataset: &mut Dataset, additions: &Additions) -> Result<(), Error
             .await
             .map_err(|err| Error::transient(format!("{err:#}")))?;
     }
-    if !additions.fills.is_empty() {
-        let transform = NewColumnTransform::SqlExpressions(additions.fills.clone());
-        // Evaluating the expressions over the table may panic inside Arrow
-        // (a value past a 2 GB array): that is the request's fault, not the
-        // process's.
-        let filled = std::panic::AssertUnwindSafe(dataset.add_columns(transform, None, None))
-            .catch_unwind()
-            .await
-            .map_err(|_| {
-                Error::invalid_input(
-                    "evaluating the expression columns failed: their values are too large",
-                )
-            })?;
-        filled.map_err(|err| Error::from_lance(err, "adding expression columns"))?;
-    }
     if !additions.declared.is_empty() {
         let schema = Arc::new(ArrowSchema::new(additions.declared.clone()));
         dataset
@@ -293,6 +304,23 @@ async fn apply(dataset: &mut Dataset, additions: &Additions) -> Result<(), Error
             .map_err(|err| Error::from_lance(err, "declaring computed columns"))?;
     }
     Ok(())
+}
+
+/// Drops columns a declaration added (an `expression` column whose filling
+/// failed: nothing of it is left).
+pub async fn drop_columns(
+    catalog: &Catalog,
+    table: &TableId,
+    branch: Option<&str>,
+    columns: &[String],
+) -> Result<(), Error> {
+    let uri = catalog.locate(table).await?;
+    let mut dataset = open_latest(catalog, &uri, branch).await?;
+    let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+    dataset
+        .drop_columns(&names)
+        .await
+        .map_err(|err| Error::from_lance(err, "dropping the columns whose filling failed"))
 }
 
 fn extend(schema: &ArrowSchema, field: ArrowField) -> ArrowSchema {

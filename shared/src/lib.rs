@@ -37,6 +37,7 @@ pub mod queue;
 pub mod runner;
 pub mod staging;
 pub mod store;
+pub mod strays;
 pub mod submit;
 pub mod table;
 pub mod tasks;

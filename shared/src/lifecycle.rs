@@ -123,6 +123,7 @@ impl Lifecycle {
         // Sweep first: a process killed after the sweep repeats it when its
         // message comes back; one killed after DONE would leave them forever.
         self.sweep_checkpoints(job).await?;
+        self.sweep_strays(job).await;
         if self
             .store
             .transition(&job.job_id, JobState::Done, Some(&message), None)
@@ -132,6 +133,15 @@ impl Lifecycle {
             info!(job_id = %job.job_id, "{message}");
         }
         Ok(())
+    }
+
+    /// Removes the data files of the job that a crash left unrecorded (best
+    /// effort: what is left is garbage no version holds, which Lance's own
+    /// cleanup removes in time).
+    async fn sweep_strays(&self, job: &Job) {
+        if let Err(err) = crate::strays::sweep(&self.catalog, job).await {
+            warn!(job_id = %job.job_id, error = %format!("{err:#}"), "could not look for the job's stray files");
+        }
     }
 
     /// Removes checkpoints of the job's fragments that a crash left behind
@@ -201,6 +211,9 @@ impl Lifecycle {
             return Ok(Cleanup::Busy);
         };
         let result = self.remove_uncommitted(&job).await;
+        if result.is_ok() {
+            self.sweep_strays(&job).await;
+        }
         lease.release().await;
         result?;
         Ok(Cleanup::Done)

@@ -85,7 +85,13 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             true => Some(config::aws().await),
             false => None,
         };
-        components.udf = Some(Arc::new(config::udf_runtimes(sdk.as_ref(), Some(workers))?));
+        let hidden =
+            crate::bootstrap::hidden_from_functions(&options.root, options.state.as_deref());
+        components.udf = Some(Arc::new(config::udf_runtimes(
+            sdk.as_ref(),
+            Some(workers),
+            hidden,
+        )?));
     }
     let mut publisher = event_sinks(&options).await?;
     let wake = maintain::Wake::default();
@@ -103,7 +109,8 @@ async fn event_sinks(options: &ServeOptions) -> anyhow::Result<Publisher> {
         publisher = publisher.with(Arc::new(JsonLinesSink::open(path).await?));
     }
     if let Some(url) = &options.events_url {
-        publisher = publisher.with(Arc::new(WebhookSink::start(url.clone())?));
+        let secret = std::env::var(config::env::EVENT_SECRET).ok();
+        publisher = publisher.with(Arc::new(WebhookSink::start(url.clone(), secret)?));
     }
     Ok(publisher)
 }
@@ -116,6 +123,7 @@ async fn run(
     wake: maintain::Wake,
 ) -> anyhow::Result<()> {
     let settings = config::submit_settings()?;
+    let access = auth.access().clone();
     let service = Arc::new(components.service(auth, settings.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_rx.clone();
@@ -152,7 +160,7 @@ async fn run(
     });
     let pollers = pollers.transpose()?;
     let watcher = options.maintain_interval.map(|interval| {
-        let maintainer = Arc::new(components.maintainer(settings.clone()));
+        let maintainer = Arc::new(components.maintainer(settings.clone()).with_access(access));
         let versions = maintain::VersionWatch::start(&options.root, wake.clone());
         tokio::spawn(async move {
             maintain::watch(maintainer, interval, wake, watcher_stop).await;

@@ -19,6 +19,7 @@ use crate::plan::{self, PlannedFragment};
 use crate::queue::{Message, Outgoing, QueueSet, TaskQueue};
 use crate::store::{CreateOutcome, IdempotencyClaim, JobStore, StoreError};
 use crate::table::{Catalog, TableId, branch_name};
+use crate::udf::Binding;
 
 /// Jobs with more tasks than this are fanned out by a worker from one
 /// planning message: the API then answers after one queue call, whatever
@@ -73,6 +74,9 @@ pub struct SubmitRequest {
     /// column's last job); `refill_all`: every fragment.
     pub refill_fragments: Vec<u64>,
     pub refill_all: bool,
+    /// A maintained column's job: who declared the column (its rights and
+    /// processes are the job's).
+    pub on_behalf_of: Option<String>,
 }
 
 impl SubmitRequest {
@@ -96,6 +100,7 @@ impl SubmitRequest {
             maintained_version: None,
             refill_fragments: Vec::new(),
             refill_all: false,
+            on_behalf_of: None,
         }
     }
 }
@@ -161,6 +166,14 @@ struct Planned {
 
 fn store_unavailable(err: StoreError) -> Error {
     match err {
+        // No retry makes it fit: the client's request is what must change.
+        StoreError::ItemTooLarge(message) => {
+            warn!(%message, "job record too large");
+            Error::invalid_input(
+                "the job's record would be larger than the job store keeps (DynamoDB's 400 KB \
+                 item); shorten the request's 'where', 'context' or column expression",
+            )
+        }
         StoreError::Contention(message) => {
             warn!(%message, "job store busy");
             Error::Transient {
@@ -585,7 +598,7 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: J
             read_version: planned.read_version,
             params,
             submitted_by: submit.submitted_by.clone(),
-            udf: planned.program.udf().cloned(),
+            udf: planned.program.udf().map(Binding::reference),
             options,
             skip_fragments: submit.skip_fragments.clone(),
             ignored_fields: submit.ignored_fields.clone(),
@@ -594,6 +607,7 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: J
             maintained_version: submit.maintained_version,
             refill_fragments: submit.refill_fragments.clone(),
             refill_all: submit.refill_all,
+            on_behalf_of: submit.on_behalf_of.clone(),
             plan: PlanSummary {
                 fragments: fragments.len() as u64,
                 tasks,

@@ -1,6 +1,9 @@
 //! Every error row of SEMANTICS.md, over HTTP, against moto and a real table.
 
-use lance_backfill_tests::{API_KEY, Moto, Stack, StackOptions, write_sample_table};
+use std::time::Duration;
+
+use lance_backfill::runner::RunnerConfig;
+use lance_backfill_tests::{API_KEY, Moto, Stack, StackOptions, fast_engine, write_sample_table};
 use serde_json::json;
 
 async fn stack_with_table() -> Stack {
@@ -287,9 +290,15 @@ async fn routes_and_methods_answer_with_error_responses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn add_columns_declares_fills_and_refuses_bad_entries() {
     let moto = Moto::connect().await;
-    let stack = Stack::aws(&moto, StackOptions::default()).await;
+    let mut stack = Stack::aws(&moto, StackOptions::default()).await;
     let uri = stack.table_uri("items");
     write_sample_table(&uri, 100, 2).await.unwrap();
+    // An expression column is filled by a job, on the workers.
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
     let (status, body) = stack
         .post(
             "/v1/table/items/add_columns",
@@ -444,7 +453,7 @@ async fn bearer_tokens_over_http() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(job.spec.submitted_by, "carol");
+    assert_eq!(job.spec.submitted_by, "jwt:https://issuer.example:carol");
     for (bad, why) in [
         (
             token("other-secret", "lance-backfill", 600),

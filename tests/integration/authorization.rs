@@ -12,6 +12,7 @@ const OPS: &str = "ops-secret";
 const READER: &str = "reader-secret";
 const SUBMITTER: &str = "submitter-secret";
 const STRANGER: &str = "stranger-secret";
+const DECLARER: &str = "declarer-secret";
 
 /// Bearer tokens are HS256 JWTs signed with this, for this issuer and
 /// audience.
@@ -23,7 +24,8 @@ const POLICY: &str = r#"{
     "ops": {"tables": ["*"], "actions": ["read", "submit", "declare", "udf", "cancel"]},
     "reader": {"tables": ["items"], "actions": ["read"]},
     "submitter": {"tables": ["item?"], "actions": ["read", "submit", "declare"]},
-    "carol": {"tables": ["items"], "actions": ["read", "submit", "declare"]}
+    "declarer": {"tables": ["items"], "actions": ["read", "declare"]},
+    "jwt:https://issuer.example:carol": {"tables": ["items"], "actions": ["read", "submit", "declare"]}
 }"#;
 
 async fn stack() -> Stack {
@@ -38,6 +40,7 @@ async fn stack_with(access: Access) -> Stack {
         ("reader", READER),
         ("submitter", SUBMITTER),
         ("stranger", STRANGER),
+        ("declarer", DECLARER),
     ] {
         auth = auth
             .with_key_digest(&format!("{name}:{}", sha256_hex(key)))
@@ -358,7 +361,7 @@ async fn a_bearer_tokens_subject_is_its_principal() {
         .await
         .expect("read the job")
         .expect("the job exists");
-    assert_eq!(job.spec.submitted_by, "carol");
+    assert_eq!(job.spec.submitted_by, "jwt:https://issuer.example:carol");
 
     // It reads what the policy lets it read; other jobs do not exist.
     let (status, body) =
@@ -419,8 +422,20 @@ async fn a_bearer_tokens_subject_is_its_principal() {
             .await,
     );
 
-    for other in [token(Some("mallory")), token(None)] {
-        let bearer = format!("Bearer {other}");
+    // A token naming no subject names no principal: refused outright.
+    let anonymous = format!("Bearer {}", token(None));
+    let (status, body) = call_with(
+        &stack,
+        ("authorization", anonymous.as_str()),
+        "GET",
+        &format!("/v1/job/{mine}"),
+        json!({}),
+    )
+    .await;
+    denied((status, body.clone()));
+    assert!(body["error"].as_str().unwrap().contains("'sub'"), "{body}");
+    {
+        let bearer = format!("Bearer {}", token(Some("mallory")));
         let other = ("authorization", bearer.as_str());
         denied(call_with(&stack, other, "GET", "/v1/table/items/jobs", json!({})).await);
         denied(
@@ -505,4 +520,211 @@ async fn a_policy_in_a_file_is_read_and_enforced() {
     let broken = dir.path().join("broken.json");
     std::fs::write(&broken, r#"{"reader": {"tables": ["items"]}}"#).expect("write a bad policy");
     assert!(Access::parse(&format!("@{}", broken.display())).is_err());
+}
+
+/// Declaring alone starts no job: a maintained (`auto_backfill`) or an
+/// `expression` column is filled by jobs, which need `submit` as well;
+/// a plain computed column needs `declare` only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn declaring_columns_that_start_jobs_needs_submit_too() {
+    let stack = stack().await;
+    let add = "/v1/table/items/add_columns";
+    let maintained = json!({"new_columns": [{"name": "m", "computed": "x + 1"}],
+        "context": {"auto_backfill": "true"}});
+    let expression = json!({"new_columns": [{"name": "e", "expression": "x + 1"}]});
+    for body in [maintained, expression] {
+        let (status, answer) = call(&stack, DECLARER, "POST", add, body).await;
+        denied((status, answer.clone()));
+        assert!(
+            answer["error"].as_str().unwrap().contains("submit"),
+            "{answer}"
+        );
+    }
+    let dataset = lance::Dataset::open(&stack.table_uri("items"))
+        .await
+        .unwrap();
+    assert!(dataset.schema().field("m").is_none() && dataset.schema().field("e").is_none());
+    let (status, answer) = call(&stack, DECLARER, "POST", add, declare("plain")).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// A maintained column's jobs run on behalf of its declarer, with the
+/// declarer's rights of the moment: revoked, the column stops (its record
+/// and its last job say why); restored, it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_maintained_column_runs_with_its_declarers_current_rights() {
+    use std::time::Duration;
+
+    use lance_backfill::maintain::MAINTAINER;
+    use lance_backfill::runner::RunnerConfig;
+    use lance_backfill_tests::{append_rows, fast_engine};
+
+    let mut stack = stack().await;
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    let body = json!({"new_columns": [{"name": "m", "computed": "x + 1"}],
+        "context": {"auto_backfill": "true"}});
+    let (status, answer) = call(&stack, OPS, "POST", "/v1/table/items/add_columns", body).await;
+    assert_eq!(status, 200, "{answer}");
+    let first = answer["context"]["job_id"].as_str().unwrap().to_string();
+    stack.wait_done(&first, Duration::from_secs(60)).await;
+    let uri = stack.table_uri("items");
+    let maintainer = |policy: &str| {
+        stack
+            .components
+            .maintainer(StackOptions::default().settings)
+            .with_access(Access::parse(policy).unwrap())
+    };
+
+    append_rows(&uri, 100, 50).await;
+    let jobs = maintainer(POLICY).maintain(&items()).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    let job = stack.wait_done(&jobs[0], Duration::from_secs(60)).await;
+    assert_eq!(job.spec.submitted_by, MAINTAINER);
+    assert_eq!(job.spec.on_behalf_of.as_deref(), Some("key:ops"));
+
+    // Ops may no longer submit: nothing runs, and the column says why.
+    let revoked = POLICY.replace(
+        r#""ops": {"tables": ["*"], "actions": ["read", "submit", "declare", "udf", "cancel"]}"#,
+        r#""ops": {"tables": ["*"], "actions": ["read", "declare"]}"#,
+    );
+    assert_ne!(revoked, POLICY);
+    append_rows(&uri, 150, 50).await;
+    assert!(
+        maintainer(&revoked)
+            .maintain(&items())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (mark, _) = stack.store().watermark(&items().key(), "m").await.unwrap();
+    let reason = mark.stopped.expect("the column is stopped");
+    assert!(
+        reason.contains("key:ops") && reason.contains("submit"),
+        "{reason}"
+    );
+    let events = stack.events(&job.job_id).await;
+    assert!(events.iter().any(|e| e.contains("stopped")), "{events:?}");
+    let m = lance_backfill_tests::read_i64(&uri, "m", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        m.iter().filter(|v| v.is_none()).count(),
+        50,
+        "the new rows wait"
+    );
+
+    // Restored: the rows are filled.
+    let jobs = maintainer(POLICY).maintain(&items()).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    stack.wait_done(&jobs[0], Duration::from_secs(60)).await;
+    let m = lance_backfill_tests::read_i64(&uri, "m", &Default::default())
+        .await
+        .unwrap();
+    assert!(m.iter().all(Option::is_some));
+    let (mark, _) = stack.store().watermark(&items().key(), "m").await.unwrap();
+    assert_eq!(mark.stopped, None);
+}
+
+fn items() -> lance_backfill::table::TableId {
+    lance_backfill::table::TableId(vec!["items".to_string()])
+}
+
+/// A function of 64 outputs declared with a manifest of a million bytes:
+/// the binding is kept once (the other outputs name the first), the
+/// manifest beside the table, so the schema every later manifest copies
+/// stays small; its job's record carries no binding; `describe` shows a
+/// principal without `udf` no payload and no manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_declaration_is_stored_once_and_shown_without_its_code() {
+    use base64::Engine as _;
+    let stack = stack().await;
+    let outputs: Vec<Value> = (0..64)
+        .map(|i| {
+            json!({"column": format!("o{i}"), "struct_field": format!("o{i}"),
+            "data_type": {"type": "int64"}, "nullable": true})
+        })
+        .collect();
+    let manifest = json!({"description": "m".repeat(1_000_000)}).to_string();
+    let pickle = base64::engine::general_purpose::STANDARD.encode([7u8; 1500]);
+    let entry = json!({"name": "o0", "virtual_column": {"input_columns": ["x"],
+        "outputs": outputs, "udf": pickle, "udf_name": "wide", "udf_version": "1",
+        "image": "local", "manifest": manifest,
+        "field_metadata": {"team": "search"}}});
+    let body = json!({"new_columns": [entry]});
+    let (status, answer) = call(&stack, OPS, "POST", "/v1/table/items/add_columns", body).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let dataset = lance::Dataset::open(&stack.table_uri("items"))
+        .await
+        .unwrap();
+    let metadata_bytes: usize = dataset
+        .schema()
+        .fields
+        .iter()
+        .flat_map(|f| f.metadata.iter().map(|(k, v)| k.len() + v.len()))
+        .sum();
+    assert!(
+        metadata_bytes < 32 * 1024,
+        "the schema's metadata: {metadata_bytes} bytes"
+    );
+    let last = dataset.schema().field("o63").unwrap();
+    assert_eq!(last.metadata["lance-backfill:udf-output-of"], "o0");
+    assert_eq!(last.metadata["team"], "search");
+
+    // The job's record names the function; it does not carry it.
+    let (status, answer) = call(
+        &stack,
+        OPS,
+        "POST",
+        "/v1/table/items/backfill_column",
+        json!({"column": "o5"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    let job = stack
+        .store()
+        .get_job(answer["job_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let record = serde_json::to_vec(&job.spec).unwrap().len();
+    assert!(record < 8 * 1024, "the job's record: {record} bytes");
+    assert_eq!(job.spec.columns().len(), 64);
+
+    // Describe: small for everyone; the payload only for who may run code.
+    let describe = "/v1/table/items/describe";
+    let (status, for_reader) = call(&stack, READER, "POST", describe, json!({})).await;
+    assert_eq!(status, 200, "{for_reader}");
+    let text = for_reader.to_string();
+    assert!(text.len() < 64 * 1024, "describe: {} bytes", text.len());
+    assert!(
+        !text.contains(&pickle) && !text.contains("mmmmmmmm"),
+        "no code, no manifest"
+    );
+    assert!(text.contains("wide"), "the binding's metadata is shown");
+    let (_, for_ops) = call(&stack, OPS, "POST", describe, json!({})).await;
+    assert!(
+        for_ops.to_string().contains(&pickle),
+        "the payload, to who may run it"
+    );
+
+    // Metadata keys of the service's own are refused.
+    let forged = json!({"new_columns": [{"name": "f", "virtual_column": {"input_columns": ["x"],
+        "outputs": [{"column": "f", "struct_field": "f", "data_type": {"type": "int64"}, "nullable": true}],
+        "udf": pickle, "udf_name": "f", "udf_version": "1", "image": "local",
+        "field_metadata": {"lance-backfill:declared-by": "key:ops"}}}]});
+    let (status, answer) = call(&stack, OPS, "POST", "/v1/table/items/add_columns", forged).await;
+    assert_eq!(
+        (status, answer["code"].clone()),
+        (400, json!(13)),
+        "{answer}"
+    );
+    assert!(
+        answer["error"].as_str().unwrap().contains("reserved"),
+        "{answer}"
+    );
 }

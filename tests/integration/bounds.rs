@@ -293,3 +293,38 @@ async fn service_faults_reach_clients_without_internals() {
         "{error}"
     );
 }
+
+/// The longest operator chains a request may carry (a left-deep tree as
+/// deep as the token limit allows), as a computed column and as a `where`,
+/// are evaluated on the worker's threads (their default stacks) to the
+/// right values: no stack overflow ends the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_longest_operator_chains_evaluate_on_worker_threads() {
+    use lance_backfill::computed::limits::MAX_EXPRESSION_TOKENS;
+    let mut stack = stack_with_table(2_000, 2).await;
+    // "x", then " + 1" (two tokens) as often as the limit allows.
+    let terms = (MAX_EXPRESSION_TOKENS - 1) / 2;
+    let sum = format!("x{}", " + 1".repeat(terms));
+    stack.declare("items", &[("deep", sum.as_str())]).await;
+    // "x >= 0" (three tokens) joined by AND.
+    let conditions = (MAX_EXPRESSION_TOKENS + 1) / 4;
+    let predicate = vec!["x >= 0"; conditions].join(" AND ");
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    let job_id = stack
+        .submit("items", json!({"column": "deep", "where": predicate}))
+        .await;
+    stack.wait_done(&job_id, Duration::from_secs(120)).await;
+    let uri = stack.table_uri("items");
+    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+    let deep = read_i64(&uri, "deep", &HashMap::new()).await.unwrap();
+    assert_eq!(
+        deep,
+        x.iter()
+            .map(|x| x.map(|x| x + terms as i64))
+            .collect::<Vec<_>>()
+    );
+}

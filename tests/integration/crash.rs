@@ -399,7 +399,7 @@ where
             changes.values().all(|c| *c == 1),
             "run {run}: a fragment committed twice: {changes:?}"
         );
-        let leftovers = crate::worker_runs::walk(&format!("{uri}/_backfill"));
+        let leftovers = crate::worker_runs::leftovers(&format!("{uri}/_backfill"));
         assert!(
             leftovers.is_empty(),
             "run {run}: leftover checkpoints {leftovers:?}\n{}",

@@ -1,7 +1,8 @@
 //! Job events: every state change of a job that finishes, one that is
 //! cancelled and one that fails reaches the JSON-lines log and a webhook
-//! (which refuses its first delivery, so the retry is exercised), with the
-//! table, columns, versions and row counts.
+//! (which refuses its first delivery, so the retry is exercised, and takes
+//! only events signed with the shared secret), with the table, columns,
+//! versions and row counts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,9 +22,45 @@ use serde_json::{Value, json};
 struct Webhook {
     received: Arc<Mutex<Vec<Value>>>,
     refused: Arc<Mutex<u32>>,
+    forged: Arc<Mutex<u32>>,
 }
 
-async fn receive(State(hook): State<Webhook>, body: String) -> StatusCode {
+const EVENT_SECRET: &str = "the webhook's shared secret";
+
+/// What a receiver does (docs/events.md): HMAC-SHA256 of "timestamp.body"
+/// with the shared secret, compared in constant time, the timestamp near.
+fn signed(headers: &axum::http::HeaderMap, body: &str) -> bool {
+    use hmac::{Hmac, Mac};
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(timestamp), Some(signature)) = (
+        header("x-lance-backfill-timestamp"),
+        header("x-lance-backfill-signature"),
+    ) else {
+        return false;
+    };
+    let Ok(sent) = timestamp.parse::<i64>() else {
+        return false;
+    };
+    if (chrono::Utc::now().timestamp() - sent).abs() > 300 {
+        return false;
+    }
+    let Some(Ok(given)) = signature.strip_prefix("v1=").map(hex::decode) else {
+        return false;
+    };
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(EVENT_SECRET.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    mac.verify_slice(&given).is_ok()
+}
+
+async fn receive(
+    State(hook): State<Webhook>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> StatusCode {
+    if !signed(&headers, &body) {
+        *hook.forged.lock().unwrap() += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
     {
         let mut refused = hook.refused.lock().unwrap();
         if *refused == 0 {
@@ -72,7 +109,9 @@ async fn every_state_change_reaches_the_log_and_the_webhook() {
     let (url, hook) = start_webhook().await;
     let publisher = Publisher::default()
         .with(Arc::new(JsonLinesSink::open(&log).await.unwrap()))
-        .with(Arc::new(WebhookSink::start(url).unwrap()));
+        .with(Arc::new(
+            WebhookSink::start(url, Some(EVENT_SECRET.to_string())).unwrap(),
+        ));
     let mut stack = Stack::embedded(StackOptions {
         publisher,
         ..StackOptions::default()
@@ -129,6 +168,7 @@ async fn every_state_change_reaches_the_log_and_the_webhook() {
     })
     .await
     .expect("every event at the webhook");
+    assert_eq!(*hook.forged.lock().unwrap(), 0, "every delivery was signed");
 
     let finished = logged
         .iter()
@@ -256,4 +296,46 @@ async fn job_events_reach_an_eventbridge_bus() {
         received[2]["detail"]["published_version"],
         latest_version(&uri).await
     );
+}
+
+/// A receiver that refuses every delivery (here: signed with another
+/// secret) gets each event its bounded number of times; then the event is
+/// dropped and counted, and nothing waits on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_no_receiver_takes_is_dropped_and_counted() {
+    use lance_backfill::events::{EventSink, JobChange, JobNotice};
+    let (url, hook) = start_webhook().await;
+    let sink = WebhookSink::start(url, Some("not the receiver's secret".to_string())).unwrap();
+    let notice = JobNotice {
+        change: JobChange::Done,
+        job_id: "job-1".into(),
+        table: "items".into(),
+        table_id: vec!["items".into()],
+        column: "y".into(),
+        columns: vec!["y".into()],
+        submitted_by: "key:ops".into(),
+        read_version: 1,
+        published_version: Some(2),
+        fragments_total: 1,
+        fragments_committed: 1,
+        rows_total: 10,
+        rows_committed: 10,
+        rows_failed: 0,
+        error: None,
+        at: "2026-12-06T00:00:00Z".into(),
+    };
+    let started = std::time::Instant::now();
+    sink.publish(&notice).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "publishing never waits"
+    );
+    eventually(Duration::from_secs(60), || {
+        let dropped = sink.dropped();
+        async move { dropped == 1 }
+    })
+    .await
+    .expect("the event dropped and counted");
+    assert_eq!(*hook.forged.lock().unwrap(), 6, "each attempt refused");
+    assert!(hook.received.lock().unwrap().is_empty());
 }

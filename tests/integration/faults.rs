@@ -65,6 +65,7 @@ fn a_job() -> Job {
             maintained_version: None,
             refill_fragments: Vec::new(),
             refill_all: false,
+            on_behalf_of: None,
         },
         state: JobState::Pending,
         created_at: now.clone(),

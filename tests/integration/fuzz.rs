@@ -98,6 +98,9 @@ fn body(job_id: String) -> impl Strategy<Value = Vec<u8>> {
             Value::Object(object).to_string().into_bytes()
         }),
         1 => prop::collection::vec(any::<u8>(), 0..64),
+        1 => amplifying_sql().prop_map(|sql| {
+            json!({"column": "y", "where": format!("length({sql}) > 0")}).to_string().into_bytes()
+        }),
         1 => value().prop_map(|v| v.to_string().into_bytes()),
         // What `/v1/jobs/*` read: a job that exists, a page.
         1 => Just(json!({ "job_id": job_id }).to_string().into_bytes()),
@@ -400,6 +403,7 @@ fn declaration() -> impl Strategy<Value = Vec<u8>> {
             .prop_map(|name| json!({"name": name, "virtual_column": null})),
         1 => prop::sample::select(vec!["c", "x", ""])
             .prop_map(|name| json!({"name": name, "computed": "x + 1"})),
+        1 => amplifying_sql().prop_map(|sql| json!({"name": "c", "computed": sql})),
     ];
     (
         prop::collection::vec(entry, 0..3),
@@ -590,4 +594,146 @@ fn the_api_handler_takes_anything() {
         lance_backfill_tests::fuzz_seed()
     );
     drop(stack);
+}
+
+/// Counts a function may be asked for: small, huge, from the data, negative.
+const COUNTS: &[&str] = &[
+    "0",
+    "-5",
+    "3",
+    "1000",
+    "1000000",
+    "100000000",
+    "2000000000",
+    "x",
+    "x * 1000000",
+    "length(s)",
+];
+
+/// A string expression built of functions that make more than they read.
+fn text_sql() -> impl Strategy<Value = String> {
+    let leaf = prop::sample::select(vec!["s", "'ab'", "'é'", "CAST(x AS VARCHAR)"])
+        .prop_map(str::to_string);
+    leaf.prop_recursive(3, 12, 3, |inner| {
+        let count = prop::sample::select(COUNTS);
+        prop_oneof![
+            (inner.clone(), count.clone()).prop_map(|(e, c)| format!("repeat({e}, {c})")),
+            (inner.clone(), count.clone()).prop_map(|(e, c)| format!("lpad({e}, {c})")),
+            (inner.clone(), count.clone(), inner.clone())
+                .prop_map(|(e, c, f)| format!("rpad({e}, {c}, {f})")),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("concat({a}, {b})")),
+            (inner.clone(), inner.clone(), inner.clone())
+                .prop_map(|(a, b, c)| format!("concat_ws({a}, {b}, {c}, {b})")),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("replace({a}, 'a', {b})")),
+            (inner.clone(), inner.clone())
+                .prop_map(|(a, b)| format!("regexp_replace({a}, '.', {b}, 'g')")),
+            inner.clone().prop_map(|a| format!("upper({a})")),
+            (count.clone(), inner.clone())
+                .prop_map(|(c, e)| { format!("array_to_string(array_repeat(x, {c}), {e})") }),
+        ]
+    })
+}
+
+/// What a computed column may be: text, lists of it, series, or a length.
+fn amplifying_sql() -> impl Strategy<Value = String> {
+    let count = prop::sample::select(COUNTS);
+    prop_oneof![
+        4 => text_sql(),
+        1 => (text_sql(), count.clone()).prop_map(|(e, c)| format!("array_repeat({e}, {c})")),
+        1 => count.clone().prop_map(|c| format!("range(0, {c})")),
+        1 => count.clone().prop_map(|c| format!("generate_series(x, {c})")),
+        1 => count.clone().prop_map(|c| format!("array_resize(make_array(x), {c}, 0)")),
+        1 => text_sql().prop_map(|e| format!("string_to_array({e}, '')")),
+        1 => text_sql().prop_map(|e| format!("length({e})")),
+    ]
+}
+
+/// 64 rows: `x` 0..64, `s` of up to 2,000 characters.
+fn long_strings() -> arrow_array::RecordBatch {
+    use arrow_array::{Int64Array, StringArray};
+    let s: Vec<String> = (0..64).map(|i| "abcé".repeat(i * 8)).collect();
+    arrow_array::RecordBatch::try_from_iter(vec![
+        (
+            "x",
+            Arc::new(Int64Array::from_iter_values(0..64)) as arrow_array::ArrayRef,
+        ),
+        ("s", Arc::new(StringArray::from(s)) as arrow_array::ArrayRef),
+    ])
+    .unwrap()
+}
+
+/// What becomes of `sql` declared as a computed column and evaluated over
+/// `batch` as a worker evaluates it.
+async fn evaluate_as_worker(sql: &str, batch: &arrow_array::RecordBatch) -> &'static str {
+    use lance_backfill::computed::{Program, TargetColumn, infer_expression};
+    let base = batch.schema();
+    let Ok((data_type, _)) = infer_expression(&base, sql, "the expression") else {
+        return "refused when declared";
+    };
+    let mut fields: Vec<arrow_schema::Field> =
+        base.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(arrow_schema::Field::new("y", data_type.clone(), true));
+    let arrow = Arc::new(arrow_schema::Schema::new(fields));
+    let schema = lance::datatypes::Schema::try_from(arrow.as_ref()).unwrap();
+    let target = TargetColumn {
+        name: "y".into(),
+        expression: sql.into(),
+        data_type: data_type.clone(),
+        udf: None,
+    };
+    let Ok(program) = Program::compile(&schema, &target, None) else {
+        return "refused when planned";
+    };
+    let mut columns = batch.columns().to_vec();
+    columns.push(arrow_array::new_null_array(&data_type, batch.num_rows()));
+    let full = arrow_array::RecordBatch::try_new(arrow, columns).unwrap();
+    let names: Vec<&str> = program
+        .read_schema
+        .fields
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    let indices: Vec<usize> = names
+        .iter()
+        .map(|n| full.schema().index_of(n).unwrap())
+        .collect();
+    let read = full.project(&indices).unwrap();
+    match program.evaluate(&read, None).await {
+        Ok(_) => "values",
+        Err(_) => "failed its task",
+    }
+}
+
+/// SQL built of the functions that make more than they read (repeat,
+/// lpad/rpad, concat and concat_ws of repeats, replace and regexp_replace,
+/// array functions, series), at counts up to billions, evaluated over rows
+/// of up to 2,000 characters as a worker evaluates it: each gets values or
+/// an error; the process is never aborted, its memory never runs away.
+#[test]
+fn amplifying_sql_gets_values_or_an_error_never_the_end_of_the_process() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cases: u32 = std::env::var("LANCE_BACKFILL_SQL_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let batch = long_strings();
+    let outcomes = std::sync::Mutex::new(BTreeMap::<&str, u32>::new());
+    let mut runner = lance_backfill_tests::seeded_runner(cases);
+    runner
+        .run(&amplifying_sql(), |sql| {
+            let outcome = runtime.block_on(evaluate_as_worker(&sql, &batch));
+            *outcomes.lock().unwrap().entry(outcome).or_default() += 1;
+            Ok(())
+        })
+        .unwrap();
+    let peak = peak_rss_mb().map_or_else(|| "unknown".to_string(), |mb| format!("{mb} MB"));
+    println!(
+        "FIGURES sql fuzz: {cases} expressions, outcomes {:?}, peak RSS {peak} (seed {})",
+        outcomes.into_inner().unwrap(),
+        lance_backfill_tests::fuzz_seed()
+    );
 }

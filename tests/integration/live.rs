@@ -89,16 +89,8 @@ impl Live {
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.serve.url))
-            .header("x-api-key", KEY)
-            .json(&body)
-            .send()
-            .await
-            .expect("serve answers");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        let url = format!("{}{path}", self.serve.url);
+        lance_backfill_tests::post_as(&self.client, &url, KEY, &body).await
     }
 
     /// Declares `y` (and any other entries) with `add_columns`.
@@ -231,7 +223,7 @@ impl Live {
         })
         .await
         .expect("the queue empties");
-        let leftovers = crate::worker_runs::walk(&format!("{}/_backfill", self.uri));
+        let leftovers = crate::worker_runs::leftovers(&format!("{}/_backfill", self.uri));
         assert!(leftovers.is_empty(), "leftover checkpoints {leftovers:?}");
         let orphans = self.writer(&["orphans", "y", "u", "w"]);
         assert_eq!(
@@ -545,7 +537,12 @@ async fn faults_live_table_on_aws_with_faults() {
             .wait_for(&job_id, |job| metric(job, "commits") >= 1)
             .await;
         assert_eq!(job["state"], "RUNNING", "the job ended too soon: {job}");
+        // The function waits while the change is made: it lands mid-job
+        // however slow the machine.
+        let hold = state.path().join("hold");
+        std::fs::write(&hold, "").unwrap();
         live.writer(change);
+        std::fs::remove_file(&hold).unwrap();
         live.wait_done(&job_id).await;
         let holds = live.holds("y").await;
         let wrong: Vec<_> = holds.wrong.iter().filter(|(id, ..)| *id < 30_000).collect();

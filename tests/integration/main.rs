@@ -12,6 +12,7 @@ mod crash;
 mod events;
 mod faults;
 mod fuzz;
+mod isolation;
 mod lancedb_client;
 mod live;
 mod maintained;

@@ -55,7 +55,7 @@ async fn official_client_gets_a_job_in_dynamodb_and_tasks_in_sqs() {
     assert_eq!(spec["expression"], "x * 2 + 1");
     assert_eq!(spec["where"], "`y` IS NULL");
     assert_eq!(spec["read_version"], version);
-    assert!(spec["submitted_by"].as_str().unwrap().starts_with("key-"));
+    assert!(spec["submitted_by"].as_str().unwrap().starts_with("key:"));
     assert_eq!(spec["params"]["concurrency"], 3);
     assert_eq!(spec["params"]["task_size"], 1500);
     assert_eq!(spec["params"]["checkpoint_size"], 500);

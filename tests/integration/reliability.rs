@@ -128,11 +128,13 @@ async fn compaction_during_a_job_never_puts_values_on_wrong_rows() {
         .delete("x % 2 = 0")
         .await
         .unwrap();
-    // One task per fragment (fragments of 2,000 rows would be packed).
+    // One task per fragment (fragments of 2,000 rows would be packed); a
+    // commit per four fragments, so the second four are all staged before
+    // their commit finds them moved.
     let job_id = stack
         .submit(
             "items",
-            json!({"column": "y", "commit_granularity": 1, "task_size": 2000}),
+            json!({"column": "y", "commit_granularity": 4, "task_size": 2000}),
         )
         .await;
     let bodies = stack.drain().await;
@@ -224,4 +226,51 @@ fn message_parsing_never_panics() {
             Ok(())
         })
         .unwrap();
+}
+
+/// A file of one column of a fragment, written as a worker writes it and
+/// recorded nowhere: what a worker killed right after writing leaves.
+async fn unrecorded_file(uri: &str, column: &str) -> std::path::PathBuf {
+    use std::sync::Arc;
+
+    use arrow_array::{Int64Array, RecordBatch};
+    let dataset = lance::Dataset::open(uri).await.unwrap();
+    let fragment = dataset.get_fragment(0).unwrap();
+    let rows = fragment.physical_rows().await.unwrap();
+    let schema = dataset.schema().project(&[column]).unwrap();
+    let arrow = Arc::new(arrow_schema::Schema::from(&schema));
+    let values = Int64Array::from_iter_values(0..rows as i64);
+    let batch = RecordBatch::try_new(arrow, vec![Arc::new(values)]).unwrap();
+    let written = fragment
+        .write_columns(futures::stream::iter([Ok(batch)]), &schema)
+        .await
+        .unwrap();
+    std::path::Path::new(uri).join("data").join(&written.1.path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_a_killed_worker_left_unrecorded_are_removed_when_the_job_ends() {
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 4_000, 2).await.unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    let job_id = stack.submit("items", json!({"column": "y"})).await;
+    let stray = unrecorded_file(&uri, "y").await;
+    // A file of another column is another writer's business.
+    let others = unrecorded_file(&uri, "x").await;
+    assert!(stray.exists() && others.exists());
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(30),
+    );
+    stack.wait_done(&job_id, Duration::from_secs(60)).await;
+    assert!(!stray.exists(), "the job's stray file was removed");
+    assert!(others.exists(), "a file of another column was left alone");
+    let y = read_i64(&uri, "y", &HashMap::new()).await.unwrap();
+    let x = read_i64(&uri, "x", &HashMap::new()).await.unwrap();
+    assert_eq!(
+        y,
+        x.iter().map(|v| v.map(|x| x * 2 + 1)).collect::<Vec<_>>()
+    );
 }

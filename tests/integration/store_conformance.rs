@@ -127,6 +127,7 @@ fn job(table: &str, column: &str) -> Job {
             maintained_version: None,
             refill_fragments: Vec::new(),
             refill_all: false,
+            on_behalf_of: None,
         },
         state: JobState::Pending,
         created_at: now.clone(),

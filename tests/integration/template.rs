@@ -21,10 +21,28 @@ fn reference(value: &Value) -> Option<String> {
     }
 }
 
+/// A function's own environment variables (Globals sets none).
+fn environment<'a>(template: &'a Value, function: &str) -> &'a Value {
+    &resource(template, function)["Properties"]["Environment"]["Variables"]
+}
+
+/// What only the API function may hold: how callers authenticate, what
+/// they may do, and the key that seals page tokens.
+const API_SECRETS: [&str; 9] = [
+    "LANCE_BACKFILL_API_KEYS",
+    "LANCE_BACKFILL_API_KEY_HASHES",
+    "LANCE_BACKFILL_JWT_ISSUER",
+    "LANCE_BACKFILL_JWT_AUDIENCE",
+    "LANCE_BACKFILL_JWT_SECRET",
+    "LANCE_BACKFILL_JWT_PUBLIC_KEY",
+    "LANCE_BACKFILL_JWT_JWKS",
+    "LANCE_BACKFILL_POLICY",
+    "LANCE_BACKFILL_TOKEN_SECRET",
+];
+
 #[test]
 fn functions_queue_and_table_fit_together() {
     let template = template();
-    let globals = &template["Globals"]["Function"];
     for (function, binary) in [("ApiFunction", "api"), ("WorkerFunction", "worker")] {
         let function = resource(&template, function);
         assert_eq!(
@@ -64,7 +82,7 @@ fn functions_queue_and_table_fit_together() {
         visibility >= 6 * timeout,
         "visibility {visibility} must be at least 6 x the worker timeout {timeout}"
     );
-    let env = &globals["Environment"]["Variables"];
+    let env = environment(&template, "WorkerFunction");
     assert_eq!(
         env["LANCE_BACKFILL_VISIBILITY_SECONDS"].as_str(),
         Some(visibility.to_string().as_str())
@@ -74,6 +92,23 @@ fn functions_queue_and_table_fit_together() {
         reference(&queue["RedrivePolicy"]["maxReceiveCount"]),
         reference(&env["LANCE_BACKFILL_MAX_RECEIVE_COUNT"])
     );
+    // Each function lists its own variables: the Rust ones name the same
+    // root, table, queues and bus.
+    for function in ["ApiFunction", "TriggerFunction"] {
+        let other = environment(&template, function);
+        for name in [
+            "LANCE_BACKFILL_ROOT",
+            "LANCE_BACKFILL_JOBS_TABLE",
+            "LANCE_BACKFILL_QUEUE_URL",
+            "LANCE_BACKFILL_DLQ_URL",
+            "LANCE_BACKFILL_MAX_RECEIVE_COUNT",
+            "LANCE_BACKFILL_VISIBILITY_SECONDS",
+            "LANCE_BACKFILL_EVENT_BUS",
+        ] {
+            assert!(env[name] != Value::Null, "WorkerFunction lacks {name}");
+            assert_eq!(other[name], env[name], "{function}: {name}");
+        }
+    }
 
     let table = &resource(&template, "JobsTable")["Properties"];
     assert_eq!(table["BillingMode"].as_str(), Some("PAY_PER_REQUEST"));
@@ -181,7 +216,7 @@ fn the_api_is_throttled_logged_and_governed_by_the_policy() {
 }
 
 /// User functions run on a container-image function built from
-/// udf-runtime/, which the worker may invoke and which reads kept pickles.
+/// udf-runtime/, which the worker may invoke.
 #[test]
 fn the_udf_function_is_built_from_the_runtime_and_invoked_by_the_worker() {
     let template = template();
@@ -240,4 +275,251 @@ fn events_cover_every_route_and_the_worker() {
             "POST /v1/table/{id}/backfill_column",
         ]
     );
+}
+
+/// The UDF function runs users' code: it gets none of the service's
+/// settings or secrets (Globals would give it all of them) and no access
+/// to the bucket, since batches and pickles travel in its payload. Only
+/// the API function authenticates, and it seals page tokens with a
+/// generated secret.
+#[test]
+fn user_code_gets_no_secrets_and_no_bucket() {
+    let template = template();
+    assert!(
+        template["Globals"]["Function"]["Environment"].is_null(),
+        "Globals reach UdfFunction: no environment there"
+    );
+    let udf_env = environment(&template, "UdfFunction");
+    let mut forbidden = API_SECRETS.to_vec();
+    forbidden.extend([
+        "LANCE_BACKFILL_EVENT_SECRET",
+        "LANCE_BACKFILL_UDF_HTTP_SECRET",
+        "LANCE_BACKFILL_ROOT",
+    ]);
+    for name in forbidden {
+        assert!(udf_env[name].is_null(), "UdfFunction has {name}");
+    }
+    for function in ["WorkerFunction", "TriggerFunction"] {
+        let env = environment(&template, function);
+        for name in API_SECRETS {
+            assert!(env[name].is_null(), "{function} has {name}");
+        }
+    }
+
+    let udf = &resource(&template, "UdfFunction")["Properties"];
+    assert!(
+        udf["Role"].is_null(),
+        "UdfFunction's role is the one SAM makes"
+    );
+    let policies = serde_yaml::to_string(&udf["Policies"]).unwrap();
+    assert!(
+        !policies.to_lowercase().contains("s3") && !policies.contains("TablesBucket"),
+        "UdfFunction may read the bucket: {policies}"
+    );
+
+    let api = environment(&template, "ApiFunction");
+    for name in [
+        "LANCE_BACKFILL_API_KEY_HASHES",
+        "LANCE_BACKFILL_JWT_ISSUER",
+        "LANCE_BACKFILL_JWT_AUDIENCE",
+        "LANCE_BACKFILL_JWT_JWKS",
+        "LANCE_BACKFILL_POLICY",
+    ] {
+        assert!(!api[name].is_null(), "ApiFunction lacks {name}");
+    }
+    let (name, secret) = ("LANCE_BACKFILL_TOKEN_SECRET", "PageTokenSecret");
+    let value = api[name].as_str().unwrap_or_default();
+    assert!(
+        value.contains(&format!("{{{{resolve:secretsmanager:${{{secret}}}")),
+        "ApiFunction's {name}: {value}"
+    );
+    let generated = resource(&template, secret);
+    assert_eq!(
+        generated["Type"].as_str(),
+        Some("AWS::SecretsManager::Secret")
+    );
+    assert!(!generated["Properties"]["GenerateSecretString"].is_null());
+
+    // Callers send an API key or a JWT and the function checks both: a
+    // gateway authorizer would turn key-only requests away.
+    let auth =
+        serde_yaml::to_string(&resource(&template, "HttpApi")["Properties"]["Auth"]).unwrap();
+    assert!(!auth.contains("DefaultAuthorizer"), "{auth}");
+}
+
+/// The worker's and the UDF function's reserved concurrency are parameters,
+/// -1 leaving a function unreserved; the worker's default covers both of
+/// its SQS event sources.
+#[test]
+fn worker_and_udf_concurrency_are_reserved_by_parameters() {
+    let template = template();
+    for (function, parameter, condition) in [
+        (
+            "WorkerFunction",
+            "WorkerReservedConcurrency",
+            "ReserveWorkerConcurrency",
+        ),
+        (
+            "UdfFunction",
+            "UdfReservedConcurrency",
+            "ReserveUdfConcurrency",
+        ),
+    ] {
+        let declared = &template["Parameters"][parameter];
+        assert_eq!(declared["Type"].as_str(), Some("Number"), "{parameter}");
+        assert!(declared["Default"].as_i64().is_some(), "{parameter}");
+        let unreserved = serde_yaml::to_string(&template["Conditions"][condition]).unwrap();
+        assert!(
+            unreserved.contains(parameter) && unreserved.contains("-1"),
+            "{condition}: {unreserved}"
+        );
+        // !If [condition, !Ref parameter, !Ref AWS::NoValue]
+        let reserved = &resource(&template, function)["Properties"]["ReservedConcurrentExecutions"];
+        match reserved {
+            Value::Tagged(tagged) => assert!(tagged.tag == "!If", "{function}"),
+            _ => panic!("{function}: ReservedConcurrentExecutions is not an !If"),
+        }
+        assert_eq!(reserved[0].as_str(), Some(condition), "{function}");
+        assert_eq!(
+            reference(&reserved[1]).as_deref(),
+            Some(parameter),
+            "{function}"
+        );
+        assert_eq!(
+            reference(&reserved[2]).as_deref(),
+            Some("AWS::NoValue"),
+            "{function}"
+        );
+    }
+    let parameters = &template["Parameters"];
+    let events = &resource(&template, "WorkerFunction")["Properties"]["Events"];
+    let dead_letters = events["DeadLetters"]["Properties"]["ScalingConfig"]["MaximumConcurrency"]
+        .as_i64()
+        .expect("the dead-letter source's concurrency");
+    let tasks = parameters["WorkerMaxConcurrency"]["Default"]
+        .as_i64()
+        .expect("WorkerMaxConcurrency's default");
+    let reserved = parameters["WorkerReservedConcurrency"]["Default"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        reserved >= tasks + dead_letters,
+        "WorkerReservedConcurrency {reserved} < {tasks} + {dead_letters}: SQS would be throttled"
+    );
+}
+
+/// The bucket the stack creates refuses every request not made over TLS.
+#[test]
+fn the_bucket_refuses_requests_without_tls() {
+    let template = template();
+    let resources = template["Resources"].as_mapping().expect("resources");
+    let policy = resources
+        .values()
+        .find(|r| {
+            r["Type"].as_str() == Some("AWS::S3::BucketPolicy")
+                && reference(&r["Properties"]["Bucket"]).as_deref() == Some("TablesBucket")
+        })
+        .expect("a bucket policy on TablesBucket");
+    let statements = policy["Properties"]["PolicyDocument"]["Statement"]
+        .as_sequence()
+        .expect("statements");
+    let deny = statements
+        .iter()
+        .find(|statement| {
+            statement["Effect"].as_str() == Some("Deny")
+                && statement["Condition"]["Bool"]["aws:SecureTransport"].as_str() == Some("false")
+        })
+        .expect("a Deny when aws:SecureTransport is false");
+    assert_eq!(deny["Principal"].as_str(), Some("*"));
+    assert_eq!(deny["Action"].as_str(), Some("s3:*"));
+    let covered = serde_yaml::to_string(&deny["Resource"]).unwrap();
+    assert!(
+        covered.contains("TablesBucket.Arn") && covered.contains("${TablesBucket.Arn}/*"),
+        "the bucket and its objects: {covered}"
+    );
+}
+
+/// Every EventBridge target (a rule's, or a function's EventBridgeRule
+/// event) retries, then leaves what it could not deliver in an SQS queue
+/// that its rule may send to.
+#[test]
+fn every_eventbridge_target_has_a_dead_letter_queue() {
+    let template = template();
+    let resources = template["Resources"].as_mapping().expect("resources");
+    // (the rule's logical id, the target)
+    let mut targets: Vec<(String, &Value)> = Vec::new();
+    for (name, declared) in resources.iter() {
+        let name = name.as_str().unwrap_or_default();
+        match declared["Type"].as_str() {
+            Some("AWS::Serverless::Function") => {
+                let Some(events) = declared["Properties"]["Events"].as_mapping() else {
+                    continue;
+                };
+                for (event, spec) in events.iter() {
+                    if matches!(
+                        spec["Type"].as_str(),
+                        Some("EventBridgeRule" | "CloudWatchEvent" | "Schedule")
+                    ) {
+                        // SAM names the rule <function><event>.
+                        let rule = format!("{name}{}", event.as_str().unwrap_or_default());
+                        targets.push((rule, &spec["Properties"]));
+                    }
+                }
+            }
+            Some("AWS::Events::Rule") => {
+                for target in declared["Properties"]["Targets"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                {
+                    targets.push((name.to_string(), target));
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(targets.len() >= 2, "the trigger's rules: {targets:?}");
+    for (rule, target) in &targets {
+        let retries = &target["RetryPolicy"];
+        assert!(retries["MaximumRetryAttempts"].as_u64().is_some(), "{rule}");
+        assert!(
+            retries["MaximumEventAgeInSeconds"].as_u64().is_some(),
+            "{rule}"
+        );
+        let arn = serde_yaml::to_string(&target["DeadLetterConfig"]["Arn"]).unwrap();
+        let queue = arn
+            .trim()
+            .strip_prefix("!GetAtt ")
+            .and_then(|arn| arn.strip_suffix(".Arn"))
+            .unwrap_or_else(|| panic!("{rule}: no dead-letter queue ({arn})"));
+        assert_eq!(
+            resource(&template, queue)["Type"].as_str(),
+            Some("AWS::SQS::Queue"),
+            "{rule}"
+        );
+        let policy = resources
+            .values()
+            .find(|r| {
+                r["Type"].as_str() == Some("AWS::SQS::QueuePolicy")
+                    && r["Properties"]["Queues"]
+                        .as_sequence()
+                        .into_iter()
+                        .flatten()
+                        .any(|q| reference(q).as_deref() == Some(queue))
+            })
+            .unwrap_or_else(|| panic!("{rule}: no policy on {queue}"));
+        let policy = serde_yaml::to_string(&policy["Properties"]["PolicyDocument"]).unwrap();
+        let rule_arn = format!("{rule}.Arn");
+        for needed in [
+            "events.amazonaws.com",
+            "sqs:SendMessage",
+            "aws:SourceArn",
+            rule_arn.as_str(),
+        ] {
+            assert!(
+                policy.contains(needed),
+                "{rule}: {queue}'s policy lacks {needed}"
+            );
+        }
+    }
 }

@@ -33,6 +33,9 @@ pub(crate) fn python() -> String {
 
 /// Base64 cloudpickles of tests/udfs.py's functions.
 pub(crate) fn payloads(state: &std::path::Path) -> HashMap<String, String> {
+    // Functions leave their marks here, whichever user they run as.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o777)).unwrap();
     let output = Command::new(python())
         .arg(format!("{REPO}/tests/udfs.py"))
         .arg("payloads")
@@ -637,8 +640,14 @@ struct Server {
 
 impl Server {
     fn start(args: &[&str]) -> Self {
+        Self::start_with(args, &[])
+    }
+
+    /// [`Server::start`] with these environment variables.
+    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(python())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -840,21 +849,51 @@ async fn batches_over_lambdas_6_mb_are_split_and_filled_exactly() {
 async fn the_http_runtime_against_the_handlers_server() {
     let state = tempfile::tempdir().unwrap();
     let udfs = payloads(state.path());
-    let server = Server::start(&[
-        &format!("{REPO}/udf-runtime/lance_backfill_udf_runtime.py"),
-        "http",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-    ]);
-    let runtime = HttpRuntime::new(&server.url, Duration::from_secs(60)).unwrap();
+    let secret = "http-runtime-secret";
+    let server = Server::start_with(
+        &[
+            &format!("{REPO}/udf-runtime/lance_backfill_udf_runtime.py"),
+            "http",
+            "--port",
+            "0",
+        ],
+        &[("LANCE_BACKFILL_UDF_HTTP_SECRET", secret)],
+    );
+    assert!(
+        server.url.starts_with("http://127.0.0.1:"),
+        "the runtime listens on loopback by default: {}",
+        server.url
+    );
+    let runtime = HttpRuntime::new(&server.url, Duration::from_secs(60), Some(secret)).unwrap();
     fill_with(
         UdfRuntimes::only(Arc::new(runtime)),
         state.path(),
         &udfs["double_plus_one"],
     )
     .await;
+    // Without the secret (or with another) the server refuses every call,
+    // and the job fails at once naming the signature, not after retries.
+    let unsigned = HttpRuntime::new(&server.url, Duration::from_secs(60), Some("wrong")).unwrap();
+    let udf = lance_backfill::udf::UdfRef {
+        id: "0".repeat(64),
+        name: "f".into(),
+        outputs: json!([]),
+        pickle: Arc::new(Vec::new()),
+        workspace_zips: Vec::new(),
+        principal: "p".into(),
+        wants: Default::default(),
+    };
+    let batch = arrow_array::RecordBatch::try_from_iter([(
+        "x",
+        Arc::new(arrow_array::Int64Array::from(vec![1])) as arrow_array::ArrayRef,
+    )])
+    .unwrap();
+    let began = std::time::Instant::now();
+    let refused = lance_backfill::udf::UdfRuntime::call(&unsigned, &udf, &batch)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("signature"), "{refused}");
+    assert!(began.elapsed() < Duration::from_secs(5), "not retried");
 }
 
 /// python/examples/embeddings.py, end to end against the service.
@@ -881,4 +920,64 @@ async fn the_embedding_example_runs_against_the_service() {
         String::from_utf8_lossy(&output.stderr)
     );
     println!("FIGURES embedding example: {}", stdout.trim());
+}
+
+/// A UDF Lambda that dies on a batch (Lambda answers `Runtime.ExitError`,
+/// as for a timeout or running out of memory) is invoked again: once, and
+/// the job finishes with the right values; every time, and after
+/// `DEATH_ATTEMPTS` tries the job fails naming the death.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_udf_lambda_that_dies_is_invoked_again_then_fails_the_job() {
+    use lance_backfill::udf::lambda::DEATH_ATTEMPTS;
+    let state = tempfile::tempdir().unwrap();
+    let udfs = payloads(state.path());
+    let (emulator, runtime) = lambda_emulator(&[]).await;
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    write_sample_table(&stack.table_uri("items"), 8_000, 4)
+        .await
+        .unwrap();
+    stack.components.udf = Some(Arc::new(UdfRuntimes::only(Arc::new(runtime))));
+    stack.start_worker(
+        fast_engine(),
+        RunnerConfig::default(),
+        Duration::from_secs(60),
+    );
+    for (column, function) in [("d", "dies_once"), ("e", "always_dies")] {
+        let entry = virtual_column(
+            column,
+            &["x"],
+            vec![output(column, int64())],
+            &udfs[function],
+        );
+        declare(&stack, "items", entry).await;
+    }
+    let once = backfill(
+        &stack,
+        "items",
+        AlterTableBackfillColumnsRequest::new("d".into()),
+    )
+    .await;
+    stack.wait_done(&once, Duration::from_secs(120)).await;
+    let x = column(&stack, "x").await;
+    assert_eq!(
+        column(&stack, "d").await,
+        expect(state.path(), "dies_once", &x, false)
+    );
+    let died_once = emulator_stats(&emulator).await["function_errors"].as_u64();
+    assert_eq!(died_once, Some(1), "one death, then the batch went through");
+
+    let always = backfill(
+        &stack,
+        "items",
+        AlterTableBackfillColumnsRequest::new("e".into()),
+    )
+    .await;
+    let job = stack.wait(&always, Duration::from_secs(120)).await;
+    assert_eq!(job.state, JobState::Failed);
+    let error = job.error.unwrap_or_default();
+    assert!(
+        error.contains(&format!("died on this batch {DEATH_ATTEMPTS} times")),
+        "{error}"
+    );
+    assert!(error.contains("Runtime.ExitError"), "{error}");
 }

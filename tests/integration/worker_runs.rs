@@ -603,6 +603,18 @@ fn sample_batch(rows: i64) -> RecordBatch {
     .unwrap()
 }
 
+/// What a job may leave under a table's `_backfill/` once it has ended:
+/// files of its own (checkpoints, staged files) are gone; what declarations
+/// keep beside the table (pickles, manifests, code) stays.
+pub fn leftovers(backfill_dir: &str) -> Vec<String> {
+    walk(backfill_dir)
+        .into_iter()
+        .filter(|path| {
+            !path.contains("/_backfill/udfs/") && !path.contains("/_backfill/manifests/")
+        })
+        .collect()
+}
+
 /// Files under a local directory (empty if it does not exist).
 pub fn walk(dir: &str) -> Vec<String> {
     let mut out = Vec::new();

@@ -280,7 +280,7 @@ impl Stack {
             store: Arc::new(store),
             queues: QueueSet::new(Arc::new(queue.clone())).with_cluster("gpu", Arc::new(gpu)),
             udf: Some(Arc::new(
-                lance_backfill::config::udf_runtimes(None, options.udf_workers)
+                lance_backfill::config::udf_runtimes(None, options.udf_workers, Vec::new())
                     .expect("UDF runtimes"),
             )),
         };
@@ -299,7 +299,12 @@ impl Stack {
             .expect("embedded components");
         if let Some(workers) = options.udf_workers {
             components.udf = Some(Arc::new(
-                lance_backfill::config::udf_runtimes(None, Some(workers)).expect("UDF runtimes"),
+                lance_backfill::config::udf_runtimes(
+                    None,
+                    Some(workers),
+                    lance_backfill::bootstrap::hidden_from_functions(&root, Some(&state)),
+                )
+                .expect("UDF runtimes"),
             ));
         }
         let mut stack = Self::start(dir, root, components, Arc::new(queue.clone()), options).await;
@@ -581,6 +586,25 @@ pub async fn read_i64(
         }
     }
     Ok(out)
+}
+
+/// POSTs `body` to a running server as the holder of `key`: the status and
+/// the answer's JSON (null when it is not JSON).
+pub async fn post_as(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = client
+        .post(url)
+        .header("x-api-key", key)
+        .json(body)
+        .send()
+        .await
+        .expect("the server answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
 }
 
 pub async fn latest_version(uri: &str) -> u64 {

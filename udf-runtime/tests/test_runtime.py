@@ -3,7 +3,8 @@
 Transports under test (the ``client`` fixture runs each shared test on all four):
 
 - ``pipe``: ``python lance_backfill_udf_runtime.py pipe`` as a subprocess, framed IPC;
-- ``http``: ``python lance_backfill_udf_runtime.py http --port 0`` as a subprocess;
+- ``http``: ``python lance_backfill_udf_runtime.py http --port 0`` as a subprocess, every
+  request signed (HMAC-SHA256, computed here independently of the runtime's code);
 - ``lambda``: ``lambda_handler(event, None)`` called in this process;
 - ``emulator``: the same handler behind ``lambda_invoke_emulator.py`` (a subprocess),
   invoked over HTTP as the AWS SDK does.
@@ -17,15 +18,19 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import http.client
+import http.server
 import importlib
 import io
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -49,6 +54,15 @@ EMULATOR_FILE = RUNTIME_DIR / "lambda_invoke_emulator.py"
 FUNCTION = "lance-backfill-udf"
 TEST_FUNCTION = "test-fn"
 MAX_PAYLOAD = 6_291_456
+SECRET_ENV = "LANCE_BACKFILL_UDF_HTTP_SECRET"
+ALLOW_HTTP_ENV = "LANCE_BACKFILL_UDF_ALLOW_HTTP_URLS"
+SECRET = f"test-secret-{uuid.uuid4().hex}"
+# Variables of the emulator's environment that its handlers must not see.
+EMULATOR_SECRETS = {
+    "LANCE_BACKFILL_API_KEYS": f"api-key-{uuid.uuid4().hex}",
+    "AWS_SECRET_ACCESS_KEY": f"aws-secret-{uuid.uuid4().hex}",
+    SECRET_ENV: f"http-secret-{uuid.uuid4().hex}",
+}
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -148,6 +162,22 @@ def huge_embedding(batch: pa.RecordBatch) -> np.ndarray:
     return np.ones((batch.num_rows, 2048), dtype=np.float32)
 
 
+def environment_report(batch: pa.RecordBatch) -> list:
+    """What the process the UDF runs in can see: its environment and its parent's."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/environ", "rb") as file:
+            parent_environ = file.read().decode("utf-8", "replace")
+    except OSError as exc:
+        parent_environ = f"unreadable: {type(exc).__name__}"
+    report = json.dumps({"env": dict(os.environ), "pid": os.getpid(), "ppid": parent, "parent": parent_environ})
+    return [report] * batch.num_rows
+
+
+def secret_variable(batch: pa.RecordBatch) -> list:
+    return [os.environ.get("LANCE_BACKFILL_UDF_HTTP_SECRET")] * batch.num_rows
+
+
 class KeepsBatches:
     """Holds on to every input batch and checks earlier ones were not overwritten."""
 
@@ -217,6 +247,20 @@ def wait_for_listening(proc: subprocess.Popen) -> str:
     line = proc.stdout.readline().decode()
     assert line.startswith("listening on http://"), line
     return line.strip().split("http://", 1)[1]
+
+
+def sign(secret: str, method: str, path: str, body: bytes, timestamp: int | str | None = None) -> dict[str, str]:
+    """The signature headers of the HTTP runtime's protocol, version 1."""
+    timestamp = str(int(time.time()) if timestamp is None else timestamp)
+    message = f"{timestamp}\n{method}\n{path}\n".encode() + body
+    digest = hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+    return {"x-lance-backfill-timestamp": timestamp, "x-lance-backfill-signature": f"v1={digest}"}
+
+
+def environment_without(*names: str, **extra: str) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if k not in names}
+    environment.update(extra)
+    return environment
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -291,21 +335,40 @@ class PipeWorker:
 
 
 class HttpRuntime:
-    """A client of ``runtime.py http``."""
+    """A client of ``runtime.py http``; requests are signed with ``secret`` unless told otherwise."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, secret: str | None = SECRET, host: str | None = "127.0.0.1") -> None:
+        self.secret = secret
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        host_args = ["--host", host] if host else []
         self.proc = subprocess.Popen(
-            [sys.executable, str(RUNTIME_FILE), "http", "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, str(RUNTIME_FILE), "http", *host_args, "--port", "0", *args],
             stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=environment_without(SECRET_ENV, **({SECRET_ENV: secret} if secret else {})),
         )
         self.address = wait_for_listening(self.proc)
 
+    def stderr(self) -> str:
+        if self._stderr.closed:
+            return self._stderr_text
+        self._stderr.seek(0)
+        return self._stderr.read().decode("utf-8", "replace")
+
     def request(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        signed: bool = True,
     ) -> tuple[int, dict[str, str], bytes]:
+        headers = dict(headers or {})
+        if signed and self.secret:
+            headers.update(sign(self.secret, method, path, body))
         conn = http.client.HTTPConnection(self.address, timeout=30)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            conn.request(method, path, body=body, headers=headers)
             response = conn.getresponse()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
         finally:
@@ -320,9 +383,15 @@ class HttpRuntime:
         _, _, body = self.request("PUT", f"/udf/{udf_id or udf.id}", udf.payload, headers)
         return json.loads(body)
 
-    def post(self, batch_bytes: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    def post(
+        self, batch_bytes: bytes, headers: dict[str, str] | None = None, signed: bool = True
+    ) -> tuple[int, dict[str, str], bytes]:
         return self.request(
-            "POST", "/", batch_bytes, {"Content-Type": "application/vnd.apache.arrow.stream", **(headers or {})}
+            "POST",
+            "/",
+            batch_bytes,
+            {"Content-Type": "application/vnd.apache.arrow.stream", **(headers or {})},
+            signed=signed,
         )
 
     def call(self, udf_id: str, batch: pa.RecordBatch) -> Outcome:
@@ -337,6 +406,8 @@ class HttpRuntime:
 
     def close(self) -> None:
         stop(self.proc)
+        self._stderr_text = self.stderr()
+        self._stderr.close()
 
 
 class LambdaClient:
@@ -381,7 +452,7 @@ class LambdaDirect(LambdaClient):
 class EmulatorProcess:
     """``lambda_invoke_emulator.py`` as a subprocess, with the runtime and a test function."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
         handler = tmp / "emulator_test_handler.py"
         handler.write_text(TEST_HANDLER)
         self.proc = subprocess.Popen(
@@ -399,6 +470,7 @@ class EmulatorProcess:
                 *args,
             ],
             stdout=subprocess.PIPE,
+            env=environment_without(**(env or {})),
         )
         self.address = wait_for_listening(self.proc)
         self.url = f"http://{self.address}"
@@ -430,6 +502,7 @@ class EmulatorProcess:
 
 
 TEST_HANDLER = """
+import os
 import time
 
 
@@ -443,6 +516,10 @@ def handler(event, context):
         time.sleep(float(event["seconds"]))
     if action == "unjsonable":
         return {1, 2}
+    if action == "exit":
+        os._exit(int(event["code"]))
+    if action == "pid":
+        return {"pid": os.getpid(), "ppid": os.getppid()}
     remaining_ms = context.get_remaining_time_in_millis()
     return {"echo": event, "function_name": context.function_name, "remaining_ms": remaining_ms}
 """
@@ -466,7 +543,7 @@ class LambdaViaEmulator(LambdaClient):
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
-    process = EmulatorProcess(tmp_path_factory.mktemp("emulator"))
+    process = EmulatorProcess(tmp_path_factory.mktemp("emulator"), env=EMULATOR_SECRETS)
     yield process
     process.close()
 
@@ -824,18 +901,282 @@ def test_http_error_statuses(http_runtime: HttpRuntime) -> None:
     assert status == 422 and json.loads(body)["error_type"] == "ValueError"
 
 
-def test_http_loads_a_udf_from_a_uri_header(http_runtime: HttpRuntime, tmp_path: Path) -> None:
-    udf = make_udf(times_two_plus_one, [output("y", INT64)], "from-uri")
-    udf.payload += b"."  # a distinct id (pickle ignores bytes after STOP)
-    (tmp_path / "udf.pkl").write_bytes(udf.payload)
-    headers = {
-        "x-lance-backfill-udf": udf.id,
-        "x-lance-backfill-udf-uri": (tmp_path / "udf.pkl").as_uri(),
+def post_headers(udf_id: str) -> dict[str, str]:
+    return {"Content-Type": "application/vnd.apache.arrow.stream", "x-lance-backfill-udf": udf_id}
+
+
+def assert_refused(status: int, body: bytes, expected_status: int, error_type: str, *fragments: str) -> None:
+    answer = json.loads(body)
+    assert status == expected_status, (status, answer)
+    assert answer["status"] == "error" and answer["error_type"] == error_type, answer
+    for fragment in fragments:
+        assert fragment in answer["message"], answer
+
+
+def health_ids(server: HttpRuntime) -> list[str]:
+    status, _, body = server.request("GET", "/health", signed=False)
+    assert status == 200
+    return json.loads(body)["udfs"]
+
+
+def test_http_unsigned_requests_are_unauthorized(http_runtime: HttpRuntime) -> None:
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "unsigned")
+    udf.payload += b"u"
+    headers = {"x-lance-backfill-outputs": json.dumps(udf.outputs)}
+    status, response_headers, body = http_runtime.request("PUT", f"/udf/{udf.id}", udf.payload, headers, signed=False)
+    assert_refused(status, body, 401, "Unauthorized", "x-lance-backfill-timestamp")
+    assert response_headers["www-authenticate"]
+    assert udf.id not in health_ids(http_runtime)  # nothing was unpickled
+    status, _, body = http_runtime.request("POST", "/", ipc_bytes(make_batch(2)), post_headers(udf.id), signed=False)
+    assert_refused(status, body, 401, "Unauthorized")
+    status, _, body = http_runtime.request("GET", "/nowhere", signed=False)
+    assert_refused(status, body, 401, "Unauthorized")
+    # One header without the other, or headers that are not of the protocol's form.
+    good = sign(SECRET, "PUT", f"/udf/{udf.id}", udf.payload)
+    for broken in (
+        {"x-lance-backfill-timestamp": good["x-lance-backfill-timestamp"]},
+        {"x-lance-backfill-signature": good["x-lance-backfill-signature"]},
+        {**good, "x-lance-backfill-signature": good["x-lance-backfill-signature"].upper()},
+        {**good, "x-lance-backfill-signature": good["x-lance-backfill-signature"][3:]},
+        {**good, "x-lance-backfill-signature": "v2=" + good["x-lance-backfill-signature"][3:]},
+        {**good, "x-lance-backfill-timestamp": good["x-lance-backfill-timestamp"] + ".0"},
+    ):
+        status, _, body = http_runtime.request(
+            "PUT", f"/udf/{udf.id}", udf.payload, {**headers, **broken}, signed=False
+        )
+        assert_refused(status, body, 401, "Unauthorized")
+    assert udf.id not in health_ids(http_runtime)
+    # A client that waits for "100 Continue" is refused before it sends the body.
+    host, port = http_runtime.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(
+            f"PUT /udf/{udf.id} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(udf.payload)}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in answer, answer[:200]
+
+
+def test_http_wrong_signatures_are_unauthorized(http_runtime: HttpRuntime) -> None:
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "wrongly-signed")
+    udf.payload += b"w"
+    headers = {"x-lance-backfill-outputs": json.dumps(udf.outputs)}
+    path = f"/udf/{udf.id}"
+    for signature in (
+        sign("another secret", "PUT", path, udf.payload),  # the wrong key
+        sign(SECRET, "PUT", path, udf.payload + b"tampered"),  # another body
+        sign(SECRET, "POST", path, udf.payload),  # another method
+        sign(SECRET, "PUT", f"/udf/{'0' * 64}", udf.payload),  # another path
+    ):
+        status, _, body = http_runtime.request("PUT", path, udf.payload, {**headers, **signature}, signed=False)
+        assert_refused(status, body, 401, "Unauthorized", "does not match")
+    assert udf.id not in health_ids(http_runtime)
+
+
+def test_http_stale_or_future_timestamps_are_unauthorized(http_runtime: HttpRuntime) -> None:
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "stale")
+    udf.payload += b"s"
+    headers = {"x-lance-backfill-outputs": json.dumps(udf.outputs)}
+    path = f"/udf/{udf.id}"
+    now = int(time.time())
+    for timestamp, fragment in ((now - 600, "behind"), (now + 600, "ahead of")):
+        signature = sign(SECRET, "PUT", path, udf.payload, timestamp)  # correctly signed, but 10 minutes off
+        status, _, body = http_runtime.request("PUT", path, udf.payload, {**headers, **signature}, signed=False)
+        assert_refused(status, body, 401, "Unauthorized", fragment, "300 s")
+    assert udf.id not in health_ids(http_runtime)
+    signature = sign(SECRET, "PUT", path, udf.payload, now - 200)  # within the 300 s allowed
+    status, _, body = http_runtime.request("PUT", path, udf.payload, {**headers, **signature}, signed=False)
+    assert status == 200, body
+
+
+def test_http_signed_requests_load_and_call_a_udf(http_runtime: HttpRuntime) -> None:
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "signed")
+    udf.payload += b"ok"
+    headers = {"x-lance-backfill-outputs": json.dumps(udf.outputs), "x-lance-backfill-udf-name": udf.name}
+    path = f"/udf/{udf.id}"
+    signature = sign(SECRET, "PUT", path, udf.payload)
+    status, _, body = http_runtime.request("PUT", path, udf.payload, {**headers, **signature}, signed=False)
+    assert status == 200 and json.loads(body)["status"] == "ok", body
+    batch = ipc_bytes(make_batch(5, start=10))
+    for target in ("/", "/invoke", "/invoke?trace=1"):  # the query string is part of the signed path
+        signature = sign(SECRET, "POST", target, batch)
+        status, response_headers, body = http_runtime.request(
+            "POST", target, batch, {**post_headers(udf.id), **signature}, signed=False
+        )
+        assert status == 200, body
+        assert response_headers["x-lance-backfill-rows"] == "5"
+        assert read_result(body).to_pylist() == [21, 23, 25, 27, 29]
+    signature = sign(SECRET, "POST", "/invoke", batch)  # signed without the query it is sent with
+    status, _, body = http_runtime.request(
+        "POST", "/invoke?trace=1", batch, {**post_headers(udf.id), **signature}, signed=False
+    )
+    assert_refused(status, body, 401, "Unauthorized")
+
+
+def test_http_health_needs_no_signature(http_runtime: HttpRuntime) -> None:
+    status, _, body = http_runtime.request("GET", "/health", signed=False)
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def non_loopback_address() -> str | None:
+    """An address of this machine other than 127.0.0.0/8, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_http_listens_on_loopback_by_default() -> None:
+    server = HttpRuntime(host=None)  # no --host
+    try:
+        host, port = server.address.rsplit(":", 1)
+        assert host == "127.0.0.1"
+        assert health_ids(server) == []
+        other = non_loopback_address()
+        if other is not None:
+            with pytest.raises(OSError), socket.create_connection((other, int(port)), timeout=5):
+                pass
+    finally:
+        server.close()
+
+
+def run_http_server(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(RUNTIME_FILE), "http", "--port", "0", *args],
+        capture_output=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_http_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    finished = run_http_server(env=environment_without(SECRET_ENV))
+    assert finished.returncode == 2
+    assert b"listening" not in finished.stdout
+    assert SECRET_ENV.encode() in finished.stderr and b"--secret-file" in finished.stderr
+    assert b"--insecure-no-auth" in finished.stderr
+    finished = run_http_server(env=environment_without(SECRET_ENV, **{SECRET_ENV: ""}))
+    assert finished.returncode == 2
+    (tmp_path / "empty").write_text(" \n")
+    finished = run_http_server("--secret-file", str(tmp_path / "empty"), env=environment_without(SECRET_ENV))
+    assert finished.returncode == 2 and b"empty" in finished.stderr
+    finished = run_http_server("--secret-file", str(tmp_path / "missing"), env=environment_without(SECRET_ENV))
+    assert finished.returncode == 2 and b"missing" in finished.stderr
+
+
+def test_http_starts_with_insecure_no_auth_and_warns() -> None:
+    server = HttpRuntime("--insecure-no-auth", secret=None)
+    try:
+        udf = make_udf(times_two_plus_one, [output("y", INT64)], "insecure")
+        assert server.load(udf)["status"] == "ok"  # unsigned
+        outcome = server.call(udf.id, make_batch(3))
+        assert outcome.status == "ok" and outcome.result.to_pylist() == [1, 3, 5]
+    finally:
+        server.close()
+    assert "WARNING" in server.stderr() and "--insecure-no-auth" in server.stderr()
+
+
+def test_http_secret_file_and_the_secret_out_of_os_environ(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text(f"  {SECRET}-from-file\n")
+    server = HttpRuntime("--secret-file", str(tmp_path / "secret"), secret=f"{SECRET}-from-file")
+    try:
+        udf = make_udf(secret_variable, [output("s", UTF8)])
+        outcome = load_and_call(server, udf, make_batch(2))
+        assert outcome.status == "ok", outcome.response
+        assert outcome.result.to_pylist() == [None, None]  # the file's secret never was in the environment
+    finally:
+        server.close()
+    server = HttpRuntime()  # the secret from LANCE_BACKFILL_UDF_HTTP_SECRET
+    try:
+        outcome = load_and_call(server, make_udf(secret_variable, [output("s", UTF8)]), make_batch(2))
+        assert outcome.status == "ok", outcome.response
+        assert outcome.result.to_pylist() == [None, None]  # removed from the environment once read
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def cached_server(tmp_path: Path) -> Iterator[tuple[HttpRuntime, Path]]:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    server = HttpRuntime("--cache-dir", str(cache))
+    yield server, cache
+    server.close()
+
+
+def uri_headers(udf: Udf, reference: str) -> dict[str, str]:
+    return {
+        **post_headers(udf.id),
+        "x-lance-backfill-udf-uri": reference,
         "x-lance-backfill-outputs": json.dumps(udf.outputs),
     }
-    status, _, body = http_runtime.post(ipc_bytes(make_batch(3)), headers)
-    assert status == 200, body
-    assert read_result(body).to_pylist() == [1, 3, 5]
+
+
+def test_http_udf_uri_header_refuses_uris_and_paths_outside_the_cache(
+    cached_server: tuple[HttpRuntime, Path], tmp_path: Path
+) -> None:
+    server, cache = cached_server
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "outside")
+    udf.payload += b"o"
+    (tmp_path / "x").write_bytes(udf.payload)  # a valid pickle, next to the cache
+    (cache / "link.pkl").symlink_to(tmp_path / "x")  # a symlink out of the cache
+    (cache / "sub").mkdir()
+    for reference in (
+        (tmp_path / "x").as_uri(),
+        (cache / "sub" / "x").as_uri(),  # file:// even inside the cache
+        "/etc/passwd",
+        "../x",
+        "sub/../../x",
+        str(tmp_path / "x"),
+        str(cache / "link.pkl"),
+        "link.pkl",
+        str(cache),
+        "s3://b/k",
+        "https://example.com/x.pkl",
+    ):
+        status, _, body = server.post(ipc_bytes(make_batch(3)), uri_headers(udf, reference))
+        assert_refused(status, body, 400, "BadRequest")
+    assert udf.id not in health_ids(server)
+
+
+def test_http_udf_uri_header_loads_from_the_cache_dir(cached_server: tuple[HttpRuntime, Path]) -> None:
+    server, cache = cached_server
+    for i, reference in enumerate(["sub/udf.pkl", "ABSOLUTE"]):
+        udf = make_udf(times_two_plus_one, [output("y", INT64)], f"cached-{i}")
+        udf.payload += b"c" * (i + 1)  # a distinct id (pickle ignores bytes after STOP)
+        (cache / "sub").mkdir(exist_ok=True)
+        (cache / "sub" / "udf.pkl").write_bytes(udf.payload)
+        if reference == "ABSOLUTE":
+            reference = str(cache / "sub" / ".." / "sub" / "udf.pkl")
+        status, _, body = server.post(ipc_bytes(make_batch(3)), uri_headers(udf, reference))
+        assert status == 200, body
+        assert read_result(body).to_pylist() == [1, 3, 5]
+    missing = make_udf(identity, [output("y", INT64)], "missing")
+    status, _, body = server.post(ipc_bytes(make_batch(3)), uri_headers(missing, "nothing-here.pkl"))
+    assert_refused(status, body, 422, "PayloadUnavailable")
+
+
+def test_http_body_over_max_body_bytes_is_refused() -> None:
+    server = HttpRuntime("--max-body-bytes", "4096")
+    try:
+        udf = make_udf(identity, [output("y", INT64)])
+        assert server.load(udf)["status"] == "ok"  # a pickle under 4 KiB
+        big = ipc_bytes(make_batch(2000))
+        assert len(big) > 4096
+        status, headers, body = server.post(big, post_headers(udf.id))
+        assert_refused(status, body, 413, "PayloadTooLarge", "4096")
+        status, _, body = server.post(big, post_headers(udf.id), signed=False)  # not signed: 401 first
+        assert_refused(status, body, 401, "Unauthorized")
+        small = ipc_bytes(make_batch(10))
+        status, _, body = server.post(small, post_headers(udf.id))
+        assert status == 200 and read_result(body).to_pylist() == list(range(10))
+    finally:
+        server.close()
 
 
 def concurrent_seconds(server: HttpRuntime, udf_id: str, calls: int) -> float:
@@ -887,7 +1228,7 @@ def test_lambda_malformed_event_is_a_bad_request(event: Any) -> None:
     assert response["status"] == "error" and response["error_type"] == "BadRequest", response
 
 
-def test_lambda_bad_input_and_payload(tmp_path: Path) -> None:
+def test_lambda_bad_input_is_a_bad_request() -> None:
     client = LambdaDirect()
     udf = make_udf(identity, [output("y", INT64)], "bad-input")
     udf.payload += b".."
@@ -895,51 +1236,153 @@ def test_lambda_bad_input_and_payload(tmp_path: Path) -> None:
     event = client.event(udf.id, make_batch(2))
     event["input_b64"] = "***"
     assert runtime.lambda_handler(event, None)["error_type"] == "BadRequest"
-    event = client.event(udf.id, make_batch(2), with_payload=False)
-    event["udf"]["payload_uri"] = str(tmp_path / "missing.pkl")
-    response = runtime.lambda_handler(event, None)
-    assert response["error_type"] == "PayloadUnavailable" and "missing.pkl" in response["message"]
 
 
-def test_lambda_caches_udfs_and_loads_from_a_payload_uri(tmp_path: Path) -> None:
+def test_lambda_payload_uri_is_refused(tmp_path: Path) -> None:
     client = LambdaDirect()
-    for i, make_uri in enumerate([lambda p: str(p), lambda p: p.as_uri()]):
-        udf = make_udf(times_two_plus_one, [output("y", INT64)], f"uri-{i}")
-        udf.payload += b"." * (3 + i)
-        path = tmp_path / f"udf{i}.pkl"
-        path.write_bytes(udf.payload)
-        client.load(udf)
-        assert client.invoke(client.event(udf.id, make_batch(2), with_payload=False))["status"] == "unknown_udf"
-        event = client.event(udf.id, make_batch(2), with_payload=False)
-        event["udf"]["payload_uri"] = make_uri(path)
-        assert client.invoke(event)["status"] == "ok"
-        path.unlink()  # now cached: no payload needed
-        assert client.call(udf.id, make_batch(3)).result.to_pylist() == [1, 3, 5]
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "payload-uri")
+    udf.payload += b"..."
+    path = tmp_path / "udf.pkl"
+    path.write_bytes(udf.payload)  # readable, and still never read
+    client.load(udf)
+    for uri in (str(path), path.as_uri(), f"s3://udfs/udf/{udf.id}.pkl"):
+        for with_payload in (False, True):
+            event = client.event(udf.id, make_batch(2), with_payload=with_payload)
+            event["udf"]["payload_uri"] = uri
+            response = client.invoke(event)
+            assert response["status"] == "error" and response["error_type"] == "BadRequest", response
+            assert "payload_uri is no longer accepted" in response["message"]
+            assert "payload_b64" in response["message"] and "payload_url" in response["message"]
+    assert client.invoke(client.event(udf.id, make_batch(2), with_payload=False))["status"] == "unknown_udf"
 
 
-def test_lambda_loads_from_s3(monkeypatch: pytest.MonkeyPatch) -> None:
-    moto = pytest.importorskip("moto")
-    import boto3
+class PayloadServer:
+    """A local HTTP server of pickles (as a presigned S3 URL would serve them), on a thread."""
 
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    udf = make_udf(times_two_plus_one, [output("y", INT64)], "s3")
-    udf.payload += b"......"
-    with moto.mock_aws():
-        boto3.client("s3").create_bucket(Bucket="udfs")
-        boto3.client("s3").put_object(Bucket="udfs", Key=f"udf/{udf.id}.pkl", Body=udf.payload)
-        client = LambdaDirect()
-        client.load(udf)
-        event = client.event(udf.id, make_batch(2), with_payload=False)
-        event["udf"]["payload_uri"] = f"s3://udfs/udf/{udf.id}.pkl"
-        response = client.invoke(event)
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                server.requests.append(self.path)
+                status, headers, body = server.routes.get(self.path.split("?")[0], (404, {}, b"no such key"))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def serve(self, path: str, body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> str:
+        self.routes[path] = (status, headers or {}, body)
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def payload_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[PayloadServer]:
+    monkeypatch.setenv(ALLOW_HTTP_ENV, "1")
+    server = PayloadServer()
+    yield server
+    server.close()
+
+
+def url_event(client: LambdaClient, udf: Udf, url: str, rows: int = 2) -> dict[str, Any]:
+    event = client.event(udf.id, make_batch(rows), with_payload=False)
+    event["udf"]["payload_url"] = url
+    return event
+
+
+def test_lambda_loads_from_a_payload_url_and_caches_it(payload_server: PayloadServer) -> None:
+    client = LambdaDirect()
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "from-url")
+    udf.payload += b"...."
+    client.load(udf)
+    assert client.invoke(client.event(udf.id, make_batch(2), with_payload=False))["status"] == "unknown_udf"
+    url = payload_server.serve(f"/udf/{udf.id}.pkl", udf.payload) + "?X-Amz-Signature=abc"
+    response = client.invoke(url_event(client, udf, url, rows=4))
     assert response["status"] == "ok", response
-    assert read_result(base64.b64decode(response["output_b64"])).to_pylist() == [1, 3]
+    assert read_result(base64.b64decode(response["output_b64"])).to_pylist() == [1, 3, 5, 7]
+    assert payload_server.requests == [f"/udf/{udf.id}.pkl?X-Amz-Signature=abc"]
+    assert client.invoke(url_event(client, udf, url))["status"] == "ok"  # cached: not fetched again
+    assert len(payload_server.requests) == 1
+
+
+def test_lambda_payload_url_with_other_bytes_is_refused(payload_server: PayloadServer) -> None:
+    client = LambdaDirect()
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "swapped")
+    udf.payload += b"....."
+    client.load(udf)
+    other = make_udf(identity, [output("y", INT64)]).payload
+    response = client.invoke(url_event(client, udf, payload_server.serve("/swapped.pkl", other)))
+    assert response["status"] == "error" and response["error_type"] == "ChecksumMismatch", response
+    assert udf.id in response["message"]
+    assert client.invoke(client.event(udf.id, make_batch(2), with_payload=False))["status"] == "unknown_udf"
+
+
+def test_lambda_http_payload_url_needs_the_test_variable(
+    payload_server: PayloadServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = LambdaDirect()
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "plain-http")
+    udf.payload += b"......"
+    client.load(udf)
+    url = payload_server.serve("/plain.pkl", udf.payload)
+    for value in (None, "0", "true", ""):
+        if value is None:
+            monkeypatch.delenv(ALLOW_HTTP_ENV, raising=False)
+        else:
+            monkeypatch.setenv(ALLOW_HTTP_ENV, value)
+        response = client.invoke(url_event(client, udf, url))
+        assert response["status"] == "error" and response["error_type"] == "BadRequest", response
+        assert "https://" in response["message"] and ALLOW_HTTP_ENV in response["message"]
+    assert payload_server.requests == []  # refused before any request
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "s3://udfs/udf.pkl", "ftp://example.com/udf.pkl", "/etc/passwd", "https://", 7]
+)
+def test_lambda_payload_url_must_be_https(url: Any) -> None:
+    client = LambdaDirect()
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "scheme")
+    udf.payload += b"......."
+    client.load(udf)
+    response = client.invoke(url_event(client, udf, url))
+    assert response["status"] == "error" and response["error_type"] == "BadRequest", response
+
+
+def test_lambda_payload_url_failures_are_payload_unavailable(
+    payload_server: PayloadServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = LambdaDirect()
+    udf = make_udf(times_two_plus_one, [output("y", INT64)], "unavailable")
+    udf.payload += b"........"
+    client.load(udf)
+    response = client.invoke(url_event(client, udf, payload_server.serve("/gone", b"", 404) + "?X-Amz-Signature=s3cr"))
+    assert response["error_type"] == "PayloadUnavailable" and "404" in response["message"], response
+    assert "s3cr" not in response["message"]  # a presigned URL's query is not repeated
+    target = payload_server.serve("/real.pkl", udf.payload)
+    moved = payload_server.serve("/moved", b"", 302, {"Location": target})
+    response = client.invoke(url_event(client, udf, moved))
+    assert response["error_type"] == "PayloadUnavailable" and "redirects are not followed" in response["message"]
+    monkeypatch.setattr(runtime, "MAX_PAYLOAD_BYTES", len(udf.payload) - 1)
+    response = client.invoke(url_event(client, udf, target))
+    assert response["error_type"] == "PayloadUnavailable" and "allowed" in response["message"], response
+    monkeypatch.undo()
+    monkeypatch.setenv(ALLOW_HTTP_ENV, "1")
+    assert client.invoke(url_event(client, udf, target))["status"] == "ok"
 
 
 # --------------------------------------------------------------------------
@@ -1205,3 +1648,60 @@ def test_emulator_max_concurrency(clean_emulator: EmulatorProcess) -> None:
     slow.join()
     assert statuses == [200]
     assert clean_emulator.stats()["max_in_flight"] == 1
+
+
+ALLOWED_HANDLER_VARIABLES = {
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "PYTHONPATH",
+    ALLOW_HTTP_ENV,
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_EXECUTION_ENV",
+    "_HANDLER",
+    "LAMBDA_TASK_ROOT",
+}
+
+
+def test_emulator_handlers_do_not_see_the_emulators_environment(emulator: EmulatorProcess) -> None:
+    """The emulator was started with API keys and secrets in its environment;
+    a UDF run through it sees only the allow-listed variables and Lambda's own."""
+    client = LambdaViaEmulator(emulator)
+    outcome = load_and_call(client, make_udf(environment_report, [output("env", UTF8)]), make_batch(2))
+    assert outcome.status == "ok", outcome.response
+    report = json.loads(outcome.result[0].as_py())
+    env = report["env"]
+    for name, value in EMULATOR_SECRETS.items():
+        assert name not in env
+        assert not any(value in text for text in env.values())
+    # CPython may add LC_CTYPE when it coerces the C locale, and test_setup_runs_once_per_process's
+    # UDF sets LB_TEST_SETUPS_* in the handler process; nothing else may appear.
+    unexpected = {
+        k for k in env if k not in ALLOWED_HANDLER_VARIABLES and not k.startswith(("AWS_LAMBDA_", "LB_TEST_SETUPS_"))
+    }
+    assert unexpected <= {"LC_CTYPE"}, unexpected
+    assert (
+        env["AWS_LAMBDA_FUNCTION_NAME"] == FUNCTION and env["_HANDLER"] == "lance_backfill_udf_runtime.lambda_handler"
+    )
+    assert env["PATH"] == os.environ["PATH"]
+    assert report["pid"] != emulator.proc.pid and report["ppid"] == emulator.proc.pid  # a process of its own
+    if os.geteuid() != 0:  # root may read any process's environ; others not the emulator's (non-dumpable)
+        assert report["parent"].startswith("unreadable"), report["parent"][:200]
+
+
+def test_emulator_replaces_a_handler_process_that_exited(clean_emulator: EmulatorProcess) -> None:
+    status, _, body = clean_emulator.invoke_raw(TEST_FUNCTION, b'{"action": "pid"}')
+    first = json.loads(body)
+    assert status == 200 and first["ppid"] == clean_emulator.proc.pid
+    status, headers, body = clean_emulator.invoke_raw(TEST_FUNCTION, b'{"action": "exit", "code": 3}')
+    assert status == 200 and headers["x-amz-function-error"] == "Unhandled"
+    error = json.loads(body)
+    assert error["errorType"] == "Runtime.ExitError" and "exit status 3" in error["errorMessage"], error
+    status, _, body = clean_emulator.invoke_raw(TEST_FUNCTION, b'{"action": "pid"}')
+    assert status == 200 and json.loads(body)["pid"] != first["pid"]  # a new process
+    assert clean_emulator.stats()["function_errors"] == 1
+    assert clean_emulator.proc.poll() is None  # the emulator itself lives on

@@ -10,10 +10,14 @@ use subtle::ConstantTimeEq;
 
 use crate::api::ApiError;
 use crate::api::policy::Access;
+use crate::api::principal::{RESERVED_NAMES, jwt_principal, key_principal};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// Key name or token subject; recorded on jobs as the submitter.
+    /// Who is calling, in a namespace of its kind so that no two kinds
+    /// meet: `key:<name>` for an API key, `jwt:<issuer>:<sub>` for a
+    /// bearer token (`anonymous` when the API is open). Recorded on jobs as
+    /// the submitter; what the policy names.
     pub subject: String,
 }
 
@@ -92,7 +96,7 @@ impl Authenticator {
     pub fn with_plain_key(mut self, key: &str) -> Self {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         self.keys.push(StoredKey {
-            name: format!("key-{}", &hex::encode(digest)[..8]),
+            name: hex::encode(digest)[..8].to_string(),
             digest,
         });
         self
@@ -101,9 +105,14 @@ impl Authenticator {
     /// Adds a stored key: `name:sha256hex` or just the hex digest.
     pub fn with_key_digest(mut self, entry: &str) -> Result<Self, String> {
         let (name, digest_hex) = match entry.split_once(':') {
-            Some((name, digest)) => (name.to_string(), digest),
-            None => (format!("key-{}", entry.get(..8).unwrap_or(entry)), entry),
+            Some((name, digest)) => (name.trim().to_string(), digest),
+            None => (entry.get(..8).unwrap_or(entry).to_string(), entry),
         };
+        if RESERVED_NAMES.contains(&name.as_str()) || name.is_empty() {
+            return Err(format!(
+                "API key name '{name}' is reserved (or empty): name keys after who holds them"
+            ));
+        }
         let bytes =
             hex::decode(digest_hex.trim()).map_err(|e| format!("API key digest '{name}': {e}"))?;
         let digest: [u8; 32] = bytes
@@ -235,7 +244,7 @@ impl Authenticator {
         }
         found
             .map(|stored| Principal {
-                subject: stored.name.clone(),
+                subject: key_principal(&stored.name),
             })
             .ok_or_else(|| ApiError::permission_denied("the API key is not valid"))
     }
@@ -263,13 +272,14 @@ impl Authenticator {
             validation.leeway = 30;
             match decode::<serde_json::Value>(token, &key.key, &validation) {
                 Ok(data) => {
-                    let subject = data
-                        .claims
-                        .get("sub")
-                        .and_then(|s| s.as_str())
-                        .unwrap_or("jwt")
-                        .to_string();
-                    return Ok(Principal { subject });
+                    let Some(sub) = data.claims.get("sub").and_then(|s| s.as_str()) else {
+                        return Err(ApiError::permission_denied(
+                            "the bearer token names no subject ('sub')",
+                        ));
+                    };
+                    return Ok(Principal {
+                        subject: jwt_principal(&jwt.issuer, sub),
+                    });
                 }
                 Err(err) => last_error = err.to_string(),
             }
@@ -325,7 +335,7 @@ mod tests {
             auth.authenticate(&headers(&[("x-api-key", "k2")]), None)
                 .unwrap()
                 .subject,
-            "ops"
+            "key:ops"
         );
         let identity = Identity {
             api_key: Some("k1".into()),
@@ -344,6 +354,23 @@ mod tests {
     }
 
     #[test]
+    fn principals_are_namespaced_and_reserved_names_refused() {
+        let auth = auth();
+        let key = auth
+            .authenticate(&headers(&[("x-api-key", "k2")]), None)
+            .unwrap();
+        assert_eq!(key.subject, "key:ops");
+        let plain = auth
+            .authenticate(&headers(&[("x-api-key", "k1")]), None)
+            .unwrap();
+        assert_eq!(plain.subject, format!("key:{}", &sha256_hex("k1")[..8]));
+        for reserved in ["maintainer", "anonymous", "system"] {
+            let entry = format!("{reserved}:{}", sha256_hex("k3"));
+            assert!(Authenticator::default().with_key_digest(&entry).is_err());
+        }
+    }
+
+    #[test]
     fn jwt_matrix() {
         let auth = auth();
         let good = token("s3cret", "https://issuer", "backfill", 600);
@@ -353,7 +380,7 @@ mod tests {
                 None,
             )
             .unwrap();
-        assert_eq!(principal.subject, "alice");
+        assert_eq!(principal.subject, "jwt:https://issuer:alice");
         let identity = Identity {
             api_key: None,
             auth_token: Some(good),

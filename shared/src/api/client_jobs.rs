@@ -80,10 +80,13 @@ impl Service {
                 )));
             }
         };
-        let token = request.page_token.filter(|t| !t.is_empty());
+        let cursor = match request.page_token.filter(|t| !t.is_empty()) {
+            Some(token) => Some(self.open_token(ALL_JOBS, &token)?),
+            None => None,
+        };
         let page = self
             .store
-            .list_recent_jobs(limit, token.as_deref())
+            .list_recent_jobs(limit, cursor.as_deref())
             .await
             .map_err(store_unavailable)?;
         // Jobs of tables the caller may not read are left out, as if absent.
@@ -104,9 +107,13 @@ impl Service {
                 })
             })
             .collect();
-        Ok(json!({ "jobs": jobs, "page_token": page.next_page_token }))
+        let next = page.next_page_token.map(|c| self.tokens.seal(ALL_JOBS, &c));
+        Ok(json!({ "jobs": jobs, "page_token": next }))
     }
 }
+
+/// The scope of the listing of every table's jobs (its page tokens).
+const ALL_JOBS: &str = "all";
 
 /// Every job of this service fills columns.
 const JOB_TYPE: &str = "backfill";

@@ -1,8 +1,11 @@
 //! `POST /v1/table/{id}/add_columns`: declare computed columns (SQL) and
 //! user-function columns (`virtual_column`, which needs the `udf`
 //! permission), or fill expression columns once. Columns declared with
-//! `auto_backfill` get a backfill job at once; its id is in the answer's
-//! `context` as `job_id`.
+//! `auto_backfill`, and expression columns, get a backfill job at once
+//! (which needs the `submit` permission); their ids are in the answer's
+//! `context` as `job_id`/`job_ids`. Expressions are never evaluated in
+//! this process: the workers fill the columns, and the answer waits for
+//! them a while.
 
 use std::collections::HashMap;
 
@@ -11,13 +14,26 @@ use lance_namespace_reqwest_client::models::{
     AlterTableAddColumnsRequest, AlterTableAddColumnsResponse, AlterTableBackfillColumnsRequest,
 };
 
+use std::time::Duration;
+
 use super::auth::Principal;
 use super::policy::Action;
 use super::{ApiError, ApiRequest, ApiResponse, Service};
 use crate::declare;
-use crate::job::{check_context, flag};
+use crate::job::{JobState, check_context, flag};
 use crate::submit::SubmitRequest;
 use crate::table::TableId;
+
+/// How long `add_columns` waits for its `expression` columns' jobs.
+pub const EXPRESSION_WAIT: Duration = Duration::from_secs(20);
+const EXPRESSION_POLL: Duration = Duration::from_millis(50);
+
+/// How filling `expression` columns went.
+struct Filled {
+    /// The version with their values (`None`: still being filled).
+    version: Option<u64>,
+    context: HashMap<String, String>,
+}
 
 impl Service {
     pub(super) async fn add_columns(
@@ -44,27 +60,108 @@ impl Service {
             check_context(context, "context")?;
         }
         let maintained = flag(request.context.as_ref(), "auto_backfill");
+        // Filling now (expression columns, auto_backfill) is a backfill:
+        // it needs the right to submit one, checked before anything changes.
+        if declare::starts_jobs(&request.new_columns, maintained) {
+            self.authorize(&principal, &table, Action::Submit)?;
+        }
+        let branch = request.branch.clone();
         let declaration = declare::add_columns(
             &self.catalog,
             &table,
-            request.branch.clone(),
+            branch.clone(),
             &request.new_columns,
             maintained,
+            &principal.subject,
         )
         .await?;
         let mut response = AlterTableAddColumnsResponse::new(declaration.version as i64);
-        if !declaration.to_fill.is_empty() {
-            let jobs = self
-                .fill_now(
-                    &principal,
-                    &table,
-                    request.branch.clone(),
-                    &declaration.to_fill,
-                )
+        let mut context = HashMap::new();
+        if !declaration.fill_once.is_empty() {
+            let filled = self
+                .fill_once(&principal, &table, branch.clone(), &declaration.fill_once)
                 .await?;
-            response.context = Some(jobs);
+            if let Some(version) = filled.version {
+                response.version = version as i64;
+            }
+            context.extend(filled.context);
+        }
+        if !declaration.to_fill.is_empty() {
+            context.extend(
+                self.fill_now(&principal, &table, branch, &declaration.to_fill)
+                    .await?,
+            );
+        }
+        if !context.is_empty() {
+            response.context = Some(context);
         }
         Ok(ApiResponse::json(StatusCode::OK, &response))
+    }
+
+    /// Fills `expression` columns with one job each, on the workers (never
+    /// in this process), and waits for them up to [`EXPRESSION_WAIT`]: when
+    /// they are DONE the answer carries the version they made; when one
+    /// failed, the columns are dropped (nothing half-filled is left) and
+    /// the answer is 400 with the reason; when they are still running the
+    /// answer says so and names the jobs.
+    async fn fill_once(
+        &self,
+        principal: &Principal,
+        table: &TableId,
+        branch: Option<String>,
+        columns: &[String],
+    ) -> Result<Filled, ApiError> {
+        let jobs = self
+            .fill_now(principal, table, branch.clone(), columns)
+            .await?;
+        let ids: Vec<String> = jobs["job_ids"].split(',').map(str::to_string).collect();
+        let until = tokio::time::Instant::now() + EXPRESSION_WAIT;
+        loop {
+            let mut running = false;
+            for id in &ids {
+                let job = self
+                    .store
+                    .get_job(id)
+                    .await
+                    .map_err(super::store_unavailable)?;
+                match job {
+                    Some(job) if job.state == JobState::Done => {}
+                    Some(job) if job.state.is_terminal() => {
+                        let _ =
+                            declare::drop_columns(&self.catalog, table, branch.as_deref(), columns)
+                                .await;
+                        return Err(ApiError::invalid_input(format!(
+                            "filling column '{}' failed, so the columns were not added: {}",
+                            job.spec.column,
+                            job.error.unwrap_or_else(|| job.state.as_str().to_string())
+                        )));
+                    }
+                    _ => running = true,
+                }
+            }
+            if !running {
+                let version = self.latest_version(table, branch.as_deref()).await;
+                return Ok(Filled {
+                    version,
+                    context: jobs,
+                });
+            }
+            if tokio::time::Instant::now() >= until {
+                let mut context = jobs;
+                context.insert("state".to_string(), JobState::Running.as_str().to_string());
+                return Ok(Filled {
+                    version: None,
+                    context,
+                });
+            }
+            tokio::time::sleep(EXPRESSION_POLL).await;
+        }
+    }
+
+    async fn latest_version(&self, table: &TableId, branch: Option<&str>) -> Option<u64> {
+        let uri = self.catalog.locate(table).await.ok()?;
+        let dataset = self.catalog.latest(&uri, branch).await.ok()?;
+        Some(dataset.version().version)
     }
 
     /// Backfills the declared columns that asked for it; the job ids go in

@@ -3,7 +3,7 @@
 //! schema and basic stats, never the storage location, options or
 //! credentials.
 
-use arrow_schema::Schema as ArrowSchema;
+use arrow_schema::{Field, Schema as ArrowSchema};
 use http::StatusCode;
 use lance::Dataset;
 use lance_namespace_reqwest_client::models::DescribeTableRequest;
@@ -13,6 +13,7 @@ use super::policy::Action;
 use super::{ApiError, ApiRequest, ApiResponse, Service};
 use crate::error::{Error, Missing};
 use crate::table::TableId;
+use crate::udf::{Binding, UDF_BINDING_KEY};
 
 /// LanceDB's clients name themselves so in `user-agent`; they read schema
 /// types in Lance's own JSON names ("float", "string"), which the spec's
@@ -53,9 +54,11 @@ impl Service {
             Some(agent) if agent.starts_with(LANCEDB_AGENT_PREFIX) => SchemaDialect::Lance,
             _ => SchemaDialect::Spec,
         };
+        // A function's payload is its code: shown only to who may run code.
+        let payloads = self.authorize(&principal, &table, Action::Udf).is_ok();
         Ok(ApiResponse::json(
             StatusCode::OK,
-            &description(&table, &dataset, dialect)?,
+            &description(&table, &dataset, dialect, payloads)?,
         ))
     }
 
@@ -122,10 +125,19 @@ fn description(
     table: &TableId,
     dataset: &Dataset,
     dialect: SchemaDialect,
+    payloads: bool,
 ) -> Result<Value, ApiError> {
     let schema = ArrowSchema::from(dataset.schema());
     // The table's own metadata stays out: only what the client reads.
-    let schema = ArrowSchema::new(schema.fields().clone());
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|field| match payloads {
+            true => field.as_ref().clone(),
+            false => without_payload(field),
+        })
+        .collect();
+    let schema = ArrowSchema::new(fields);
     let schema = match dialect {
         SchemaDialect::Spec => serde_json::to_value(
             lance_namespace::schema::arrow_schema_to_json(&schema).map_err(schema_error)?,
@@ -152,6 +164,17 @@ fn description(
             "num_fragments": fragments.len(),
         },
     }))
+}
+
+/// A field whose binding (if it has one) shows no payload and no manifest.
+fn without_payload(field: &Field) -> Field {
+    let mut metadata = field.metadata().clone();
+    if let Some(json) = metadata.get_mut(UDF_BINDING_KEY)
+        && let Ok(binding) = Binding::from_json(json)
+    {
+        *json = binding.redacted().to_json();
+    }
+    field.clone().with_metadata(metadata)
 }
 
 fn schema_error(err: impl std::fmt::Display) -> ApiError {

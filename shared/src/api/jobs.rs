@@ -99,18 +99,23 @@ impl Service {
         let principal = self.authenticate(http)?;
         self.authorize(&principal, &table, Action::Read)?;
         let limit = page_size(http.query_param("limit")?)?;
-        let token = http.query_param("page_token")?.filter(|t| !t.is_empty());
+        let scope = format!("table:{}", table.key());
+        let cursor = match http.query_param("page_token")?.filter(|t| !t.is_empty()) {
+            Some(token) => Some(self.open_token(&scope, &token)?),
+            None => None,
+        };
         // The table must exist, so a typo is a 404 rather than an empty list.
         self.catalog.locate(&table).await?;
         let page = self
             .store
-            .list_jobs(&table.key(), limit, token.as_deref())
+            .list_jobs(&table.key(), limit, cursor.as_deref())
             .await
             .map_err(store_unavailable)?;
         let jobs: Vec<serde_json::Value> = page.jobs.iter().map(|j| job_json(j, None)).collect();
+        let next = page.next_page_token.map(|c| self.tokens.seal(&scope, &c));
         Ok(ApiResponse::json(
             StatusCode::OK,
-            &serde_json::json!({ "jobs": jobs, "page_token": page.next_page_token }),
+            &serde_json::json!({ "jobs": jobs, "page_token": next }),
         ))
     }
 

@@ -13,9 +13,11 @@ mod job_json;
 pub mod jobs;
 pub mod lambda;
 pub mod policy;
+pub mod principal;
 pub mod request;
 mod routes;
 pub mod server;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -69,6 +71,8 @@ pub struct Service {
     pub submitter: Submitter,
     pub lifecycle: Lifecycle,
     pub auth: Authenticator,
+    /// Seals the page tokens of listings.
+    pub tokens: tokens::PageTokens,
 }
 
 /// A client's `x-request-id` is kept when it is a short visible token;
@@ -108,6 +112,17 @@ impl Service {
         response.request_id = Some(request_id.clone());
         info!(%request_id, %method, %path, status = response.status.as_u16(), ms = started.elapsed().as_millis() as u64, "request");
         response
+    }
+
+    /// The store's cursor a client's page token holds, if this deployment
+    /// issued it for this listing.
+    fn open_token(&self, scope: &str, token: &str) -> Result<String, ApiError> {
+        self.tokens.open(scope, token).ok_or_else(|| {
+            ApiError::invalid_input(
+                "page_token is not a token this API issued for this listing; \
+                 pass the page_token of the previous page unchanged",
+            )
+        })
     }
 
     async fn dispatch(&self, request: &ApiRequest) -> Result<ApiResponse, ApiError> {

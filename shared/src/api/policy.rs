@@ -1,7 +1,8 @@
-//! Who may do what where: `LANCE_BACKFILL_POLICY` maps a principal (an API
-//! key's name, or a bearer token's `sub`) to the tables it may touch (globs
-//! over the table id joined with `$`) and the actions it may take there.
-//! Without a policy every authenticated caller may do everything.
+//! Who may do what where: `LANCE_BACKFILL_POLICY` maps a principal
+//! (`key:<name>` for an API key, `<name>` alone meaning the same;
+//! `jwt:<issuer>:<sub>` for a bearer token) to the tables it may touch
+//! (globs over the table id joined with `$`) and the actions it may take
+//! there. Without a policy every authenticated caller may do everything.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -78,8 +79,12 @@ impl Access {
                 "the policy is larger than {MAX_POLICY_BYTES} bytes"
             ));
         }
-        let grants: BTreeMap<String, Grant> =
+        let written: BTreeMap<String, Grant> =
             serde_json::from_str(&text).map_err(|err| format!("the policy is not valid: {err}"))?;
+        let mut grants = BTreeMap::new();
+        for (name, grant) in written {
+            grants.insert(principal_named(&name)?, grant);
+        }
         Ok(Self::Policy(grants))
     }
 
@@ -112,6 +117,26 @@ impl Access {
         }
         Decision::Allowed
     }
+}
+
+/// The principal a policy entry names: `key:<name>` and
+/// `jwt:<issuer>:<sub>` as written, a bare name as an API key's.
+fn principal_named(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    if name.starts_with("key:") || name.starts_with("jwt:") {
+        return Ok(name.to_string());
+    }
+    if name.is_empty()
+        || name.contains(':')
+        || crate::api::principal::RESERVED_NAMES.contains(&name)
+    {
+        return Err(format!(
+            "policy principal '{name}': write 'key:<name>', 'jwt:<issuer>:<sub>' or an API key's \
+             name (not one of {:?})",
+            crate::api::principal::RESERVED_NAMES
+        ));
+    }
+    Ok(crate::api::principal::key_principal(name))
 }
 
 /// `*` matches any run of characters (`$` included), `?` any one character.
@@ -168,25 +193,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            access.decide("ops", &id("x"), Action::Udf),
+            access.decide("key:ops", &id("x"), Action::Udf),
             Decision::Allowed
         );
         assert_eq!(
-            access.decide("reader", &id("sales$orders"), Action::Read),
+            access.decide("key:reader", &id("sales$orders"), Action::Read),
             Decision::Allowed
         );
         assert!(matches!(
-            access.decide("reader", &id("sales$orders"), Action::Submit),
+            access.decide("key:reader", &id("sales$orders"), Action::Submit),
             Decision::Denied(_)
         ));
         assert!(matches!(
-            access.decide("reader", &id("hr$people"), Action::Read),
+            access.decide("key:reader", &id("hr$people"), Action::Read),
             Decision::Denied(_)
         ));
         assert!(matches!(
-            access.decide("stranger", &id("sales$orders"), Action::Read),
+            access.decide("key:stranger", &id("sales$orders"), Action::Read),
             Decision::Denied(_)
         ));
+        assert!(
+            matches!(
+                access.decide("jwt:iss:ops", &id("x"), Action::Read),
+                Decision::Denied(_)
+            ),
+            "a token whose subject is a key's name is not that key"
+        );
         assert_eq!(
             Access::Open.decide("anyone", &id("t"), Action::Cancel),
             Decision::Allowed
@@ -199,5 +231,9 @@ mod tests {
         assert!(Access::parse(r#"{"a": {"tables": ["*"], "actions": ["fly"]}}"#).is_err());
         assert!(Access::parse(r#"{"a": {"tables": ["*"]}}"#).is_err());
         assert!(Access::parse("@/nonexistent/policy.json").is_err());
+        for reserved in ["maintainer", "anonymous", "a:b"] {
+            let policy = format!(r#"{{"{reserved}": {{"tables": ["*"], "actions": ["read"]}}}}"#);
+            assert!(Access::parse(&policy).is_err(), "{reserved}");
+        }
     }
 }

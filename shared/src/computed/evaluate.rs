@@ -2,12 +2,11 @@
 //! the user function's called on the chosen rows only), the others keep
 //! their current values, and deleted rows become null.
 
-use std::sync::Arc;
-
 use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array};
 use arrow_select::filter::filter_record_batch;
 
-use super::program::{Program, Values};
+use super::budget;
+use super::program::{Planned, Program, Values};
 use crate::error::Error;
 use crate::udf::{UdfCall, UdfError, results};
 
@@ -35,7 +34,7 @@ impl Program {
         deleted: Option<&BooleanArray>,
     ) -> Result<Evaluated, Error> {
         let rows = batch.num_rows();
-        let chosen = self.chosen(batch, deleted)?;
+        let chosen = self.chosen(batch, deleted).await?;
         let selected = chosen.true_count();
         let current: Vec<ArrayRef> = self
             .target_indices
@@ -47,7 +46,7 @@ impl Program {
         } else {
             match &self.values {
                 Values::Sql(value) => (
-                    self.sql_values(value, batch, &chosen, &current)?,
+                    self.sql_values(value, batch, &chosen, &current).await?,
                     Vec::new(),
                 ),
                 Values::Udf {
@@ -82,16 +81,12 @@ impl Program {
     }
 
     /// Rows the predicate chooses (a NULL predicate does not), live ones only.
-    fn chosen(
+    async fn chosen(
         &self,
         batch: &RecordBatch,
         deleted: Option<&BooleanArray>,
     ) -> Result<BooleanArray, Error> {
-        let chosen = self
-            .predicate
-            .evaluate(batch)
-            .and_then(|v| v.into_array(batch.num_rows()))
-            .map_err(evaluation)?;
+        let chosen = bounded(&self.predicate, batch, "the where predicate").await?;
         let chosen = chosen
             .as_any()
             .downcast_ref::<BooleanArray>()
@@ -111,9 +106,9 @@ impl Program {
     /// the others. Only the chosen rows are evaluated: a row the `where`
     /// leaves alone, or a deleted one, cannot fail the batch (a division
     /// by zero on a deleted row) nor cost its evaluation.
-    fn sql_values(
+    async fn sql_values(
         &self,
-        value: &Arc<dyn lance::deps::datafusion::physical_plan::PhysicalExpr>,
+        value: &Planned,
         batch: &RecordBatch,
         chosen: &BooleanArray,
         current: &[ArrayRef],
@@ -125,10 +120,7 @@ impl Program {
         } else {
             filter_record_batch(batch, chosen).map_err(evaluation)?
         };
-        let computed = value
-            .evaluate(&input)
-            .and_then(|v| v.into_array(input.num_rows()))
-            .map_err(evaluation)?;
+        let computed = bounded(value, &input, "the expression").await?;
         let target = self.output_fields[0].data_type();
         let computed = if computed.data_type() == target {
             computed
@@ -139,6 +131,87 @@ impl Program {
             return Ok(vec![computed]);
         }
         Ok(vec![put_back(&computed, chosen, &current[0])?])
+    }
+}
+
+/// Evaluates `planned` over `batch` within the memory budget: the batch's
+/// bound is held of the process's budget while it is evaluated (all at
+/// once, so evaluations never wait on each other's halves), in slices of
+/// rows whose bound fits [`budget::SLICE_BYTES`] (DataFusion allocates a
+/// slice's whole result at once). A row whose bound alone is past a
+/// slice's, or a batch whose bound is past the whole budget, fails the
+/// batch (the task, not the process).
+async fn bounded(planned: &Planned, batch: &RecordBatch, what: &str) -> Result<ArrayRef, Error> {
+    let rows = batch.num_rows();
+    let per_row = budget::bytes_per_row(&planned.logical, batch);
+    let Some(slice_rows) = budget::rows_per_slice(per_row) else {
+        return Err(Error::Permanent(format!(
+            "computing values failed: {what} could make {} for one row of this batch, more \
+             than the {} bytes a row may take; bound the count a function asks for",
+            describe_bytes(per_row),
+            budget::SLICE_BYTES
+        )));
+    };
+    let total = per_row.saturating_mul(rows as u64);
+    if total > budget::PROCESS_BYTES {
+        return Err(Error::Permanent(format!(
+            "computing values failed: {what} could make {} for this batch of {rows} rows, more \
+             than the {} bytes evaluations may hold at once; lower 'checkpoint_size' (rows per \
+             batch)",
+            describe_bytes(total),
+            budget::PROCESS_BYTES
+        )));
+    }
+    let _held = budget::hold(total).await;
+    let mut parts = Vec::new();
+    let mut offset = 0;
+    loop {
+        let length = slice_rows.min(rows - offset);
+        let slice = batch.slice(offset, length);
+        let values = evaluate_slice(planned, &slice, what)?;
+        parts.push(values);
+        offset += length;
+        if offset >= rows {
+            break;
+        }
+    }
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    let arrays: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+    arrow_select::concat::concat(&arrays).map_err(evaluation)
+}
+
+/// One slice's values. A panic of DataFusion's (a limit it checks by
+/// panicking) fails the batch, not the worker.
+fn evaluate_slice(planned: &Planned, slice: &RecordBatch, what: &str) -> Result<ArrayRef, Error> {
+    let rows = slice.num_rows();
+    let evaluated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        planned
+            .physical
+            .evaluate(slice)
+            .and_then(|v| v.into_array(rows))
+    }));
+    match evaluated {
+        Ok(values) => values.map_err(evaluation),
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no reason given".to_string());
+            Err(Error::Permanent(format!(
+                "computing values failed: evaluating {what} stopped: {reason}"
+            )))
+        }
+    }
+}
+
+fn describe_bytes(bytes: u64) -> String {
+    if bytes == u64::MAX {
+        "an unbounded number of bytes (a count that depends on the data)".to_string()
+    } else {
+        format!("up to {bytes} bytes")
     }
 }
 

@@ -9,8 +9,10 @@ use lance::datatypes::{Schema as LanceSchema, parse_field_path};
 use lance::io::exec::Planner;
 
 use crate::error::{Error, Missing, first_line};
+use crate::udf::binding::UDF_OUTPUT_OF_KEY;
 use crate::udf::{Binding, UDF_BINDING_KEY};
 
+pub mod budget;
 mod evaluate;
 pub mod limits;
 mod program;
@@ -22,6 +24,9 @@ pub use program::{Program, field_ids};
 pub const BINDING_KEY: &str = "lance-backfill:expression";
 /// Field metadata key marking a column kept filled as rows arrive.
 pub const MAINTAINED_KEY: &str = "lance-backfill:maintained";
+/// Field metadata key naming who declared a maintained column: its jobs
+/// run on that principal's behalf, with its rights of the moment.
+pub const DECLARED_BY_KEY: &str = "lance-backfill:declared-by";
 
 /// The column a backfill request names, resolved against the table schema.
 #[derive(Debug, Clone)]
@@ -37,15 +42,68 @@ pub struct TargetColumn {
 }
 
 impl TargetColumn {
-    /// The target of a recorded job.
-    pub fn of_job(spec: &crate::job::JobSpec, data_type: DataType) -> Self {
-        Self {
+    /// The target of a recorded job in `schema` (the table as the job reads
+    /// it): a function's binding is read from the table and must still be
+    /// the job's function.
+    pub fn of_job(spec: &crate::job::JobSpec, schema: &LanceSchema) -> Result<Self, Error> {
+        let field = schema.field(&spec.column).ok_or_else(|| {
+            Error::not_found(
+                Missing::Column,
+                format!("column '{}' is no longer in the table", spec.column),
+            )
+        })?;
+        let udf = match &spec.udf {
+            None => None,
+            Some(function) => {
+                let binding = binding_of(schema, field).unwrap_or_else(|| {
+                    Err(Error::invalid_input(format!(
+                        "column '{}' is no longer filled by a user function",
+                        spec.column
+                    )))
+                })?;
+                if binding.udf_id != function.udf_id {
+                    return Err(Error::invalid_input(format!(
+                        "column '{}' is now filled by another function ({} {}) than the job's ({} {})",
+                        spec.column,
+                        binding.udf_name,
+                        binding.udf_version,
+                        function.udf_name,
+                        function.udf_version
+                    )));
+                }
+                Some(binding)
+            }
+        };
+        Ok(Self {
             name: spec.column.clone(),
             expression: spec.expression.clone(),
-            data_type,
-            udf: spec.udf.clone(),
-        }
+            data_type: field.data_type(),
+            udf,
+        })
     }
+}
+
+/// The binding of the function that fills `field`, if one does: kept whole
+/// in the function's first output, which its other outputs name.
+pub fn binding_of(
+    schema: &LanceSchema,
+    field: &lance::datatypes::Field,
+) -> Option<Result<Binding, Error>> {
+    if let Some(json) = field.metadata.get(UDF_BINDING_KEY) {
+        return Some(Binding::from_json(json));
+    }
+    let primary = field.metadata.get(UDF_OUTPUT_OF_KEY)?;
+    let json = schema
+        .field(primary)
+        .and_then(|p| p.metadata.get(UDF_BINDING_KEY))
+        .ok_or_else(|| {
+            Error::invalid_input(format!(
+                "column '{}' is an output of a function whose first output '{primary}' is no \
+                 longer in the table",
+                field.name
+            ))
+        });
+    Some(json.and_then(|json| Binding::from_json(json)))
 }
 
 /// How a job names a user function in its `expression`: name, version and
@@ -90,8 +148,8 @@ pub fn resolve_target(schema: &LanceSchema, column: &str) -> Result<TargetColumn
              with add_columns 'computed' can be backfilled"
         )));
     }
-    if let Some(binding) = field.metadata.get(UDF_BINDING_KEY) {
-        let binding = Binding::from_json(binding)?;
+    if let Some(binding) = binding_of(schema, field) {
+        let binding = binding?;
         let primary = binding.primary_column().to_string();
         let data_type = schema
             .field(&primary)

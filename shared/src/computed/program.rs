@@ -15,9 +15,16 @@ use super::{TargetColumn, default_filter, limits};
 use crate::error::{Error, first_line};
 use crate::udf::{Binding, UdfCall};
 
+/// An expression planned for evaluation, with its parsed form (which the
+/// evaluation's memory bound is worked out from).
+pub(super) struct Planned {
+    pub physical: Arc<dyn PhysicalExpr>,
+    pub logical: Expr,
+}
+
 /// How a program makes values.
 pub(super) enum Values {
-    Sql(Arc<dyn PhysicalExpr>),
+    Sql(Planned),
     /// A user function reading the columns at `inputs` (positions in the
     /// read schema); `call` is attached by the worker that runs it.
     Udf {
@@ -40,7 +47,7 @@ pub struct Program {
     /// The fields filled, as the table declares them.
     pub output_fields: Vec<Arc<ArrowField>>,
     pub(super) values: Values,
-    pub(super) predicate: Arc<dyn PhysicalExpr>,
+    pub(super) predicate: Planned,
     /// Positions of the filled columns in the read schema.
     pub(super) target_indices: Vec<usize>,
 }
@@ -207,20 +214,26 @@ impl Program {
         let outputs = targets(target);
         let target_indices = indices(&read_arrow, &outputs)?;
         let planner = Planner::new(read_arrow.clone());
-        let values = match &target.udf {
-            None => Values::Sql(plan_value(
-                &planner,
-                &read_arrow,
-                &parsed.expression,
-                target,
-            )?),
-            Some(binding) => Values::Udf {
+        let values = match (&target.udf, &parsed.value) {
+            (None, Some(logical)) => Values::Sql(Planned {
+                physical: plan_value(&planner, &read_arrow, &parsed.expression, target)?,
+                logical: logical.clone(),
+            }),
+            (None, None) => {
+                return Err(Error::Internal(
+                    "a SQL column without its expression".into(),
+                ));
+            }
+            (Some(binding), _) => Values::Udf {
                 binding: Box::new(binding.clone()),
                 inputs: indices(&read_arrow, &binding.input_columns)?,
                 call: None,
             },
         };
-        let predicate = plan_predicate(&planner, &read_arrow, &parsed.filter)?;
+        let predicate = Planned {
+            physical: plan_predicate(&planner, &read_arrow, &parsed.filter)?,
+            logical: parsed.predicate.clone(),
+        };
         Ok(Self {
             column: target.name.clone(),
             output_fields: target_indices

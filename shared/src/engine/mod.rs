@@ -34,7 +34,7 @@ use lance::Dataset;
 
 use crate::commit::Committer;
 use crate::computed::{Program, TargetColumn};
-use crate::error::{Error, Missing};
+use crate::error::Error;
 use crate::job::Job;
 use crate::lifecycle::Lifecycle;
 use crate::live::Reconciler;
@@ -200,21 +200,13 @@ impl Engine {
         {
             return Ok(found.clone());
         }
-        let field = dataset.schema().field(&job.spec.column).ok_or_else(|| {
-            Error::not_found(
-                Missing::Column,
-                format!(
-                    "column '{}' is missing at version {}",
-                    job.spec.column,
-                    dataset.version().version
-                ),
-            )
-            .into_permanent()
+        let target = TargetColumn::of_job(&job.spec, dataset.schema()).map_err(|err| {
+            Error::Permanent(format!("at version {}: {err}", dataset.version().version))
         })?;
-        let target = TargetColumn::of_job(&job.spec, field.data_type());
+        let udf = target.udf.clone();
         let mut program = Program::compile(dataset.schema(), &target, Some(&filter))
             .map_err(Error::into_permanent)?;
-        if let Some(binding) = &job.spec.udf {
+        if let Some(binding) = &udf {
             program = program.with_udf(self.udf_call(job, dataset, binding).await?);
         }
         let program = Arc::new(program);
@@ -239,7 +231,10 @@ impl Engine {
                 binding.udf_name
             ))
         })?;
-        let udf = crate::udf::payload::load(dataset, binding).await?;
+        let mut udf = crate::udf::payload::load(dataset, binding).await?;
+        // Processes are per principal: the job's code never shares one
+        // with another principal's.
+        udf.principal = job.spec.principal().to_string();
         let runtime = runtimes.for_job(job.spec.params.cluster.as_deref(), &binding.image);
         Ok(Arc::new(UdfCall {
             udf,

@@ -91,7 +91,7 @@ pub struct JobSpec {
     pub plan: PlanSummary,
     /// The user function that fills the columns (`None`: a SQL expression).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub udf: Option<crate::udf::Binding>,
+    pub udf: Option<crate::udf::binding::FunctionRef>,
     /// What the request's `context` asked for.
     #[serde(default)]
     pub options: JobOptions,
@@ -120,6 +120,10 @@ pub struct JobSpec {
     pub refill_fragments: Vec<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refill_all: bool,
+    /// A maintained column's job: the principal that declared the column,
+    /// whose rights (checked when the job is made) it runs with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
 }
 
 impl JobSpec {
@@ -144,6 +148,12 @@ impl JobSpec {
         } else {
             self.filter.clone()
         }
+    }
+
+    /// Whose rights and processes the job runs with: its submitter, or,
+    /// for a maintained column's job, whoever declared the column.
+    pub fn principal(&self) -> &str {
+        self.on_behalf_of.as_deref().unwrap_or(&self.submitted_by)
     }
 
     /// The columns the job fills: a function's outputs, or the one column.

@@ -574,10 +574,8 @@ impl JobFields {
     fn of(job: &Job, read: &Dataset) -> anyhow::Result<Self> {
         let spec = &job.spec;
         let schema = read.schema();
-        let field = schema
-            .field(&spec.column)
+        let target = TargetColumn::of_job(spec, schema)
             .with_context(|| format!("column '{}' at the read version", spec.column))?;
-        let target = TargetColumn::of_job(spec, field.data_type());
         let program = Program::compile(schema, &target, Some(&spec.filter))?;
         let (targets, inputs) = program.field_ids();
         let columns = program

@@ -30,7 +30,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::computed::{MAINTAINED_KEY, Program, resolve_target};
+use crate::api::policy::{Access, Action, Decision};
+use crate::computed::{DECLARED_BY_KEY, MAINTAINED_KEY, Program, resolve_target};
 use crate::error::Error;
 use crate::job::{Job, JobState, now_millis};
 use crate::queue::{Outgoing, TaskQueue};
@@ -58,6 +59,11 @@ pub const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(600);
 /// A maintained column and the columns it reads.
 pub(crate) struct Maintained {
     pub column: String,
+    /// Whose behalf its jobs run on (`None`: a column declared before
+    /// declarers were recorded).
+    pub declared_by: Option<String>,
+    /// Whether a user function fills it.
+    pub udf: bool,
     pub inputs: Vec<String>,
     /// Ids of the fields it reads (not those it fills).
     pub input_fields: Vec<i32>,
@@ -67,6 +73,8 @@ pub struct Maintainer {
     catalog: Arc<Catalog>,
     store: Arc<dyn JobStore>,
     submitter: Submitter,
+    /// Who may do what: a column's jobs need its declarer's rights.
+    access: Arc<Access>,
     /// Where a table's next attempt is scheduled, when nothing polls (the
     /// trigger function on AWS): a message naming the table, delayed by
     /// the column's backoff, comes back to the trigger.
@@ -101,8 +109,15 @@ impl Maintainer {
             catalog,
             store,
             submitter,
+            access: Arc::new(Access::Open),
             retries: None,
         }
+    }
+
+    /// Checks each column's declarer against `access` before its jobs.
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = Arc::new(access);
+        self
     }
 
     /// Schedules columns' next attempts on `queue` (see [`Retry`]).
@@ -180,6 +195,10 @@ impl Maintainer {
         if now_millis() < mark.retry_at_ms {
             return Ok(None);
         }
+        let Some((mark, revision)) = self.permitted(latest.table, column, mark, revision).await?
+        else {
+            return Ok(None);
+        };
         let version = latest.dataset.version().version;
         let Some(due) = Due::of(latest.dataset, column, &mark).await? else {
             // Nothing to fill: the column is caught up with this version.
@@ -206,6 +225,72 @@ impl Maintainer {
         self.save(latest.table, &column.column, &started, revision)
             .await?;
         Ok(Some(job_id))
+    }
+
+    /// The column's record and revision when its declarer may have its jobs
+    /// run now; `None` when not: the column stops, the reason kept in its
+    /// record and noted on its last job, until the right is back.
+    async fn permitted(
+        &self,
+        table: &TableId,
+        column: &Maintained,
+        mark: ColumnWatermark,
+        revision: u64,
+    ) -> Result<Option<(ColumnWatermark, u64)>, Error> {
+        let refusal = self.refusal(table, column);
+        if refusal == mark.stopped {
+            return Ok(refusal.is_none().then_some((mark, revision)));
+        }
+        let changed = ColumnWatermark {
+            stopped: refusal.clone(),
+            ..mark
+        };
+        if !self.save(table, &column.column, &changed, revision).await? {
+            return Ok(None);
+        }
+        let Some(reason) = refusal else {
+            info!(table = %table.display(), column = %column.column, "maintained column: its declarer may run its jobs again");
+            return Ok(Some((changed, revision + 1)));
+        };
+        warn!(table = %table.display(), column = %column.column, %reason, "maintained column stopped");
+        if let Some(job_id) = &changed.last_job
+            && let Err(err) = self.store.add_event(job_id, &reason).await
+        {
+            warn!(%job_id, error = %err, "could not note why the column stopped");
+        }
+        Ok(None)
+    }
+
+    /// Why the column's jobs may not run now, if they may not: they run on
+    /// behalf of its declarer, who must still be allowed to submit (and to
+    /// run functions, for a function's column).
+    fn refusal(&self, table: &TableId, column: &Maintained) -> Option<String> {
+        if self.access.is_open() {
+            return None;
+        }
+        let Some(principal) = &column.declared_by else {
+            return Some(format!(
+                "maintained column '{}' stopped: it names no declarer whose rights its jobs \
+                 could run with; declare it again",
+                column.column
+            ));
+        };
+        let mut actions = vec![Action::Submit];
+        if column.udf {
+            actions.push(Action::Udf);
+        }
+        actions.into_iter().find_map(
+            |action| match self.access.decide(principal, table, action) {
+                Decision::Allowed => None,
+                Decision::Denied(reason) => Some(format!(
+                    "maintained column '{}' stopped: its jobs run on behalf of '{principal}', \
+                     who may no longer {} here ({reason}); restore the grant or declare the \
+                     column again",
+                    column.column,
+                    action.as_str()
+                )),
+            },
+        )
     }
 
     /// The column's record once its last job's end is taken into account
@@ -330,6 +415,7 @@ impl Maintainer {
         let (table, version) = (latest.table, latest.dataset.version().version);
         let request = AlterTableBackfillColumnsRequest::new(column.column.clone());
         let mut submit = SubmitRequest::new(table.clone(), request, MAINTAINER.to_string());
+        submit.on_behalf_of = column.declared_by.clone();
         // Declaring a maintained user-function column needed the permission.
         submit.allow_udf = true;
         submit.first_fragment_id = due.first_fragment;
@@ -392,6 +478,8 @@ pub(crate) fn maintained_columns(dataset: &Dataset) -> Result<Vec<Maintained>, E
             .collect();
         let (_, input_fields) = program.field_ids();
         columns.push(Maintained {
+            declared_by: field.metadata.get(DECLARED_BY_KEY).cloned(),
+            udf: target.udf.is_some(),
             column: target.name,
             inputs,
             input_fields,

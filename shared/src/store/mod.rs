@@ -174,6 +174,10 @@ pub struct ColumnWatermark {
     pub failures: u32,
     pub counted_failure: Option<String>,
     pub retry_at_ms: i64,
+    /// Why the column is not being filled (its declarer lost the right to
+    /// run its jobs); it goes on once the right is back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// A row a user function raised on (left null, `on_error: skip`).

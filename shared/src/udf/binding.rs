@@ -1,7 +1,11 @@
 //! A user function's binding: what a `virtual_column` declaration says
 //! (inputs, outputs with their types, the payload and where it is kept),
-//! checked when it is declared and kept in each output field's metadata.
-//! Nothing here unpickles or runs the function.
+//! checked when it is declared and kept once, in its first output field's
+//! metadata (the other outputs name that one). Everything a declaration
+//! puts into the table's schema is bounded: the schema is copied into
+//! every later manifest. Nothing here unpickles or runs the function.
+
+use std::collections::HashMap;
 
 use arrow_schema::{DataType, Field as ArrowField, Schema as ArrowSchema};
 use base64::Engine as _;
@@ -12,8 +16,15 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Error;
 
-/// Field metadata key holding a user function's binding (JSON).
+/// Field metadata key holding a user function's binding (JSON), on its
+/// first output.
 pub const UDF_BINDING_KEY: &str = "lance-backfill:udf";
+/// Field metadata key of a function's other outputs: the first output's
+/// name, whose metadata holds the binding.
+pub const UDF_OUTPUT_OF_KEY: &str = "lance-backfill:udf-output-of";
+/// Field metadata keys starting so are the service's: a declaration's own
+/// metadata may not set them.
+pub const RESERVED_METADATA_PREFIX: &str = "lance-backfill:";
 /// Payload formats this service reads (`udf_backend`).
 pub const SUPPORTED_BACKENDS: [&str; 2] = ["cloudpickle", "DockerUDFSpecV1"];
 /// Outputs one function may fill.
@@ -22,7 +33,18 @@ const MAX_OUTPUTS: usize = 64;
 const MAX_INPUTS: usize = 256;
 /// Payloads up to this size are kept in the binding itself; larger ones
 /// beside the table, content-addressed.
-pub const MAX_INLINE_PAYLOAD_BYTES: usize = 16 * 1024;
+pub const MAX_INLINE_PAYLOAD_BYTES: usize = 2 * 1024;
+/// Manifests up to this size are kept in the binding itself; larger ones
+/// beside the table, content-addressed.
+pub const MAX_INLINE_MANIFEST_BYTES: usize = 1024;
+/// The largest manifest a declaration may carry.
+pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// The largest binding (inputs, outputs, types, names) kept in the schema.
+pub const MAX_BINDING_BYTES: usize = 64 * 1024;
+/// The user's own field metadata of all of a declaration's outputs together.
+pub const MAX_USER_METADATA_BYTES: usize = 64 * 1024;
+/// The longest output column name.
+const MAX_COLUMN_NAME_BYTES: usize = 256;
 /// How deep an output's type may nest (lists of structs of lists...).
 const MAX_TYPE_DEPTH: usize = 32;
 /// Fields an output's type may hold, all levels together.
@@ -64,7 +86,11 @@ pub struct Binding {
     pub udf_version: String,
     pub udf_backend: String,
     pub image: String,
+    /// The manifest, when small; a larger one is beside the table.
     pub manifest: Option<String>,
+    /// Relative to the table's root: `_backfill/manifests/<sha256>.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_path: Option<String>,
     pub manifest_checksum: Option<String>,
     pub input_columns: Vec<String>,
     pub outputs: Vec<Output>,
@@ -97,6 +123,64 @@ impl Binding {
             .map(|o| o.column.as_str())
             .unwrap_or_default()
     }
+
+    /// What a job records of its function: who it is and what it fills,
+    /// never its payload, manifest or types (the worker reads those from
+    /// the table, and checks they are still this function's).
+    pub fn reference(&self) -> FunctionRef {
+        FunctionRef {
+            udf_id: self.udf_id.clone(),
+            udf_name: self.udf_name.clone(),
+            udf_version: self.udf_version.clone(),
+            image: self.image.clone(),
+            input_columns: self.input_columns.clone(),
+            columns: self.columns(),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// The binding as principals who may not run functions see it: no
+    /// payload, no manifest.
+    pub fn redacted(&self) -> Self {
+        Self {
+            payload: Payload::Inline(String::new()),
+            manifest: None,
+            manifest_path: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// A job's record of the user function that fills its columns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionRef {
+    pub udf_id: String,
+    pub udf_name: String,
+    pub udf_version: String,
+    pub image: String,
+    #[serde(default)]
+    pub input_columns: Vec<String>,
+    /// The outputs' columns, in declaration order.
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// Job items recorded with the whole binding name their columns here.
+    #[serde(default, skip_serializing)]
+    outputs: Vec<OutputName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+struct OutputName {
+    column: String,
+}
+
+impl FunctionRef {
+    /// The columns the function fills.
+    pub fn columns(&self) -> Vec<String> {
+        match self.columns.is_empty() {
+            false => self.columns.clone(),
+            true => self.outputs.iter().map(|o| o.column.clone()).collect(),
+        }
+    }
 }
 
 /// A declaration read and checked: the binding (payload still in hand) and
@@ -105,6 +189,8 @@ pub struct Declared {
     pub binding: Binding,
     /// The pickle, when it is to be kept beside the table.
     pub pickle: Vec<u8>,
+    /// The manifest, when it is to be kept beside the table.
+    pub manifest: Option<String>,
     pub workspace_zips: Vec<Vec<u8>>,
     pub fields: Vec<ArrowField>,
 }
@@ -240,7 +326,22 @@ fn docker_spec(raw: &[u8], at: &str) -> Result<(Vec<u8>, Vec<Vec<u8>>), Error> {
     Ok((pickle, zips))
 }
 
+/// The manifest: bounded, matching its checksum, and, when it is shaped
+/// as what a function asks of its sandbox, asking for what may be given.
 fn check_manifest(entry: &AddVirtualColumnEntry, at: &str) -> Result<(), Error> {
+    if let Some(manifest) = entry.manifest.clone().flatten() {
+        if manifest.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::invalid_input(format!(
+                "field '{at}.manifest' is {} bytes; at most {MAX_MANIFEST_BYTES}",
+                manifest.len()
+            )));
+        }
+        if let Ok(wants) = serde_json::from_str::<super::sandbox::Wants>(&manifest) {
+            wants.check().map_err(|problem| {
+                Error::invalid_input(format!("field '{at}.manifest': {problem}"))
+            })?;
+        }
+    }
     let Some(checksum) = entry.manifest_checksum.clone().flatten() else {
         return Ok(());
     };
@@ -289,9 +390,9 @@ fn check_outputs(entry: &AddVirtualColumnEntry, at: &str) -> Result<Vec<Output>,
     let mut outputs = Vec::with_capacity(entry.outputs.len());
     for (i, output) in entry.outputs.iter().enumerate() {
         let column = output.column.trim().to_string();
-        if column.is_empty() {
+        if column.is_empty() || column.len() > MAX_COLUMN_NAME_BYTES {
             return Err(Error::invalid_input(format!(
-                "field '{at}.outputs[{i}].column' must not be empty"
+                "field '{at}.outputs[{i}].column' must be from 1 to {MAX_COLUMN_NAME_BYTES} bytes"
             )));
         }
         let struct_field = match output.struct_field.trim() {
@@ -333,21 +434,29 @@ pub fn declare(
     } else {
         Payload::Path(format!("_backfill/udfs/{udf_id}.pkl"))
     };
+    let manifest = entry.manifest.clone().flatten();
+    let manifest_path = manifest
+        .as_ref()
+        .filter(|m| m.len() > MAX_INLINE_MANIFEST_BYTES)
+        .map(|m| format!("_backfill/manifests/{}.json", sha256_hex(m.as_bytes())));
     let binding = Binding {
         udf_id,
         udf_name: entry.udf_name.clone(),
         udf_version: entry.udf_version.clone(),
         udf_backend,
         image: entry.image.clone(),
-        manifest: entry.manifest.clone().flatten(),
+        manifest: manifest.clone().filter(|_| manifest_path.is_none()),
+        manifest_path,
         manifest_checksum: entry.manifest_checksum.clone().flatten(),
         input_columns: entry.input_columns.clone(),
         outputs,
         payload,
         workspace_zips: workspace_zips.iter().map(|z| sha256_hex(z)).collect(),
     };
-    let fields = output_fields(entry, &binding)?;
+    check_binding_size(&binding, at)?;
+    let fields = output_fields(entry, &binding, at)?;
     Ok(Declared {
+        manifest: manifest.filter(|_| binding.manifest_path.is_some()),
         binding,
         pickle,
         workspace_zips,
@@ -355,19 +464,72 @@ pub fn declare(
     })
 }
 
+fn check_binding_size(binding: &Binding, at: &str) -> Result<(), Error> {
+    let bytes = binding.to_json().len();
+    if bytes > MAX_BINDING_BYTES {
+        return Err(Error::invalid_input(format!(
+            "field '{at}': the function's binding (names, inputs, outputs and their types) \
+             takes {bytes} bytes; at most {MAX_BINDING_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// The user's own metadata of each output (`field_metadata`, then the
+/// output's `metadata`), checked: none of the service's keys, bounded.
+fn user_metadata(
+    entry: &AddVirtualColumnEntry,
+    at: &str,
+) -> Result<Vec<HashMap<String, String>>, Error> {
+    let mut total = 0;
+    let mut all = Vec::with_capacity(entry.outputs.len());
+    for declared in &entry.outputs {
+        let mut metadata = entry.field_metadata.clone().unwrap_or_default();
+        metadata.extend(declared.metadata.clone().unwrap_or_default());
+        if let Some(key) = metadata
+            .keys()
+            .find(|k| k.starts_with(RESERVED_METADATA_PREFIX))
+        {
+            return Err(Error::invalid_input(format!(
+                "field '{at}': metadata key '{key}' is reserved (keys starting \
+                 '{RESERVED_METADATA_PREFIX}' are the service's)"
+            )));
+        }
+        total += metadata
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
+        all.push(metadata);
+    }
+    if total > MAX_USER_METADATA_BYTES {
+        return Err(Error::invalid_input(format!(
+            "field '{at}': the outputs' field_metadata and metadata take {total} bytes \
+             together (field_metadata is copied to every output); at most \
+             {MAX_USER_METADATA_BYTES}"
+        )));
+    }
+    Ok(all)
+}
+
+/// The outputs as fields: the binding in the first one's metadata, the
+/// first one's name in the others'.
 fn output_fields(
     entry: &AddVirtualColumnEntry,
     binding: &Binding,
+    at: &str,
 ) -> Result<Vec<ArrowField>, Error> {
     let json = binding.to_json();
+    let primary = binding.primary_column().to_string();
     binding
         .outputs
         .iter()
-        .zip(&entry.outputs)
-        .map(|(output, declared)| {
-            let mut metadata = entry.field_metadata.clone().unwrap_or_default();
-            metadata.extend(declared.metadata.clone().unwrap_or_default());
-            metadata.insert(UDF_BINDING_KEY.to_string(), json.clone());
+        .zip(user_metadata(entry, at)?)
+        .enumerate()
+        .map(|(i, (output, mut metadata))| {
+            match i {
+                0 => metadata.insert(UDF_BINDING_KEY.to_string(), json.clone()),
+                _ => metadata.insert(UDF_OUTPUT_OF_KEY.to_string(), primary.clone()),
+            };
             // Added all-null: the column must accept nulls until filled.
             Ok(ArrowField::new(&output.column, output.arrow_type()?, true).with_metadata(metadata))
         })

@@ -2,7 +2,10 @@
 //! (its Dockerfile), invoked synchronously with an Arrow IPC payload.
 //! Lambda caps requests and responses at 6 MB: a batch whose request would
 //! be larger, or whose answer was, is split; throttling is retried with
-//! backoff.
+//! backoff, and so is an invocation the function did not live through (it
+//! timed out or ran out of memory: the next may land on a fresh container),
+//! up to [`DEATH_ATTEMPTS`] tries, after which the batch fails with the
+//! reason.
 
 use std::time::Duration;
 
@@ -20,12 +23,16 @@ use super::{UdfError, UdfRef, UdfRuntime, ipc};
 const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
 /// Room kept for the event's other members.
 const ENVELOPE_BYTES: usize = 64 * 1024;
-/// Pickles up to this size travel with every first call of a container;
-/// larger ones are read from where the table keeps them.
+/// Pickles up to this size travel with every call; larger ones (up to the
+/// 750 KiB a declaration can carry) only when the container says it does
+/// not have the function yet. The function reads nothing of the tables.
 const INLINE_PICKLE_BYTES: usize = 256 * 1024;
 /// Tries of a throttled invocation, backing off from 100 ms to 6.4 s.
 const THROTTLE_ATTEMPTS: u32 = 8;
 const THROTTLE_BACKOFF: Duration = Duration::from_millis(100);
+/// Tries of a batch whose invocation timed out or ran out of memory.
+pub const DEATH_ATTEMPTS: u32 = 3;
+const DEATH_BACKOFF: Duration = Duration::from_secs(1);
 
 pub struct LambdaRuntime {
     client: Client,
@@ -45,9 +52,6 @@ impl LambdaRuntime {
             "id": udf.id, "name": udf.name, "outputs": udf.outputs,
             "workspace_zips": udf.workspace_zips,
         });
-        if let Some(uri) = &udf.payload_uri {
-            function["payload_uri"] = uri.clone().into();
-        }
         if with_pickle {
             function["payload_b64"] = BASE64.encode(udf.pickle.as_slice()).into();
         }
@@ -62,15 +66,39 @@ impl LambdaRuntime {
         Ok(bytes)
     }
 
-    /// One invocation; throttling and 5xx are retried with backoff.
+    /// One invocation; throttling and 5xx are retried with backoff, and
+    /// so is a function that died on it (timeout, out of memory), a few
+    /// times.
     async fn invoke(&self, event: Vec<u8>) -> Result<serde_json::Value, UdfError> {
+        let mut deaths = 0;
+        loop {
+            match self.invoke_once(&event).await {
+                Err(Invocation::Died(reason)) => {
+                    deaths += 1;
+                    tracing::warn!(function = %self.function, deaths, %reason, "the user function's Lambda died on a batch");
+                    if deaths >= DEATH_ATTEMPTS {
+                        return Err(UdfError::Crashed(format!(
+                            "Lambda {} died on this batch {deaths} times: {reason}",
+                            self.function
+                        )));
+                    }
+                    tokio::time::sleep(DEATH_BACKOFF * deaths).await;
+                }
+                Err(Invocation::Failed(err)) => return Err(err),
+                Ok(answer) => return Ok(answer),
+            }
+        }
+    }
+
+    /// One invocation, throttling retried.
+    async fn invoke_once(&self, event: &[u8]) -> Result<serde_json::Value, Invocation> {
         let mut last = String::new();
         for attempt in 0..THROTTLE_ATTEMPTS {
             let sent = self
                 .client
                 .invoke()
                 .function_name(&self.function)
-                .payload(Blob::new(event.clone()))
+                .payload(Blob::new(event.to_vec()))
                 .send()
                 .await;
             match sent {
@@ -80,20 +108,20 @@ impl LambdaRuntime {
                         last = reason;
                         tokio::time::sleep(THROTTLE_BACKOFF * (1 << attempt)).await;
                     }
-                    Retry::Never(err) => return Err(err),
+                    Retry::Never(err) => return Err(Invocation::Failed(err)),
                 },
             }
         }
-        Err(UdfError::Unavailable(format!(
+        Err(Invocation::Failed(UdfError::Unavailable(format!(
             "Lambda {}: {last} (after {THROTTLE_ATTEMPTS} tries)",
             self.function
-        )))
+        ))))
     }
 
     fn answer(
         &self,
         output: aws_sdk_lambda::operation::invoke::InvokeOutput,
-    ) -> Result<serde_json::Value, UdfError> {
+    ) -> Result<serde_json::Value, Invocation> {
         let payload = output
             .payload()
             .map(|p| p.as_ref().to_vec())
@@ -101,15 +129,46 @@ impl LambdaRuntime {
         let answer: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
         match output.function_error() {
             None => Ok(answer),
-            Some(_) if answer["errorType"] == "Function.ResponseSizeTooLarge" => Err(
-                UdfError::TooLarge("the function's answer was over Lambda's 6 MB".into()),
-            ),
-            Some(kind) => Err(UdfError::Crashed(format!(
+            Some(_) if answer["errorType"] == "Function.ResponseSizeTooLarge" => {
+                Err(Invocation::Failed(UdfError::TooLarge(
+                    "the function's answer was over Lambda's 6 MB".into(),
+                )))
+            }
+            Some(_) if died(&answer) => Err(Invocation::Died(format!(
+                "{} {}",
+                answer["errorType"], answer["errorMessage"]
+            ))),
+            Some(kind) => Err(Invocation::Failed(UdfError::Crashed(format!(
                 "Lambda {} failed ({kind}): {} {}",
                 self.function, answer["errorType"], answer["errorMessage"]
-            ))),
+            )))),
         }
     }
+}
+
+/// How an invocation went wrong.
+enum Invocation {
+    /// The function did not live through it: worth another try.
+    Died(String),
+    Failed(UdfError),
+}
+
+/// Whether Lambda's error answer says the function timed out or was killed
+/// (out of memory): what Lambda reports as `Sandbox.Timedout`,
+/// `Runtime.ExitError` or `Runtime.OutOfMemory`, or older runtimes only
+/// in the message.
+fn died(answer: &serde_json::Value) -> bool {
+    let kind = answer["errorType"].as_str().unwrap_or_default();
+    let message = answer["errorMessage"].as_str().unwrap_or_default();
+    [
+        "Sandbox.Timedout",
+        "Runtime.ExitError",
+        "Runtime.OutOfMemory",
+    ]
+    .contains(&kind)
+        || message.contains("Task timed out")
+        || message.contains("signal: killed")
+        || message.contains("Runtime exited")
 }
 
 enum Retry {
@@ -147,11 +206,9 @@ impl UdfRuntime for LambdaRuntime {
         let bytes = ipc::encode(input).map_err(|err| UdfError::Setup(format!("{err:#}")))?;
         let input = BASE64.encode(bytes);
         // Small pickles travel at once; large ones only when the container
-        // cannot fetch them itself.
+        // does not have the function.
         let small = udf.pickle.len() <= INLINE_PICKLE_BYTES;
-        let mut answer = self
-            .invoke(self.event(udf, &input, small || udf.payload_uri.is_none())?)
-            .await?;
+        let mut answer = self.invoke(self.event(udf, &input, small)?).await?;
         if answer["status"] == "unknown_udf" {
             answer = self.invoke(self.event(udf, &input, true)?).await?;
         }

@@ -14,6 +14,7 @@ pub mod payload;
 pub mod pool;
 pub mod registry;
 pub mod results;
+pub mod sandbox;
 
 use std::sync::Arc;
 
@@ -83,10 +84,13 @@ pub struct UdfRef {
     /// The declared outputs, as the runtime's protocol carries them.
     pub outputs: serde_json::Value,
     pub pickle: Arc<Vec<u8>>,
-    /// Where the pickle is kept (`s3://...`), for runtimes that fetch it.
-    pub payload_uri: Option<String>,
     /// Base64 of the user's code archives.
     pub workspace_zips: Vec<String>,
+    /// Who the function runs for (the job's principal): a process that ran
+    /// one principal's code is never handed another's batch.
+    pub principal: String,
+    /// What its declaration asks of the process it runs in.
+    pub wants: sandbox::Wants,
 }
 
 /// Something that runs a user function on a batch.
@@ -288,8 +292,9 @@ mod tests {
                 name: "double".into(),
                 outputs: serde_json::json!([]),
                 pickle: Arc::new(Vec::new()),
-                payload_uri: None,
                 workspace_zips: Vec::new(),
+                principal: "p".into(),
+                wants: Default::default(),
             },
             runtime: Arc::new(Fake {
                 raises_on,

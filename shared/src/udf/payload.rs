@@ -1,6 +1,6 @@
-//! A function's pickle and code archives beside the table (under the main
-//! branch's `_backfill/udfs/`, content-addressed), and loading them back
-//! for a runtime, checked against the function's identity.
+//! A function's pickle, manifest and code archives beside the table (under
+//! the main branch's `_backfill/`, content-addressed), and loading them
+//! back for a runtime, checked against the function's identity.
 
 use std::sync::Arc;
 
@@ -34,8 +34,8 @@ fn join(base: &Path, relative: &str) -> Path {
         .fold(base.clone(), |path, part| path.join(part))
 }
 
-/// Writes what a declaration keeps beside the table: a pickle too large for
-/// the binding, and the code archives.
+/// Writes what a declaration keeps beside the table: a pickle or manifest
+/// too large for the binding, and the code archives.
 pub async fn store(dataset: &Dataset, declared: &Declared) -> anyhow::Result<()> {
     let store = dataset.object_store(None).await?;
     let (base, _) = main_location(dataset)?;
@@ -44,6 +44,13 @@ pub async fn store(dataset: &Dataset, declared: &Declared) -> anyhow::Result<()>
             .put(&join(&base, relative), &declared.pickle)
             .await
             .context("keeping the function's pickle beside the table")?;
+    }
+    if let (Some(relative), Some(manifest)) = (&declared.binding.manifest_path, &declared.manifest)
+    {
+        store
+            .put(&join(&base, relative), manifest.as_bytes())
+            .await
+            .context("keeping the function's manifest beside the table")?;
     }
     for (zip, digest) in declared
         .workspace_zips
@@ -67,25 +74,17 @@ pub async fn load(dataset: &Dataset, binding: &Binding) -> Result<UdfRef, Error>
         .object_store(None)
         .await
         .map_err(|e| unreadable(e.into()))?;
-    let (base, uri) = main_location(dataset).map_err(unreadable)?;
-    let (pickle, payload_uri) = match &binding.payload {
-        Payload::Inline(text) => (
-            BASE64
-                .decode(text)
-                .map_err(|err| Error::Permanent(format!("the inline pickle: {err}")))?,
-            None,
-        ),
-        Payload::Path(relative) => {
-            let bytes = store
-                .read_one_all(&join(&base, relative))
-                .await
-                .context("reading the function's pickle")
-                .map_err(unreadable)?;
-            (
-                bytes.to_vec(),
-                Some(format!("{}/{relative}", uri.trim_end_matches('/'))),
-            )
-        }
+    let (base, _) = main_location(dataset).map_err(unreadable)?;
+    let pickle = match &binding.payload {
+        Payload::Inline(text) => BASE64
+            .decode(text)
+            .map_err(|err| Error::Permanent(format!("the inline pickle: {err}")))?,
+        Payload::Path(relative) => store
+            .read_one_all(&join(&base, relative))
+            .await
+            .context("reading the function's pickle")
+            .map_err(unreadable)?
+            .to_vec(),
     };
     let actual = hex::encode(Sha256::digest(&pickle));
     if actual != binding.udf_id {
@@ -94,6 +93,17 @@ pub async fn load(dataset: &Dataset, binding: &Binding) -> Result<UdfRef, Error>
             binding.udf_id
         )));
     }
+    let manifest = match &binding.manifest_path {
+        None => binding.manifest.clone(),
+        Some(relative) => {
+            let bytes = store
+                .read_one_all(&join(&base, relative))
+                .await
+                .context("reading the function's manifest")
+                .map_err(unreadable)?;
+            Some(String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
     let mut workspace_zips = Vec::new();
     for digest in &binding.workspace_zips {
         let bytes = store
@@ -108,7 +118,8 @@ pub async fn load(dataset: &Dataset, binding: &Binding) -> Result<UdfRef, Error>
         name: binding.udf_name.clone(),
         outputs: serde_json::to_value(&binding.outputs).unwrap_or_default(),
         pickle: Arc::new(pickle),
-        payload_uri,
         workspace_zips,
+        principal: String::new(),
+        wants: super::sandbox::Wants::of(manifest.as_deref()),
     })
 }

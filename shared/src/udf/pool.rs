@@ -1,11 +1,17 @@
 //! The local runtime: a pool of long-lived Python processes, each running
 //! `udf-runtime/lance_backfill_udf_runtime.py pipe` (embedded in this
-//! binary) and fed Arrow IPC over its pipes. A process that dies or hangs
-//! is replaced and its batch tried once more; then the call fails with the
-//! reason and the tail of the process's stderr.
+//! binary) and fed Arrow IPC over its pipes. A process belongs to one
+//! principal and one function for its whole life: it is never handed
+//! another's batch. Processes start confined ([`super::sandbox`]): an
+//! environment of their own, a private working directory, resource limits,
+//! and where the service may, namespaces that hide the tables, the
+//! service's state and the network. Idle processes are stopped after
+//! [`IDLE_LIFETIME`]. A process that dies or hangs is replaced and its
+//! batch tried once more; then the call fails with the reason and the tail
+//! of the process's stderr.
 
 use std::collections::{HashSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,6 +24,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+use super::sandbox::Sandbox;
 use super::{UdfError, UdfRef, UdfRuntime, ipc};
 use crate::tasks::AbortOnDrop;
 
@@ -31,6 +38,8 @@ const ATTEMPTS: usize = 2;
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest frame accepted from a process (a batch's result).
 const MAX_FRAME_BYTES: usize = 1 << 31;
+/// An idle process is stopped after this long without a batch.
+pub const IDLE_LIFETIME: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -41,6 +50,9 @@ pub struct PoolConfig {
     pub size: usize,
     /// Longest one batch may take before its process is killed.
     pub call_timeout: Duration,
+    /// Directories no user function may see (the tables root, the
+    /// service's state).
+    pub hidden: Vec<PathBuf>,
 }
 
 impl Default for PoolConfig {
@@ -49,6 +61,7 @@ impl Default for PoolConfig {
             python: "python3".to_string(),
             size: std::thread::available_parallelism().map_or(2, |n| n.get()),
             call_timeout: Duration::from_secs(900),
+            hidden: Vec::new(),
         }
     }
 }
@@ -56,8 +69,25 @@ impl Default for PoolConfig {
 pub struct LocalPool {
     config: PoolConfig,
     script: PathBuf,
+    sandbox: Sandbox,
     permits: Semaphore,
     idle: Mutex<Vec<Process>>,
+}
+
+/// Whose code a process runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Owner {
+    principal: String,
+    udf: String,
+}
+
+impl Owner {
+    fn of(udf: &UdfRef) -> Self {
+        Self {
+            principal: udf.principal.clone(),
+            udf: udf.id.clone(),
+        }
+    }
 }
 
 /// How a round trip with a process ended badly.
@@ -76,45 +106,81 @@ struct Process {
     _stderr_reader: AbortOnDrop<()>,
     loaded: HashSet<String>,
     pid: u32,
+    owner: Owner,
+    idle_since: std::time::Instant,
+    /// Its home and working directory, removed with it.
+    _workdir: tempfile::TempDir,
 }
 
 impl LocalPool {
     pub fn new(config: PoolConfig) -> anyhow::Result<Self> {
         let script = write_script()?;
+        super::sandbox::keep_private();
+        let runtime_dir = script.parent().map(Path::to_path_buf);
+        let sandbox = Sandbox::probe(
+            config.hidden.clone(),
+            runtime_dir.into_iter().collect(),
+            &config.python,
+        );
         Ok(Self {
             permits: Semaphore::new(config.size.max(1)),
             config,
             script,
+            sandbox,
             idle: Mutex::new(Vec::new()),
         })
     }
 
-    fn take_idle(&self) -> Option<Process> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Process>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn give_back(&self, process: Process) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(process);
+    /// An idle process of this owner; processes idle too long are let go.
+    fn take_idle(&self, owner: &Owner) -> Option<Process> {
+        let mut idle = self.idle();
+        idle.retain(|p| p.idle_since.elapsed() < IDLE_LIFETIME);
+        let at = idle.iter().rposition(|p| p.owner == *owner)?;
+        Some(idle.swap_remove(at))
     }
 
-    async fn spawn(&self) -> Result<Process, UdfError> {
-        let mut child = Command::new(&self.config.python)
+    /// Keeps a process for its owner's next batch; past the pool's size,
+    /// the longest idle one goes.
+    fn give_back(&self, mut process: Process) {
+        process.idle_since = std::time::Instant::now();
+        let mut idle = self.idle();
+        idle.push(process);
+        while idle.len() > self.config.size.max(1) {
+            let oldest = (0..idle.len())
+                .min_by_key(|i| idle[*i].idle_since)
+                .unwrap_or(0);
+            idle.swap_remove(oldest);
+        }
+    }
+
+    async fn spawn(&self, udf: &UdfRef) -> Result<Process, UdfError> {
+        let workdir = tempfile::Builder::new()
+            .prefix("lance-backfill-udf-")
+            .tempdir()
+            .map_err(|err| UdfError::Setup(format!("a directory for the function: {err}")))?;
+        self.sandbox
+            .prepare(workdir.path())
+            .map_err(|err| UdfError::Setup(format!("a directory for the function: {err}")))?;
+        let mut command = Command::new(&self.config.python);
+        command
             .arg(&self.script)
             .arg("pipe")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|err| {
-                UdfError::Setup(format!(
-                    "could not start '{}' for user functions: {err} (set LANCE_BACKFILL_UDF_PYTHON)",
-                    self.config.python
-                ))
-            })?;
+            .kill_on_drop(true);
+        self.sandbox
+            .confine(command.as_std_mut(), workdir.path(), &udf.wants);
+        let mut child = command.spawn().map_err(|err| {
+            UdfError::Setup(format!(
+                "could not start '{}' for user functions: {err} (set LANCE_BACKFILL_UDF_PYTHON)",
+                self.config.python
+            ))
+        })?;
         let pid = child.id().unwrap_or_default();
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -131,6 +197,9 @@ impl LocalPool {
             _stderr_reader: reader,
             loaded: HashSet::new(),
             pid,
+            owner: Owner::of(udf),
+            idle_since: std::time::Instant::now(),
+            _workdir: workdir,
         };
         match tokio::time::timeout(START_TIMEOUT, process.read()).await {
             Ok(Ok((header, _))) if header["status"] == "ready" => {
@@ -302,10 +371,11 @@ impl UdfRuntime for LocalPool {
             .await
             .map_err(|_| UdfError::Unavailable("the UDF pool is closed".into()))?;
         let mut last = String::new();
+        let owner = Owner::of(udf);
         for attempt in 0..ATTEMPTS {
-            let mut process = match self.take_idle() {
+            let mut process = match self.take_idle(&owner) {
                 Some(process) => process,
-                None => self.spawn().await?,
+                None => self.spawn(udf).await?,
             };
             let timeout = self.config.call_timeout;
             match tokio::time::timeout(timeout, process.call(udf, &body)).await {

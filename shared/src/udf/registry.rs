@@ -30,6 +30,8 @@ pub struct Targets<'a> {
     pub pool: PoolConfig,
     /// AWS configuration, for `lambda:` targets.
     pub aws: Option<&'a aws_config::SdkConfig>,
+    /// The secret `http(s)://` runtimes sign each request with.
+    pub http_secret: Option<&'a str>,
 }
 
 impl UdfRuntimes {
@@ -108,7 +110,11 @@ fn build_remote(target: &str, targets: &Targets<'_>) -> anyhow::Result<Arc<dyn U
         )));
     }
     if target.starts_with("http://") || target.starts_with("https://") {
-        return Ok(Arc::new(HttpRuntime::new(target, HTTP_TIMEOUT)?));
+        return Ok(Arc::new(HttpRuntime::new(
+            target,
+            HTTP_TIMEOUT,
+            targets.http_secret,
+        )?));
     }
     bail!("UDF runtime target '{target}' is not local, lambda:<function> or an http(s) URL")
 }
@@ -122,6 +128,7 @@ mod tests {
         let targets = Targets {
             pool: PoolConfig::default(),
             aws: None,
+            http_secret: None,
         };
         let runtimes = UdfRuntimes::parse(
             "image:embedder=http://gpu:8000/,cluster:gpu=http://other:9000/",

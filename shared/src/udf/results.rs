@@ -159,6 +159,7 @@ mod tests {
             udf_backend: "cloudpickle".into(),
             image: "local".into(),
             manifest: None,
+            manifest_path: None,
             manifest_checksum: None,
             input_columns: vec!["x".into()],
             outputs: outputs
