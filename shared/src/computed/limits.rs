@@ -79,14 +79,14 @@ fn constant_bound(expr: &Expr, what: &str) -> Result<Option<u64>, Error> {
         Expr::Column(_) | Expr::ScalarVariable(..) | Expr::Placeholder(_) => None,
         Expr::ScalarFunction(call) => {
             check_expansion(call.func.name(), &call.args, what)?;
+            // Every argument is checked, even after one that reads columns:
+            // a constant argument further on is folded all the same.
             let mut args = Vec::with_capacity(call.args.len());
             for arg in &call.args {
-                match constant_bound(arg, what)? {
-                    Some(bound) => args.push(bound),
-                    None => return Ok(None),
-                }
+                args.push(constant_bound(arg, what)?);
             }
-            Some(function_bound(call.func.name(), &call.args, &args))
+            let args: Option<Vec<u64>> = args.into_iter().collect();
+            args.map(|args| function_bound(call.func.name(), &call.args, &args))
         }
         _ => children_bound(expr, what)?,
     };
@@ -238,6 +238,9 @@ mod constant_tests {
             "repeat('x', 2000000000)",
             "lpad(s, 2000000000)",
             "repeat(repeat('ab', 1000), 1000)",
+            // A constant behind an argument that reads a column is folded too.
+            "replace(rpad(s, 0, s), 'a', rpad(s, 0, rpad('ab', 2000000000, 'é')))",
+            "concat(s, repeat(repeat('ab', 1000), 1000))",
         ] {
             let expr = planner.parse_expr(text).unwrap();
             assert!(check_constants(&expr, "e").is_err(), "{text}");
