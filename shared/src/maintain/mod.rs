@@ -413,7 +413,12 @@ impl Maintainer {
         due: &Due,
     ) -> Result<Option<String>, Error> {
         let (table, version) = (latest.table, latest.dataset.version().version);
-        let request = AlterTableBackfillColumnsRequest::new(column.column.clone());
+        let mut request = AlterTableBackfillColumnsRequest::new(column.column.clone());
+        // The job plans at the version its fragments were chosen at: a
+        // compaction since then would take fragments to refill out of a
+        // plan made at the latest version, and their rows would keep values
+        // of old inputs. Changes after this version the job follows itself.
+        request.read_version = i32::try_from(version).ok().map(Some);
         let mut submit = SubmitRequest::new(table.clone(), request, MAINTAINER.to_string());
         submit.on_behalf_of = column.declared_by.clone();
         // Declaring a maintained user-function column needed the permission.
