@@ -130,7 +130,7 @@ pub(crate) fn start(backend: &Backend, root: &str, port: u16, log: &Path) -> Ser
             &format!("127.0.0.1:{port}"),
         ])
         .args([
-            "--workers",
+            "--pollers",
             "2",
             "--batch-size",
             "4",

@@ -8,6 +8,7 @@ mod api_errors;
 mod api_jobs;
 mod authorization;
 mod bounds;
+mod cli;
 mod crash;
 mod events;
 mod faults;

@@ -1,12 +1,18 @@
-//! `lance-backfill`: the service on one machine.
+//! `lance-backfill`: the service on one machine, and its client.
 //!
 //! `serve` runs the API and the worker together (embedded store and queue by
-//! default, DynamoDB and SQS with `--aws`); `demo` shows a real backfill.
+//! default, DynamoDB and SQS with `--aws`); `demo` shows a real backfill;
+//! `submit`, `jobs`, `watch`, `cancel`, `describe` and `errors` call a
+//! running service (`--url`), local or deployed.
+
+mod client;
+mod commands;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use lance_backfill::local::{self, ServeOptions};
 use lance_backfill::{demo, telemetry};
 
@@ -19,11 +25,54 @@ use lance_backfill::{demo, telemetry};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    service: Service,
 }
+
+/// Where the client commands send their calls.
+#[derive(Args)]
+struct Service {
+    /// The service's base URL (client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "LANCE_BACKFILL_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    url: String,
+    /// An API key, sent as x-api-key (client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "LANCE_BACKFILL_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// Print JSON for scripts instead of text (client commands).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// What else decides whether `serve` starts and who may call it: read from
+/// the environment only, so secrets stay out of process listings.
+const SERVE_ENVIRONMENT: &str = "\
+Environment (read by serve; secrets never go on the command line):
+  LANCE_BACKFILL_API_KEYS        API keys, comma-separated (or LANCE_BACKFILL_API_KEY_HASHES:
+                                 name:sha256-hex entries); one of the key or JWT settings, or
+                                 --insecure-no-auth, is needed to start
+  LANCE_BACKFILL_JWT_ISSUER      with LANCE_BACKFILL_JWT_AUDIENCE and one of LANCE_BACKFILL_JWT_SECRET,
+                                 LANCE_BACKFILL_JWT_PUBLIC_KEY or LANCE_BACKFILL_JWT_JWKS: bearer tokens
+  LANCE_BACKFILL_POLICY          JSON policy: which principal may read, submit, declare, udf, cancel where
+  LANCE_BACKFILL_UDF_PYTHON      the Python that runs user functions (needs pyarrow and cloudpickle)
+  LANCE_BACKFILL_UDF_RUNTIMES    where functions run: local, lambda:<function> or http(s)://... rules
+  LANCE_BACKFILL_TOKEN_SECRET    seals listing page tokens (default: a key of the process)
+  LANCE_BACKFILL_EVENT_SECRET    signs webhook events (--events-url)
+All settings: README.md, Configuration.";
 
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API and run the worker on the task queue.
+    #[command(after_help = SERVE_ENVIRONMENT)]
     Serve {
         /// Namespace root: a directory or s3://bucket/prefix.
         #[arg(long, env = "LANCE_BACKFILL_ROOT")]
@@ -43,9 +92,10 @@ enum Command {
         /// Accept requests without credentials (only for a private machine).
         #[arg(long)]
         insecure_no_auth: bool,
-        /// Concurrent pollers of the queue (like concurrent worker invocations).
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
+        /// Concurrent pollers of the task queue, each running a batch of
+        /// tasks at a time (like concurrent worker Lambda invocations).
+        #[arg(long, alias = "workers", default_value_t = 2)]
+        pollers: usize,
         /// Messages per batch.
         #[arg(long, default_value_t = 10)]
         batch_size: usize,
@@ -88,7 +138,8 @@ enum Command {
         rows: u64,
         #[arg(long, default_value_t = 16)]
         fragments: u64,
-        /// Where the demo writes its table and state.
+        /// Where the demo writes its table and state. Its table there is
+        /// written anew; a folder holding anything but the demo's is refused.
         #[arg(long, default_value = "demo-data")]
         root: PathBuf,
         /// Fill a 64-dimension embedding with a Python function (numpy) run
@@ -96,6 +147,35 @@ enum Command {
         #[arg(long)]
         udf: bool,
     },
+    /// Backfill a column of a table: prints the job's id (with --wait,
+    /// follows it as `watch` does and exits with its code).
+    Submit {
+        table: String,
+        column: String,
+        /// SQL choosing the rows to compute (default: the rows where the column is null).
+        #[arg(long = "where")]
+        filter: Option<String>,
+        /// Follow the job until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The newest jobs of a table, or of every table you may read.
+    Jobs {
+        table: Option<String>,
+        /// Only jobs in this state: PENDING, RUNNING, DONE, FAILED or CANCELLED.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Follow a job until it ends: exit code 0 DONE, 1 FAILED, 2 CANCELLED.
+    Watch { job: String },
+    /// Cancel a job.
+    Cancel { job: String },
+    /// A table's version and columns, and what fills each computed one.
+    Describe { table: String },
+    /// The rows a job's function raised on, and its error.
+    Errors { job: String },
 }
 
 /// `--poll-interval`: seconds, 0 for none; bounded to a day.
@@ -113,46 +193,9 @@ async fn main() -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve { .. } => telemetry::init(),
         Command::Demo { .. } => telemetry::init_quiet(),
+        _ => {}
     }
     match cli.command {
-        Command::Serve {
-            root,
-            listen,
-            aws,
-            create_resources,
-            state,
-            insecure_no_auth,
-            workers,
-            batch_size,
-            visibility_timeout,
-            max_receive_count,
-            invocation_timeout,
-            no_worker,
-            udf_workers,
-            events_log,
-            events_url,
-            poll_interval,
-        } => {
-            local::serve(ServeOptions {
-                root,
-                listen,
-                aws: aws || std::env::var_os("AWS_ENDPOINT_URL").is_some(),
-                create_resources,
-                state,
-                insecure_no_auth,
-                pollers: workers,
-                batch_size,
-                visibility_timeout: std::time::Duration::from_secs(visibility_timeout),
-                max_receive_count,
-                invocation_timeout: invocation_timeout.map(std::time::Duration::from_secs),
-                worker: !no_worker,
-                udf_workers,
-                events_log,
-                events_url,
-                maintain_interval: maintain_interval(poll_interval)?,
-            })
-            .await
-        }
         Command::Demo {
             rows,
             fragments,
@@ -168,5 +211,91 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             Ok(())
         }
+        serve @ Command::Serve { .. } => local::serve(serve_options(serve)?).await,
+        command => {
+            let code = run_client(&cli.service, command).await?;
+            std::process::exit(code);
+        }
+    }
+}
+
+fn serve_options(command: Command) -> anyhow::Result<ServeOptions> {
+    let Command::Serve {
+        root,
+        listen,
+        aws,
+        create_resources,
+        state,
+        insecure_no_auth,
+        pollers,
+        batch_size,
+        visibility_timeout,
+        max_receive_count,
+        invocation_timeout,
+        no_worker,
+        udf_workers,
+        events_log,
+        events_url,
+        poll_interval,
+    } = command
+    else {
+        anyhow::bail!("not the serve command");
+    };
+    Ok(ServeOptions {
+        root,
+        listen,
+        aws: aws || std::env::var_os("AWS_ENDPOINT_URL").is_some(),
+        create_resources,
+        state,
+        insecure_no_auth,
+        pollers,
+        batch_size,
+        visibility_timeout: std::time::Duration::from_secs(visibility_timeout),
+        max_receive_count,
+        invocation_timeout: invocation_timeout.map(std::time::Duration::from_secs),
+        worker: !no_worker,
+        udf_workers,
+        events_log,
+        events_url,
+        maintain_interval: maintain_interval(poll_interval)?,
+    })
+}
+
+/// A client command against the service at `--url`: its exit code.
+async fn run_client(service: &Service, command: Command) -> anyhow::Result<i32> {
+    let api = client::Api::new(&service.url, service.api_key.clone())?;
+    let json = service.json;
+    match command {
+        Command::Submit {
+            table,
+            column,
+            filter,
+            wait,
+        } => {
+            let request = commands::Submit {
+                table,
+                column,
+                filter,
+                wait,
+            };
+            commands::submit(&api, request, json).await
+        }
+        Command::Jobs {
+            table,
+            state,
+            limit,
+        } => {
+            let listing = commands::Listing {
+                table,
+                state,
+                limit,
+            };
+            commands::jobs(&api, listing, json).await
+        }
+        Command::Watch { job } => watch::watch(&api, &job, json).await,
+        Command::Cancel { job } => commands::cancel(&api, &job, json).await,
+        Command::Describe { table } => commands::describe(&api, &table, json).await,
+        Command::Errors { job } => commands::errors(&api, &job, json).await,
+        Command::Serve { .. } | Command::Demo { .. } => anyhow::bail!("not a client command"),
     }
 }

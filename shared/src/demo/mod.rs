@@ -201,7 +201,33 @@ const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// The demo's visibility timeout: tasks take well under a second.
 const VISIBILITY: Duration = Duration::from_secs(60);
 
+/// What the demo keeps in its folder: its table and the service's state.
+const DEMO_ENTRIES: [&str; 2] = ["items.lance", "_lance_backfill"];
+
+/// The demo writes its table anew and removes its state, so it refuses a
+/// folder holding anything else: `--root` pointed at real data by mistake.
+fn check_root(root: &std::path::Path) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
+    let foreign: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| !DEMO_ENTRIES.contains(&name.as_str()))
+        .collect();
+    if !foreign.is_empty() {
+        anyhow::bail!(
+            "--root {} holds files that are not the demo's ({}): the demo rewrites its \
+             folder, so give it a new or empty one",
+            root.display(),
+            foreign.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
+    check_root(&options.root)?;
     std::fs::create_dir_all(&options.root)
         .with_context(|| format!("creating {}", options.root.display()))?;
     let root = std::path::absolute(&options.root)?
@@ -372,4 +398,22 @@ pub async fn verify(dataset: &Dataset) -> anyhow::Result<u64> {
         rows += batch.num_rows() as u64;
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_refuses_a_folder_of_other_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("demo-data");
+        assert!(check_root(&root).is_ok(), "a new folder");
+        std::fs::create_dir_all(root.join("items.lance")).unwrap();
+        std::fs::create_dir_all(root.join("_lance_backfill")).unwrap();
+        assert!(check_root(&root).is_ok(), "the demo's own folder");
+        std::fs::write(root.join("orders.lance"), b"").unwrap();
+        let refused = check_root(&root).unwrap_err().to_string();
+        assert!(refused.contains("orders.lance"), "{refused}");
+    }
 }

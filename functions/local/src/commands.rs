@@ -1,0 +1,289 @@
+//! The client commands: submit, jobs, cancel, describe and errors, each a
+//! call or two of the HTTP API printed as a table for a person or as JSON
+//! (`--json`) for a script. `watch` is in `watch.rs`.
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use lance_backfill::computed::{BINDING_KEY, MAINTAINED_KEY};
+use lance_backfill::udf::binding::{UDF_BINDING_KEY, UDF_OUTPUT_OF_KEY};
+
+use crate::client::Api;
+use crate::watch;
+
+/// States a job can be in, as `--state` takes them.
+pub const STATES: [&str; 5] = ["PENDING", "RUNNING", "DONE", "FAILED", "CANCELLED"];
+/// Pages of a table's jobs read at most while looking for `--state` ones.
+const MAX_PAGES: usize = 50;
+
+pub struct Submit {
+    pub table: String,
+    pub column: String,
+    pub filter: Option<String>,
+    pub wait: bool,
+}
+
+/// `submit`: the job's id; with `--wait`, followed as `watch` does (the
+/// exit code is the job's).
+pub async fn submit(api: &Api, request: Submit, as_json: bool) -> anyhow::Result<i32> {
+    let mut body = json!({ "column": request.column });
+    if let Some(filter) = &request.filter {
+        body["where"] = json!(filter);
+    }
+    let answer = api
+        .post(&["v1", "table", &request.table, "backfill_column"], &body)
+        .await?;
+    let job_id = answer["job_id"]
+        .as_str()
+        .context("the service answered without a job_id")?
+        .to_string();
+    if request.wait {
+        if !as_json {
+            eprintln!("job {job_id}: {}.{}", request.table, request.column);
+        }
+        return watch::watch(api, &job_id, as_json).await;
+    }
+    match as_json {
+        true => println!("{answer}"),
+        false => println!("{job_id}"),
+    }
+    Ok(0)
+}
+
+pub struct Listing {
+    pub table: Option<String>,
+    pub state: Option<String>,
+    pub limit: usize,
+}
+
+/// `jobs`: the newest jobs of a table (or of every table the caller may
+/// read), optionally only those in one state.
+pub async fn jobs(api: &Api, listing: Listing, as_json: bool) -> anyhow::Result<i32> {
+    let state = listing.state.as_deref().map(str::to_ascii_uppercase);
+    if let Some(state) = &state
+        && !STATES.contains(&state.as_str())
+    {
+        anyhow::bail!("--state must be one of {}", STATES.join(", "));
+    }
+    let wanted = |job: &Value| state.as_deref().is_none_or(|s| job["state"] == s);
+    let jobs = match &listing.table {
+        Some(table) => table_jobs(api, table, listing.limit, &wanted).await?,
+        None => all_jobs(api, listing.limit, &wanted).await?,
+    };
+    if as_json {
+        println!("{}", json!({ "jobs": jobs }));
+        return Ok(0);
+    }
+    println!(
+        "{:<32}  {:<24} {:<10} {:>23}  {:<19}",
+        "JOB", "TABLE.COLUMN", "STATE", "ROWS COMMITTED", "CREATED"
+    );
+    for job in &jobs {
+        let rows = &job["metrics"]["rows_committed"];
+        println!(
+            "{:<32}  {:<24} {:<10} {:>23}  {:<19}",
+            text(&job["job_id"]),
+            format!("{}.{}", table_name(&job["table_id"]), text(&job["column"])),
+            text(&job["state"]),
+            format!("{}/{}", rows["done"], rows["total"]),
+            text(&job["created_at"])
+                .chars()
+                .take(19)
+                .collect::<String>(),
+        );
+    }
+    Ok(0)
+}
+
+async fn table_jobs(
+    api: &Api,
+    table: &str,
+    limit: usize,
+    wanted: &dyn Fn(&Value) -> bool,
+) -> anyhow::Result<Vec<Value>> {
+    let mut found = Vec::new();
+    let mut token: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let mut query = vec![("limit", "100".to_string())];
+        if let Some(token) = &token {
+            query.push(("page_token", token.clone()));
+        }
+        let page = api.get(&["v1", "table", table, "jobs"], &query).await?;
+        let jobs = page["jobs"].as_array().cloned().unwrap_or_default();
+        found.extend(jobs.into_iter().filter(|job| wanted(job)));
+        token = page["page_token"].as_str().map(str::to_string);
+        if found.len() >= limit || token.is_none() {
+            break;
+        }
+    }
+    found.truncate(limit);
+    Ok(found)
+}
+
+/// Every table's newest jobs: the listing names them, each job's own page
+/// gives its column and progress.
+async fn all_jobs(
+    api: &Api,
+    limit: usize,
+    wanted: &dyn Fn(&Value) -> bool,
+) -> anyhow::Result<Vec<Value>> {
+    let mut found = Vec::new();
+    let mut token: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let mut body = json!({ "limit": 100 });
+        if let Some(token) = &token {
+            body["page_token"] = json!(token);
+        }
+        let page = api.post(&["v1", "jobs", "list"], &body).await?;
+        for listed in page["jobs"].as_array().cloned().unwrap_or_default() {
+            let job = api
+                .get(&["v1", "job", text(&listed["job_id"])], &[])
+                .await?;
+            if wanted(&job) && found.len() < limit {
+                found.push(job);
+            }
+        }
+        token = page["page_token"].as_str().map(str::to_string);
+        if found.len() >= limit || token.is_none() {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+/// `cancel`: the job's state after the cancel.
+pub async fn cancel(api: &Api, job_id: &str, as_json: bool) -> anyhow::Result<i32> {
+    let job = api
+        .post(&["v1", "job", job_id, "cancel"], &json!({}))
+        .await?;
+    match as_json {
+        true => println!("{job}"),
+        false => println!("{job_id}: {}", text(&job["state"])),
+    }
+    Ok(0)
+}
+
+/// `describe`: the table's version and columns, with each computed
+/// column's expression or function.
+pub async fn describe(api: &Api, table: &str, as_json: bool) -> anyhow::Result<i32> {
+    let described = api
+        .post(&["v1", "table", table, "describe"], &json!({}))
+        .await?;
+    if as_json {
+        println!("{described}");
+        return Ok(0);
+    }
+    println!(
+        "{table}: version {}, {} fragments",
+        described["version"], described["stats"]["num_fragments"]
+    );
+    for field in described["schema"]["fields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "  {:<24} {:<16} {}",
+            text(&field["name"]),
+            type_name(&field["type"]),
+            computed_by(&field["metadata"]),
+        );
+    }
+    Ok(0)
+}
+
+fn type_name(data_type: &Value) -> String {
+    match data_type {
+        Value::String(name) => name.clone(),
+        other => other["type"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| other.to_string()),
+    }
+}
+
+/// What fills a column, from its field metadata (the keys the service
+/// declares columns with): a SQL expression, a user function (by name, or
+/// as an output of the column holding its binding), and whether the column
+/// is maintained.
+fn computed_by(metadata: &Value) -> String {
+    let get = |key: &str| metadata[key].as_str();
+    let filled = if let Some(sql) = get(BINDING_KEY) {
+        format!("= {sql}")
+    } else if let Some(binding) = get(UDF_BINDING_KEY) {
+        let binding: Value = serde_json::from_str(binding).unwrap_or_default();
+        format!("= {}(...)", text(&binding["udf_name"]))
+    } else if let Some(primary) = get(UDF_OUTPUT_OF_KEY) {
+        format!("= an output of {primary}'s function")
+    } else {
+        return String::new();
+    };
+    match get(MAINTAINED_KEY) {
+        Some("true") => format!("{filled} (maintained)"),
+        _ => filled,
+    }
+}
+
+/// `errors`: the rows a user function raised on (jobs with
+/// `on_error: skip`) and the job's error, if it failed.
+pub async fn errors(api: &Api, job_id: &str, as_json: bool) -> anyhow::Result<i32> {
+    let job = api.get(&["v1", "job", job_id], &[]).await?;
+    let failures = job["row_failures"].as_array().cloned().unwrap_or_default();
+    if as_json {
+        println!(
+            "{}",
+            json!({ "job_id": job_id, "state": job["state"], "error": job["error"],
+                    "rows_failed": job["metrics"]["rows_failed"], "row_failures": failures })
+        );
+        return Ok(0);
+    }
+    if let Some(error) = job["error"].as_str() {
+        println!("{job_id} {}: {error}", text(&job["state"]));
+    }
+    println!(
+        "{} rows failed; the first {}:",
+        job["metrics"]["rows_failed"],
+        failures.len()
+    );
+    for failure in &failures {
+        println!(
+            "  fragment {} row {}: {}",
+            failure["fragment_id"],
+            failure["row"],
+            text(&failure["error"])
+        );
+    }
+    Ok(0)
+}
+
+/// A table id as the API writes it (its path in the namespace) in a word.
+fn table_name(id: &Value) -> String {
+    match id {
+        Value::Array(parts) => parts.iter().map(text).collect::<Vec<_>>().join("/"),
+        other => text(other).to_string(),
+    }
+}
+
+fn text(value: &Value) -> &str {
+    value.as_str().unwrap_or("-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_column_shows_what_fills_it() {
+        let sql = json!({"lance-backfill:expression": "x * 2 + 1"});
+        assert_eq!(computed_by(&sql), "= x * 2 + 1");
+        let udf = json!({"lance-backfill:udf": "{\"udf_name\": \"embed\"}",
+                         "lance-backfill:maintained": "true"});
+        assert_eq!(computed_by(&udf), "= embed(...) (maintained)");
+        assert_eq!(computed_by(&json!({})), "");
+        assert_eq!(computed_by(&Value::Null), "");
+        assert_eq!(type_name(&json!("int64")), "int64");
+        assert_eq!(type_name(&json!({"type": "list"})), "list");
+        assert_eq!(table_name(&json!(["ns", "items"])), "ns/items");
+        assert_eq!(table_name(&json!("items")), "items");
+    }
+}
