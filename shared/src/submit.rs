@@ -77,6 +77,10 @@ pub struct SubmitRequest {
     /// A maintained column's job: who declared the column (its rights and
     /// processes are the job's).
     pub on_behalf_of: Option<String>,
+    /// When another job already fills the column, answer that job instead
+    /// of refusing: a column declared with `auto_backfill` is filled by
+    /// whichever comes first, the declaration's job or the maintainer's.
+    pub join_running: bool,
 }
 
 impl SubmitRequest {
@@ -101,6 +105,7 @@ impl SubmitRequest {
             refill_fragments: Vec::new(),
             refill_all: false,
             on_behalf_of: None,
+            join_running: false,
         }
     }
 }
@@ -113,13 +118,17 @@ pub enum SubmitOutcome {
     Replayed { job_id: String },
     /// `context.dry_run`: what the job would do; nothing was recorded.
     DryRun(Box<DryRunPlan>),
+    /// Another job already fills the column (`join_running`).
+    Joined { job_id: String },
 }
 
 impl SubmitOutcome {
     /// The job's id (`None` for a dry run, which makes no job).
     pub fn job_id(&self) -> Option<&str> {
         match self {
-            Self::Created { job_id } | Self::Replayed { job_id } => Some(job_id),
+            Self::Created { job_id } | Self::Replayed { job_id } | Self::Joined { job_id } => {
+                Some(job_id)
+            }
             Self::DryRun(_) => None,
         }
     }
@@ -234,6 +243,10 @@ impl Submitter {
             CreateOutcome::IdempotencyMismatch { job_id } => Err(Error::Conflict(format!(
                 "the Idempotency-Key was already used for a different request (job {job_id})"
             ))),
+            CreateOutcome::ColumnBusy { job_id } if submit.join_running => {
+                info!(%job_id, "the column is being filled already: joined");
+                Ok(SubmitOutcome::Joined { job_id })
+            }
             CreateOutcome::ColumnBusy { job_id } => Err(Error::Conflict(format!(
                 "column '{}' of table '{}' is already being backfilled by job {job_id}; wait for it or cancel it",
                 job.spec.column,

@@ -453,3 +453,39 @@ async fn a_maintained_column_has_no_lookback_limit() {
     );
     assert!(column_holds(&uri, "y", |x| x * 2 + 1).await);
 }
+
+/// A column declared with `auto_backfill` is filled by whichever job comes
+/// first, the declaration's or the maintainer's (woken by the version the
+/// declaration made): the declaration answers the job already running
+/// rather than refusing, and a plain backfill is still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declaration_joins_the_job_already_filling_its_column() {
+    use lance_backfill::submit::{SubmitOutcome, SubmitRequest};
+    use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
+
+    let stack = Stack::embedded(StackOptions::default()).await;
+    write_sample_table(&stack.table_uri("items"), 1000, 2)
+        .await
+        .unwrap();
+    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    // No worker runs: the first job stays unfinished.
+    let running = stack.submit("items", json!({"column": "y"})).await;
+    let table = lance_backfill::table::TableId(vec!["items".to_string()]);
+    let request = |join_running: bool| {
+        let mut submit = SubmitRequest::new(
+            table.clone(),
+            AlterTableBackfillColumnsRequest::new("y".into()),
+            MAINTAINER.to_string(),
+        );
+        submit.join_running = join_running;
+        submit
+    };
+    let submitter = &stack.service.submitter;
+    let joined = submitter.submit(request(true)).await.unwrap();
+    assert_eq!(joined, SubmitOutcome::Joined { job_id: running });
+    let refused = submitter.submit(request(false)).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("already being backfilled"),
+        "{refused}"
+    );
+}

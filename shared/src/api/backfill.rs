@@ -74,12 +74,12 @@ impl Service {
         submit.ignored_fields = extras.ignored;
         match self.submitter.submit(submit).await? {
             SubmitOutcome::DryRun(plan) => Ok(ApiResponse::json(StatusCode::OK, &plan)),
-            SubmitOutcome::Created { job_id } | SubmitOutcome::Replayed { job_id } => {
-                Ok(ApiResponse::json(
-                    StatusCode::ACCEPTED,
-                    &AlterTableBackfillColumnsResponse::new(job_id),
-                ))
-            }
+            SubmitOutcome::Created { job_id }
+            | SubmitOutcome::Replayed { job_id }
+            | SubmitOutcome::Joined { job_id } => Ok(ApiResponse::json(
+                StatusCode::ACCEPTED,
+                &AlterTableBackfillColumnsResponse::new(job_id),
+            )),
         }
     }
 }

@@ -180,6 +180,9 @@ impl Service {
             let mut submit = SubmitRequest::new(table.clone(), request, principal.subject.clone());
             // Declaring a user-function column already needed the permission.
             submit.allow_udf = true;
+            // A maintained column's first job may be the maintainer's, woken
+            // by the version the declaration made: that job fills it.
+            submit.join_running = true;
             let outcome = self.submitter.submit(submit).await?;
             ids.extend(outcome.job_id().map(str::to_string));
         }

@@ -435,7 +435,11 @@ impl Maintainer {
             mark.failures
         ));
         let job_id = match self.submitter.submit(submit).await {
-            Ok(SubmitOutcome::Created { job_id } | SubmitOutcome::Replayed { job_id }) => job_id,
+            Ok(
+                SubmitOutcome::Created { job_id }
+                | SubmitOutcome::Replayed { job_id }
+                | SubmitOutcome::Joined { job_id },
+            ) => job_id,
             Ok(SubmitOutcome::DryRun(_)) => return Ok(None),
             // Another job (a user's) fills the column: look again next pass.
             Err(Error::Conflict(_)) => return Ok(None),
