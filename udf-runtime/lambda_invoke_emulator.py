@@ -455,19 +455,6 @@ def serve_handler(spec: str) -> int:
         threading.Thread(target=run_invocation, args=(handler, header, body, send), daemon=True).start()
 
 
-def make_undumpable() -> None:
-    """Linux: stop processes of the same (non-root) user, handler processes
-    included, from reading this process's memory and /proc/<pid>/environ."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
-    except (OSError, AttributeError):
-        pass
-
-
 class Emulator:
     """Lambda's Invoke semantics, independent of HTTP; the handlers run in
     their own processes (``HandlerProcess``)."""
@@ -766,6 +753,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", default="us-east-1")
     parser.add_argument("--log-requests", action="store_true")
     args = parser.parse_args(argv)
+    # Keep other processes of this user (handler processes included) out
+    # of this one's memory, as the runtime does (this script's folder is
+    # on sys.path).
+    from lance_backfill_udf_runtime import make_undumpable
+
     make_undumpable()
     try:
         functions = parse_functions(args.function, args.handler, args.memory, args.region)
