@@ -66,10 +66,7 @@ pub async fn jobs(api: &Api, listing: Listing, as_json: bool) -> anyhow::Result<
         anyhow::bail!("--state must be one of {}", STATES.join(", "));
     }
     let wanted = |job: &Value| state.as_deref().is_none_or(|s| job["state"] == s);
-    let jobs = match &listing.table {
-        Some(table) => table_jobs(api, table, listing.limit, &wanted).await?,
-        None => all_jobs(api, listing.limit, &wanted).await?,
-    };
+    let jobs = listed_jobs(api, listing.table.as_deref(), listing.limit, &wanted).await?;
     if as_json {
         println!("{}", json!({ "jobs": jobs }));
         return Ok(0);
@@ -95,56 +92,61 @@ pub async fn jobs(api: &Api, listing: Listing, as_json: bool) -> anyhow::Result<
     Ok(0)
 }
 
-async fn table_jobs(
+/// One page of a table's jobs (`GET /v1/table/{id}/jobs`) or of every
+/// table's (`POST /v1/jobs/list`), and the token of the next.
+async fn jobs_page(
     api: &Api,
-    table: &str,
-    limit: usize,
-    wanted: &dyn Fn(&Value) -> bool,
-) -> anyhow::Result<Vec<Value>> {
-    let mut found = Vec::new();
-    let mut token: Option<String> = None;
-    for _ in 0..MAX_PAGES {
-        let mut query = vec![("limit", "100".to_string())];
-        if let Some(token) = &token {
-            query.push(("page_token", token.clone()));
+    table: Option<&str>,
+    token: Option<&str>,
+) -> anyhow::Result<(Vec<Value>, Option<String>)> {
+    let page = match table {
+        Some(table) => {
+            let mut query = vec![("limit", "100".to_string())];
+            query.extend(token.map(|t| ("page_token", t.to_string())));
+            api.get(&["v1", "table", table, "jobs"], &query).await?
         }
-        let page = api.get(&["v1", "table", table, "jobs"], &query).await?;
-        let jobs = page["jobs"].as_array().cloned().unwrap_or_default();
-        found.extend(jobs.into_iter().filter(|job| wanted(job)));
-        token = page["page_token"].as_str().map(str::to_string);
-        if found.len() >= limit || token.is_none() {
-            break;
+        None => {
+            let mut body = json!({ "limit": 100 });
+            if let Some(token) = token {
+                body["page_token"] = json!(token);
+            }
+            api.post(&["v1", "jobs", "list"], &body).await?
         }
-    }
-    found.truncate(limit);
-    Ok(found)
+    };
+    let jobs = page["jobs"].as_array().cloned().unwrap_or_default();
+    Ok((jobs, page["page_token"].as_str().map(str::to_string)))
 }
 
-/// Every table's newest jobs: the listing names them, each job's own page
-/// gives its column and progress.
-async fn all_jobs(
+/// Up to `limit` of the newest jobs `wanted` keeps, page after page.
+async fn listed_jobs(
     api: &Api,
+    table: Option<&str>,
     limit: usize,
     wanted: &dyn Fn(&Value) -> bool,
 ) -> anyhow::Result<Vec<Value>> {
     let mut found = Vec::new();
     let mut token: Option<String> = None;
     for _ in 0..MAX_PAGES {
-        let mut body = json!({ "limit": 100 });
-        if let Some(token) = &token {
-            body["page_token"] = json!(token);
-        }
-        let page = api.post(&["v1", "jobs", "list"], &body).await?;
-        for listed in page["jobs"].as_array().cloned().unwrap_or_default() {
-            let job = api
-                .get(&["v1", "job", text(&listed["job_id"])], &[])
-                .await?;
-            if wanted(&job) && found.len() < limit {
+        let (jobs, next) = jobs_page(api, table, token.as_deref()).await?;
+        for listed in jobs {
+            // The listing of every table names its jobs; each job's own
+            // page gives its column and progress.
+            let job = match table {
+                Some(_) => listed,
+                None => {
+                    api.get(&["v1", "job", text(&listed["job_id"])], &[])
+                        .await?
+                }
+            };
+            if wanted(&job) {
                 found.push(job);
+                if found.len() >= limit {
+                    return Ok(found);
+                }
             }
         }
-        token = page["page_token"].as_str().map(str::to_string);
-        if found.len() >= limit || token.is_none() {
+        token = next;
+        if token.is_none() {
             break;
         }
     }
