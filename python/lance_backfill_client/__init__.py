@@ -12,6 +12,7 @@ from ._client import (
     Client,
     JobFailedError,
     LanceBackfillError,
+    computed,
     table_path,
 )
 from ._types import arrow_type_to_json, field_to_json, json_to_arrow_type, json_to_field
@@ -45,6 +46,7 @@ __all__ = [
     "__version__",
     "apply_udf",
     "arrow_type_to_json",
+    "computed",
     "field_to_json",
     "json_to_arrow_type",
     "json_to_field",

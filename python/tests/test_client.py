@@ -680,6 +680,151 @@ def test_client_wait(stub: Stub) -> None:
         Client(stub.url).wait("j", 0.1, poll_interval=0.02)
 
 
+def test_client_wait_retries_what_the_service_could_not_answer(stub: Stub) -> None:
+    answers: List[Reply] = [
+        (503, {"error": "store unavailable", "code": 18}),
+        (429, {"error": "slow down"}),
+        (502, b"<html>bad gateway</html>"),
+        (200, {"job_id": "j", "state": "RUNNING"}),
+        (500, {"error": "internal"}),
+        (200, {"job_id": "j", "state": "DONE"}),
+    ]
+    stub.handler = lambda req: answers.pop(0)
+    job = Client(stub.url).wait("j", 60, poll_interval=0.01, progress=False)
+    assert job["state"] == "DONE" and not answers
+    assert len(stub.requests) == 6
+
+    # The client's mistake is not retried; nor is a service that keeps failing.
+    stub.handler = lambda req: (404, {"error": "job j does not exist", "code": 10})
+    before = len(stub.requests)
+    with pytest.raises(LanceBackfillError) as info:
+        Client(stub.url).wait("j", 60, poll_interval=0.01)
+    assert info.value.status == 404 and len(stub.requests) == before + 1
+    stub.handler = lambda req: (503, {"error": "down"})
+    before = len(stub.requests)
+    with pytest.raises(LanceBackfillError):
+        Client(stub.url).wait("j", 60, max_retries=2)
+    assert len(stub.requests) == before + 3
+
+
+def test_client_wait_survives_a_connection_reset(tmp_path: Path) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        # The first two connections are dropped without an answer.
+        for n in range(3):
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            if n < 2:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                conn.close()
+                continue
+            body = json.dumps({"job_id": "j", "state": "DONE"}).encode()
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            conn.sendall(head + body)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert Client(f"http://127.0.0.1:{port}").wait("j", 60)["state"] == "DONE"
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_client_wait_shows_a_progress_bar(stub: Stub, capsys: Any) -> None:
+    rows = [{"done": 0, "total": 1000}, {"done": 400, "total": 1000}, {"done": 1000, "total": 1000}]
+    answers = [
+        {"job_id": "job-1234567890", "state": s, "metrics": {"rows_committed": r}}
+        for s, r in zip(["RUNNING", "RUNNING", "DONE"], rows)
+    ]
+    stub.handler = lambda req: (200, answers.pop(0))
+    Client(stub.url).wait("job-1234567890", 10, poll_interval=0.01, progress=True)
+    err = capsys.readouterr().err
+    assert "job job-1234" in err and "1.00k/1.00k" in err and "DONE" in err
+
+
+def test_client_lists_describes_and_explains_jobs(stub: Stub) -> None:
+    pages = {
+        None: {
+            "jobs": [{"job_id": "a", "state": "DONE"}, {"job_id": "b", "state": "FAILED"}],
+            "page_token": "t1",
+        },
+        "t1": {"jobs": [{"job_id": "c", "state": "DONE"}], "page_token": None},
+    }
+
+    def answer(req: Dict[str, Any]) -> Reply:
+        url = urllib.parse.urlparse(req["path"])
+        if url.path == "/v1/table/items/jobs":
+            token = urllib.parse.parse_qs(url.query).get("page_token", [None])[0]
+            return 200, pages[token]
+        if url.path == "/v1/jobs/list":
+            return 200, pages[req["body"].get("page_token")]
+        if url.path.startswith("/v1/job/"):
+            job_id = url.path.rsplit("/", 1)[1]
+            failures = [{"fragment_id": 1, "row": 7, "error": "ZeroDivisionError"}]
+            return 200, {
+                "job_id": job_id,
+                "state": "DONE",
+                "error": None,
+                "metrics": {"rows_failed": 1},
+                "row_failures": failures,
+            }
+        if url.path == "/v1/table/items/describe":
+            return 200, {"version": 3, "schema": {"fields": []}}
+        return 404, {"error": "no route", "code": 13}
+
+    stub.handler = answer
+    client = Client(stub.url, api_key="k")
+    assert [j["job_id"] for j in client.list_jobs("items")] == ["a", "b", "c"]
+    assert "limit=100" in stub.requests[0]["path"]
+    assert "page_token=t1" in stub.requests[1]["path"]
+    assert [j["job_id"] for j in client.list_jobs("items", state="DONE")] == ["a", "c"]
+    assert [j["job_id"] for j in client.list_jobs("items", limit=1)] == ["a"]
+    assert len(client.list_jobs("items", state=["FAILED", "CANCELLED"])) == 1
+    # Every table's jobs: the list names them, each job's page shows it.
+    everything = client.list_jobs()
+    assert [j["job_id"] for j in everything] == ["a", "b", "c"]
+    assert everything[0]["row_failures"][0]["row"] == 7
+    assert client.describe("items")["version"] == 3
+    explained = client.errors("b")
+    assert explained["rows_failed"] == 1 and explained["row_failures"][0]["fragment_id"] == 1
+
+
+def test_client_context_dry_run_and_computed(stub: Stub) -> None:
+    plan = {"dry_run": True, "fragments": 4, "tasks": 4, "rows": 2000, "commits": 1}
+    stub.replies = [
+        (200, {"version": 2, "context": {"job_id": "m"}}),
+        (202, {"job_id": "j"}),
+        (200, plan),
+    ]
+    client = Client(stub.url)
+    client.add_columns("items", [lbc.computed("y", "x * 2 + 1")], context={"auto_backfill": True})
+    assert stub.requests[0]["body"] == {
+        "new_columns": [{"name": "y", "computed": "x * 2 + 1"}],
+        "context": {"auto_backfill": "true"},
+    }
+    client.backfill("items", "y", context={"on_error": "skip", "max_skip_fraction": 0.5})
+    assert stub.requests[1]["body"]["context"] == {"on_error": "skip", "max_skip_fraction": "0.5"}
+    assert client.dry_run("items", "y", where="x > 3", context={"on_error": "skip"}) == plan
+    assert stub.requests[2]["body"] == {
+        "column": "y",
+        "where": "x > 3",
+        "context": {"on_error": "skip", "dry_run": "true"},
+    }
+    with pytest.raises(ValueError, match="expression"):
+        lbc.computed("y", " ")
+    with pytest.raises(TypeError, match="context"):
+        client.backfill("items", "y", context={"on_error": ["skip"]})
+    assert len(stub.requests) == 3
+
+
 def test_client_error_mapping(stub: Stub) -> None:
     conflict = {
         "error": "job abc is already filling y",
