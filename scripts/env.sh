@@ -18,6 +18,15 @@ ensure_protoc() {
   $sudo apt-get update -qq >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
 }
 
+# The dashboard's test loads the page in a real browser: Debian's Chromium.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  log "installing Chromium (Debian's package, for the dashboard's browser test)"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+}
+
 # The project's Python tools (moto, cfn-lint, cargo-lambda, pylance) in its own venv.
 ensure_venv() {
   local stamp="$VENV/.requirements"

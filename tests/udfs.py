@@ -115,6 +115,14 @@ def raises_on_sevens(batch: pa.RecordBatch) -> pa.Array:
     return pc.add(batch.column("x"), 10)
 
 
+def raises_on_sevens_until_fixed(batch: pa.RecordBatch) -> pa.Array:
+    """As raises_on_sevens until the file `fixed` is in the state directory
+    (a bug fixed, a service back up); then fine."""
+    if os.path.exists(os.path.join(STATE, "fixed")):
+        return pc.add(batch.column("x"), 10)
+    return raises_on_sevens(batch)
+
+
 def dies_once(batch: pa.RecordBatch) -> pa.Array:
     """Kills its process the first time it meets x = 4242; fine afterwards."""
     mark = os.path.join(STATE, "died-once")
@@ -196,6 +204,7 @@ FUNCTIONS: dict[str, Any] = {
     "scaled": Scaled(),
     "large_payload": Padded(),
     "raises_on_sevens": raises_on_sevens,
+    "raises_on_sevens_until_fixed": raises_on_sevens_until_fixed,
     "dies_once": dies_once,
     "always_dies": always_dies,
     "wrong_length": wrong_length,

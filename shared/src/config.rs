@@ -43,6 +43,7 @@ pub mod env {
     pub const EVENT_SECRET: &str = "LANCE_BACKFILL_EVENT_SECRET";
     pub const LOG_FORMAT: &str = "LANCE_BACKFILL_LOG_FORMAT";
     pub const EVENT_BUS: &str = "LANCE_BACKFILL_EVENT_BUS";
+    pub const METRICS_STACK: &str = "LANCE_BACKFILL_METRICS_STACK";
     pub const MAINTAIN_QUEUE_URL: &str = "LANCE_BACKFILL_MAINTAIN_QUEUE_URL";
 }
 
@@ -241,11 +242,16 @@ pub fn udf_runtimes(
     .with_context(|| format!("{} is not valid", env::UDF_RUNTIMES))
 }
 
-/// AWS SDK configuration; `AWS_ENDPOINT_URL` points it at an emulator.
 /// Where job events go on AWS: the EventBridge bus `LANCE_BACKFILL_EVENT_BUS`
-/// names (none when unset or empty).
+/// names (none when unset or empty), and CloudWatch metrics (EMF lines in
+/// the log) when `LANCE_BACKFILL_METRICS_STACK` names the stack.
 pub fn event_publisher(sdk: &aws_config::SdkConfig) -> crate::events::Publisher {
-    let publisher = crate::events::Publisher::default();
+    let mut publisher = crate::events::Publisher::default();
+    if let Some(stack) = var(env::METRICS_STACK).filter(|s| !s.trim().is_empty()) {
+        publisher = publisher.with(std::sync::Arc::new(crate::events::MetricsSink::new(
+            stack.trim(),
+        )));
+    }
     match var(env::EVENT_BUS).filter(|bus| !bus.trim().is_empty()) {
         Some(bus) => publisher.with(std::sync::Arc::new(crate::events::EventBridgeSink::new(
             aws_sdk_eventbridge::Client::new(sdk),
@@ -255,6 +261,7 @@ pub fn event_publisher(sdk: &aws_config::SdkConfig) -> crate::events::Publisher 
     }
 }
 
+/// AWS SDK configuration; `AWS_ENDPOINT_URL` points it at an emulator.
 pub async fn aws() -> aws_config::SdkConfig {
     aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
 }

@@ -16,7 +16,9 @@ use lance::dataset::NewColumnTransform;
 use lance_namespace_reqwest_client::models::{AddColumnsEntry, AddVirtualColumnEntry};
 use tracing::info;
 
-use crate::computed::{BINDING_KEY, DECLARED_BY_KEY, MAINTAINED_KEY, infer_expression};
+use crate::computed::{
+    BINDING_KEY, DECLARED_BY_KEY, MAINTAINED_KEY, REFRESH_INTERVAL_KEY, infer_expression,
+};
 use crate::error::{Error, Missing};
 use crate::table::{Catalog, TableId, branch_name};
 use crate::udf::binding::{self, Declared};
@@ -84,15 +86,23 @@ pub fn starts_jobs(entries: &[AddColumnsEntry], maintained: bool) -> bool {
     })
 }
 
-/// Adds the columns to the table (on `branch`). `maintained`: the request's
-/// `context` asked for its computed columns to be kept filled as rows
-/// arrive, on behalf of `declared_by`.
+/// Whether the request asked for its computed columns to be kept filled as
+/// rows arrive (`context.auto_backfill`, LanceDB's `auto_refresh_enabled`)
+/// and how often at most a pass may start (`auto_refresh_interval_seconds`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Upkeep {
+    pub maintained: bool,
+    pub interval_seconds: Option<u64>,
+}
+
+/// Adds the columns to the table (on `branch`), maintained as `upkeep`
+/// says, on behalf of `declared_by`.
 pub async fn add_columns(
     catalog: &Catalog,
     table: &TableId,
     branch: Option<String>,
     entries: &[AddColumnsEntry],
-    maintained: bool,
+    upkeep: Upkeep,
     declared_by: &str,
 ) -> Result<Declaration, Error> {
     let columns = parse_entries(entries)?;
@@ -100,7 +110,7 @@ pub async fn add_columns(
     let branch = branch.filter(|b| branch_name(Some(b)).is_some());
     let mut dataset = open_latest(catalog, &uri, branch.as_deref()).await?;
     let schema = ArrowSchema::from(dataset.schema());
-    let additions = check(&schema, &columns, maintained, declared_by)?;
+    let additions = check(&schema, &columns, upkeep, declared_by)?;
     apply(&mut dataset, &additions).await?;
     let version = dataset.version().version;
     info!(table = %table.display(), declared = additions.declared.len(), version, "columns added");
@@ -191,7 +201,7 @@ fn check_names(schema: &ArrowSchema, names: &[String]) -> Result<(), Error> {
 fn check(
     schema: &ArrowSchema,
     columns: &[NewColumn],
-    maintained: bool,
+    upkeep: Upkeep,
     declared_by: &str,
 ) -> Result<Additions, Error> {
     let mut names = Vec::new();
@@ -209,12 +219,12 @@ fn check(
         }
     }
     check_names(schema, &names)?;
-    let maintain = |field: ArrowField| mark_maintained(field, declared_by);
+    let maintain = |field: ArrowField| mark_maintained(field, declared_by, upkeep);
     let SqlColumns {
         mut declared,
         mut to_fill,
         fill_once,
-    } = check_sql(schema, columns, maintained, &maintain)?;
+    } = check_sql(schema, columns, upkeep.maintained, &maintain)?;
     let functions = functions
         .into_iter()
         .map(|(function, auto)| {
@@ -283,10 +293,13 @@ fn check_sql(
 
 /// A maintained column is filled whenever new rows arrive, with the rights
 /// of whoever declared it.
-fn mark_maintained(field: ArrowField, declared_by: &str) -> ArrowField {
+fn mark_maintained(field: ArrowField, declared_by: &str, upkeep: Upkeep) -> ArrowField {
     let mut metadata = field.metadata().clone();
     metadata.insert(MAINTAINED_KEY.to_string(), "true".to_string());
     metadata.insert(DECLARED_BY_KEY.to_string(), declared_by.to_string());
+    if let Some(seconds) = upkeep.interval_seconds {
+        metadata.insert(REFRESH_INTERVAL_KEY.to_string(), seconds.to_string());
+    }
     field.with_metadata(metadata)
 }
 

@@ -1,5 +1,5 @@
-//! A job's life after submission: failing it, finishing it, cancelling it,
-//! and removing what a stopped job left behind. Workers, the committer and
+//! A job's life after submission: failing it, finishing it, pausing,
+//! resuming and cancelling it, and removing what a stopped job left behind. Workers, the committer and
 //! the API all end jobs through here.
 
 use std::sync::Arc;
@@ -96,6 +96,27 @@ impl Lifecycle {
             self.queue_cleanup(job).await;
         }
         Ok(moved)
+    }
+
+    /// Marks the job PAUSED: its tasks stop at their next look at the job
+    /// (checkpointing what they computed) and wait in the queue; commits of
+    /// fragments already written go on. Returns the state it left, or
+    /// `None` when it is not PENDING or RUNNING.
+    pub async fn pause(&self, job: &Job, by: &str) -> StoreResult<Option<JobState>> {
+        let event = format!("paused by {by}");
+        self.store
+            .transition(&job.job_id, JobState::Paused, Some(&event), None)
+            .await
+    }
+
+    /// Moves a PAUSED job back to PENDING: its waiting tasks carry on from
+    /// their checkpoints when they next come round, and the first to start
+    /// makes it RUNNING. `None` when it was not paused.
+    pub async fn resume(&self, job: &Job, by: &str) -> StoreResult<Option<JobState>> {
+        let event = format!("resumed by {by}");
+        self.store
+            .transition(&job.job_id, JobState::Pending, Some(&event), None)
+            .await
     }
 
     /// Queues the removal of the job's staged, uncommitted files.

@@ -165,11 +165,15 @@ pub struct Selection<'a> {
     /// `refill_all`, every fragment is.
     pub refill: &'a [u64],
     pub refill_all: bool,
+    /// Only these fragments (a job that retries the rows another skipped);
+    /// empty: no such limit.
+    pub only: &'a [u64],
 }
 
 impl Selection<'_> {
     fn covers(&self, id: u64) -> bool {
-        !self.skip.contains(&id)
+        (self.only.is_empty() || self.only.contains(&id))
+            && !self.skip.contains(&id)
             && (self.first_id.is_none_or(|first| id >= first) || self.refill.contains(&id))
     }
 

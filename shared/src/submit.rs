@@ -62,6 +62,8 @@ pub struct SubmitRequest {
     pub min_read_version: Option<u64>,
     /// Fragments to leave alone (LanceDB's `skip_frags`).
     pub skip_fragments: Vec<u64>,
+    /// Only these fragments (`context.retry_failed_of`); empty: every one.
+    pub only_fragments: Vec<u64>,
     /// Request fields this service does not use, noted on the job.
     pub ignored_fields: Vec<String>,
     /// Only fragments with this id or a higher one (maintained columns).
@@ -98,6 +100,7 @@ impl SubmitRequest {
             allow_udf: false,
             min_read_version: None,
             skip_fragments: Vec::new(),
+            only_fragments: Vec::new(),
             ignored_fields: Vec::new(),
             first_fragment_id: None,
             maintained_through: None,
@@ -164,6 +167,20 @@ pub struct Submitter {
     pub settings: SubmitSettings,
 }
 
+/// `context` key naming a job whose skipped rows a new job computes again.
+pub const RETRY_FAILED_OF: &str = "retry_failed_of";
+/// The most rows of a job whose fragments a retry looks at.
+const MAX_RETRIED_ROWS: usize = 100_000;
+
+fn context_value(request: &AlterTableBackfillColumnsRequest, key: &str) -> Option<String> {
+    request
+        .context
+        .as_ref()
+        .and_then(|context| context.get(key))
+        .map(|value| value.trim().to_string())
+        .filter(|value| !value.is_empty())
+}
+
 /// The table as the job will read it, and what the job will do there.
 struct Planned {
     uri: String,
@@ -198,7 +215,10 @@ fn store_unavailable(err: StoreError) -> Error {
 }
 
 impl Submitter {
-    pub async fn submit(&self, submit: SubmitRequest) -> Result<SubmitOutcome, Error> {
+    pub async fn submit(&self, mut submit: SubmitRequest) -> Result<SubmitOutcome, Error> {
+        if let Some(failed) = context_value(&submit.request, RETRY_FAILED_OF) {
+            submit.only_fragments = self.failed_fragments(&submit, &failed).await?;
+        }
         let request = &submit.request;
         check_id(&submit.table, request)?;
         // Cheap checks first: nothing here needs the table.
@@ -253,6 +273,50 @@ impl Submitter {
                 submit.table.display()
             ))),
         }
+    }
+
+    /// The fragments holding the rows job `failed_job` (of the same table
+    /// and column, ended) skipped: the new job fills their rows that are
+    /// still empty (its `where` defaults to `<column> IS NULL`).
+    async fn failed_fragments(
+        &self,
+        submit: &SubmitRequest,
+        failed_job: &str,
+    ) -> Result<Vec<u64>, Error> {
+        let missing = || {
+            Error::invalid_input(format!(
+                "context.{RETRY_FAILED_OF}: job '{failed_job}' is not a job of column '{}' of this table",
+                submit.request.column
+            ))
+        };
+        let job = self
+            .store
+            .get_job(failed_job)
+            .await
+            .map_err(store_unavailable)?
+            .filter(|job| job.spec.table_id == submit.table)
+            .filter(|job| job.spec.columns().contains(&submit.request.column))
+            .ok_or_else(missing)?;
+        if !job.state.is_terminal() {
+            return Err(Error::InvalidState(format!(
+                "context.{RETRY_FAILED_OF}: job '{failed_job}' is still {}; retry its rows once it ends",
+                job.state.as_str()
+            )));
+        }
+        let failures = self
+            .store
+            .list_row_failures(failed_job, MAX_RETRIED_ROWS)
+            .await
+            .map_err(store_unavailable)?;
+        let mut fragments: Vec<u64> = failures.iter().map(|f| f.fragment_id).collect();
+        fragments.sort_unstable();
+        fragments.dedup();
+        if fragments.is_empty() {
+            return Err(Error::invalid_input(format!(
+                "context.{RETRY_FAILED_OF}: job '{failed_job}' skipped no rows"
+            )));
+        }
+        Ok(fragments)
     }
 
     fn queue_of(
@@ -331,6 +395,7 @@ impl Submitter {
             first_id: submit.first_fragment_id,
             refill: &submit.refill_fragments,
             refill_all: submit.refill_all,
+            only: &submit.only_fragments,
         };
         let fragments = plan::fragments(&dataset, selection)
             .await
@@ -614,6 +679,7 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: J
             udf: planned.program.udf().map(Binding::reference),
             options,
             skip_fragments: submit.skip_fragments.clone(),
+            only_fragments: submit.only_fragments.clone(),
             ignored_fields: submit.ignored_fields.clone(),
             first_fragment_id: submit.first_fragment_id,
             maintained_through: submit.maintained_through,

@@ -301,16 +301,26 @@ where
         assert_eq!(declared.status(), 200);
         let before = lance::Dataset::open(&uri).await.unwrap().version().version;
         let body = &shape.body;
-        let response: serde_json::Value = client
-            .post(format!("{}/v1/table/items/backfill_column", serve.url))
-            .header("x-api-key", KEY)
-            .json(body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        // Under injected faults the store may answer busy (429) or be out
+        // of reach (503): a client asks again with the same idempotency key.
+        let key = format!("crash-{run}-{}", uuid::Uuid::new_v4().simple());
+        let mut response = serde_json::Value::Null;
+        for _ in 0..20 {
+            let answer = client
+                .post(format!("{}/v1/table/items/backfill_column", serve.url))
+                .header("x-api-key", KEY)
+                .header("idempotency-key", &key)
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            let retry = answer.status().as_u16() == 429 || answer.status().is_server_error();
+            response = answer.json().await.unwrap();
+            if !retry {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let job_id = response["job_id"].as_str().expect("job id").to_string();
         // One to three kills, each when the job reaches a random point:
         // rows computed (mid-compute, mid-flush), fragments finished (around

@@ -59,6 +59,7 @@ fn a_job() -> Job {
             udf: None,
             options: Default::default(),
             skip_fragments: Vec::new(),
+            only_fragments: Vec::new(),
             ignored_fields: Vec::new(),
             first_fragment_id: None,
             maintained_through: None,

@@ -267,14 +267,29 @@ fn events_cover_every_route_and_the_worker() {
     routes.sort();
     assert_eq!(
         routes,
-        vec![
-            "GET /v1/job/{job_id}",
-            "GET /v1/table/{id}/jobs",
-            "POST /v1/job/{job_id}/cancel",
-            "POST /v1/table/{id}/add_columns",
-            "POST /v1/table/{id}/backfill_column",
-        ]
+        routed(&template()),
+        "one sample per route the HTTP API routes"
     );
+}
+
+/// "METHOD /path" of every route the HTTP API sends to the API function.
+fn routed(template: &Value) -> Vec<String> {
+    let events = resource(template, "ApiFunction")["Properties"]["Events"]
+        .as_mapping()
+        .expect("the API's events");
+    let mut routed: Vec<String> = events
+        .values()
+        .map(|e| {
+            let p = &e["Properties"];
+            format!(
+                "{} {}",
+                p["Method"].as_str().unwrap(),
+                p["Path"].as_str().unwrap()
+            )
+        })
+        .collect();
+    routed.sort();
+    routed
 }
 
 /// The UDF function runs users' code: it gets none of the service's
@@ -522,4 +537,80 @@ fn every_eventbridge_target_has_a_dead_letter_queue() {
             );
         }
     }
+}
+
+/// Every route the API serves is routed by the HTTP API, and the stack's
+/// dashboard and alarms watch the API, the queue, both functions and the
+/// jobs (the metrics the functions write as EMF lines).
+#[test]
+fn every_route_is_routed_and_every_signal_watched() {
+    let template = template();
+    let mut served = vec![
+        "GET /health",
+        "GET /ui",
+        "GET /v1/job/{job_id}",
+        "GET /v1/table/{id}/jobs",
+        "POST /v1/job/{job_id}/cancel",
+        "POST /v1/job/{job_id}/pause",
+        "POST /v1/job/{job_id}/resume",
+        "POST /v1/jobs/cancel",
+        "POST /v1/jobs/describe",
+        "POST /v1/jobs/list",
+        "POST /v1/jobs/pause",
+        "POST /v1/jobs/query_events",
+        "POST /v1/jobs/resume",
+        "POST /v1/table/{id}/add_columns",
+        "POST /v1/table/{id}/backfill_column",
+        "POST /v1/table/{id}/describe",
+        "POST /v1/table/{id}/errors",
+    ];
+    served.sort();
+    assert_eq!(routed(&template), served);
+    let watched: Vec<(String, String)> = template["Resources"]
+        .as_mapping()
+        .unwrap()
+        .values()
+        .filter(|r| r["Type"] == "AWS::CloudWatch::Alarm")
+        .map(|r| {
+            let p = &r["Properties"];
+            (
+                p["Namespace"].as_str().unwrap().to_string(),
+                p["MetricName"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (namespace, metric) in [
+        ("AWS/ApiGateway", "5xx"),
+        ("AWS/ApiGateway", "Latency"),
+        ("AWS/SQS", "ApproximateAgeOfOldestMessage"),
+        ("AWS/Lambda", "Errors"),
+        ("AWS/Lambda", "Duration"),
+        ("LanceBackfill", "JobChanges"),
+    ] {
+        assert!(
+            watched.contains(&(namespace.to_string(), metric.to_string())),
+            "no alarm on {namespace} {metric}"
+        );
+    }
+    let body = serde_yaml::to_string(
+        &resource(&template, "OperationsDashboard")["Properties"]["DashboardBody"],
+    )
+    .unwrap();
+    for metric in [
+        "Latency",
+        "ApproximateAgeOfOldestMessage",
+        "Duration",
+        "Throttles",
+        "JobChanges",
+    ] {
+        assert!(body.contains(metric), "the dashboard shows no {metric}");
+    }
+    // The functions that change jobs write the metrics for the alarms.
+    for function in ["ApiFunction", "WorkerFunction", "TriggerFunction"] {
+        assert!(
+            !environment(&template, function)["LANCE_BACKFILL_METRICS_STACK"].is_null(),
+            "{function} writes no job metrics"
+        );
+    }
+    assert_eq!(lance_backfill::events::METRICS_NAMESPACE, "LanceBackfill");
 }

@@ -113,7 +113,7 @@ pub(crate) fn virtual_column(
     entry
 }
 
-async fn declare(stack: &Stack, table: &str, entry: AddColumnsEntry) {
+pub(crate) async fn declare(stack: &Stack, table: &str, entry: AddColumnsEntry) {
     table_api::alter_table_add_columns(
         &stack.client(),
         table,
@@ -980,4 +980,168 @@ async fn a_udf_lambda_that_dies_is_invoked_again_then_fails_the_job() {
         "{error}"
     );
     assert!(error.contains("Runtime.ExitError"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_computes_again_only_the_rows_another_skipped() {
+    let state = tempfile::tempdir().unwrap();
+    let udfs = payloads(state.path());
+    let stack = stack_with_table(12_000).await;
+    let entry = virtual_column(
+        "r",
+        &["x"],
+        vec![output("r", int64())],
+        &udfs["raises_on_sevens_until_fixed"],
+    );
+    declare(&stack, "items", entry).await;
+    // Fragment 0 (x < 3000) only: rows 7, 1007 and 2007 are skipped.
+    let mut request = AlterTableBackfillColumnsRequest::new("r".into());
+    request.context = Some(HashMap::from([("on_error".into(), "skip".into())]));
+    request.r#where = Some(Some("x < 3000".into()));
+    let skipping = backfill(&stack, "items", request).await;
+    let job = stack.wait_done(&skipping, Duration::from_secs(120)).await;
+    assert_eq!(job.metrics.get(Counter::RowsFailed), 3);
+    // An unknown job has nothing to retry: a 400.
+    let (status, refused) = stack
+        .post(
+            "/v1/table/items/backfill_column",
+            json!({"column": "r", "context": {"retry_failed_of": "0123456789abcdef"}}),
+        )
+        .await;
+    assert_eq!(
+        (status, refused["code"].as_i64()),
+        (400, Some(13)),
+        "{refused}"
+    );
+    // The function is fixed; the retry plans the skipped rows' fragment only
+    // and fills them, leaving every other row as it was.
+    std::fs::write(state.path().join("fixed"), "").unwrap();
+    let mut request = AlterTableBackfillColumnsRequest::new("r".into());
+    request.context = Some(HashMap::from([(
+        "retry_failed_of".into(),
+        skipping.clone(),
+    )]));
+    let retry = backfill(&stack, "items", request).await;
+    let job = stack.wait_done(&retry, Duration::from_secs(120)).await;
+    assert_eq!(job.spec.only_fragments, vec![0]);
+    assert_eq!(job.spec.plan.fragments, 1);
+    assert_eq!(job.metrics.get(Counter::RowsFailed), 0);
+    let x = column(&stack, "x").await;
+    let expected: Vec<Option<i64>> = x
+        .iter()
+        .map(|v| v.and_then(|x| (x < 3000).then_some(x + 10)))
+        .collect();
+    assert_eq!(column(&stack, "r").await, expected);
+    let (_, page) = stack.get(&format!("/v1/job/{retry}")).await;
+    assert_eq!(page["parameters"]["context"]["retry_failed_of"], skipping);
+}
+
+/// The job's state and rows computed, as its page shows them.
+async fn state_and_computed(stack: &Stack, job_id: &str) -> (String, u64) {
+    let (status, page) = stack.get(&format!("/v1/job/{job_id}")).await;
+    assert_eq!(status, 200, "{page}");
+    let state = page["state"].as_str().unwrap().to_string();
+    (
+        state,
+        page["metrics"]["rows_computed"]["done"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_job_hands_out_no_work_until_resumed_even_across_a_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let udfs = payloads(state.path());
+    let mut stack = Stack::embedded(StackOptions::default()).await;
+    let uri = stack.table_uri("items");
+    write_sample_table(&uri, 20_000, 20).await.unwrap();
+    let entry = virtual_column(
+        "d",
+        &["x"],
+        vec![output("d", int64())],
+        &udfs["slow_double_plus_one"],
+    );
+    declare(&stack, "items", entry).await;
+    // The first task is held inside the function until the job is paused.
+    let hold = state.path().join("hold");
+    std::fs::write(&hold, "").unwrap();
+    let mut request = AlterTableBackfillColumnsRequest::new("d".into());
+    request.concurrency = Some(Some(1));
+    request.task_size = Some(Some(250));
+    let job_id = backfill(&stack, "items", request).await;
+    let visibility = Duration::from_secs(30);
+    stack.start_worker(fast_engine(), RunnerConfig::default(), visibility);
+    let started = std::time::Instant::now();
+    while state_and_computed(&stack, &job_id).await.0 != "RUNNING" {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, paused) = stack
+        .post(&format!("/v1/job/{job_id}/pause"), json!({}))
+        .await;
+    assert_eq!(
+        (status, paused["state"].as_str()),
+        (200, Some("PAUSED")),
+        "{paused}"
+    );
+    let (status, again) = stack
+        .post(&format!("/v1/job/{job_id}/pause"), json!({}))
+        .await;
+    assert_eq!(status, 200, "pausing a paused job: {again}");
+    // Released, the task under way stops at its next look at the job and
+    // the others wait in the queue: nothing more is computed.
+    std::fs::remove_file(&hold).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (state_now, before) = state_and_computed(&stack, &job_id).await;
+    assert_eq!(state_now, "PAUSED", "{:?}", stack.events(&job_id).await);
+    assert!(before < 20_000, "the job finished though paused");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(state_and_computed(&stack, &job_id).await.1, before);
+    // The worker restarts: the pause holds (it is the job's state, and
+    // the tasks wait in the queue).
+    stack.stop_workers().await;
+    stack.start_worker(fast_engine(), RunnerConfig::default(), visibility);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        state_and_computed(&stack, &job_id).await,
+        ("PAUSED".to_string(), before)
+    );
+    let (status, resumed) = stack
+        .post(&format!("/v1/job/{job_id}/resume"), json!({}))
+        .await;
+    // PENDING until its next task starts.
+    assert_eq!(
+        (status, resumed["state"].as_str()),
+        (200, Some("PENDING")),
+        "{resumed}"
+    );
+    let job = stack.wait_done(&job_id, Duration::from_secs(180)).await;
+    let x = column(&stack, "x").await;
+    let expected: Vec<Option<i64>> = x.iter().map(|v| v.map(|x| x * 2 + 1)).collect();
+    assert_eq!(column(&stack, "d").await, expected);
+    assert!(job.started_at.is_some());
+    let events = stack.events(&job_id).await;
+    assert!(
+        events.iter().any(|e| e.starts_with("paused by")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("resumed by")),
+        "{events:?}"
+    );
+    // A job that ended is neither paused nor resumed.
+    assert_eq!(job.state, JobState::Done);
+    for action in ["pause", "resume"] {
+        let (status, refused) = stack
+            .post(&format!("/v1/job/{job_id}/{action}"), json!({}))
+            .await;
+        assert_eq!(
+            (status, refused["code"].as_i64()),
+            (409, Some(19)),
+            "{refused}"
+        );
+    }
 }

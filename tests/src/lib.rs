@@ -171,6 +171,7 @@ pub fn fast_engine() -> EngineConfig {
         lease_ttl: Duration::from_secs(3),
         busy_wait: Duration::from_secs(3),
         busy_delay: Duration::from_millis(200),
+        paused_delay: Duration::from_millis(300),
         ..EngineConfig::default()
     }
 }
@@ -225,6 +226,7 @@ pub struct Stack {
     /// on it meanwhile would fail.
     http: reqwest::Client,
     stop: watch::Sender<bool>,
+    server_stop: watch::Sender<bool>,
     pollers: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -326,13 +328,14 @@ impl Stack {
             options.publisher.clone(),
         );
         let service = Arc::new(components.service(options.auth, options.settings));
-        let (stop, stop_rx) = watch::channel(false);
-        let mut server_stop = stop_rx.clone();
+        let (stop, _) = watch::channel(false);
+        // The server stops with the stack, not with its workers.
+        let (server_stop, mut server_stopped) = watch::channel(false);
         let (address, _server) = server::serve(
             service.clone(),
             "127.0.0.1:0".parse().unwrap(),
             async move {
-                let _ = server_stop.changed().await;
+                let _ = server_stopped.changed().await;
             },
         )
         .await
@@ -352,6 +355,7 @@ impl Stack {
                 .build()
                 .expect("HTTP client"),
             stop,
+            server_stop,
             pollers: Vec::new(),
         }
     }
@@ -419,10 +423,8 @@ impl Stack {
         for poller in self.pollers.drain(..) {
             let _ = poller.await;
         }
-        let (stop, _) = watch::channel(false);
-        // Keep the server's channel alive; new pollers get a fresh one.
-        let old = std::mem::replace(&mut self.stop, stop);
-        std::mem::forget(old);
+        // New pollers get a fresh channel; the server keeps serving.
+        self.stop = watch::channel(false).0;
     }
 
     /// Raw HTTP: (status, JSON body).
@@ -544,6 +546,7 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        let _ = self.server_stop.send(true);
     }
 }
 

@@ -1,4 +1,4 @@
-//! The client commands: submit, jobs, cancel, describe and errors, each a
+//! The client commands: submit, jobs, cancel, pause, resume, describe and errors, each a
 //! call or two of the HTTP API printed as a table for a person or as JSON
 //! (`--json`) for a script. `watch` is in `watch.rs`.
 
@@ -12,7 +12,14 @@ use crate::client::Api;
 use crate::watch;
 
 /// States a job can be in, as `--state` takes them.
-pub const STATES: [&str; 5] = ["PENDING", "RUNNING", "DONE", "FAILED", "CANCELLED"];
+pub const STATES: [&str; 6] = [
+    "PENDING",
+    "RUNNING",
+    "PAUSED",
+    "DONE",
+    "FAILED",
+    "CANCELLED",
+];
 /// Pages of a table's jobs read at most while looking for `--state` ones.
 const MAX_PAGES: usize = 50;
 
@@ -21,6 +28,8 @@ pub struct Submit {
     pub column: String,
     pub filter: Option<String>,
     pub wait: bool,
+    /// A job whose skipped rows this one computes again.
+    pub retry_failed: Option<String>,
 }
 
 /// `submit`: the job's id; with `--wait`, followed as `watch` does (the
@@ -29,6 +38,9 @@ pub async fn submit(api: &Api, request: Submit, as_json: bool) -> anyhow::Result
     let mut body = json!({ "column": request.column });
     if let Some(filter) = &request.filter {
         body["where"] = json!(filter);
+    }
+    if let Some(job) = &request.retry_failed {
+        body["context"] = json!({ "retry_failed_of": job });
     }
     let answer = api
         .post(&["v1", "table", &request.table, "backfill_column"], &body)
@@ -153,11 +165,9 @@ async fn listed_jobs(
     Ok(found)
 }
 
-/// `cancel`: the job's state after the cancel.
-pub async fn cancel(api: &Api, job_id: &str, as_json: bool) -> anyhow::Result<i32> {
-    let job = api
-        .post(&["v1", "job", job_id, "cancel"], &json!({}))
-        .await?;
+/// `cancel`, `pause`, `resume`: the job's state after it.
+pub async fn control(api: &Api, job_id: &str, action: &str, as_json: bool) -> anyhow::Result<i32> {
+    let job = api.post(&["v1", "job", job_id, action], &json!({})).await?;
     match as_json {
         true => println!("{job}"),
         false => println!("{job_id}: {}", text(&job["state"])),

@@ -2,7 +2,8 @@
 //!
 //! `serve` runs the API and the worker together (embedded store and queue by
 //! default, DynamoDB and SQS with `--aws`); `demo` shows a real backfill;
-//! `submit`, `jobs`, `watch`, `cancel`, `describe` and `errors` call a
+//! `submit`, `jobs`, `watch`, `cancel`, `pause`, `resume`, `describe` and
+//! `errors` call a
 //! running service (`--url`), local or deployed.
 
 mod client;
@@ -158,11 +159,14 @@ enum Command {
         /// Follow the job until it ends.
         #[arg(long)]
         wait: bool,
+        /// Compute again only the rows this job skipped (`on_error: skip`).
+        #[arg(long, value_name = "JOB")]
+        retry_failed: Option<String>,
     },
     /// The newest jobs of a table, or of every table you may read.
     Jobs {
         table: Option<String>,
-        /// Only jobs in this state: PENDING, RUNNING, DONE, FAILED or CANCELLED.
+        /// Only jobs in this state: PENDING, RUNNING, PAUSED, DONE, FAILED or CANCELLED.
         #[arg(long)]
         state: Option<String>,
         #[arg(long, default_value_t = 20)]
@@ -172,6 +176,10 @@ enum Command {
     Watch { job: String },
     /// Cancel a job.
     Cancel { job: String },
+    /// Pause a job: it hands out no more work and keeps what it computed.
+    Pause { job: String },
+    /// Resume a paused job from its checkpoints.
+    Resume { job: String },
     /// A table's version and columns, and what fills each computed one.
     Describe { table: String },
     /// The rows a job's function raised on, and its error.
@@ -271,12 +279,14 @@ async fn run_client(service: &Service, command: Command) -> anyhow::Result<i32> 
             column,
             filter,
             wait,
+            retry_failed,
         } => {
             let request = commands::Submit {
                 table,
                 column,
                 filter,
                 wait,
+                retry_failed,
             };
             commands::submit(&api, request, json).await
         }
@@ -293,7 +303,9 @@ async fn run_client(service: &Service, command: Command) -> anyhow::Result<i32> 
             commands::jobs(&api, listing, json).await
         }
         Command::Watch { job } => watch::watch(&api, &job, json).await,
-        Command::Cancel { job } => commands::cancel(&api, &job, json).await,
+        Command::Cancel { job } => commands::control(&api, &job, "cancel", json).await,
+        Command::Pause { job } => commands::control(&api, &job, "pause", json).await,
+        Command::Resume { job } => commands::control(&api, &job, "resume", json).await,
         Command::Describe { table } => commands::describe(&api, &table, json).await,
         Command::Errors { job } => commands::errors(&api, &job, json).await,
         Command::Serve { .. } | Command::Demo { .. } => anyhow::bail!("not a client command"),

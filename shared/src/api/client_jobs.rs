@@ -1,13 +1,16 @@
-//! `POST /v1/jobs/describe`, `/v1/jobs/list` and `/v1/jobs/cancel`: the job
+//! `POST /v1/jobs/describe`, `/v1/jobs/list`, `/v1/jobs/cancel`,
+//! `/v1/jobs/pause`, `/v1/jobs/resume` and `/v1/jobs/query_events`: the job
 //! routes as LanceDB's client speaks them (`refresh_column(...).wait()`,
-//! `list_jobs()`, `cancel_job()`), over the same store, authentication and
-//! authorization as `/v1/job/{id}`.
+//! `list_jobs()`, `cancel_job()`, `pause_job()`, `resume_job()`,
+//! `job.events()`), over the same store, authentication and authorization
+//! as `/v1/job/{id}`.
 
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::jobs::{DEFAULT_PAGE_SIZE, EVENTS_SHOWN, MAX_PAGE_SIZE};
+use super::job_events::{EventsRequest, events_stream};
+use super::jobs::{Control, DEFAULT_PAGE_SIZE, EVENTS_SHOWN, MAX_PAGE_SIZE};
 use super::policy::Action;
 use super::routes::ClientJobsRoute;
 use super::{ApiError, ApiRequest, ApiResponse, Service, store_unavailable};
@@ -41,8 +44,27 @@ impl Service {
             }
             ClientJobsRoute::Cancel => {
                 let request: JobRequest = http.json()?;
-                let job = self.cancel(&principal, &request.job_id).await?;
+                let job = self
+                    .control(&principal, &request.job_id, Control::Cancel)
+                    .await?;
                 self.described(&job).await?
+            }
+            ClientJobsRoute::Pause | ClientJobsRoute::Resume => {
+                let request: JobRequest = http.json()?;
+                self.pause_or_resume(&principal, &request.job_id, route)
+                    .await?
+            }
+            ClientJobsRoute::QueryEvents => {
+                let request: EventsRequest = http.json()?;
+                let job = self.load_job(&principal, &request.job_id).await?;
+                let events = self
+                    .store
+                    .list_events(&job.job_id, request.limit()?)
+                    .await
+                    .map_err(store_unavailable)?;
+                return Ok(ApiResponse::arrow_stream(events_stream(
+                    &job, &events, &request,
+                )?));
             }
             ClientJobsRoute::List => {
                 let request: ListRequest = http.json_or_default()?;
@@ -50,6 +72,27 @@ impl Service {
             }
         };
         Ok(ApiResponse::json(StatusCode::OK, &body))
+    }
+
+    /// `{"paused": true}` / `{"resumed": true}` when the job moved, `{}`
+    /// when it already was (paused) or was not (resumed) in that state: the
+    /// answers LanceDB's client reads as AlreadyPaused / NotPaused.
+    async fn pause_or_resume(
+        &self,
+        principal: &super::auth::Principal,
+        job_id: &str,
+        route: ClientJobsRoute,
+    ) -> Result<Value, ApiError> {
+        let (control, key) = match route {
+            ClientJobsRoute::Pause => (Control::Pause, "paused"),
+            _ => (Control::Resume, "resumed"),
+        };
+        let before = self.load_job(principal, job_id).await?.state;
+        let after = self.control(principal, job_id, control).await?.state;
+        Ok(match before != after {
+            true => json!({ key: true, "job_id": job_id, "job_state": wire_state(after) }),
+            false => json!({ "job_id": job_id, "job_state": wire_state(after) }),
+        })
     }
 
     /// The job as `jobs/describe` answers it; the published version is in
@@ -118,11 +161,13 @@ const ALL_JOBS: &str = "all";
 /// Every job of this service fills columns.
 const JOB_TYPE: &str = "backfill";
 
-/// The states LanceDB's client knows: it polls on `IN_PROGRESS` and ends on
-/// the others.
+/// The states LanceDB's client knows: it polls on `IN_PROGRESS` (and any
+/// state it does not know) and ends on DONE, FAILED and CANCELLED.
 fn wire_state(state: JobState) -> &'static str {
     match state {
         JobState::Pending | JobState::Running => "IN_PROGRESS",
+        // Not a state the client knows: it keeps polling, as it should.
+        JobState::Paused => "PAUSED",
         JobState::Done => "DONE",
         JobState::Failed => "FAILED",
         JobState::Cancelled => "CANCELLED",

@@ -3,9 +3,11 @@
 //! permission), or fill expression columns once. Columns declared with
 //! `auto_backfill`, and expression columns, get a backfill job at once
 //! (which needs the `submit` permission); their ids are in the answer's
-//! `context` as `job_id`/`job_ids`. Expressions are never evaluated in
-//! this process: the workers fill the columns, and the answer waits for
-//! them a while.
+//! `context` as `job_id`/`job_ids`. LanceDB's client asks for maintained
+//! computed columns with `auto_refresh_enabled` (and spaces their passes
+//! with `auto_refresh_interval_seconds`) at the top of the body. Expressions
+//! are never evaluated in this process: the workers fill the columns, and
+//! the answer waits for them a while.
 
 use std::collections::HashMap;
 
@@ -28,6 +30,39 @@ use crate::table::TableId;
 pub const EXPRESSION_WAIT: Duration = Duration::from_secs(20);
 const EXPRESSION_POLL: Duration = Duration::from_millis(50);
 
+/// The spec's request with the fields LanceDB's client adds to it.
+#[derive(Debug, serde::Deserialize)]
+struct AddColumnsBody {
+    #[serde(flatten)]
+    request: AlterTableAddColumnsRequest,
+    #[serde(default)]
+    auto_refresh_enabled: Option<bool>,
+    #[serde(default)]
+    auto_refresh_interval_seconds: Option<u64>,
+}
+
+/// The longest refresh interval accepted: a year.
+const MAX_REFRESH_INTERVAL_SECONDS: u64 = 366 * 24 * 3600;
+
+impl AddColumnsBody {
+    fn upkeep(&self) -> Result<declare::Upkeep, ApiError> {
+        let interval_seconds = self.auto_refresh_interval_seconds;
+        if let Some(seconds) = interval_seconds
+            && !(1..=MAX_REFRESH_INTERVAL_SECONDS).contains(&seconds)
+        {
+            return Err(ApiError::invalid_input(format!(
+                "field 'auto_refresh_interval_seconds' must be from 1 to {MAX_REFRESH_INTERVAL_SECONDS}, got {seconds}"
+            )));
+        }
+        let maintained = flag(self.request.context.as_ref(), "auto_backfill")
+            || self.auto_refresh_enabled.unwrap_or(false);
+        Ok(declare::Upkeep {
+            maintained,
+            interval_seconds: interval_seconds.filter(|_| maintained),
+        })
+    }
+}
+
 /// How filling `expression` columns went.
 struct Filled {
     /// The version with their values (`None`: still being filled).
@@ -44,7 +79,9 @@ impl Service {
         let table = http.table_id(raw_id)?;
         let principal = self.authenticate(http)?;
         self.authorize(&principal, &table, Action::Declare)?;
-        let request: AlterTableAddColumnsRequest = http.json()?;
+        let body: AddColumnsBody = http.json()?;
+        let upkeep = body.upkeep()?;
+        let request = body.request;
         if declare::declares_udf(&request.new_columns) {
             self.authorize(&principal, &table, Action::Udf)?;
         }
@@ -59,10 +96,9 @@ impl Service {
         if let Some(context) = &request.context {
             check_context(context, "context")?;
         }
-        let maintained = flag(request.context.as_ref(), "auto_backfill");
         // Filling now (expression columns, auto_backfill) is a backfill:
         // it needs the right to submit one, checked before anything changes.
-        if declare::starts_jobs(&request.new_columns, maintained) {
+        if declare::starts_jobs(&request.new_columns, upkeep.maintained) {
             self.authorize(&principal, &table, Action::Submit)?;
         }
         let branch = request.branch.clone();
@@ -71,7 +107,7 @@ impl Service {
             &table,
             branch.clone(),
             &request.new_columns,
-            maintained,
+            upkeep,
             &principal.subject,
         )
         .await?;

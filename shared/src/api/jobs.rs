@@ -1,5 +1,5 @@
 //! Job routes: `GET /v1/job/{job_id}`, `GET /v1/table/{id}/jobs`,
-//! `POST /v1/job/{job_id}/cancel`.
+//! `POST /v1/job/{job_id}/cancel`, `.../pause` and `.../resume`.
 
 use http::StatusCode;
 
@@ -119,39 +119,75 @@ impl Service {
         ))
     }
 
-    pub(super) async fn cancel_job(
+    pub(super) async fn control_job(
         &self,
         http: &ApiRequest,
         job_id: &str,
+        control: Control,
     ) -> Result<ApiResponse, ApiError> {
         let principal = self.authenticate(http)?;
-        let current = self.cancel(&principal, job_id).await?;
+        let current = self.control(&principal, job_id, control).await?;
         Ok(ApiResponse::json(StatusCode::OK, &job_json(&current, None)))
     }
 
-    /// Cancels the job (the caller needs the cancel permission); a job
-    /// already CANCELLED is not an error. Returns the job as it now is.
-    pub(super) async fn cancel(
+    /// Cancels, pauses or resumes the job (the caller needs the cancel
+    /// permission). Asking again for the state the job is already in is not
+    /// an error. Returns the job as it now is.
+    pub(super) async fn control(
         &self,
         principal: &Principal,
         job_id: &str,
+        control: Control,
     ) -> Result<Job, ApiError> {
         let job = self.load_job(principal, job_id).await?;
         self.authorize(principal, &job.spec.table_id, Action::Cancel)?;
-        let moved = self
-            .lifecycle
-            .cancel(&job, &principal.subject)
-            .await
-            .map_err(store_unavailable)?;
+        let by = &principal.subject;
+        let moved = match control {
+            Control::Cancel => self.lifecycle.cancel(&job, by).await,
+            Control::Pause => self.lifecycle.pause(&job, by).await,
+            // Only a paused job resumes (one not yet started starts by itself).
+            Control::Resume if job.state != JobState::Paused => Ok(None),
+            Control::Resume => self.lifecycle.resume(&job, by).await,
+        }
+        .map_err(store_unavailable)?;
         let current = self.load_job(principal, job_id).await?;
-        if moved.is_none() && current.state != JobState::Cancelled {
+        if moved.is_none() && !control.already_done(current.state) {
             return Err(Error::InvalidState(format!(
-                "job '{job_id}' is already {} and cannot be cancelled",
-                current.state.as_str()
+                "job '{job_id}' is {} and cannot be {}",
+                current.state.as_str(),
+                control.done()
             ))
             .into());
         }
         Ok(current)
+    }
+}
+
+/// What a caller may do to a job besides reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Control {
+    Cancel,
+    Pause,
+    Resume,
+}
+
+impl Control {
+    /// Whether a job in `state` is as this would leave it (asking again
+    /// is not an error): cancelled, paused, or (resumed) pending or running.
+    fn already_done(self, state: JobState) -> bool {
+        match self {
+            Self::Cancel => state == JobState::Cancelled,
+            Self::Pause => state == JobState::Paused,
+            Self::Resume => matches!(state, JobState::Pending | JobState::Running),
+        }
+    }
+
+    fn done(self) -> &'static str {
+        match self {
+            Self::Cancel => "cancelled",
+            Self::Pause => "paused",
+            Self::Resume => "resumed",
+        }
     }
 }
 

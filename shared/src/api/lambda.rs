@@ -31,9 +31,12 @@ pub fn from_lambda(request: Request) -> ApiRequest {
 }
 
 pub fn to_lambda(response: ApiResponse) -> Response<Body> {
-    let mut out = Response::new(Body::Text(
-        String::from_utf8_lossy(&response.body).into_owned(),
-    ));
+    // API Gateway passes binary bodies (Arrow) base64-encoded.
+    let body = match response.content_type {
+        super::ARROW_STREAM => Body::Binary(response.body),
+        _ => Body::Text(String::from_utf8_lossy(&response.body).into_owned()),
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = response.status;
     if let Some(id) = response
         .request_id
@@ -44,7 +47,7 @@ pub fn to_lambda(response: ApiResponse) -> Response<Body> {
     }
     out.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        http::HeaderValue::from_static(response.content_type),
     );
     out
 }

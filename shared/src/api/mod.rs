@@ -9,6 +9,7 @@ pub mod client_jobs;
 pub mod columns;
 pub mod describe;
 pub mod error;
+mod job_events;
 mod job_json;
 pub mod jobs;
 pub mod lambda;
@@ -16,6 +17,7 @@ pub mod policy;
 pub mod principal;
 pub mod request;
 mod routes;
+mod row_errors;
 pub mod server;
 pub mod tokens;
 
@@ -32,6 +34,7 @@ use crate::submit::Submitter;
 use crate::table::{Catalog, TableId};
 use auth::Authenticator;
 pub use error::ApiError;
+use jobs::Control;
 use policy::{Action, Decision};
 use routes::Route;
 
@@ -44,15 +47,43 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct ApiResponse {
     pub status: StatusCode,
     pub body: Vec<u8>,
+    pub content_type: &'static str,
     /// Names this request in the log; sent back as `x-request-id`.
     pub request_id: Option<String>,
 }
+
+/// The job dashboard (`GET /ui`): one page, its script inline, compiled in.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The media type of an Arrow IPC stream.
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
 impl ApiResponse {
     pub fn json(status: StatusCode, value: &impl Serialize) -> Self {
         Self {
             status,
             body: serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+            content_type: "application/json",
+            request_id: None,
+        }
+    }
+
+    /// An HTML page.
+    pub fn page(html: &'static str) -> Self {
+        Self {
+            status: StatusCode::OK,
+            body: html.as_bytes().to_vec(),
+            content_type: "text/html; charset=utf-8",
+            request_id: None,
+        }
+    }
+
+    /// Record batches as an Arrow IPC stream.
+    pub fn arrow_stream(body: Vec<u8>) -> Self {
+        Self {
+            status: StatusCode::OK,
+            body,
+            content_type: ARROW_STREAM,
             request_id: None,
         }
     }
@@ -136,9 +167,13 @@ impl Service {
             Route::AddColumns(id) => self.add_columns(request, id).await,
             Route::TableJobs(id) => self.list_jobs(request, id).await,
             Route::Job(job_id) => self.get_job(request, job_id).await,
-            Route::CancelJob(job_id) => self.cancel_job(request, job_id).await,
+            Route::CancelJob(job_id) => self.control_job(request, job_id, Control::Cancel).await,
+            Route::PauseJob(job_id) => self.control_job(request, job_id, Control::Pause).await,
+            Route::ResumeJob(job_id) => self.control_job(request, job_id, Control::Resume).await,
             Route::Describe(id) => self.describe_table(request, id).await,
             Route::ClientJobs(route) => self.client_jobs(request, route).await,
+            Route::RowErrors(id) => self.row_errors(request, id).await,
+            Route::Dashboard => Ok(ApiResponse::page(DASHBOARD)),
         }
     }
 

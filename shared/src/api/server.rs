@@ -36,7 +36,7 @@ async fn handle(State(service): State<Arc<Service>>, request: Request) -> Respon
     *out.status_mut() = response.status;
     out.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        http::HeaderValue::from_static(response.content_type),
     );
     if let Some(id) = response
         .request_id

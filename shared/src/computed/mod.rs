@@ -24,6 +24,10 @@ pub use program::{Program, field_ids};
 pub const BINDING_KEY: &str = "lance-backfill:expression";
 /// Field metadata key marking a column kept filled as rows arrive.
 pub const MAINTAINED_KEY: &str = "lance-backfill:maintained";
+/// Field metadata key holding the least time, in seconds, between the
+/// starts of a maintained column's jobs (LanceDB's
+/// `auto_refresh_interval_seconds`).
+pub const REFRESH_INTERVAL_KEY: &str = "lance-backfill:refresh-interval-seconds";
 /// Field metadata key naming who declared a maintained column: its jobs
 /// run on that principal's behalf, with its rights of the moment.
 pub const DECLARED_BY_KEY: &str = "lance-backfill:declared-by";

@@ -82,6 +82,9 @@ pub struct EngineConfig {
     pub busy_wait: Duration,
     /// How long it then stays in the queue.
     pub busy_delay: Duration,
+    /// How long a task of a paused job stays in the queue before it looks
+    /// at the job again (resuming waits at most this long).
+    pub paused_delay: Duration,
     /// Largest set of values one batch may compute; beyond it the task
     /// fails (naming the rows) rather than the process running out of memory.
     pub max_batch_bytes: usize,
@@ -99,6 +102,8 @@ pub const DEFAULT_MAX_RECEIVE_COUNT: u32 = 5;
 const DEFAULT_BUSY_WAIT: Duration = Duration::from_secs(5);
 /// How long a task that found no slot stays in the queue before it is seen again.
 const DEFAULT_BUSY_DELAY: Duration = Duration::from_secs(2);
+/// How long a paused job's task waits in the queue between looks.
+const DEFAULT_PAUSED_DELAY: Duration = Duration::from_secs(20);
 /// Compiled programs kept per process (one per recent job).
 const PROGRAM_CACHE_SIZE: usize = 64;
 
@@ -111,6 +116,7 @@ impl Default for EngineConfig {
             max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
             busy_wait: DEFAULT_BUSY_WAIT,
             busy_delay: DEFAULT_BUSY_DELAY,
+            paused_delay: DEFAULT_PAUSED_DELAY,
             max_batch_bytes: crate::computed::limits::MAX_BATCH_VALUE_BYTES,
         }
     }

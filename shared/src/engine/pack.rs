@@ -69,6 +69,9 @@ impl Engine {
             }
             return Ok(Disposition::Done);
         }
+        if job.state == JobState::Paused {
+            return Ok(self.while_paused());
+        }
         let open = self.open_fragments(job_id, pack).await?;
         if open.is_empty() {
             self.committer.advance(&job).await?;

@@ -1,5 +1,6 @@
 //! When a running task stops early: its invocation's deadline is near
-//! (checkpoint and requeue the rest), or its job ended (leave).
+//! (checkpoint and requeue the rest), its job was paused (checkpoint and
+//! wait in the queue), or its job ended (leave).
 
 use std::time::{Duration, Instant};
 
@@ -9,13 +10,14 @@ use super::{Disposition, Engine};
 use crate::job::JobState;
 use crate::plan::PlannedFragment;
 
-/// How often a running task looks at the job's state (cancellation).
+/// How often a running task looks at the job's state (cancel, pause).
 pub const STATE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why a running task stopped early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stop {
     Deadline,
+    Paused,
     Cancelled,
 }
 
@@ -55,14 +57,26 @@ impl<'a> StopCheck<'a> {
             if state.is_none_or(JobState::is_terminal) {
                 return Ok(Some(Stop::Cancelled));
             }
+            if state == Some(JobState::Paused) {
+                return Ok(Some(Stop::Paused));
+            }
         }
         Ok(None)
     }
 }
 
 impl Engine {
+    /// A task of a paused job waits in the queue, spending no receive, and
+    /// looks again after [`super::EngineConfig::paused_delay`].
+    pub(super) fn while_paused(&self) -> Disposition {
+        Disposition::Requeue {
+            delay: self.config.paused_delay,
+        }
+    }
+
     /// What becomes of a task that stopped early: near its deadline it goes
-    /// back to the queue at once (its progress is checkpointed); when its
+    /// back to the queue at once (its progress is checkpointed), paused it
+    /// waits there; when its
     /// job ended it is done, and leaves nothing behind if the job is DONE
     /// (if the job cannot be read, it comes back to look again).
     pub(super) async fn stopped(
@@ -75,6 +89,7 @@ impl Engine {
             Stop::Deadline => Disposition::Requeue {
                 delay: Duration::ZERO,
             },
+            Stop::Paused => self.while_paused(),
             Stop::Cancelled => {
                 match self.store.get_job(job_id).await {
                     Ok(Some(job)) if job.state == JobState::Done => {

@@ -41,6 +41,9 @@ impl Engine {
             }
             return Ok(Disposition::Done);
         }
+        if job.state == JobState::Paused {
+            return Ok(self.while_paused());
+        }
         let (resolved, tasks_done) = self.fragment_progress(job_id, task).await?;
         if resolved {
             // A repeated delivery: whatever an earlier holder of this task

@@ -12,10 +12,12 @@ use serde::Serialize;
 use crate::job::{Counter, Job, JobState, now_rfc3339};
 
 mod eventbridge;
+mod metrics;
 mod publishing;
 mod sinks;
 
 pub use eventbridge::{EventBridgeSink, detail_type};
+pub use metrics::{METRICS_NAMESPACE, MetricsSink};
 pub use publishing::PublishingStore;
 pub use sinks::{JsonLinesSink, WebhookSink};
 
@@ -28,6 +30,8 @@ pub const EVENT_SOURCE: &str = "lance-backfill";
 pub enum JobChange {
     Submitted,
     Running,
+    Paused,
+    Resumed,
     Done,
     Failed,
     Cancelled,
@@ -39,9 +43,19 @@ impl JobChange {
         match state {
             JobState::Pending => Self::Submitted,
             JobState::Running => Self::Running,
+            JobState::Paused => Self::Paused,
             JobState::Done => Self::Done,
             JobState::Failed => Self::Failed,
             JobState::Cancelled => Self::Cancelled,
+        }
+    }
+
+    /// The change a move from `from` to `to` is: a paused job that
+    /// goes back to PENDING was resumed.
+    pub fn of_move(from: JobState, to: JobState) -> Self {
+        match (from, to) {
+            (JobState::Paused, JobState::Pending) => Self::Resumed,
+            _ => Self::of(to),
         }
     }
 
@@ -49,6 +63,8 @@ impl JobChange {
         match self {
             Self::Submitted => "SUBMITTED",
             Self::Running => "RUNNING",
+            Self::Paused => "PAUSED",
+            Self::Resumed => "RESUMED",
             Self::Done => "DONE",
             Self::Failed => "FAILED",
             Self::Cancelled => "CANCELLED",

@@ -35,7 +35,7 @@ impl PublishingStore {
     }
 
     /// Publishes the job's move to `to`, read back after the change.
-    async fn publish_transition(&self, job_id: &str, to: JobState) {
+    async fn publish_transition(&self, job_id: &str, from: JobState, to: JobState) {
         let job = match self.inner.get_job(job_id).await {
             Ok(Some(job)) => job,
             Ok(None) => return,
@@ -54,7 +54,7 @@ impl PublishingStore {
             },
             _ => None,
         };
-        let notice = JobNotice::new(JobChange::of(to), &job, published);
+        let notice = JobNotice::new(JobChange::of_move(from, to), &job, published);
         self.publisher.publish(&notice).await;
     }
 }
@@ -83,8 +83,8 @@ impl JobStore for PublishingStore {
         error: Option<&str>,
     ) -> StoreResult<Option<JobState>> {
         let moved = self.inner.transition(job_id, to, event, error).await?;
-        if moved.is_some() {
-            self.publish_transition(job_id, to).await;
+        if let Some(from) = moved {
+            self.publish_transition(job_id, from, to).await;
         }
         Ok(moved)
     }

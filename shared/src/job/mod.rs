@@ -15,13 +15,16 @@ pub use params::*;
 pub enum JobState {
     Pending,
     Running,
+    /// Hands out no tasks until resumed; keeps its checkpoints and its
+    /// column.
+    Paused,
     Done,
     Failed,
     Cancelled,
 }
 
 impl JobState {
-    pub const ACTIVE: [JobState; 2] = [JobState::Pending, JobState::Running];
+    pub const ACTIVE: [JobState; 3] = [JobState::Pending, JobState::Running, JobState::Paused];
 
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Done | Self::Failed | Self::Cancelled)
@@ -31,6 +34,7 @@ impl JobState {
         match self {
             Self::Pending => "PENDING",
             Self::Running => "RUNNING",
+            Self::Paused => "PAUSED",
             Self::Done => "DONE",
             Self::Failed => "FAILED",
             Self::Cancelled => "CANCELLED",
@@ -41,6 +45,7 @@ impl JobState {
         Some(match text {
             "PENDING" => Self::Pending,
             "RUNNING" => Self::Running,
+            "PAUSED" => Self::Paused,
             "DONE" => Self::Done,
             "FAILED" => Self::Failed,
             "CANCELLED" => Self::Cancelled,
@@ -60,6 +65,15 @@ impl JobState {
                 | (Running, Done)
                 | (Running, Failed)
                 | (Running, Cancelled)
+                | (Pending, Paused)
+                | (Running, Paused)
+                // Resumed, a paused job waits for its next task to start
+                // again (a task that read the job before the pause cannot
+                // move it to RUNNING).
+                | (Paused, Pending)
+                | (Paused, Done)
+                | (Paused, Failed)
+                | (Paused, Cancelled)
         )
     }
 }
@@ -98,6 +112,10 @@ pub struct JobSpec {
     /// Fragments the request asked to leave alone (`skip_frags`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skip_fragments: Vec<u64>,
+    /// Only these fragments: those holding the rows the job named by
+    /// `context.retry_failed_of` skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only_fragments: Vec<u64>,
     /// Request fields this service does not use, noted here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignored_fields: Vec<String>,
@@ -135,6 +153,7 @@ impl JobSpec {
             first_id: self.first_fragment_id,
             refill: &self.refill_fragments,
             refill_all: self.refill_all,
+            only: &self.only_fragments,
         }
     }
 

@@ -31,7 +31,9 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::api::policy::{Access, Action, Decision};
-use crate::computed::{DECLARED_BY_KEY, MAINTAINED_KEY, Program, resolve_target};
+use crate::computed::{
+    DECLARED_BY_KEY, MAINTAINED_KEY, Program, REFRESH_INTERVAL_KEY, resolve_target,
+};
 use crate::error::Error;
 use crate::job::{Job, JobState, now_millis};
 use crate::queue::{Outgoing, TaskQueue};
@@ -67,6 +69,19 @@ pub(crate) struct Maintained {
     pub inputs: Vec<String>,
     /// Ids of the fields it reads (not those it fills).
     pub input_fields: Vec<i32>,
+    /// The least time between the starts of its jobs, if its declaration
+    /// set one.
+    pub interval: Option<Duration>,
+}
+
+impl Maintained {
+    /// When its next job may start (milliseconds since the epoch).
+    fn next_start_ms(&self, mark: &ColumnWatermark) -> i64 {
+        match self.interval {
+            Some(interval) => mark.last_started_ms + interval.as_millis() as i64,
+            None => 0,
+        }
+    }
 }
 
 pub struct Maintainer {
@@ -192,7 +207,7 @@ impl Maintainer {
         let Some((mark, revision)) = self.settled(latest.table, &column.column).await? else {
             return Ok(None);
         };
-        if now_millis() < mark.retry_at_ms {
+        if now_millis() < mark.retry_at_ms.max(column.next_start_ms(&mark)) {
             return Ok(None);
         }
         let Some((mark, revision)) = self.permitted(latest.table, column, mark, revision).await?
@@ -220,6 +235,7 @@ impl Maintainer {
         };
         let started = ColumnWatermark {
             last_job: Some(job_id.clone()),
+            last_started_ms: now_millis(),
             ..mark
         };
         self.save(latest.table, &column.column, &started, revision)
@@ -319,7 +335,7 @@ impl Maintainer {
             return Ok(Some((mark, revision)));
         };
         let next = match job.state {
-            JobState::Pending | JobState::Running => return Ok(None),
+            JobState::Pending | JobState::Running | JobState::Paused => return Ok(None),
             JobState::Done => advanced(&mark, &job),
             JobState::Failed | JobState::Cancelled => {
                 let next = self.count_failure(&mark, &job).await;
@@ -488,6 +504,11 @@ pub(crate) fn maintained_columns(dataset: &Dataset) -> Result<Vec<Maintained>, E
         let (_, input_fields) = program.field_ids();
         columns.push(Maintained {
             declared_by: field.metadata.get(DECLARED_BY_KEY).cloned(),
+            interval: field
+                .metadata
+                .get(REFRESH_INTERVAL_KEY)
+                .and_then(|s| s.parse().ok())
+                .map(Duration::from_secs),
             udf: target.udf.is_some(),
             column: target.name,
             inputs,

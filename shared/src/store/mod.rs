@@ -178,6 +178,10 @@ pub struct ColumnWatermark {
     /// run its jobs); it goes on once the right is back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// When the column's latest job was started (milliseconds since the
+    /// epoch): a column with a refresh interval waits that long between starts.
+    #[serde(default)]
+    pub last_started_ms: i64,
 }
 
 /// A row a user function raised on (left null, `on_error: skip`).

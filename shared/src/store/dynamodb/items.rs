@@ -171,11 +171,12 @@ pub(super) fn counters_update_while_active(
     names.insert("#state".into(), "state".into());
     values.insert(":pending".into(), s(JobState::Pending.as_str()));
     values.insert(":running".into(), s(JobState::Running.as_str()));
+    values.insert(":paused".into(), s(JobState::Paused.as_str()));
     Ok(Update::builder()
         .table_name(table)
         .set_key(Some(job_key(job_id)))
         .update_expression(update.update_expression)
-        .condition_expression("#state IN (:pending, :running)")
+        .condition_expression("#state IN (:pending, :running, :paused)")
         .set_expression_attribute_names(Some(names))
         .set_expression_attribute_values(Some(values))
         .build()?)

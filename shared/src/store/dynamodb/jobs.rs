@@ -303,7 +303,8 @@ impl DynamoJobStore {
         ]);
         let mut names = HashMap::from([("#state".to_string(), "state".to_string())]);
         if to == JobState::Running {
-            sets.push("started_at = :now");
+            // A resumed job keeps the time it first started.
+            sets.push("started_at = if_not_exists(started_at, :now)");
         }
         if to.is_terminal() {
             sets.push("finished_at = :now");

@@ -222,10 +222,11 @@ impl DynamoJobStore {
         let job = ConditionCheck::builder()
             .table_name(&self.table)
             .set_key(Some(job_key(job_id)))
-            .condition_expression("#state IN (:pending, :running)")
+            .condition_expression("#state IN (:pending, :running, :paused)")
             .expression_attribute_names("#state", "state")
             .expression_attribute_values(":pending", s(JobState::Pending.as_str()))
             .expression_attribute_values(":running", s(JobState::Running.as_str()))
+            .expression_attribute_values(":paused", s(JobState::Paused.as_str()))
             .build()?;
         let mut item = key(job_pk(job_id), INTENT_SK);
         item.insert("owner".into(), s(owner));

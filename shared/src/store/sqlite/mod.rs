@@ -531,7 +531,7 @@ fn move_job(
     let now = now_rfc3339();
     tx.execute(
         "UPDATE jobs SET state = ?2, updated_at = ?3,
-            started_at = CASE WHEN ?2 = 'RUNNING' THEN ?3 ELSE started_at END,
+            started_at = CASE WHEN ?2 = 'RUNNING' THEN COALESCE(started_at, ?3) ELSE started_at END,
             finished_at = CASE WHEN ?2 IN ('DONE','FAILED','CANCELLED') THEN ?3 ELSE finished_at END,
             error = COALESCE(?4, error)
          WHERE job_id = ?1",
