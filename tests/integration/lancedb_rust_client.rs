@@ -21,7 +21,7 @@ use lancedb::listing::ListingOptions;
 use lancedb::table::computed_columns::ComputedColumnOptions;
 use serde_json::json;
 
-use crate::udf::{declare, int64, output, payloads, virtual_column};
+use crate::udf::{backfill, function_column};
 
 const VISIBILITY: Duration = Duration::from_secs(30);
 const ROWS: u64 = 4_000;
@@ -215,30 +215,10 @@ async fn lancedb_rust_client_declares_refreshes_lists_pauses_and_reads_events() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lancedb_rust_client_reads_the_rows_a_function_raised_on() {
-    let state = tempfile::tempdir().unwrap();
-    let udfs = payloads(state.path());
-    let mut stack = Stack::embedded(StackOptions::default()).await;
-    write_sample_table(&stack.table_uri("items"), 12_000, 4)
-        .await
-        .unwrap();
-    stack.start_worker(fast_engine(), RunnerConfig::default(), VISIBILITY);
-    let entry = virtual_column(
-        "r",
-        &["x"],
-        vec![output("r", int64())],
-        &udfs["raises_on_sevens"],
-    );
-    declare(&stack, "items", entry).await;
+    let (_state, stack) = function_column(12_000, "raises_on_sevens").await;
     let mut request = AlterTableBackfillColumnsRequest::new("r".into());
     request.context = Some(HashMap::from([("on_error".into(), "skip".into())]));
-    let (status, started) = stack
-        .post(
-            "/v1/table/items/backfill_column",
-            serde_json::to_value(&request).unwrap(),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
-    let job_id = started["job_id"].as_str().unwrap().to_string();
+    let job_id = backfill(&stack, "items", request).await;
     stack.wait_done(&job_id, Duration::from_secs(120)).await;
     let db = connect(&stack).await;
     let table = db.open_table("items").execute().await.expect("open");

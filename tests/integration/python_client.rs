@@ -13,12 +13,10 @@ use lance_backfill_tests::{
 };
 use serde_json::Value;
 
+use crate::udf::python;
+
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const ROWS: u64 = 4_000;
-
-fn python() -> String {
-    std::env::var("LANCE_BACKFILL_UDF_PYTHON").unwrap_or_else(|_| "python3".into())
-}
 
 async fn session(stack: &Stack) -> Value {
     let output = tokio::process::Command::new(python())

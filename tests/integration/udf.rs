@@ -124,11 +124,27 @@ pub(crate) async fn declare(stack: &Stack, table: &str, entry: AddColumnsEntry) 
     .expect("add_columns through the official client");
 }
 
-async fn backfill(stack: &Stack, table: &str, request: AlterTableBackfillColumnsRequest) -> String {
+pub(crate) async fn backfill(
+    stack: &Stack,
+    table: &str,
+    request: AlterTableBackfillColumnsRequest,
+) -> String {
     table_api::alter_table_backfill_columns(&stack.client(), table, request, None)
         .await
         .expect("backfill_column through the official client")
         .job_id
+}
+
+/// A stack whose table `items` (`rows` rows in 4 fragments, a worker)
+/// has the column `r` filled by tests/udfs.py's `function` of `x`; the
+/// directory the functions leave their marks in comes with it.
+pub(crate) async fn function_column(rows: u64, function: &str) -> (tempfile::TempDir, Stack) {
+    let state = tempfile::tempdir().unwrap();
+    let udfs = payloads(state.path());
+    let stack = stack_with_table(rows).await;
+    let entry = virtual_column("r", &["x"], vec![output("r", int64())], &udfs[function]);
+    declare(&stack, "items", entry).await;
+    (state, stack)
 }
 
 /// A stack with a sample table of `rows` rows in 4 fragments and a worker.
@@ -472,16 +488,7 @@ async fn auto_backfill_submits_the_job_and_answers_its_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_a_function_raises_on_fail_the_job_or_are_skipped() {
-    let state = tempfile::tempdir().unwrap();
-    let udfs = payloads(state.path());
-    let stack = stack_with_table(12_000).await;
-    let entry = virtual_column(
-        "r",
-        &["x"],
-        vec![output("r", int64())],
-        &udfs["raises_on_sevens"],
-    );
-    declare(&stack, "items", entry).await;
+    let (state, stack) = function_column(12_000, "raises_on_sevens").await;
     // By default the first failing batch fails the job with the exception,
     // the fragment and the rows. Tasks of 1,000 rows: the fragments (3,000
     // rows each) are not packed, and a task names its fragment's row range.
@@ -984,16 +991,7 @@ async fn a_udf_lambda_that_dies_is_invoked_again_then_fails_the_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_computes_again_only_the_rows_another_skipped() {
-    let state = tempfile::tempdir().unwrap();
-    let udfs = payloads(state.path());
-    let stack = stack_with_table(12_000).await;
-    let entry = virtual_column(
-        "r",
-        &["x"],
-        vec![output("r", int64())],
-        &udfs["raises_on_sevens_until_fixed"],
-    );
-    declare(&stack, "items", entry).await;
+    let (state, stack) = function_column(12_000, "raises_on_sevens_until_fixed").await;
     // Fragment 0 (x < 3000) only: rows 7, 1007 and 2007 are skipped.
     let mut request = AlterTableBackfillColumnsRequest::new("r".into());
     request.context = Some(HashMap::from([("on_error".into(), "skip".into())]));
