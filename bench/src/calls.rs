@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use lance_backfill::engine::EngineConfig;
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::run::engine::EngineConfig;
 use lance_backfill_tests::{Moto, Stack, StackOptions, write_sample_table};
 use serde_json::json;
 

@@ -1,13 +1,15 @@
 //! A backfill of a live table: the same job on a quiet table and on one
 //! another writer (pylance, tests/live_writer.py) appends to every 100 ms
-//! and compacts every 5 s, alternating, in one run.
+//! and compacts every 5 s, alternating, in one run; for a SQL column (a
+//! job shorter than the compaction period) and a Python function column
+//! (a job long enough for compactions to move its rows while it runs).
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
-use lance_backfill::job::{Counter, Job};
+use lance_backfill::model::job::{Counter, Job};
 use lance_backfill::submit::SubmitSettings;
 use lance_backfill_tests::write_sample_table;
 use serde_json::json;
@@ -43,6 +45,14 @@ impl Busy {
     }
 }
 
+/// The column the job fills: `y = x * 2 + 1`, as SQL or as a Python
+/// function on the local pool (tests/udfs.py's `double_plus_one`).
+#[derive(Clone, Copy)]
+enum Fill<'a> {
+    Sql,
+    Function(&'a str),
+}
+
 pub async fn live(options: &Options) -> anyhow::Result<()> {
     let (rows, fragments) = if options.quick {
         (1_000_000, 16)
@@ -51,18 +61,47 @@ pub async fn live(options: &Options) -> anyhow::Result<()> {
     };
     println!("## A live table: the same backfill on a quiet table and under another writer\n");
     println!(
-        "`x * 2 + 1` over {rows} rows in {fragments} fragments, embedded store and queue. Busy: pylance appends 100 rows every {APPEND_EVERY_MS} ms and compacts every {COMPACT_EVERY_S} s while the job runs (tests/live_writer.py busy). {} repetitions of each, alternating; the table is written afresh for each.\n",
+        "`y = x * 2 + 1` over {rows} rows in {fragments} fragments, embedded store and queue, as SQL and as a Python function on the local pool (tests/udfs.py `double_plus_one`, 2 processes). Busy: pylance appends 100 rows every {APPEND_EVERY_MS} ms and compacts every {COMPACT_EVERY_S} s while the job runs (tests/live_writer.py busy). {} repetitions of each, alternating; the table is written afresh for each.\n",
         options.reps
     );
     println!(
-        "| table | time to DONE, median (min–max) | rows/s | rows re-planned | commits rebased | writer's appends / compactions |"
+        "| column | table | time to DONE, median (min–max) | rows/s | rows re-planned | commits rebased | writer's appends / compactions |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
+    let state = fresh(&options.dir, "live-state")?;
+    let functions = crate::udf::payloads(&options.python, &state)?;
+    let function = functions
+        .get("double_plus_one")
+        .context("tests/udfs.py has double_plus_one")?;
+    let mut ratios = Vec::new();
+    for (label, fill) in [
+        ("SQL", Fill::Sql),
+        ("Python function", Fill::Function(function)),
+    ] {
+        ratios.push((label, compare(options, rows, fragments, label, fill).await?));
+    }
+    for (label, ratio) in ratios {
+        println!("\n{label}: busy / quiet {ratio:.2} (goal: under 1.3).");
+    }
+    println!();
+    Ok(())
+}
+
+/// The quiet and busy runs of one kind of column, alternating; returns
+/// busy / quiet of the medians.
+async fn compare(
+    options: &Options,
+    rows: u64,
+    fragments: u64,
+    label: &str,
+    fill: Fill<'_>,
+) -> anyhow::Result<f64> {
     let (mut quiet, mut busy) = (Vec::new(), Vec::new());
     let mut notes = [(0, 0, json!(null)), (0, 0, json!(null))];
     for rep in 0..options.reps {
         for (i, with_writer) in [false, true].into_iter().enumerate() {
-            let (took, job, writer) = one(options, rows, fragments, with_writer, rep).await?;
+            let (took, job, writer) =
+                one(options, (rows, fragments), fill, with_writer, rep).await?;
             notes[i] = (
                 job.metrics.get(Counter::RowsReplanned),
                 job.metrics.get(Counter::CommitsRebased),
@@ -75,36 +114,44 @@ pub async fn live(options: &Options) -> anyhow::Result<()> {
             }
         }
     }
-    for (label, samples, (replanned, rebased, writer)) in
+    for (table, samples, (replanned, rebased, writer)) in
         [("quiet", &quiet, &notes[0]), ("busy", &busy, &notes[1])]
     {
         let summary = summarize(samples);
         println!(
-            "| {label} | {} | {} | {replanned} | {rebased} | {} / {} |",
+            "| {label} | {table} | {} | {} | {replanned} | {rebased} | {} / {} |",
             range(&summary),
             rows_per_second(rows, summary.median),
             writer["append"].as_u64().unwrap_or(0),
             writer["compact"].as_u64().unwrap_or(0),
         );
     }
-    let ratio = summarize(&busy).median.as_secs_f64() / summarize(&quiet).median.as_secs_f64();
-    println!("\nBusy / quiet: {ratio:.2} (goal: under 1.3).\n");
-    Ok(())
+    Ok(summarize(&busy).median.as_secs_f64() / summarize(&quiet).median.as_secs_f64())
 }
 
 /// One job, with or without the writer; the values checked after.
 async fn one(
     options: &Options,
-    rows: u64,
-    fragments: u64,
+    (rows, fragments): (u64, u64),
+    fill: Fill<'_>,
     with_writer: bool,
     rep: usize,
 ) -> anyhow::Result<(Duration, Job, serde_json::Value)> {
     let root = fresh(&options.dir, &format!("live-{rep}-{with_writer}"))?;
     let uri = format!("{}/items.lance", root.display());
     write_sample_table(&uri, rows, fragments).await?;
-    let stack = local_stack(&root, SubmitSettings::default()).await;
-    stack.declare("items", &[("y", "x * 2 + 1")]).await;
+    let stack = match fill {
+        Fill::Sql => {
+            let stack = local_stack(&root, SubmitSettings::default()).await;
+            stack.declare("items", &[("y", "x * 2 + 1")]).await;
+            stack
+        }
+        Fill::Function(payload) => {
+            let stack = crate::udf::udf_stack(&root, 2).await;
+            crate::udf::declare(&stack, "y", payload, "double_plus_one").await?;
+            stack
+        }
+    };
     let writer = match with_writer {
         true => Some(Busy::start(&options.python, &uri, rows)?),
         false => None,

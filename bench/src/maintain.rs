@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lance::Dataset;
-use lance_backfill::events::Publisher;
-use lance_backfill::maintain::{self, DEFAULT_POLL_INTERVAL, MAINTAINER, Wake};
+use lance_backfill::ports::events::Publisher;
+use lance_backfill::submit::maintain::{self, DEFAULT_POLL_INTERVAL, MAINTAINER, Wake};
 use lance_backfill_tests::{Stack, append_rows, write_sample_table};
 use serde_json::json;
 use tokio::sync::watch;

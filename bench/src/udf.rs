@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch};
 use lance::Dataset;
-use lance_backfill::engine::EngineConfig;
-use lance_backfill::runner::RunnerConfig;
-use lance_backfill::udf::pool::{LocalPool, PoolConfig};
-use lance_backfill::udf::{UdfRef, UdfRuntime};
+use lance_backfill::adapters::local::pool::{LocalPool, PoolConfig};
+use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::ports::udf::{UdfRef, UdfRuntime};
+use lance_backfill::run::engine::EngineConfig;
 use lance_backfill_tests::{Stack, StackOptions, write_sample_table};
 use serde_json::json;
 
@@ -24,7 +24,7 @@ use crate::scenarios::{Options, backfill, fresh, verify};
 const FUNCTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/udfs.py");
 
 /// Base64 cloudpickles of tests/udfs.py's functions, made by `python`.
-fn payloads(python: &str, state: &Path) -> anyhow::Result<HashMap<String, String>> {
+pub(crate) fn payloads(python: &str, state: &Path) -> anyhow::Result<HashMap<String, String>> {
     let output = std::process::Command::new(python)
         .args([FUNCTIONS, "payloads"])
         .arg(state)
@@ -38,7 +38,7 @@ fn payloads(python: &str, state: &Path) -> anyhow::Result<HashMap<String, String
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 
-async fn udf_stack(root: &Path, workers: usize) -> Stack {
+pub(crate) async fn udf_stack(root: &Path, workers: usize) -> Stack {
     let mut stack = Stack::embedded(StackOptions {
         root: Some(root.to_string_lossy().into_owned()),
         udf_workers: Some(workers),
@@ -54,7 +54,12 @@ async fn udf_stack(root: &Path, workers: usize) -> Stack {
 }
 
 /// Declares `column` (int64) as `function` of `x`.
-async fn declare(stack: &Stack, column: &str, payload: &str, function: &str) -> anyhow::Result<()> {
+pub(crate) async fn declare(
+    stack: &Stack,
+    column: &str,
+    payload: &str,
+    function: &str,
+) -> anyhow::Result<()> {
     let entry = json!({"name": column, "virtual_column": {
         "input_columns": ["x"], "udf": payload, "udf_name": function, "udf_version": "1",
         "image": "local",

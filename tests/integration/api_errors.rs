@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::app::runner::RunnerConfig;
 use lance_backfill_tests::{API_KEY, Moto, Stack, StackOptions, fast_engine, write_sample_table};
 use serde_json::json;
 
@@ -246,7 +246,7 @@ async fn every_invalid_field_gets_its_status_and_code() {
     .await;
     // Nothing was recorded or queued for any of these.
     let sqs = stack.sqs.as_ref().unwrap();
-    let messages = lance_backfill::queue::TaskQueue::receive(
+    let messages = lance_backfill::ports::queue::TaskQueue::receive(
         sqs,
         10,
         std::time::Duration::from_secs(1),
@@ -316,7 +316,7 @@ async fn add_columns_declares_fills_and_refuses_bad_entries() {
     assert_eq!(
         later
             .metadata
-            .get(lance_backfill::computed::BINDING_KEY)
+            .get(lance_backfill::run::computed::BINDING_KEY)
             .map(String::as_str),
         Some("twice + length(s)")
     );
@@ -405,7 +405,7 @@ async fn add_columns_declares_fills_and_refuses_bad_entries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bearer_tokens_over_http() {
     use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-    let auth = lance_backfill::api::auth::Authenticator::default()
+    let auth = lance_backfill::http::auth::Authenticator::default()
         .with_jwt(
             "https://issuer.example",
             "lance-backfill",

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use lance_backfill::queue::Message;
-use lance_backfill::queue::TaskQueue;
+use lance_backfill::ports::queue::Message;
+use lance_backfill::ports::queue::TaskQueue;
 use lance_backfill::submit::SubmitSettings;
 use lance_backfill_tests::{API_KEY, Moto, Stack, StackOptions, write_sample_table};
 use serde_json::json;

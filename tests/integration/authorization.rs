@@ -3,8 +3,8 @@
 //! principal is an API key's name or a bearer token's `sub`; the policy is
 //! JSON or `@path` of a file holding it.
 
-use lance_backfill::api::auth::{Authenticator, sha256_hex};
-use lance_backfill::api::policy::Access;
+use lance_backfill::http::auth::{Authenticator, sha256_hex};
+use lance_backfill::model::policy::Access;
 use lance_backfill_tests::{Stack, StackOptions, write_sample_table};
 use serde_json::{Value, json};
 
@@ -555,8 +555,8 @@ async fn declaring_columns_that_start_jobs_needs_submit_too() {
 async fn a_maintained_column_runs_with_its_declarers_current_rights() {
     use std::time::Duration;
 
-    use lance_backfill::maintain::MAINTAINER;
-    use lance_backfill::runner::RunnerConfig;
+    use lance_backfill::app::runner::RunnerConfig;
+    use lance_backfill::submit::maintain::MAINTAINER;
     use lance_backfill_tests::{append_rows, fast_engine};
 
     let mut stack = stack().await;
@@ -629,8 +629,8 @@ async fn a_maintained_column_runs_with_its_declarers_current_rights() {
     assert_eq!(mark.stopped, None);
 }
 
-fn items() -> lance_backfill::table::TableId {
-    lance_backfill::table::TableId(vec!["items".to_string()])
+fn items() -> lance_backfill::model::table::TableId {
+    lance_backfill::model::table::TableId(vec!["items".to_string()])
 }
 
 /// A function of 64 outputs declared with a manifest of a million bytes:

@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lance_backfill::api::Service;
-use lance_backfill::bootstrap::Components;
-use lance_backfill::engine::EngineConfig;
-use lance_backfill::job::JobState;
-use lance_backfill::queue::{QueueSet, SqsQueue};
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::adapters::aws::SqsQueue;
+use lance_backfill::app::bootstrap::Components;
+use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::http::Service;
+use lance_backfill::model::job::JobState;
+use lance_backfill::ports::queue::QueueSet;
+use lance_backfill::run::engine::EngineConfig;
 use lance_backfill_tests::{
     API_KEY, Moto, Stack, StackOptions, fast_engine, read_i64, write_sample_table,
 };
@@ -240,12 +241,12 @@ async fn service_faults_reach_clients_without_internals() {
         ..stack.components.clone()
     };
     let service: Service = components.service(
-        lance_backfill::api::auth::Authenticator::default().with_plain_key(API_KEY),
+        lance_backfill::http::auth::Authenticator::default().with_plain_key(API_KEY),
         Default::default(),
     );
     let mut headers = http::HeaderMap::new();
     headers.insert("x-api-key", API_KEY.parse().unwrap());
-    let request = lance_backfill::api::request(
+    let request = lance_backfill::http::request(
         http::Method::POST,
         BACKFILL,
         headers,
@@ -276,7 +277,7 @@ async fn service_faults_reach_clients_without_internals() {
     let failed = stack
         .store()
         .list_jobs(
-            &lance_backfill::table::TableId(vec!["items".into()]).key(),
+            &lance_backfill::model::table::TableId(vec!["items".into()]).key(),
             10,
             None,
         )
@@ -300,7 +301,7 @@ async fn service_faults_reach_clients_without_internals() {
 /// right values: no stack overflow ends the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_longest_operator_chains_evaluate_on_worker_threads() {
-    use lance_backfill::computed::limits::MAX_EXPRESSION_TOKENS;
+    use lance_backfill::run::computed::limits::MAX_EXPRESSION_TOKENS;
     let mut stack = stack_with_table(2_000, 2).await;
     // "x", then " + 1" (two tokens) as often as the limit allows.
     let terms = (MAX_EXPRESSION_TOKENS - 1) / 2;

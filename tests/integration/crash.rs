@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lance_backfill::queue::SqsQueue;
+use lance_backfill::adapters::aws::SqsQueue;
 use lance_backfill_tests::{Moto, read_i64, replacements_per_fragment, write_sample_table};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -101,9 +101,9 @@ impl Backend {
     pub(crate) async fn queue_empty(&self, root: &str) -> bool {
         match self {
             Self::Embedded => {
-                let state = lance_backfill::bootstrap::default_state_path(root).unwrap();
-                let queue = lance_backfill::queue::SqliteQueue::new(
-                    lance_backfill::embedded::EmbeddedDb::open(&state).unwrap(),
+                let state = lance_backfill::app::bootstrap::default_state_path(root).unwrap();
+                let queue = lance_backfill::adapters::sqlite::SqliteQueue::new(
+                    lance_backfill::adapters::sqlite::embedded::EmbeddedDb::open(&state).unwrap(),
                     "tasks",
                     10,
                 );

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::app::runner::RunnerConfig;
 use lance_backfill_tests::{API_KEY, Stack, StackOptions, fast_engine, write_sample_table};
 use serde_json::json;
 

@@ -11,8 +11,10 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use lance_backfill::events::{JsonLinesSink, Publisher, WebhookSink};
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::adapters::local::JsonLinesSink;
+use lance_backfill::adapters::local::WebhookSink;
+use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::ports::events::Publisher;
 use lance_backfill_tests::{
     Stack, StackOptions, eventually, fast_engine, latest_version, write_sample_table,
 };
@@ -196,7 +198,7 @@ async fn every_state_change_reaches_the_log_and_the_webhook() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn job_events_reach_an_eventbridge_bus() {
     use aws_sdk_eventbridge::types::Target;
-    use lance_backfill::events::EventBridgeSink;
+    use lance_backfill::adapters::aws::EventBridgeSink;
     use lance_backfill_tests::{Moto, unique};
 
     let moto = Moto::connect().await;
@@ -303,7 +305,7 @@ async fn job_events_reach_an_eventbridge_bus() {
 /// dropped and counted, and nothing waits on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_no_receiver_takes_is_dropped_and_counted() {
-    use lance_backfill::events::{EventSink, JobChange, JobNotice};
+    use lance_backfill::ports::events::{EventSink, JobChange, JobNotice};
     let (url, hook) = start_webhook().await;
     let sink = WebhookSink::start(url, Some("not the receiver's secret".to_string())).unwrap();
     let notice = JobNotice {

@@ -9,16 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-use lance_backfill::api::lambda;
-use lance_backfill::job::{
+use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::app::worker::Worker;
+use lance_backfill::http::lambda;
+use lance_backfill::model::job::{
     Counter, Job, JobSpec, JobState, Metrics, MetricsDelta, Params, PlanSummary, new_job_id,
     now_rfc3339,
 };
-use lance_backfill::queue::TaskQueue;
-use lance_backfill::runner::RunnerConfig;
-use lance_backfill::store::{JobStore, StagedFragment, StoreError};
-use lance_backfill::table::TableId;
-use lance_backfill::worker::Worker;
+use lance_backfill::model::table::TableId;
+use lance_backfill::ports::queue::TaskQueue;
+use lance_backfill::ports::store::{FragmentLedger, JobRecords, StagedFragment, StoreError};
 use lance_backfill_tests::{
     API_KEY, Moto, Stack, StackOptions, fast_engine, fuzz_seed, read_i64,
     replacements_per_fragment, write_table,
@@ -501,7 +501,7 @@ async fn invoke_api(stack: &Stack, path: &str, body: Value) -> (u16, Value) {
 }
 
 /// What the SQS event source does for the worker function.
-async fn event_source(worker: Arc<Worker>, queue: lance_backfill::queue::SqsQueue) {
+async fn event_source(worker: Arc<Worker>, queue: lance_backfill::adapters::aws::SqsQueue) {
     let arn = format!(
         "arn:aws:sqs:us-east-1:123456789012:{}",
         queue.url().rsplit('/').next().unwrap_or_default()

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use lance_backfill::api::Service;
+use lance_backfill::http::Service;
 use lance_backfill_tests::{API_KEY, Stack, StackOptions, write_sample_table};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -427,7 +427,7 @@ fn path(job_id: String) -> impl Strategy<Value = (Method, String)> {
         2 => Just(job_id),
     ];
     // Mostly real routes with their method, so requests reach validation:
-    // every route of api/routes.rs, and some with the wrong method.
+    // every route of http/routes.rs, and some with the wrong method.
     let route = prop_oneof![
         6 => Just((Method::POST, "/v1/table/{}/backfill_column")),
         4 => Just((Method::POST, "/v1/table/{}/add_columns")),
@@ -553,7 +553,8 @@ fn the_api_handler_takes_anything() {
                     Some(q) => format!("{path}?{q}"),
                     None => path,
                 };
-                let request = lance_backfill::api::request(method, &target, map, Bytes::from(body));
+                let request =
+                    lance_backfill::http::request(method, &target, map, Bytes::from(body));
                 let response = runtime.block_on(service.handle(request));
                 *statuses
                     .lock()
@@ -665,7 +666,7 @@ fn long_strings() -> arrow_array::RecordBatch {
 /// What becomes of `sql` declared as a computed column and evaluated over
 /// `batch` as a worker evaluates it.
 async fn evaluate_as_worker(sql: &str, batch: &arrow_array::RecordBatch) -> &'static str {
-    use lance_backfill::computed::{Program, TargetColumn, infer_expression};
+    use lance_backfill::run::computed::{Program, TargetColumn, infer_expression};
     let base = batch.schema();
     let Ok((data_type, _)) = infer_expression(&base, sql, "the expression") else {
         return "refused when declared";

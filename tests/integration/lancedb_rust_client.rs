@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arrow_array::{Array, StringArray};
 use futures::TryStreamExt;
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::app::runner::RunnerConfig;
 use lance_backfill_tests::{
     API_KEY, Stack, StackOptions, fast_engine, read_i64, write_sample_table,
 };

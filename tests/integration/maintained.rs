@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lance_backfill::maintain::{self, MAINTAINER, Maintainer};
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::submit::maintain::{self, MAINTAINER, Maintainer};
 use lance_backfill_tests::{
     Stack, StackOptions, append_rows, eventually, fast_engine, read_i64, write_sample_table,
 };
@@ -81,7 +81,7 @@ fn start_watcher(stack: &Stack) -> (Arc<Maintainer>, watch::Sender<bool>) {
     (maintainer, stop)
 }
 
-async fn maintainer_jobs(stack: &Stack) -> Vec<lance_backfill::job::Job> {
+async fn maintainer_jobs(stack: &Stack) -> Vec<lance_backfill::model::job::Job> {
     let page = stack
         .store()
         .list_jobs("items", 1000, None)
@@ -153,7 +153,7 @@ async fn appended_rows_are_filled_in_order_and_bursts_coalesce() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn new_versions_and_job_ends_wake_the_watcher_before_its_poll() {
     let wake = maintain::Wake::default();
-    let publisher = lance_backfill::events::Publisher::default()
+    let publisher = lance_backfill::ports::events::Publisher::default()
         .with(Arc::new(maintain::WakeOnJobEnd(wake.clone())));
     let mut stack = Stack::embedded(StackOptions {
         publisher,
@@ -198,7 +198,7 @@ async fn one_job_per_version_however_many_watchers() {
     // at the same version at once: the idempotency key, or the job the
     // other made, leaves one job.
     let (first, second) = (maintainer(&stack), maintainer(&stack));
-    let table = lance_backfill::table::TableId(vec!["items".into()]);
+    let table = lance_backfill::model::table::TableId(vec!["items".into()]);
     let (a, b) = tokio::join!(first.maintain(&table), second.maintain(&table));
     let (a, b) = (a.unwrap(), b.unwrap());
     // Whichever got there first made the job; the other made none, or
@@ -244,8 +244,8 @@ async fn declare_maintained_without_worker(stack: &Stack) {
 /// appended rows (DynamoDB and SQS on moto too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_s3_version_event_fills_the_appended_rows() {
-    use lance_backfill::demo::write_sample_table_with;
-    use lance_backfill::trigger::table_of_event;
+    use lance_backfill::submit::trigger::table_of_event;
+    use lance_backfill_sample::write_sample_table_with;
     use lance_backfill_tests::{Moto, append_rows_with};
 
     let moto = Moto::connect().await;
@@ -349,14 +349,14 @@ async fn a_failed_maintained_job_is_retried_until_every_row_is_filled() {
         maintainer_jobs(&stack)
             .await
             .iter()
-            .any(|job| job.state == lance_backfill::job::JobState::Failed)
+            .any(|job| job.state == lance_backfill::model::job::JobState::Failed)
     })
     .await
     .expect("the job over the bad row fails");
     let failed = maintainer_jobs(&stack)
         .await
         .into_iter()
-        .find(|job| job.state == lance_backfill::job::JobState::Failed)
+        .find(|job| job.state == lance_backfill::model::job::JobState::Failed)
         .unwrap();
     eventually(Duration::from_secs(30), || async {
         stack
@@ -442,7 +442,7 @@ async fn a_maintained_column_has_no_lookback_limit() {
         stack.wait_done(&job, Duration::from_secs(60)).await;
     }
     append_rows(&uri, 200, 50).await;
-    let table = lance_backfill::table::TableId(vec!["items".into()]);
+    let table = lance_backfill::model::table::TableId(vec!["items".into()]);
     let jobs = maintainer.maintain(&table).await.unwrap();
     assert_eq!(jobs.len(), 1);
     let job = stack.wait_done(&jobs[0], Duration::from_secs(60)).await;
@@ -461,8 +461,6 @@ async fn a_maintained_column_has_no_lookback_limit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_declaration_joins_the_job_already_filling_its_column() {
     use lance_backfill::submit::{SubmitOutcome, SubmitRequest};
-    use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
-
     let stack = Stack::embedded(StackOptions::default()).await;
     write_sample_table(&stack.table_uri("items"), 1000, 2)
         .await
@@ -470,11 +468,11 @@ async fn a_declaration_joins_the_job_already_filling_its_column() {
     stack.declare("items", &[("y", "x * 2 + 1")]).await;
     // No worker runs: the first job stays unfinished.
     let running = stack.submit("items", json!({"column": "y"})).await;
-    let table = lance_backfill::table::TableId(vec!["items".to_string()]);
+    let table = lance_backfill::model::table::TableId(vec!["items".to_string()]);
     let request = |join_running: bool| {
         let mut submit = SubmitRequest::new(
             table.clone(),
-            AlterTableBackfillColumnsRequest::new("y".into()),
+            lance_backfill::model::job::BackfillSpec::of_column("y"),
             MAINTAINER.to_string(),
         );
         submit.join_running = join_running;

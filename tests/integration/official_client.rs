@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use lance_backfill::queue::Message;
-use lance_backfill::queue::TaskQueue;
+use lance_backfill::ports::queue::Message;
+use lance_backfill::ports::queue::TaskQueue;
 use lance_backfill_tests::{Moto, Stack, StackOptions, write_sample_table};
 use lance_namespace_reqwest_client::apis::{Error as ClientError, table_api};
 use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::app::runner::RunnerConfig;
 use lance_backfill_tests::{
     API_KEY, Stack, StackOptions, fast_engine, read_i64, write_sample_table,
 };

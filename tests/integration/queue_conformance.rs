@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lance_backfill::embedded::EmbeddedDb;
-use lance_backfill::queue::{Outgoing, Received, SqliteQueue, TaskQueue};
+use lance_backfill::adapters::sqlite::SqliteQueue;
+use lance_backfill::adapters::sqlite::embedded::EmbeddedDb;
+use lance_backfill::ports::queue::{Outgoing, Received, TaskQueue};
 use lance_backfill_tests::Moto;
 
 /// Receives before a message goes to the dead letters, in every adapter here.

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use lance::dataset::optimize::{CompactionOptions, compact_files};
-use lance_backfill::engine::{Delivery, Disposition};
-use lance_backfill::job::Counter;
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::model::job::Counter;
+use lance_backfill::run::engine::{Delivery, Disposition};
 use lance_backfill_tests::{
     Moto, Stack, StackOptions, fast_engine, latest_version, read_i64, write_sample_table,
 };
@@ -207,7 +207,7 @@ fn message_parsing_never_panics() {
     let json_value = proptest::arbitrary::any::<String>().prop_map(|s| s);
     runner
         .run(&json_value, |body| {
-            let _ = lance_backfill::queue::Message::parse(&body);
+            let _ = lance_backfill::ports::queue::Message::parse(&body);
             Ok(())
         })
         .unwrap();
@@ -222,7 +222,7 @@ fn message_parsing_never_panics() {
         .run(&shaped, |(kind, v, start, end, rows)| {
             let body = json!({"kind": kind, "v": v, "job_id": "j", "first": start, "count": end,
                 "task": {"fragment_id": rows, "task": 0, "tasks_in_fragment": 1, "start": start, "end": end, "fragment_rows": rows}});
-            let _ = lance_backfill::queue::Message::parse(&body.to_string());
+            let _ = lance_backfill::ports::queue::Message::parse(&body.to_string());
             Ok(())
         })
         .unwrap();

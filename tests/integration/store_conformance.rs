@@ -1,20 +1,23 @@
-//! One contract, two adapters: every `JobStore` behaviour the engine relies
-//! on, checked against the embedded SQLite store and against DynamoDB (moto).
+//! One contract, two adapters: every behaviour of each job store role
+//! (`JobRecords`, `JobJournal`, `FragmentLedger`, `Leases`, `Watermarks`)
+//! the service relies on, checked against the embedded SQLite store and
+//! against DynamoDB (moto).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use lance_backfill::embedded::EmbeddedDb;
-use lance_backfill::job::{
+use lance_backfill::adapters::sqlite::SqliteJobStore;
+use lance_backfill::adapters::sqlite::embedded::EmbeddedDb;
+use lance_backfill::model::job::{
     Counter, Job, JobSpec, JobState, Metrics, MetricsDelta, Params, PlanSummary, new_job_id,
     now_rfc3339,
 };
-use lance_backfill::plan::{PlannedFragment, ReadAt, job_fragment};
-use lance_backfill::store::{
+use lance_backfill::model::plan::{PlannedFragment, ReadAt, job_fragment};
+use lance_backfill::model::table::TableId;
+use lance_backfill::ports::store::{
     COMMIT_LEASE, ColumnWatermark, CreateOutcome, FragmentStatus, HeldLease, IdempotencyClaim,
-    JobStore, PlanChange, Replanned, Resolution, SqliteJobStore, StagedFragment, StoreError,
+    JobStore, PlanChange, Replanned, Resolution, RowFailure, StagedFragment, StoreError,
 };
-use lance_backfill::table::TableId;
 use lance_backfill_tests::Moto;
 use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
 
@@ -41,23 +44,31 @@ async fn dynamodb() -> Adapter {
     }
 }
 
-/// Runs each named check against both adapters: `sqlite::<name>` and
-/// `dynamodb::<name>`.
+/// Runs each named check against both adapters, grouped by the store role
+/// it checks: `sqlite::<role>::<name>` and `dynamodb::<role>::<name>`.
 macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
+    ($($role:ident: [$($name:ident),* $(,)?]),* $(,)?) => {
         mod sqlite {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::sqlite().await).await
+                mod $role {
+                    $(
+                        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                        async fn $name() {
+                            super::super::$name(super::super::sqlite().await).await
+                        }
+                    )*
                 }
             )*
         }
         mod dynamodb {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::dynamodb().await).await
+                mod $role {
+                    $(
+                        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                        async fn $name() {
+                            super::super::$name(super::super::dynamodb().await).await
+                        }
+                    )*
                 }
             )*
         }
@@ -65,20 +76,29 @@ macro_rules! conformance {
 }
 
 conformance!(
-    create_replays_and_refuses,
-    a_column_is_free_again_once_its_job_ends,
-    counters_add_up_under_concurrency,
-    transitions_follow_the_state_machine,
-    leases_are_exclusive_expire_and_renew,
-    a_dropped_lease_is_given_back,
-    tasks_and_fragments_are_recorded_once,
-    committed_fragments_leave_the_staged_list,
-    fragments_are_resolved_in_batches,
-    listing_pages_newest_first,
-    missing_jobs_and_bad_tokens,
-    plans_change_once_however_often_recorded,
-    a_commit_in_flight_holds_off_a_cancel,
-    watermarks_change_only_from_the_revision_read,
+    records: [
+        create_replays_and_refuses,
+        a_released_idempotency_key_starts_a_new_job,
+        a_column_is_free_again_once_its_job_ends,
+        counters_add_up_under_concurrency,
+        transitions_follow_the_state_machine,
+        listing_pages_newest_first,
+        missing_jobs_and_bad_tokens,
+    ],
+    journal: [events_and_row_failures_are_kept_in_order_once],
+    fragments: [
+        tasks_and_fragments_are_recorded_once,
+        committed_fragments_leave_the_staged_list,
+        fragments_are_resolved_in_batches,
+        plans_change_once_however_often_recorded,
+    ],
+    leases: [
+        leases_are_exclusive_expire_and_renew,
+        a_dropped_lease_is_given_back,
+        a_commit_in_flight_holds_off_a_cancel,
+        an_ended_commit_lets_a_cancel_through,
+    ],
+    watermarks: [watermarks_change_only_from_the_revision_read],
 );
 
 /// The embedded store's run of the 10,000-fragment job; DynamoDB's runs on
@@ -208,6 +228,101 @@ async fn create_replays_and_refuses(adapter: Adapter) {
         .await
         .unwrap();
     assert_eq!(z, CreateOutcome::Created);
+}
+
+/// A submission that could not queue its work forgets its key, so its
+/// retry makes a new job; a key is forgotten only for the job it names.
+async fn a_released_idempotency_key_starts_a_new_job(adapter: Adapter) {
+    let store = adapter.store;
+    let first = job("t", "y");
+    let key = claim("k1", "f1");
+    store
+        .create_job(&first, "planned", Some(&key))
+        .await
+        .unwrap();
+    store
+        .release_idempotency("k1", "another-job")
+        .await
+        .unwrap();
+    let replayed = CreateOutcome::Replayed {
+        job_id: first.job_id.clone(),
+    };
+    let again = store
+        .create_job(&job("t", "y"), "planned", Some(&key))
+        .await;
+    assert_eq!(
+        again.unwrap(),
+        replayed,
+        "another job's release keeps the key"
+    );
+    store
+        .transition(
+            &first.job_id,
+            JobState::Failed,
+            Some("failed: unqueued"),
+            Some("unqueued"),
+        )
+        .await
+        .unwrap();
+    store
+        .release_idempotency("k1", &first.job_id)
+        .await
+        .unwrap();
+    let retry = job("t", "y");
+    let created = store.create_job(&retry, "planned", Some(&key)).await;
+    assert_eq!(created.unwrap(), CreateOutcome::Created);
+    let replay = store
+        .create_job(&job("t", "y"), "planned", Some(&key))
+        .await;
+    assert_eq!(
+        replay.unwrap(),
+        CreateOutcome::Replayed {
+            job_id: retry.job_id.clone()
+        }
+    );
+}
+
+/// A job's events are kept oldest first, the latest `limit` of them; rows
+/// a function raised on are listed once each, by fragment and row.
+async fn events_and_row_failures_are_kept_in_order_once(adapter: Adapter) {
+    let store = adapter.store;
+    let first = job("t", "y");
+    store.create_job(&first, "planned", None).await.unwrap();
+    let id = first.job_id.as_str();
+    for message in ["one", "two", "three"] {
+        store.add_event(id, message).await.unwrap();
+    }
+    let messages = |events: Vec<lance_backfill::model::job::JobEvent>| -> Vec<String> {
+        events.into_iter().map(|e| e.message).collect()
+    };
+    let all = messages(store.list_events(id, 10).await.unwrap());
+    assert_eq!(all, ["planned", "one", "two", "three"]);
+    let latest = messages(store.list_events(id, 2).await.unwrap());
+    assert_eq!(latest, ["two", "three"]);
+    let failure = |fragment_id: u64, row: u64| RowFailure {
+        fragment_id,
+        row,
+        error: format!("ValueError at {fragment_id}/{row}"),
+    };
+    let first_batch = [failure(2, 5), failure(0, 9), failure(0, 3)];
+    store.add_row_failures(id, &first_batch).await.unwrap();
+    // A redelivered task lists its rows again.
+    let second_batch = [failure(0, 3), failure(1, 0)];
+    store.add_row_failures(id, &second_batch).await.unwrap();
+    let listed = store.list_row_failures(id, 10).await.unwrap();
+    let rows: Vec<(u64, u64)> = listed.iter().map(|f| (f.fragment_id, f.row)).collect();
+    assert_eq!(rows, [(0, 3), (0, 9), (1, 0), (2, 5)]);
+    assert_eq!(listed[0], failure(0, 3));
+    assert_eq!(store.list_row_failures(id, 2).await.unwrap().len(), 2);
+    let other = job("t", "z");
+    store.create_job(&other, "planned", None).await.unwrap();
+    assert!(
+        store
+            .list_row_failures(&other.job_id, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn a_column_is_free_again_once_its_job_ends(adapter: Adapter) {
@@ -357,7 +472,7 @@ async fn a_dropped_lease_is_given_back(adapter: Adapter) {
     store.create_job(&job, "planned", None).await.unwrap();
     let id = job.job_id.as_str();
     let ttl = Duration::from_secs(60);
-    let held = HeldLease::acquire(&store, id, "slot-0", "holder", ttl)
+    let held = HeldLease::acquire(store.clone(), id, "slot-0", "holder", ttl)
         .await
         .unwrap()
         .expect("a free lease");
@@ -743,7 +858,7 @@ async fn a_commit_in_flight_holds_off_a_cancel(adapter: Adapter) {
         .await
         .unwrap()
         .expect("a holds it");
-    assert!(until > lance_backfill::job::now_millis());
+    assert!(until > lance_backfill::model::job::now_millis());
     let refused = store
         .transition(id, JobState::Cancelled, Some("c"), None)
         .await;
@@ -792,6 +907,36 @@ async fn a_commit_in_flight_holds_off_a_cancel(adapter: Adapter) {
         .transition(other_id, JobState::Cancelled, None, None)
         .await;
     assert_eq!(moved.unwrap(), Some(JobState::Pending));
+}
+
+/// A committer whose publication failed ends its announcement: the job
+/// can be cancelled at once, without waiting for the lease to lapse.
+async fn an_ended_commit_lets_a_cancel_through(adapter: Adapter) {
+    let store = adapter.store;
+    let first = job("t", "y");
+    store.create_job(&first, "planned", None).await.unwrap();
+    let id = first.job_id.as_str();
+    let ttl = Duration::from_secs(30);
+    assert!(store.try_lease(id, COMMIT_LEASE, "a", ttl).await.unwrap());
+    assert!(store.begin_commit(id, "a", ttl).await.unwrap().is_some());
+    let refused = store.transition(id, JobState::Cancelled, None, None).await;
+    assert!(
+        matches!(refused, Err(StoreError::CommitInFlight(_))),
+        "{refused:?}"
+    );
+    // Another owner cannot end a's announcement.
+    store.end_commit(id, "b").await.unwrap();
+    let still = store.transition(id, JobState::Cancelled, None, None).await;
+    assert!(
+        matches!(still, Err(StoreError::CommitInFlight(_))),
+        "{still:?}"
+    );
+    store.end_commit(id, "a").await.unwrap();
+    let moved = store.transition(id, JobState::Cancelled, None, None).await;
+    assert_eq!(moved.unwrap(), Some(JobState::Pending));
+    let job = store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    assert_eq!(job.metrics.get(Counter::CommitsDone), 0);
 }
 
 /// A maintained column's record: written from revision 0, then only by

@@ -122,7 +122,7 @@ fn functions_queue_and_table_fit_together() {
     );
     assert_eq!(
         table["GlobalSecondaryIndexes"][0]["IndexName"].as_str(),
-        Some(lance_backfill::store::dynamodb::BY_TABLE_INDEX)
+        Some(lance_backfill::adapters::aws::dynamodb::BY_TABLE_INDEX)
     );
 
     // Every API route reaches the api function.
@@ -256,7 +256,8 @@ fn events_cover_every_route_and_the_worker() {
         } else if let Some(kind) = event["detail-type"].as_str() {
             // The trigger function's EventBridge events: each names a table
             // (the S3 sample's placeholders as the root).
-            let table = lance_backfill::trigger::table_of_event("s3://BUCKET/PREFIX", &event);
+            let table =
+                lance_backfill::submit::trigger::table_of_event("s3://BUCKET/PREFIX", &event);
             assert!(table.is_some(), "{path:?} ({kind}) names no table");
             eventbridge += 1;
         } else {
@@ -612,5 +613,8 @@ fn every_route_is_routed_and_every_signal_watched() {
             "{function} writes no job metrics"
         );
     }
-    assert_eq!(lance_backfill::events::METRICS_NAMESPACE, "LanceBackfill");
+    assert_eq!(
+        lance_backfill::adapters::aws::METRICS_NAMESPACE,
+        "LanceBackfill"
+    );
 }

@@ -10,11 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lance_backfill::job::{Counter, JobState};
-use lance_backfill::runner::RunnerConfig;
-use lance_backfill::udf::http::HttpRuntime;
-use lance_backfill::udf::lambda::LambdaRuntime;
-use lance_backfill::udf::registry::UdfRuntimes;
+use lance_backfill::adapters::aws::lambda::LambdaRuntime;
+use lance_backfill::adapters::endpoint::HttpRuntime;
+use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::model::job::{Counter, JobState};
+use lance_backfill::ports::udf::runtimes::UdfRuntimes;
 use lance_backfill_tests::{
     API_KEY, Stack, StackOptions, fast_engine, read_i64, write_sample_table,
 };
@@ -145,6 +145,55 @@ pub(crate) async fn function_column(rows: u64, function: &str) -> (tempfile::Tem
     let entry = virtual_column("r", &["x"], vec![output("r", int64())], &udfs[function]);
     declare(&stack, "items", entry).await;
     (state, stack)
+}
+
+/// Checkpoints written by a task are those the job's clean-up and its
+/// live-table moves look for: the key of a job's fragment, read at the
+/// job's version or at a later one with every row chosen again, is the key
+/// of the program the engine compiles for it, for a function column with a
+/// `where` (its type from the declaration) and for a SQL column.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fragments_checkpoint_key_is_its_programs() {
+    use lance_backfill::model::plan::ReadAt;
+    use lance_backfill::run::checkpoint::Key;
+    use lance_backfill::run::computed::{Program, TargetColumn};
+    let (_state, stack) = function_column(4_000, "double_plus_one").await;
+    stack.declare("items", &[("y", "x * 3")]).await;
+    let mut request = AlterTableBackfillColumnsRequest::new("r".into());
+    request.r#where = Some(Some("x < 3000".into()));
+    let function_job = backfill(&stack, "items", request).await;
+    let sql_job = backfill(
+        &stack,
+        "items",
+        AlterTableBackfillColumnsRequest::new("y".into()),
+    )
+    .await;
+    for job_id in [function_job, sql_job] {
+        let job = stack.wait_done(&job_id, Duration::from_secs(120)).await;
+        let dataset = lance::dataset::builder::DatasetBuilder::from_uri(stack.table_uri("items"))
+            .with_version(job.spec.read_version)
+            .load()
+            .await
+            .unwrap();
+        let target = TargetColumn::of_job(&job.spec, dataset.schema()).unwrap();
+        for at in [
+            ReadAt::default(),
+            ReadAt {
+                version: Some(job.spec.read_version),
+                refill: true,
+            },
+        ] {
+            let program = Program::for_job(dataset.schema(), &target, &job.spec, &at).unwrap();
+            let (key, fields) = Key::for_fragment(&job.spec, &dataset, &at).unwrap();
+            assert_eq!(
+                program.checkpoint_key(),
+                key,
+                "{} at {at:?}",
+                job.spec.column
+            );
+            assert_eq!(program.output_fields.len(), fields.len());
+        }
+    }
 }
 
 /// A stack with a sample table of `rows` rows in 4 fragments and a worker.
@@ -408,7 +457,7 @@ async fn a_large_payload_is_kept_beside_the_table_and_filled() {
         .decode(&udfs["large_payload"])
         .unwrap();
     assert!(
-        pickle.len() > lance_backfill::udf::binding::MAX_INLINE_PAYLOAD_BYTES,
+        pickle.len() > lance_backfill::model::binding::MAX_INLINE_PAYLOAD_BYTES,
         "tests/udfs.py's large_payload pickles to only {} bytes",
         pickle.len()
     );
@@ -881,7 +930,7 @@ async fn the_http_runtime_against_the_handlers_server() {
     // Without the secret (or with another) the server refuses every call,
     // and the job fails at once naming the signature, not after retries.
     let unsigned = HttpRuntime::new(&server.url, Duration::from_secs(60), Some("wrong")).unwrap();
-    let udf = lance_backfill::udf::UdfRef {
+    let udf = lance_backfill::ports::udf::UdfRef {
         id: "0".repeat(64),
         name: "f".into(),
         outputs: json!([]),
@@ -896,7 +945,7 @@ async fn the_http_runtime_against_the_handlers_server() {
     )])
     .unwrap();
     let began = std::time::Instant::now();
-    let refused = lance_backfill::udf::UdfRuntime::call(&unsigned, &udf, &batch)
+    let refused = lance_backfill::ports::udf::UdfRuntime::call(&unsigned, &udf, &batch)
         .await
         .unwrap_err();
     assert!(refused.to_string().contains("signature"), "{refused}");
@@ -935,7 +984,7 @@ async fn the_embedding_example_runs_against_the_service() {
 /// `DEATH_ATTEMPTS` tries the job fails naming the death.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_udf_lambda_that_dies_is_invoked_again_then_fails_the_job() {
-    use lance_backfill::udf::lambda::DEATH_ATTEMPTS;
+    use lance_backfill::adapters::aws::lambda::DEATH_ATTEMPTS;
     let state = tempfile::tempdir().unwrap();
     let udfs = payloads(state.path());
     let (emulator, runtime) = lambda_emulator(&[]).await;

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::{Int64Array, RecordBatch, RecordBatchIterator, StringArray};
-use lance_backfill::engine::EngineConfig;
-use lance_backfill::job::{Counter, JobState};
-use lance_backfill::queue::{Outgoing, Received, TaskQueue};
-use lance_backfill::runner::RunnerConfig;
+use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::model::job::{Counter, JobState};
+use lance_backfill::ports::queue::{Outgoing, Received, TaskQueue};
+use lance_backfill::run::engine::EngineConfig;
 use lance_backfill_tests::{
     Moto, Stack, StackOptions, append_rows, eventually, fast_engine, latest_version, read_i64,
     write_sample_table,
@@ -311,7 +311,7 @@ async fn a_killed_worker_leaves_a_job_the_next_one_finishes() {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     runtime.spawn(async move {
         let worker = Arc::new(components.worker(fast_engine(), Duration::from_secs(2)));
-        lance_backfill::runner::run(
+        lance_backfill::app::runner::run(
             worker,
             queue,
             Duration::from_secs(2),

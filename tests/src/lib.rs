@@ -9,20 +9,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lance::Dataset;
-use lance_backfill::api::auth::Authenticator;
-use lance_backfill::api::{Service, server};
-use lance_backfill::bootstrap::{self, Components};
-use lance_backfill::engine::EngineConfig;
-use lance_backfill::job::{Job, JobState};
-use lance_backfill::queue::{QueueSet, SqsQueue, TaskQueue};
-use lance_backfill::runner::{self, RunnerConfig};
-use lance_backfill::store::{DynamoJobStore, JobStore};
+use lance_backfill::adapters::aws::DynamoJobStore;
+use lance_backfill::adapters::aws::SqsQueue;
+use lance_backfill::app::bootstrap::{self, Components};
+use lance_backfill::app::runner::{self, RunnerConfig};
+use lance_backfill::http::auth::Authenticator;
+use lance_backfill::http::{Service, server};
+use lance_backfill::model::job::{Job, JobState};
+use lance_backfill::model::table::Catalog;
+use lance_backfill::ports::queue::{QueueSet, TaskQueue};
+use lance_backfill::ports::store::JobStore;
+use lance_backfill::run::engine::EngineConfig;
 use lance_backfill::submit::SubmitSettings;
-use lance_backfill::table::Catalog;
 use lance_namespace_reqwest_client::apis::configuration::{ApiKey, Configuration};
 use tokio::sync::watch;
 
-pub use lance_backfill::demo::{verify, write_sample_table};
+pub use lance_backfill_sample::{verify, write_sample_table, write_sample_table_with};
 
 pub const API_KEY: &str = "test-key-1";
 
@@ -216,7 +218,7 @@ pub struct Stack {
     pub queue: Arc<dyn TaskQueue>,
     pub sqs: Option<SqsQueue>,
     /// The embedded queue, when the stack uses it.
-    pub sqlite: Option<lance_backfill::queue::SqliteQueue>,
+    pub sqlite: Option<lance_backfill::adapters::sqlite::SqliteQueue>,
     pub jobs_table: Option<String>,
     pub service: Arc<Service>,
     pub address: SocketAddr,
@@ -240,7 +242,7 @@ pub struct StackOptions {
     /// Python processes of the local pool (default: as configured).
     pub udf_workers: Option<usize>,
     /// Where job events go (none by default).
-    pub publisher: lance_backfill::events::Publisher,
+    pub publisher: lance_backfill::ports::events::Publisher,
 }
 
 impl Default for StackOptions {
@@ -282,9 +284,10 @@ impl Stack {
             store: Arc::new(store),
             queues: QueueSet::new(Arc::new(queue.clone())).with_cluster("gpu", Arc::new(gpu)),
             udf: Some(Arc::new(
-                lance_backfill::config::udf_runtimes(None, options.udf_workers, Vec::new())
+                lance_backfill::app::config::udf_runtimes(None, options.udf_workers, Vec::new())
                     .expect("UDF runtimes"),
             )),
+            publisher: Default::default(),
         };
         let mut stack = Self::start(dir, root, components, Arc::new(queue.clone()), options).await;
         stack.sqs = Some(queue);
@@ -301,10 +304,10 @@ impl Stack {
             .expect("embedded components");
         if let Some(workers) = options.udf_workers {
             components.udf = Some(Arc::new(
-                lance_backfill::config::udf_runtimes(
+                lance_backfill::app::config::udf_runtimes(
                     None,
                     Some(workers),
-                    lance_backfill::bootstrap::hidden_from_functions(&root, Some(&state)),
+                    lance_backfill::app::bootstrap::hidden_from_functions(&root, Some(&state)),
                 )
                 .expect("UDF runtimes"),
             ));
@@ -321,12 +324,9 @@ impl Stack {
         queue: Arc<dyn TaskQueue>,
         options: StackOptions,
     ) -> Self {
-        lance_backfill::telemetry::init();
+        lance_backfill::app::telemetry::init();
         let mut components = components;
-        components.store = lance_backfill::events::PublishingStore::wrap(
-            components.store,
-            options.publisher.clone(),
-        );
+        components.publisher = options.publisher.clone();
         let service = Arc::new(components.service(options.auth, options.settings));
         let (stop, _) = watch::channel(false);
         // The server stops with the stack, not with its workers.
@@ -673,7 +673,7 @@ pub async fn write_table(
     fragments: u64,
     storage: &HashMap<String, String>,
 ) -> anyhow::Result<()> {
-    lance_backfill::demo::write_sample_table_with(uri, rows, fragments, storage.clone()).await?;
+    lance_backfill_sample::write_sample_table_with(uri, rows, fragments, storage.clone()).await?;
     Ok(())
 }
 

@@ -4,12 +4,15 @@
 #![recursion_limit = "256"]
 
 use lambda_http::{Error, service_fn};
-use lance_backfill::{api, bootstrap, config, telemetry};
+use lance_backfill::app::{bootstrap, config, telemetry};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     telemetry::init();
     let components = bootstrap::aws(&config::root()?).await?;
     let service = components.service(config::authenticator()?, config::submit_settings()?);
-    lambda_http::run(service_fn(|request| api::lambda::handle(&service, request))).await
+    lambda_http::run(service_fn(|request| {
+        lance_backfill::http::lambda::handle(&service, request)
+    }))
+    .await
 }

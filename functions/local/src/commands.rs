@@ -5,8 +5,8 @@
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use lance_backfill::computed::{BINDING_KEY, MAINTAINED_KEY};
-use lance_backfill::udf::binding::{UDF_BINDING_KEY, UDF_OUTPUT_OF_KEY};
+use lance_backfill::model::binding::{UDF_BINDING_KEY, UDF_OUTPUT_OF_KEY};
+use lance_backfill::run::computed::{BINDING_KEY, MAINTAINED_KEY};
 
 use crate::client::Api;
 use crate::watch;

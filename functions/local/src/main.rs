@@ -8,14 +8,15 @@
 
 mod client;
 mod commands;
+mod demo;
 mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use lance_backfill::local::{self, ServeOptions};
-use lance_backfill::{demo, telemetry};
+use lance_backfill::app::local::{self, ServeOptions};
+use lance_backfill::app::telemetry;
 
 #[derive(Parser)]
 #[command(

@@ -3,9 +3,9 @@
 //! retries of maintained columns; the jobs it submitted out.
 
 use lambda_runtime::{Error, LambdaEvent, service_fn};
-use lance_backfill::maintain::Maintainer;
-use lance_backfill::trigger::{table_of_event, tables_of_queue_event};
-use lance_backfill::{bootstrap, config, telemetry};
+use lance_backfill::app::{bootstrap, config, telemetry};
+use lance_backfill::submit::maintain::Maintainer;
+use lance_backfill::submit::trigger::{table_of_event, tables_of_queue_event};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 

@@ -2,8 +2,8 @@
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
-use lance_backfill::worker::deadline_from_epoch_ms;
-use lance_backfill::{bootstrap, config, telemetry};
+use lance_backfill::app::worker::deadline_from_epoch_ms;
+use lance_backfill::app::{bootstrap, config, telemetry};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
