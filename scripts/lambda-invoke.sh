@@ -22,6 +22,13 @@ QUEUE_URL="$("$PY" scripts/lambda_check.py setup --endpoint "$MOTO_ENDPOINT" --r
 export LANCE_BACKFILL_ROOT="$ROOT" LANCE_BACKFILL_JOBS_TABLE="$TABLE" LANCE_BACKFILL_QUEUE_URL="$QUEUE_URL"
 export AWS_ENDPOINT_URL="$MOTO_ENDPOINT" AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 
+# The watch runs `cargo run --bin <function>`, which builds each function
+# alone: without the tests' dev-dependencies (LanceDB's client) its features
+# differ from the workspace build's, so Lance compiles once more for it. Built
+# here first, with no time limit, the invocations below only start it.
+log "cargo build of the three functions, as the watch runs them"
+cargo build --bin api --bin worker --bin trigger
+
 log "cargo lambda watch on port $PORT"
 "$CARGO_LAMBDA" lambda watch --ignore-changes --invoke-address 127.0.0.1 --invoke-port "$PORT" \
   >"$WORK/watch.log" 2>&1 &
