@@ -23,6 +23,7 @@ mod official_client;
 mod python_client;
 mod queue_conformance;
 mod reliability;
+mod scale;
 mod store_conformance;
 mod template;
 mod udf;

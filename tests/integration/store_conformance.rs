@@ -1,11 +1,12 @@
 //! One contract, two adapters: every behaviour of each job store role
 //! (`JobRecords`, `JobJournal`, `FragmentLedger`, `Leases`, `Watermarks`)
 //! the service relies on, checked against the embedded SQLite store and
-//! against DynamoDB (moto).
+//! against DynamoDB (moto), unsharded and sharded.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use lance_backfill::adapters::aws::dynamodb::ShardPolicy;
 use lance_backfill::adapters::sqlite::SqliteJobStore;
 use lance_backfill::adapters::sqlite::embedded::EmbeddedDb;
 use lance_backfill::model::job::{
@@ -44,29 +45,32 @@ async fn dynamodb() -> Adapter {
     }
 }
 
-/// Runs each named check against both adapters, grouped by the store role
-/// it checks: `sqlite::<role>::<name>` and `dynamodb::<role>::<name>`.
+async fn dynamodb_sharded() -> Adapter {
+    let (store, _) = Moto::connect().await.fresh_store().await;
+    Adapter {
+        store: Arc::new(store.with_shard_policy(ShardPolicy::Fixed(4))),
+        _dir: None,
+    }
+}
+
+/// Runs each named check against each adapter, grouped by the store role
+/// it checks: `<adapter>::<role>::<name>`, where the adapters are SQLite,
+/// DynamoDB with a job's records under its own key, and DynamoDB with them
+/// spread over four shards.
 macro_rules! conformance {
     ($($role:ident: [$($name:ident),* $(,)?]),* $(,)?) => {
-        mod sqlite {
+        conformance!(@on sqlite; $($role: [$($name),*]),*);
+        conformance!(@on dynamodb; $($role: [$($name),*]),*);
+        conformance!(@on dynamodb_sharded; $($role: [$($name),*]),*);
+    };
+    (@on $adapter:ident; $($role:ident: [$($name:ident),*]),*) => {
+        mod $adapter {
             $(
                 mod $role {
                     $(
                         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                         async fn $name() {
-                            super::super::$name(super::super::sqlite().await).await
-                        }
-                    )*
-                }
-            )*
-        }
-        mod dynamodb {
-            $(
-                mod $role {
-                    $(
-                        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                        async fn $name() {
-                            super::super::$name(super::super::dynamodb().await).await
+                            super::super::$name(super::super::$adapter().await).await
                         }
                     )*
                 }

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use lance::Dataset;
 use lance_backfill::adapters::aws::DynamoJobStore;
 use lance_backfill::adapters::aws::SqsQueue;
+use lance_backfill::adapters::aws::dynamodb::ShardPolicy;
 use lance_backfill::app::bootstrap::{self, Components};
 use lance_backfill::app::runner::{self, RunnerConfig};
 use lance_backfill::http::auth::Authenticator;
@@ -76,7 +77,19 @@ impl Moto {
 
     /// Faults injected so far, by kind.
     pub async fn faults_injected(&self) -> serde_json::Value {
-        let state: serde_json::Value = reqwest::Client::new()
+        self.fault_state().await["injected"].clone()
+    }
+
+    /// What the per-key limits counted (`POST /_faults` with `key_limits`):
+    /// per table, units used and calls throttled, and per key the same
+    /// with the busiest second's units.
+    pub async fn capacity(&self) -> serde_json::Value {
+        self.fault_state().await["capacity"].clone()
+    }
+
+    /// `GET /_faults`: the configuration and what it counted.
+    async fn fault_state(&self) -> serde_json::Value {
+        reqwest::Client::new()
             .get(format!("{}/_faults", self.endpoint))
             .send()
             .await
@@ -84,8 +97,7 @@ impl Moto {
             .expect("read faults")
             .json()
             .await
-            .expect("faults json");
-        state["injected"].clone()
+            .expect("faults json")
     }
 
     /// Starts counting calls from zero.
@@ -243,6 +255,8 @@ pub struct StackOptions {
     pub udf_workers: Option<usize>,
     /// Where job events go (none by default).
     pub publisher: lance_backfill::ports::events::Publisher,
+    /// How many shards the DynamoDB store gives a job ([`Stack::aws`]).
+    pub shards: ShardPolicy,
 }
 
 impl Default for StackOptions {
@@ -259,6 +273,7 @@ impl Default for StackOptions {
             auth: Authenticator::default().with_plain_key(API_KEY),
             udf_workers: None,
             publisher: Default::default(),
+            shards: ShardPolicy::default(),
         }
     }
 }
@@ -267,6 +282,7 @@ impl Stack {
     /// DynamoDB and SQS in moto, tables on local disk (or `options.root`).
     pub async fn aws(moto: &Moto, options: StackOptions) -> Self {
         let (store, table) = moto.fresh_store().await;
+        let store = store.with_shard_policy(options.shards);
         let queue = moto
             .fresh_queue(options.max_receive_count, options.visibility)
             .await;

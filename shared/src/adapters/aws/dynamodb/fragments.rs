@@ -10,10 +10,10 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::calls::{Failure, classify, retry_busy};
 use super::items::{
-    Item, counters_update, counters_update_while_active, create_only, event_put, fragment_sk,
-    get_s, job_pk, key, lease_sk, n, s, staged_sk, task_prefix, task_sk,
+    Item, counters_update, create_only, event_put, fragment_sk, get_s, job_pk, key, lease_sk, n, s,
+    staged_sk, task_prefix, task_sk,
 };
-use super::{DynamoJobStore, unavailable};
+use super::{DynamoJobStore, Layout, unavailable};
 use crate::model::job::{Counter, MetricsDelta, now_millis};
 use crate::ports::store::{
     FragmentRecord, FragmentStatus, Resolution, StagedFragment, StoreError, StoreResult, TaskMark,
@@ -30,6 +30,14 @@ pub(super) const KEYS_PER_BATCH_GET: usize = 100;
 const UNPROCESSED_ATTEMPTS: u32 = 8;
 const UNPROCESSED_BACKOFF: Duration = Duration::from_millis(20);
 
+/// What a BatchGetItem reads of each item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Read {
+    /// The key and the `status` attribute.
+    Statuses,
+    Whole,
+}
+
 /// The counters a group of outcomes adds.
 fn resolution_counts(group: &[Resolution]) -> MetricsDelta {
     let staged = group.iter().filter(|r| r.staged.is_some()).count() as i64;
@@ -37,6 +45,8 @@ fn resolution_counts(group: &[Resolution]) -> MetricsDelta {
         .add(Counter::FragmentsStaged, staged)
         .add(Counter::FragmentsSkipped, group.len() as i64 - staged)
 }
+/// Shards of a job read at once.
+const SHARD_READ_PARALLELISM: usize = 8;
 /// Commit-recording transactions in flight at once.
 const COMMIT_RECORD_PARALLELISM: usize = 8;
 
@@ -46,8 +56,12 @@ impl DynamoJobStore {
         job_id: &str,
         fragment_id: u64,
     ) -> StoreResult<FragmentRecord> {
+        let layout = self.layout(job_id).await?;
         let item = self
-            .get_item(job_pk(job_id), &fragment_sk(fragment_id))
+            .get_item(
+                layout.fragment_pk(job_id, fragment_id),
+                &fragment_sk(fragment_id),
+            )
             .await?;
         let status = item
             .as_ref()
@@ -55,7 +69,7 @@ impl DynamoJobStore {
             .map(FragmentStatus::parse)
             .unwrap_or(FragmentStatus::Open);
         let tasks_done = self
-            .task_records(job_id, fragment_id)
+            .task_records(layout, job_id, fragment_id)
             .await?
             .iter()
             .filter_map(|item| get_s(item, "sk"))
@@ -65,13 +79,18 @@ impl DynamoJobStore {
     }
 
     /// The records of a fragment's finished tasks, in task order.
-    async fn task_records(&self, job_id: &str, fragment_id: u64) -> StoreResult<Vec<Item>> {
+    async fn task_records(
+        &self,
+        layout: Layout,
+        job_id: &str,
+        fragment_id: u64,
+    ) -> StoreResult<Vec<Item>> {
         retry_busy(|| async {
             self.client
                 .query()
                 .table_name(&self.table)
                 .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", s(job_pk(job_id)))
+                .expression_attribute_values(":pk", s(layout.fragment_pk(job_id, fragment_id)))
                 .expression_attribute_values(":prefix", s(task_prefix(fragment_id)))
                 .projection_expression("sk")
                 .consistent_read(true)
@@ -93,11 +112,12 @@ impl DynamoJobStore {
         task: u32,
         delta: &MetricsDelta,
     ) -> StoreResult<TaskMark> {
+        let layout = self.layout(job_id).await?;
         let items = self
-            .task_done_items(job_id, fragment_id, task, delta)
+            .task_done_items(layout, job_id, fragment_id, task, delta)
             .map_err(unavailable)?;
         let newly_done = self.transact(items).await?;
-        let tasks_done = self.task_records(job_id, fragment_id).await?.len() as u32;
+        let tasks_done = self.task_records(layout, job_id, fragment_id).await?.len() as u32;
         Ok(TaskMark {
             newly_done,
             tasks_done,
@@ -106,15 +126,17 @@ impl DynamoJobStore {
 
     fn task_done_items(
         &self,
+        layout: Layout,
         job_id: &str,
         fragment_id: u64,
         task: u32,
         delta: &MetricsDelta,
     ) -> anyhow::Result<Vec<TransactWriteItem>> {
-        let record = create_only(&self.table, key(job_pk(job_id), task_sk(fragment_id, task)))?;
+        let pk = layout.fragment_pk(job_id, fragment_id);
+        let record = create_only(&self.table, key(pk, task_sk(fragment_id, task)))?;
         let count = counters_update(
             &self.table,
-            job_id,
+            layout.counters_key(job_id, fragment_id),
             &MetricsDelta::new().add(Counter::TasksDone, 1).merge(delta),
         )?;
         Ok(vec![
@@ -126,13 +148,15 @@ impl DynamoJobStore {
     /// Sets the fragment's status if it has none yet.
     fn resolve_update(
         &self,
+        layout: Layout,
         job_id: &str,
         fragment_id: u64,
         status: FragmentStatus,
     ) -> anyhow::Result<Update> {
+        let pk = layout.fragment_pk(job_id, fragment_id);
         Ok(Update::builder()
             .table_name(&self.table)
-            .set_key(Some(key(job_pk(job_id), fragment_sk(fragment_id))))
+            .set_key(Some(key(pk, fragment_sk(fragment_id))))
             .update_expression("SET #status = :status")
             .condition_expression("attribute_not_exists(#status)")
             .expression_attribute_names("#status", "status")
@@ -144,6 +168,7 @@ impl DynamoJobStore {
     /// staged file when it has one.
     fn resolution_items(
         &self,
+        layout: Layout,
         job_id: &str,
         resolution: &Resolution,
     ) -> anyhow::Result<Vec<TransactWriteItem>> {
@@ -151,10 +176,11 @@ impl DynamoJobStore {
             Some(_) => FragmentStatus::Staged,
             None => FragmentStatus::Skipped,
         };
-        let update = self.resolve_update(job_id, resolution.fragment_id, status)?;
+        let update = self.resolve_update(layout, job_id, resolution.fragment_id, status)?;
         let mut items = vec![TransactWriteItem::builder().update(update).build()];
         if let Some(staged) = &resolution.staged {
-            let mut pending = key(job_pk(job_id), staged_sk(staged.fragment_id));
+            let pk = layout.fragment_pk(job_id, staged.fragment_id);
+            let mut pending = key(pk, staged_sk(staged.fragment_id));
             pending.insert("staged".into(), s(serde_json::to_string(staged)?));
             let put = Put::builder()
                 .table_name(&self.table)
@@ -173,18 +199,19 @@ impl DynamoJobStore {
         group: &[Resolution],
         delta: Option<&MetricsDelta>,
     ) -> StoreResult<bool> {
+        let layout = self.layout(job_id).await?;
         let items = (|| -> anyhow::Result<Vec<TransactWriteItem>> {
             let mut items = Vec::new();
             for resolution in group {
-                items.extend(self.resolution_items(job_id, resolution)?);
+                items.extend(self.resolution_items(layout, job_id, resolution)?);
             }
             let mut counts = resolution_counts(group);
             if let Some(delta) = delta {
                 counts = counts.merge(delta);
             }
             // Only while the job runs: an ended job takes no more outcomes.
-            let update = counters_update_while_active(&self.table, job_id, &counts)?;
-            items.push(TransactWriteItem::builder().update(update).build());
+            let first = group.first().map_or(0, |r| r.fragment_id);
+            items.extend(layout.counters_while_active(&self.table, job_id, first, &counts)?);
             Ok(items)
         })()
         .map_err(unavailable)?;
@@ -274,36 +301,66 @@ impl DynamoJobStore {
         Ok(resolved)
     }
 
-    /// One BatchGetItem of fragment items, retried for the keys DynamoDB
-    /// leaves unprocessed (it may, under load).
+    /// The status items of `ids`, one BatchGetItem per
+    /// [`KEYS_PER_BATCH_GET`] of them.
     pub(super) async fn batch_get_statuses(
         &self,
         job_id: &str,
         ids: &[u64],
     ) -> StoreResult<Vec<Item>> {
-        let mut keys: Vec<Item> = ids
+        let layout = self.layout(job_id).await?;
+        let keys: Vec<Item> = ids
             .iter()
-            .map(|id| key(job_pk(job_id), fragment_sk(*id)))
+            .map(|id| key(layout.fragment_pk(job_id, *id), fragment_sk(*id)))
             .collect();
+        self.batch_get(keys, Read::Statuses, "BatchGetItem fragments")
+            .await
+    }
+
+    /// The items of `keys` that exist, read consistently,
+    /// [`KEYS_PER_BATCH_GET`] at a time.
+    pub(super) async fn batch_get(
+        &self,
+        keys: Vec<Item>,
+        read: Read,
+        what: &str,
+    ) -> StoreResult<Vec<Item>> {
+        let mut found = Vec::new();
+        for chunk in keys.chunks(KEYS_PER_BATCH_GET) {
+            found.extend(self.batch_get_once(chunk.to_vec(), read, what).await?);
+        }
+        Ok(found)
+    }
+
+    /// One BatchGetItem, retried for the keys DynamoDB leaves unprocessed
+    /// (it may, under load).
+    async fn batch_get_once(
+        &self,
+        mut keys: Vec<Item>,
+        read: Read,
+        what: &str,
+    ) -> StoreResult<Vec<Item>> {
         let mut found = Vec::new();
         for attempt in 0..UNPROCESSED_ATTEMPTS {
             if keys.is_empty() {
                 return Ok(found);
             }
-            let request = KeysAndAttributes::builder()
+            let mut request = KeysAndAttributes::builder()
                 .set_keys(Some(keys.clone()))
-                .projection_expression("sk, #status")
-                .expression_attribute_names("#status", "status")
-                .consistent_read(true)
-                .build()
-                .map_err(unavailable)?;
+                .consistent_read(true);
+            if read == Read::Statuses {
+                request = request
+                    .projection_expression("sk, #status")
+                    .expression_attribute_names("#status", "status");
+            }
+            let request = request.build().map_err(unavailable)?;
             let output = retry_busy(|| async {
                 self.client
                     .batch_get_item()
                     .request_items(&self.table, request.clone())
                     .send()
                     .await
-                    .map_err(|err| classify(err, "BatchGetItem fragments"))
+                    .map_err(|err| classify(err, what))
             })
             .await
             .map_err(Failure::into_store_error)?;
@@ -315,29 +372,41 @@ impl DynamoJobStore {
                 .and_then(|u| u.get(&self.table))
                 .map(|k| k.keys().to_vec())
                 .unwrap_or_default();
+            if keys.is_empty() {
+                return Ok(found);
+            }
             tokio::time::sleep(UNPROCESSED_BACKOFF * (1 << attempt)).await;
         }
-        Err(StoreError::Contention(
-            "DynamoDB left fragment reads unprocessed too many times".into(),
-        ))
+        Err(StoreError::Contention(format!(
+            "DynamoDB left keys of {what} unprocessed too many times"
+        )))
     }
 
+    /// Staged fragments not yet committed, read from every shard, in
+    /// fragment order.
     pub(super) async fn staged(&self, job_id: &str) -> StoreResult<Vec<StagedFragment>> {
-        let items = self
-            .all_under(job_id, "STAGED#", "Query staged fragments")
+        let layout = self.layout(job_id).await?;
+        let shards: Vec<Vec<Item>> = futures::stream::iter(layout.fragment_pks(job_id))
+            .map(|pk| self.all_under(pk, "STAGED#", "Query staged fragments"))
+            .buffered(SHARD_READ_PARALLELISM)
+            .try_collect()
             .await?;
-        super::bodies(&items, "staged")
+        let mut staged: Vec<StagedFragment> = super::bodies(&shards.concat(), "staged")?;
+        staged.sort_by_key(|fragment| fragment.fragment_id);
+        Ok(staged)
     }
 
     /// The writes that mark one staged fragment committed.
     fn commit_items(
         &self,
+        layout: Layout,
         job_id: &str,
         fragment: &StagedFragment,
     ) -> anyhow::Result<Vec<TransactWriteItem>> {
+        let pk = layout.fragment_pk(job_id, fragment.fragment_id);
         let status = Update::builder()
             .table_name(&self.table)
-            .set_key(Some(key(job_pk(job_id), fragment_sk(fragment.fragment_id))))
+            .set_key(Some(key(pk.clone(), fragment_sk(fragment.fragment_id))))
             .update_expression("SET #status = :committed")
             .condition_expression("#status = :staged")
             .expression_attribute_names("#status", "status")
@@ -346,7 +415,7 @@ impl DynamoJobStore {
             .build()?;
         let pending = Delete::builder()
             .table_name(&self.table)
-            .set_key(Some(key(job_pk(job_id), staged_sk(fragment.fragment_id))))
+            .set_key(Some(key(pk, staged_sk(fragment.fragment_id))))
             .build()?;
         Ok(vec![
             TransactWriteItem::builder().update(status).build(),
@@ -356,6 +425,7 @@ impl DynamoJobStore {
 
     fn commit_count(
         &self,
+        layout: Layout,
         job_id: &str,
         group: &[StagedFragment],
         counts_commit: bool,
@@ -367,8 +437,10 @@ impl DynamoJobStore {
                 group.iter().map(|f| f.rows as i64).sum(),
             )
             .add(Counter::CommitsDone, counts_commit as i64);
+        let first = group.first().map_or(0, |f| f.fragment_id);
+        let at = layout.counters_key(job_id, first);
         Ok(TransactWriteItem::builder()
-            .update(counters_update(&self.table, job_id, &delta)?)
+            .update(counters_update(&self.table, at, &delta)?)
             .build())
     }
 
@@ -382,12 +454,14 @@ impl DynamoJobStore {
         group: &[StagedFragment],
         note: Option<&str>,
     ) -> StoreResult<()> {
+        let layout = self.layout(job_id).await?;
         let mut items = Vec::new();
         for fragment in group {
-            items.extend(self.commit_items(job_id, fragment).map_err(unavailable)?);
+            let commit = self.commit_items(layout, job_id, fragment);
+            items.extend(commit.map_err(unavailable)?);
         }
         items.push(
-            self.commit_count(job_id, group, note.is_some())
+            self.commit_count(layout, job_id, group, note.is_some())
                 .map_err(unavailable)?,
         );
         if let Some(event) = note {
@@ -398,9 +472,11 @@ impl DynamoJobStore {
             return Ok(());
         }
         for fragment in group {
-            let mut items = self.commit_items(job_id, fragment).map_err(unavailable)?;
+            let mut items = self
+                .commit_items(layout, job_id, fragment)
+                .map_err(unavailable)?;
             items.push(
-                self.commit_count(job_id, std::slice::from_ref(fragment), false)
+                self.commit_count(layout, job_id, std::slice::from_ref(fragment), false)
                     .map_err(unavailable)?,
             );
             self.transact(items).await?;

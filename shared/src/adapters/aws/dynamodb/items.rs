@@ -79,10 +79,18 @@ pub(super) fn job_from_item(item: &Item) -> anyhow::Result<Job> {
 }
 
 pub(super) fn metrics_from_item(item: &Item) -> Metrics {
+    metrics_from_items(&[item])
+}
+
+/// The counters of `items` (a job's record and its shards' counter items)
+/// added up: a shard may hold a negative part of a counter.
+pub(super) fn metrics_from_items(items: &[&Item]) -> Metrics {
     let mut metrics = Metrics::default();
     for counter in Counter::ALL {
-        if let Some(value) = get_n(item, &metric_attr(counter)) {
-            metrics.set(counter, value);
+        let name = metric_attr(counter);
+        let values: Vec<i64> = items.iter().filter_map(|i| get_n(i, &name)).collect();
+        if !values.is_empty() {
+            metrics.set(counter, values.iter().sum());
         }
     }
     metrics
@@ -152,40 +160,23 @@ pub(super) fn create_only(table: &str, item: Item) -> anyhow::Result<Put> {
         .build()?)
 }
 
-/// An `ADD` update of counters on the job item, made only while the job
-/// is PENDING or RUNNING (a transaction carrying it fails otherwise).
-pub(super) fn counters_update_while_active(
-    table: &str,
-    job_id: &str,
-    delta: &MetricsDelta,
-) -> anyhow::Result<Update> {
-    let update = counters_update(table, job_id, delta)?;
-    let mut names = update
-        .expression_attribute_names
-        .clone()
-        .unwrap_or_default();
-    let mut values = update
-        .expression_attribute_values
-        .clone()
-        .unwrap_or_default();
-    names.insert("#state".into(), "state".into());
-    values.insert(":pending".into(), s(JobState::Pending.as_str()));
-    values.insert(":running".into(), s(JobState::Running.as_str()));
-    values.insert(":paused".into(), s(JobState::Paused.as_str()));
-    Ok(Update::builder()
-        .table_name(table)
-        .set_key(Some(job_key(job_id)))
-        .update_expression(update.update_expression)
-        .condition_expression("#state IN (:pending, :running, :paused)")
-        .set_expression_attribute_names(Some(names))
-        .set_expression_attribute_values(Some(values))
-        .build()?)
+/// The condition that the job is PENDING, RUNNING or PAUSED, with its names
+/// and values, on the job's record.
+pub(super) fn while_active() -> (&'static str, Item, HashMap<String, String>) {
+    let values = HashMap::from([
+        (":pending".to_string(), s(JobState::Pending.as_str())),
+        (":running".to_string(), s(JobState::Running.as_str())),
+        (":paused".to_string(), s(JobState::Paused.as_str())),
+    ]);
+    let names = HashMap::from([("#state".to_string(), "state".to_string())]);
+    ("#state IN (:pending, :running, :paused)", values, names)
 }
 
-/// An `ADD` update of counters on the job item.
+/// An `ADD` update of counters on the item `at` (a job's record, or a
+/// counter item of one of its shards).
 pub(super) fn counters_update(
     table: &str,
-    job_id: &str,
+    at: Item,
     delta: &MetricsDelta,
 ) -> anyhow::Result<Update> {
     let mut names = HashMap::new();
@@ -198,7 +189,7 @@ pub(super) fn counters_update(
     }
     Ok(Update::builder()
         .table_name(table)
-        .set_key(Some(job_key(job_id)))
+        .set_key(Some(at))
         .update_expression(format!("ADD {}", parts.join(", ")))
         .set_expression_attribute_names(Some(names))
         .set_expression_attribute_values(Some(values))

@@ -6,12 +6,15 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::types::{Delete, Put, ReturnValue, TransactWriteItem, Update};
 
 use super::calls::{Failure, classify, retry_busy};
+use super::fragments::Read;
 use super::items::{
     EVENT_PREFIX, Item, counters_update, create_only, event_from_item, event_put, get_s,
-    job_from_item, job_key, job_pk, job_put, key, metrics_from_item, n, s,
+    job_from_item, job_key, job_pk, job_put, key, metrics_from_item, metrics_from_items, n, s,
 };
+use super::layout::job_of_counter_item;
 use super::{
-    BY_TABLE_INDEX, DynamoJobStore, RECENT_INDEX, RECENT_KEY, RECENT_KEY_ATTRIBUTE, unavailable,
+    BY_TABLE_INDEX, DynamoJobStore, Layout, RECENT_INDEX, RECENT_KEY, RECENT_KEY_ATTRIBUTE,
+    unavailable,
 };
 use crate::model::job::{Job, JobEvent, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339};
 use crate::ports::store::{
@@ -48,10 +51,11 @@ impl DynamoJobStore {
     ) -> anyhow::Result<Vec<TransactWriteItem>> {
         let mut lock = key(lock_pk(job), "LOCK");
         lock.insert("job_id".into(), s(&job.job_id));
+        let mut record = job_put(&self.table, job, now_millis())?;
+        let layout = self.shard_policy.layout_for(job);
+        record.item.extend(layout.job_attribute());
         let mut items = vec![
-            TransactWriteItem::builder()
-                .put(job_put(&self.table, job, now_millis())?)
-                .build(),
+            TransactWriteItem::builder().put(record).build(),
             TransactWriteItem::builder()
                 .put(event_put(&self.table, &job.job_id, event)?)
                 .build(),
@@ -100,6 +104,7 @@ impl DynamoJobStore {
                 .create_items(job, event, idempotency)
                 .map_err(unavailable)?;
             if self.transact(items).await? {
+                self.remember(&job.job_id, self.shard_policy.layout_for(job));
                 return Ok(CreateOutcome::Created);
             }
             if let Some(claim) = idempotency
@@ -178,9 +183,44 @@ impl DynamoJobStore {
 
     pub(super) async fn job(&self, job_id: &str) -> StoreResult<Option<Job>> {
         match self.get_item(job_pk(job_id), "JOB").await? {
-            Some(item) => Ok(Some(job_from_item(&item).map_err(unavailable)?)),
+            Some(item) => Ok(self.jobs_of(&[item]).await?.pop()),
             None => Ok(None),
         }
+    }
+
+    /// The jobs of their records, each with its shards' counters added
+    /// (one BatchGetItem for up to 100 shards).
+    async fn jobs_of(&self, records: &[Item]) -> StoreResult<Vec<Job>> {
+        let mut shard_keys = Vec::new();
+        for record in records {
+            let job_id = get_s(record, "job_id").unwrap_or_default();
+            let layout = Layout::of_job_item(record);
+            self.remember(job_id, layout);
+            shard_keys.extend(layout.shard_counter_keys(job_id));
+        }
+        let counters = match shard_keys.is_empty() {
+            true => Vec::new(),
+            false => {
+                self.batch_get(shard_keys, Read::Whole, "BatchGetItem counters")
+                    .await?
+            }
+        };
+        let mut by_job: HashMap<&str, Vec<&Item>> = HashMap::new();
+        for item in &counters {
+            if let Some(job_id) = job_of_counter_item(item) {
+                by_job.entry(job_id).or_default().push(item);
+            }
+        }
+        records
+            .iter()
+            .map(|record| {
+                let mut job = job_from_item(record).map_err(unavailable)?;
+                let mut parts = vec![record];
+                parts.extend(by_job.remove(job.job_id.as_str()).unwrap_or_default());
+                job.metrics = metrics_from_items(&parts);
+                Ok(job)
+            })
+            .collect()
     }
 
     /// A page of `limit` jobs of `listing`, newest first. DynamoDB ends a
@@ -243,12 +283,7 @@ impl DynamoJobStore {
         })
         .await
         .map_err(Failure::into_store_error)?;
-        let jobs = output
-            .items()
-            .iter()
-            .map(job_from_item)
-            .collect::<anyhow::Result<Vec<_>>>()
-            .map_err(unavailable)?;
+        let jobs = self.jobs_of(output.items()).await?;
         Ok((jobs, output.last_evaluated_key().cloned()))
     }
 
@@ -401,14 +436,37 @@ impl DynamoJobStore {
         job_id: &str,
         delta: &MetricsDelta,
     ) -> StoreResult<Metrics> {
-        if delta.is_empty() {
-            let item = self
-                .get_item(job_pk(job_id), "JOB")
-                .await?
-                .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?;
-            return Ok(metrics_from_item(&item));
+        let layout = self.layout(job_id).await?;
+        if delta.is_empty() || layout.is_sharded() {
+            return self.add_to_a_shard(layout, job_id, delta).await;
         }
-        let update = counters_update(&self.table, job_id, delta).map_err(unavailable)?;
+        let at = job_key(job_id);
+        let counters = self.add_to_counters(at, delta).await?;
+        Ok(counters.as_ref().map(metrics_from_item).unwrap_or_default())
+    }
+
+    /// Adds `delta` to a shard's counters (any shard: counters are sums),
+    /// then reads the job's counters.
+    async fn add_to_a_shard(
+        &self,
+        layout: Layout,
+        job_id: &str,
+        delta: &MetricsDelta,
+    ) -> StoreResult<Metrics> {
+        if !delta.is_empty() {
+            let shard = uuid::Uuid::new_v4().as_u64_pair().0;
+            self.add_to_counters(layout.counters_key(job_id, shard), delta)
+                .await?;
+        }
+        let job = self.job(job_id).await?;
+        Ok(job
+            .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?
+            .metrics)
+    }
+
+    /// Adds `delta` to the counters of the item `at`; returns the item after.
+    async fn add_to_counters(&self, at: Item, delta: &MetricsDelta) -> StoreResult<Option<Item>> {
+        let update = counters_update(&self.table, at, delta).map_err(unavailable)?;
         let output = retry_busy(|| async {
             self.client
                 .update_item()
@@ -424,11 +482,7 @@ impl DynamoJobStore {
         })
         .await
         .map_err(Failure::into_store_error)?;
-        Ok(output
-            .attributes
-            .as_ref()
-            .map(metrics_from_item)
-            .unwrap_or_default())
+        Ok(output.attributes)
     }
 }
 

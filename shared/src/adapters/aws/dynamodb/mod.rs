@@ -9,10 +9,12 @@ mod calls;
 mod fragments;
 mod items;
 mod jobs;
+mod layout;
 mod plans;
 mod row_failures;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -31,6 +33,8 @@ use crate::ports::store::{
 };
 use calls::{Failure, classify, classify_transaction, retry_busy};
 use items::{Item, key};
+use layout::Layout;
+pub use layout::{MAX_SHARDS, ShardPolicy};
 
 pub const BY_TABLE_INDEX: &str = "by_table";
 /// Every job, newest first (`POST /v1/jobs/list`): job items carry
@@ -39,10 +43,17 @@ pub const RECENT_INDEX: &str = "recent";
 pub(crate) const RECENT_KEY_ATTRIBUTE: &str = "list_key";
 pub(crate) const RECENT_KEY: &str = "JOBS";
 
+/// Jobs whose layout a store remembers; past this many it starts over
+/// (a layout is read again with its job's record).
+const LAYOUTS_REMEMBERED: usize = 10_000;
+
 #[derive(Clone)]
 pub struct DynamoJobStore {
     client: Client,
     table: String,
+    shard_policy: ShardPolicy,
+    /// Each job's layout, as its record states it (it never changes).
+    layouts: Arc<Mutex<HashMap<String, Layout>>>,
 }
 
 impl DynamoJobStore {
@@ -50,7 +61,15 @@ impl DynamoJobStore {
         Self {
             client,
             table: table.into(),
+            shard_policy: ShardPolicy::default(),
+            layouts: Arc::default(),
         }
+    }
+
+    /// How many shards the jobs this store creates get.
+    pub fn with_shard_policy(mut self, policy: ShardPolicy) -> Self {
+        self.shard_policy = policy;
+        self
     }
 
     pub fn table_name(&self) -> &str {
@@ -119,15 +138,15 @@ impl DynamoJobStore {
         .map_err(Failure::into_store_error)
     }
 
-    /// Every item of the job whose sort key starts with `prefix`, read
-    /// through all pages (`what` names the query in errors).
-    async fn all_under(&self, job_id: &str, prefix: &str, what: &str) -> StoreResult<Vec<Item>> {
+    /// Every item under the partition key `pk` whose sort key starts with
+    /// `prefix`, read through all pages (`what` names the query in errors).
+    async fn all_under(&self, pk: String, prefix: &str, what: &str) -> StoreResult<Vec<Item>> {
         retry_busy(|| async {
             self.client
                 .query()
                 .table_name(&self.table)
                 .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", items::s(items::job_pk(job_id)))
+                .expression_attribute_values(":pk", items::s(pk.clone()))
                 .expression_attribute_values(":prefix", items::s(prefix))
                 .consistent_read(true)
                 .into_paginator()
@@ -139,6 +158,35 @@ impl DynamoJobStore {
         })
         .await
         .map_err(Failure::into_store_error)
+    }
+
+    /// The job's layout: remembered, or read from its record (a job not
+    /// recorded has everything under its own key).
+    async fn layout(&self, job_id: &str) -> StoreResult<Layout> {
+        if let Some(layout) = self.remembered(job_id) {
+            return Ok(layout);
+        }
+        match self.get_item(items::job_pk(job_id), "JOB").await? {
+            Some(item) => {
+                let layout = Layout::of_job_item(&item);
+                self.remember(job_id, layout);
+                Ok(layout)
+            }
+            None => Ok(Layout::SINGLE),
+        }
+    }
+
+    fn remembered(&self, job_id: &str) -> Option<Layout> {
+        let layouts = self.layouts.lock().unwrap_or_else(|e| e.into_inner());
+        layouts.get(job_id).copied()
+    }
+
+    fn remember(&self, job_id: &str, layout: Layout) {
+        let mut layouts = self.layouts.lock().unwrap_or_else(|e| e.into_inner());
+        if layouts.len() >= LAYOUTS_REMEMBERED {
+            layouts.clear();
+        }
+        layouts.insert(job_id.to_string(), layout);
     }
 
     /// Applies `items` all or nothing: `Ok(false)` when a condition did not hold.

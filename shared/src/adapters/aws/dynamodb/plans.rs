@@ -18,7 +18,7 @@ use super::items::{
     counters_update, create_only, fragment_sk, get_s, job_key, job_pk, key, lease_sk, n, s,
     staged_sk,
 };
-use super::{DynamoJobStore, unavailable};
+use super::{DynamoJobStore, Layout, unavailable};
 use crate::model::job::{Counter, JobState, MetricsDelta, now_millis};
 use crate::ports::store::{
     COMMIT_LEASE, ColumnWatermark, FragmentStatus, PlanChange, PlanChanged, Replanned,
@@ -43,14 +43,15 @@ impl DynamoJobStore {
         job_id: &str,
         change: &PlanChange,
     ) -> StoreResult<PlanChanged> {
+        let layout = self.layout(job_id).await?;
         let added: Vec<Option<u64>> = futures::stream::iter(change.added.clone())
-            .map(|added| async move { self.add_planned(job_id, &added).await })
+            .map(|added| async move { self.add_planned(layout, job_id, &added).await })
             .buffered(PLAN_PARALLELISM)
             .try_collect()
             .await?;
         let moved: Vec<Option<(u64, Option<StagedFragment>)>> =
             futures::stream::iter(change.moved.clone())
-                .map(|id| self.move_fragment(job_id, id))
+                .map(|id| self.move_fragment(layout, job_id, id))
                 .buffered(PLAN_PARALLELISM)
                 .try_collect()
                 .await?;
@@ -61,7 +62,12 @@ impl DynamoJobStore {
     }
 
     /// Records one added fragment with its counters, unless it was added before.
-    async fn add_planned(&self, job_id: &str, added: &Replanned) -> StoreResult<Option<u64>> {
+    async fn add_planned(
+        &self,
+        layout: Layout,
+        job_id: &str,
+        added: &Replanned,
+    ) -> StoreResult<Option<u64>> {
         let items = (|| -> anyhow::Result<Vec<TransactWriteItem>> {
             let mut item = key(job_pk(job_id), plan_sk(added.fragment.id));
             item.insert("body".into(), s(serde_json::to_string(added)?));
@@ -72,7 +78,8 @@ impl DynamoJobStore {
             ];
             let counts = added.counts();
             if !counts.is_empty() {
-                let update = counters_update(&self.table, job_id, &counts)?;
+                let at = layout.counters_key(job_id, added.fragment.id);
+                let update = counters_update(&self.table, at, &counts)?;
                 items.push(TransactWriteItem::builder().update(update).build());
             }
             Ok(items)
@@ -85,23 +92,25 @@ impl DynamoJobStore {
     /// finished already.
     async fn move_fragment(
         &self,
+        layout: Layout,
         job_id: &str,
         id: u64,
     ) -> StoreResult<Option<(u64, Option<StagedFragment>)>> {
+        let pk = layout.fragment_pk(job_id, id);
         for _ in 0..MOVE_ATTEMPTS {
             let status = self
-                .get_item(job_pk(job_id), &fragment_sk(id))
+                .get_item(pk.clone(), &fragment_sk(id))
                 .await?
                 .as_ref()
                 .and_then(|item| get_s(item, "status"))
                 .map(FragmentStatus::parse);
             let staged = match status {
                 None => None,
-                Some(FragmentStatus::Staged) => Some(self.staged_one(job_id, id).await?),
+                Some(FragmentStatus::Staged) => Some(self.staged_one(pk.clone(), id).await?),
                 Some(_) => return Ok(None),
             };
             let items = self
-                .move_items(job_id, id, status, staged.is_some())
+                .move_items(layout, job_id, id, status, staged.is_some())
                 .map_err(unavailable)?;
             if self.transact(items).await? {
                 return Ok(Some((id, staged)));
@@ -112,9 +121,9 @@ impl DynamoJobStore {
         )))
     }
 
-    async fn staged_one(&self, job_id: &str, id: u64) -> StoreResult<StagedFragment> {
+    async fn staged_one(&self, pk: String, id: u64) -> StoreResult<StagedFragment> {
         let item = self
-            .get_item(job_pk(job_id), &staged_sk(id))
+            .get_item(pk, &staged_sk(id))
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("staged file of fragment {id}")))?;
         let text = get_s(&item, "staged")
@@ -126,14 +135,16 @@ impl DynamoJobStore {
     /// file's removal and the counters of one move.
     fn move_items(
         &self,
+        layout: Layout,
         job_id: &str,
         id: u64,
         read: Option<FragmentStatus>,
         staged: bool,
     ) -> anyhow::Result<Vec<TransactWriteItem>> {
+        let pk = layout.fragment_pk(job_id, id);
         let mut update = Update::builder()
             .table_name(&self.table)
-            .set_key(Some(key(job_pk(job_id), fragment_sk(id))))
+            .set_key(Some(key(pk.clone(), fragment_sk(id))))
             .update_expression("SET #status = :moved")
             .expression_attribute_names("#status", "status")
             .expression_attribute_values(":moved", s(FragmentStatus::Moved.as_str()));
@@ -149,18 +160,18 @@ impl DynamoJobStore {
             delta = delta.add(Counter::FragmentsStaged, -1);
             let delete = Delete::builder()
                 .table_name(&self.table)
-                .set_key(Some(key(job_pk(job_id), staged_sk(id))))
+                .set_key(Some(key(pk, staged_sk(id))))
                 .build()?;
             items.push(TransactWriteItem::builder().delete(delete).build());
         }
-        let counts = counters_update(&self.table, job_id, &delta)?;
+        let counts = counters_update(&self.table, layout.counters_key(job_id, id), &delta)?;
         items.push(TransactWriteItem::builder().update(counts).build());
         Ok(items)
     }
 
     pub(super) async fn replanned(&self, job_id: &str) -> StoreResult<Vec<Replanned>> {
         let items = self
-            .all_under(job_id, PLAN_PREFIX, "Query re-planned fragments")
+            .all_under(job_pk(job_id), PLAN_PREFIX, "Query re-planned fragments")
             .await?;
         super::bodies(&items, "body")
     }
