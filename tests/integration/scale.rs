@@ -2,7 +2,7 @@
 //! tasks, 64 concurrent pollers, and DynamoDB's per-partition-key limits
 //! enforced by the fault-injecting moto (1,000 write and 3,000 read units a
 //! second per key, item sizes in KB units, transactions at double cost).
-//! The emulator answers about 70 calls a second, far below what a thousand
+//! The emulator answers a few hundred calls a second, far below what a thousand
 //! Lambda workers send, so the figure that scales is the units each task
 //! puts on each key: the hottest key's units per task, against its limit,
 //! give the tasks a second a job can take before DynamoDB throttles it.

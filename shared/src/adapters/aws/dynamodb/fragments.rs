@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{Delete, KeysAndAttributes, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
 use futures::{StreamExt, TryStreamExt};
 
 use super::calls::{Failure, classify, retry_busy};
@@ -13,10 +13,10 @@ use super::items::{
     Item, counters_update, create_only, event_put, fragment_sk, get_s, job_pk, key, lease_sk, n, s,
     staged_sk, task_prefix, task_sk,
 };
-use super::{DynamoJobStore, Layout, unavailable};
+use super::{DynamoJobStore, Layout, Read, unavailable};
 use crate::model::job::{Counter, MetricsDelta, now_millis};
 use crate::ports::store::{
-    FragmentRecord, FragmentStatus, Resolution, StagedFragment, StoreError, StoreResult, TaskMark,
+    FragmentRecord, FragmentStatus, Resolution, StagedFragment, StoreResult, TaskMark,
 };
 
 /// Fragments committed per transaction: 2 writes each plus the counters
@@ -24,19 +24,6 @@ use crate::ports::store::{
 const COMMITTED_PER_TRANSACTION: usize = 49;
 /// Fragments resolved per transaction: up to 2 writes each plus the counters.
 pub(super) const RESOLVED_PER_TRANSACTION: usize = 49;
-/// Keys of one BatchGetItem (DynamoDB's limit).
-pub(super) const KEYS_PER_BATCH_GET: usize = 100;
-/// Tries of the keys a BatchGetItem left unprocessed, backing off from 20 ms.
-const UNPROCESSED_ATTEMPTS: u32 = 8;
-const UNPROCESSED_BACKOFF: Duration = Duration::from_millis(20);
-
-/// What a BatchGetItem reads of each item.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Read {
-    /// The key and the `status` attribute.
-    Statuses,
-    Whole,
-}
 
 /// The counters a group of outcomes adds.
 fn resolution_counts(group: &[Resolution]) -> MetricsDelta {
@@ -85,24 +72,9 @@ impl DynamoJobStore {
         job_id: &str,
         fragment_id: u64,
     ) -> StoreResult<Vec<Item>> {
-        retry_busy(|| async {
-            self.client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", s(layout.fragment_pk(job_id, fragment_id)))
-                .expression_attribute_values(":prefix", s(task_prefix(fragment_id)))
-                .projection_expression("sk")
-                .consistent_read(true)
-                .into_paginator()
-                .items()
-                .send()
-                .try_collect()
-                .await
-                .map_err(|err| classify(err, "Query tasks"))
-        })
-        .await
-        .map_err(Failure::into_store_error)
+        let pk = layout.fragment_pk(job_id, fragment_id);
+        self.all_under(pk, &task_prefix(fragment_id), "Query tasks")
+            .await
     }
 
     pub(super) async fn task_done(
@@ -280,106 +252,39 @@ impl DynamoJobStore {
         Ok(recorded)
     }
 
-    /// Of `fragment_ids`, those with a status (staged, committed, skipped),
-    /// read [`KEYS_PER_BATCH_GET`] at a time.
+    /// Of `fragment_ids`, those with a status (staged, committed, skipped,
+    /// moved).
     pub(super) async fn resolved(
         &self,
         job_id: &str,
         fragment_ids: &[u64],
     ) -> StoreResult<HashSet<u64>> {
-        let mut resolved = HashSet::new();
-        for chunk in fragment_ids.chunks(KEYS_PER_BATCH_GET) {
-            for item in self.batch_get_statuses(job_id, chunk).await? {
-                let id = get_s(&item, "sk")
-                    .and_then(|sk| sk.strip_prefix("FRAG#"))
-                    .and_then(|id| id.parse().ok());
-                if let (Some(id), Some(_)) = (id, get_s(&item, "status")) {
-                    resolved.insert(id);
-                }
-            }
-        }
-        Ok(resolved)
+        let recorded = self.recorded_statuses(job_id, fragment_ids).await?;
+        Ok(recorded.into_iter().map(|(id, _)| id).collect())
     }
 
-    /// The status items of `ids`, one BatchGetItem per
-    /// [`KEYS_PER_BATCH_GET`] of them.
-    pub(super) async fn batch_get_statuses(
+    /// The status recorded for each of `ids` that has one, read in
+    /// BatchGetItems of up to 100 keys (DynamoDB's limit).
+    pub(super) async fn recorded_statuses(
         &self,
         job_id: &str,
         ids: &[u64],
-    ) -> StoreResult<Vec<Item>> {
+    ) -> StoreResult<Vec<(u64, String)>> {
         let layout = self.layout(job_id).await?;
         let keys: Vec<Item> = ids
             .iter()
             .map(|id| key(layout.fragment_pk(job_id, *id), fragment_sk(*id)))
             .collect();
-        self.batch_get(keys, Read::Statuses, "BatchGetItem fragments")
-            .await
-    }
-
-    /// The items of `keys` that exist, read consistently,
-    /// [`KEYS_PER_BATCH_GET`] at a time.
-    pub(super) async fn batch_get(
-        &self,
-        keys: Vec<Item>,
-        read: Read,
-        what: &str,
-    ) -> StoreResult<Vec<Item>> {
-        let mut found = Vec::new();
-        for chunk in keys.chunks(KEYS_PER_BATCH_GET) {
-            found.extend(self.batch_get_once(chunk.to_vec(), read, what).await?);
-        }
-        Ok(found)
-    }
-
-    /// One BatchGetItem, retried for the keys DynamoDB leaves unprocessed
-    /// (it may, under load).
-    async fn batch_get_once(
-        &self,
-        mut keys: Vec<Item>,
-        read: Read,
-        what: &str,
-    ) -> StoreResult<Vec<Item>> {
-        let mut found = Vec::new();
-        for attempt in 0..UNPROCESSED_ATTEMPTS {
-            if keys.is_empty() {
-                return Ok(found);
-            }
-            let mut request = KeysAndAttributes::builder()
-                .set_keys(Some(keys.clone()))
-                .consistent_read(true);
-            if read == Read::Statuses {
-                request = request
-                    .projection_expression("sk, #status")
-                    .expression_attribute_names("#status", "status");
-            }
-            let request = request.build().map_err(unavailable)?;
-            let output = retry_busy(|| async {
-                self.client
-                    .batch_get_item()
-                    .request_items(&self.table, request.clone())
-                    .send()
-                    .await
-                    .map_err(|err| classify(err, what))
+        let items = self
+            .batch_get(keys, Read::Statuses, "BatchGetItem fragments")
+            .await?;
+        Ok(items
+            .iter()
+            .filter_map(|item| {
+                let id = get_s(item, "sk")?.strip_prefix("FRAG#")?.parse().ok()?;
+                Some((id, get_s(item, "status")?.to_string()))
             })
-            .await
-            .map_err(Failure::into_store_error)?;
-            if let Some(items) = output.responses().and_then(|r| r.get(&self.table)) {
-                found.extend(items.iter().cloned());
-            }
-            keys = output
-                .unprocessed_keys()
-                .and_then(|u| u.get(&self.table))
-                .map(|k| k.keys().to_vec())
-                .unwrap_or_default();
-            if keys.is_empty() {
-                return Ok(found);
-            }
-            tokio::time::sleep(UNPROCESSED_BACKOFF * (1 << attempt)).await;
-        }
-        Err(StoreError::Contention(format!(
-            "DynamoDB left keys of {what} unprocessed too many times"
-        )))
+            .collect())
     }
 
     /// Staged fragments not yet committed, read from every shard, in

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use aws_sdk_dynamodb::types::{AttributeValue, Put, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, Update};
 
 use crate::model::job::{Counter, Job, JobEvent, JobSpec, JobState, Metrics, MetricsDelta};
 
@@ -170,6 +170,18 @@ pub(super) fn while_active() -> (&'static str, Item, HashMap<String, String>) {
     ]);
     let names = HashMap::from([("#state".to_string(), "state".to_string())]);
     ("#state IN (:pending, :running, :paused)", values, names)
+}
+
+/// A transaction's check that the job is PENDING, RUNNING or PAUSED.
+pub(super) fn job_active_check(table: &str, job_id: &str) -> anyhow::Result<ConditionCheck> {
+    let (condition, values, names) = while_active();
+    Ok(ConditionCheck::builder()
+        .table_name(table)
+        .set_key(Some(job_key(job_id)))
+        .condition_expression(condition)
+        .set_expression_attribute_names(Some(names))
+        .set_expression_attribute_values(Some(values))
+        .build()?)
 }
 
 /// An `ADD` update of counters on the item `at` (a job's record, or a

@@ -6,14 +6,13 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::types::{Delete, Put, ReturnValue, TransactWriteItem, Update};
 
 use super::calls::{Failure, classify, retry_busy};
-use super::fragments::Read;
 use super::items::{
     EVENT_PREFIX, Item, counters_update, create_only, event_from_item, event_put, get_s,
     job_from_item, job_key, job_pk, job_put, key, metrics_from_item, metrics_from_items, n, s,
 };
 use super::layout::job_of_counter_item;
 use super::{
-    BY_TABLE_INDEX, DynamoJobStore, Layout, RECENT_INDEX, RECENT_KEY, RECENT_KEY_ATTRIBUTE,
+    BY_TABLE_INDEX, DynamoJobStore, Layout, RECENT_INDEX, RECENT_KEY, RECENT_KEY_ATTRIBUTE, Read,
     unavailable,
 };
 use crate::model::job::{Job, JobEvent, JobState, Metrics, MetricsDelta, now_millis, now_rfc3339};

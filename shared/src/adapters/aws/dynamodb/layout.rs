@@ -10,9 +10,11 @@
 //! it). A job of one shard keeps all of it under `JOB#<id>`, as jobs
 //! recorded before shards existed do.
 
-use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
 
-use super::items::{Item, counters_update, get_s, job_key, job_pk, key, n, while_active};
+use super::items::{
+    Item, counters_update, get_s, job_active_check, job_key, job_pk, key, n, while_active,
+};
 use crate::model::job::{Counter, Job, MetricsDelta};
 
 /// The job record's attribute that says how many shards the job has.
@@ -112,12 +114,11 @@ impl Layout {
     /// The shards' counter items (none for a job of one shard), whose
     /// counters add to the job record's.
     pub(super) fn shard_counter_keys(self, job_id: &str) -> Vec<Item> {
-        match self.is_sharded() {
-            true => (0..self.shards)
-                .map(|s| key(shard_pk(job_id, s), COUNTERS_SK))
-                .collect(),
-            false => Vec::new(),
+        if !self.is_sharded() {
+            return Vec::new();
         }
+        let pks = self.fragment_pks(job_id).into_iter();
+        pks.map(|pk| key(pk, COUNTERS_SK)).collect()
     }
 }
 
@@ -134,20 +135,14 @@ impl Layout {
         delta: &MetricsDelta,
     ) -> anyhow::Result<Vec<TransactWriteItem>> {
         let update = counters_update(table, self.counters_key(job_id, fragment_id), delta)?;
-        let (condition, values, names) = while_active();
         if self.is_sharded() {
-            let check = ConditionCheck::builder()
-                .table_name(table)
-                .set_key(Some(job_key(job_id)))
-                .condition_expression(condition)
-                .set_expression_attribute_names(Some(names))
-                .set_expression_attribute_values(Some(values))
-                .build()?;
+            let check = job_active_check(table, job_id)?;
             return Ok(vec![
                 TransactWriteItem::builder().update(update).build(),
                 TransactWriteItem::builder().condition_check(check).build(),
             ]);
         }
+        let (condition, values, names) = while_active();
         let mut all_names = update.expression_attribute_names.unwrap_or_default();
         all_names.extend(names);
         let mut all_values = update.expression_attribute_values.unwrap_or_default();

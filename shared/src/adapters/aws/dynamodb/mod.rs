@@ -21,8 +21,8 @@ use anyhow::anyhow;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
-    ProjectionType, ScalarAttributeType, TransactWriteItem,
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+    KeysAndAttributes, Projection, ProjectionType, ScalarAttributeType, TransactWriteItem,
 };
 
 use crate::model::job::{Job, JobEvent, JobState, Metrics, MetricsDelta};
@@ -46,6 +46,20 @@ pub(crate) const RECENT_KEY: &str = "JOBS";
 /// Jobs whose layout a store remembers; past this many it starts over
 /// (a layout is read again with its job's record).
 const LAYOUTS_REMEMBERED: usize = 10_000;
+
+/// Keys of one BatchGetItem (DynamoDB's limit).
+const KEYS_PER_BATCH_GET: usize = 100;
+/// Tries of the keys a BatchGetItem left unprocessed, backing off from 20 ms.
+const UNPROCESSED_ATTEMPTS: u32 = 8;
+const UNPROCESSED_BACKOFF: Duration = Duration::from_millis(20);
+
+/// What a BatchGetItem reads of each item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// The key and the `status` attribute.
+    Statuses,
+    Whole,
+}
 
 #[derive(Clone)]
 pub struct DynamoJobStore {
@@ -158,6 +172,66 @@ impl DynamoJobStore {
         })
         .await
         .map_err(Failure::into_store_error)
+    }
+
+    /// The items of `keys` that exist, read consistently,
+    /// [`KEYS_PER_BATCH_GET`] at a time.
+    async fn batch_get(&self, keys: Vec<Item>, read: Read, what: &str) -> StoreResult<Vec<Item>> {
+        let mut found = Vec::new();
+        for chunk in keys.chunks(KEYS_PER_BATCH_GET) {
+            found.extend(self.batch_get_once(chunk.to_vec(), read, what).await?);
+        }
+        Ok(found)
+    }
+
+    /// One BatchGetItem, retried for the keys DynamoDB leaves unprocessed
+    /// (it may, under load).
+    async fn batch_get_once(
+        &self,
+        mut keys: Vec<Item>,
+        read: Read,
+        what: &str,
+    ) -> StoreResult<Vec<Item>> {
+        let mut found = Vec::new();
+        for attempt in 0..UNPROCESSED_ATTEMPTS {
+            if keys.is_empty() {
+                return Ok(found);
+            }
+            let mut request = KeysAndAttributes::builder()
+                .set_keys(Some(keys.clone()))
+                .consistent_read(true);
+            if read == Read::Statuses {
+                request = request
+                    .projection_expression("sk, #status")
+                    .expression_attribute_names("#status", "status");
+            }
+            let request = request.build().map_err(unavailable)?;
+            let output = retry_busy(|| async {
+                self.client
+                    .batch_get_item()
+                    .request_items(&self.table, request.clone())
+                    .send()
+                    .await
+                    .map_err(|err| classify(err, what))
+            })
+            .await
+            .map_err(Failure::into_store_error)?;
+            if let Some(items) = output.responses().and_then(|r| r.get(&self.table)) {
+                found.extend(items.iter().cloned());
+            }
+            keys = output
+                .unprocessed_keys()
+                .and_then(|u| u.get(&self.table))
+                .map(|k| k.keys().to_vec())
+                .unwrap_or_default();
+            if keys.is_empty() {
+                return Ok(found);
+            }
+            tokio::time::sleep(UNPROCESSED_BACKOFF * (1 << attempt)).await;
+        }
+        Err(StoreError::Contention(format!(
+            "DynamoDB left keys of {what} unprocessed too many times"
+        )))
     }
 
     /// The job's layout: remembered, or read from its record (a job not

@@ -15,11 +15,11 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::calls::{Failure, classify, retry_busy};
 use super::items::{
-    counters_update, create_only, fragment_sk, get_s, job_key, job_pk, key, lease_sk, n, s,
-    staged_sk,
+    counters_update, create_only, fragment_sk, get_s, job_active_check, job_pk, key, lease_sk, n,
+    s, staged_sk,
 };
 use super::{DynamoJobStore, Layout, unavailable};
-use crate::model::job::{Counter, JobState, MetricsDelta, now_millis};
+use crate::model::job::{Counter, MetricsDelta, now_millis};
 use crate::ports::store::{
     COMMIT_LEASE, ColumnWatermark, FragmentStatus, PlanChange, PlanChanged, Replanned,
     StagedFragment, StoreError, StoreResult,
@@ -183,15 +183,8 @@ impl DynamoJobStore {
     ) -> StoreResult<HashMap<u64, FragmentStatus>> {
         let mut statuses: HashMap<u64, FragmentStatus> =
             ids.iter().map(|id| (*id, FragmentStatus::Open)).collect();
-        for chunk in ids.chunks(super::fragments::KEYS_PER_BATCH_GET) {
-            for item in self.batch_get_statuses(job_id, chunk).await? {
-                let id = get_s(&item, "sk")
-                    .and_then(|sk| sk.strip_prefix("FRAG#"))
-                    .and_then(|id| id.parse().ok());
-                if let (Some(id), Some(status)) = (id, get_s(&item, "status")) {
-                    statuses.insert(id, FragmentStatus::parse(status));
-                }
-            }
+        for (id, status) in self.recorded_statuses(job_id, ids).await? {
+            statuses.insert(id, FragmentStatus::parse(&status));
         }
         Ok(statuses)
     }
@@ -230,15 +223,7 @@ impl DynamoJobStore {
             .expression_attribute_values(":until", n(until))
             .expression_attribute_values(":now", n(now))
             .build()?;
-        let job = ConditionCheck::builder()
-            .table_name(&self.table)
-            .set_key(Some(job_key(job_id)))
-            .condition_expression("#state IN (:pending, :running, :paused)")
-            .expression_attribute_names("#state", "state")
-            .expression_attribute_values(":pending", s(JobState::Pending.as_str()))
-            .expression_attribute_values(":running", s(JobState::Running.as_str()))
-            .expression_attribute_values(":paused", s(JobState::Paused.as_str()))
-            .build()?;
+        let job = job_active_check(&self.table, job_id)?;
         let mut item = key(job_pk(job_id), INTENT_SK);
         item.insert("owner".into(), s(owner));
         item.insert("until".into(), n(until));
