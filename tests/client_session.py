@@ -4,8 +4,9 @@
 
 A user's session: declare a SQL column with `computed()`, price it with
 `dry_run`, fill it and wait; declare a Python function that raises on some
-rows, fill it skipping them and read which with `errors`; declare a
-maintained column with `context=`; list and describe. Prints one JSON
+rows, price it with its time per 1,000 rows and describe the estimate,
+fill it skipping them and read which with `errors`; declare a maintained
+column with `context=`; list and describe. Prints one JSON
 document with what the client returned; the Rust test that runs it checks
 the table itself.
 """
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from lance_backfill_client import Client, computed, udf_column  # noqa: E402
+from lance_backfill_client import Client, computed, describe_estimate, udf_column  # noqa: E402
 
 
 def plus_five_except_sevens(batch: pa.RecordBatch) -> pa.Array:
@@ -43,6 +44,8 @@ def session(url: str, api_key: str, table: str) -> dict[str, Any]:
 
     entry = udf_column(plus_five_except_sevens, input_columns=["x"], output=pa.int64(), name="z")
     client.add_columns(table, [entry])
+    out["z_dry_run"] = client.dry_run(table, "z", function_ms_per_1k_rows=10)
+    out["z_dry_run_text"] = describe_estimate(out["z_dry_run"])
     job_z = client.backfill(table, "z", context={"on_error": "skip", "max_skip_fraction": 0.5})
     out["z"] = client.wait(job_z, 120, progress=False)
     out["z_errors"] = client.errors(job_z)

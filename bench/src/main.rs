@@ -4,10 +4,13 @@
 //! overheads; planning a 10,000-fragment table; API latency against moto;
 //! cold start, binary sizes and peak memory. `bench/run` builds and runs it.
 
+mod billion;
 mod calls;
 mod live;
 mod maintain;
+mod manifest;
 mod measure;
+mod model;
 mod scenarios;
 mod udf;
 
@@ -34,7 +37,8 @@ struct Cli {
     /// (`--shapes 100000/10000,1000000/16`).
     #[arg(long, value_delimiter = ',')]
     shapes: Vec<String>,
-    /// Only these sections (throughput, udf, overheads, calls, live, maintain, planning, latency, startup).
+    /// Only these sections (throughput, udf, overheads, calls, live, maintain, planning, latency, startup, manifest, model;
+    /// `billion` runs only when named: it writes a 1,000,000,000-row table).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -95,6 +99,15 @@ fn main() -> anyhow::Result<()> {
         }
         if wants("startup") {
             scenarios::startup(&options).await?;
+        }
+        if wants("manifest") {
+            manifest::manifest(&options).await?;
+        }
+        if wants("model") {
+            model::model(&options).await?;
+        }
+        if cli.only.iter().any(|o| o == "billion") {
+            billion::billion(&options).await?;
         }
         Ok(())
     })

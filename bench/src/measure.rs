@@ -138,6 +138,11 @@ impl Pylance {
         })
     }
 
+    /// The Python process's id, for its peak RSS.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Times `LanceDataset.add_columns({name: expr})`.
     pub fn add_column(&mut self, uri: &str, name: &str, expr: &str) -> anyhow::Result<Duration> {
         self.timed(serde_json::json!({"uri": uri, "name": name, "expr": expr}))
@@ -180,6 +185,28 @@ impl Drop for Pylance {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `/proc/<pid>` (`/proc/self` for `None`).
+fn proc_dir(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "/proc/self".into(), |pid| format!("/proc/{pid}"))
+}
+
+/// Resets the process's RSS high-water mark (Linux: `5` to `clear_refs`).
+pub fn reset_peak_rss(pid: Option<u32>) -> anyhow::Result<()> {
+    let path = format!("{}/clear_refs", proc_dir(pid));
+    std::fs::write(&path, "5").with_context(|| format!("resetting the peak RSS in {path}"))
+}
+
+/// The process's RSS high-water mark in bytes (`VmHWM`).
+pub fn peak_rss(pid: Option<u32>) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("{}/status", proc_dir(pid)))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.split_whitespace().next())
+        .context("VmHWM")?;
+    Ok(kib.parse::<u64>()? * 1024)
 }
 
 #[cfg(test)]

@@ -152,7 +152,7 @@ pub(crate) async fn verify(uri: &str, column: &str, expr: &str) -> anyhow::Resul
     Ok(rows)
 }
 
-async fn versions(uri: &str) -> u64 {
+pub(crate) async fn versions(uri: &str) -> u64 {
     Dataset::open(uri)
         .await
         .map(|d| d.version().version)

@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::measure::{Pylance, ms, percentile, range, rows_per_second, summarize};
 use crate::scenarios::{Options, backfill, fresh, verify};
 
-const FUNCTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/udfs.py");
+pub(crate) const FUNCTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/udfs.py");
 
 /// Base64 cloudpickles of tests/udfs.py's functions, made by `python`.
 pub(crate) fn payloads(python: &str, state: &Path) -> anyhow::Result<HashMap<String, String>> {
@@ -145,7 +145,7 @@ async fn vectorised(options: &Options, functions: &HashMap<String, String>) -> a
     Ok(())
 }
 
-fn udf_ref(name: &str, payload: &str) -> anyhow::Result<UdfRef> {
+pub(crate) fn udf_ref(name: &str, payload: &str) -> anyhow::Result<UdfRef> {
     use base64::Engine;
     use sha2::Digest;
     let pickle = base64::engine::general_purpose::STANDARD.decode(payload)?;

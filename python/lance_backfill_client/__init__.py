@@ -13,6 +13,7 @@ from ._client import (
     JobFailedError,
     LanceBackfillError,
     computed,
+    describe_estimate,
     table_path,
 )
 from ._types import arrow_type_to_json, field_to_json, json_to_arrow_type, json_to_field
@@ -47,6 +48,7 @@ __all__ = [
     "apply_udf",
     "arrow_type_to_json",
     "computed",
+    "describe_estimate",
     "field_to_json",
     "json_to_arrow_type",
     "json_to_field",

@@ -201,12 +201,24 @@ class Client:
         return job_id
 
     def dry_run(
-        self, table_id: TableId, column: str, *, api_key: Optional[str] = None, **fields: Any
+        self,
+        table_id: TableId,
+        column: str,
+        *,
+        api_key: Optional[str] = None,
+        function_ms_per_1k_rows: Optional[float] = None,
+        **fields: Any,
     ) -> Dict[str, Any]:
         """What `backfill` with the same arguments would do, without doing it:
-        the fragments, tasks, rows and commits it would plan (`context.dry_run`)."""
+        the fragments, tasks, rows and commits it would plan (`context.dry_run`),
+        and under "estimate" what it would take on AWS at its `concurrency`
+        (wall time, Lambda GB-seconds, requests, dollars, the bottleneck).
+        `function_ms_per_1k_rows`: a Python function's own time per 1,000
+        rows, added to the estimate. `describe_estimate(plan)` prints it."""
         context = dict(fields.pop("context", None) or {})
         context["dry_run"] = True
+        if function_ms_per_1k_rows is not None:
+            context["function_ms_per_1k_rows"] = function_ms_per_1k_rows
         fields["context"] = context
         return self._backfill_request(table_id, column, fields, api_key, None)
 
@@ -496,6 +508,38 @@ def _error_from(status: int, raw: bytes) -> LanceBackfillError:
         )
     text = raw.decode("utf-8", "replace").strip()[:500] if raw else f"HTTP {status}"
     return LanceBackfillError(status, None, text or f"HTTP {status}", body=raw)
+
+
+def describe_estimate(plan: Mapping[str, Any]) -> str:
+    """A dry run's plan and estimate (`Client.dry_run`), for a person."""
+    lines = [
+        f"would fill {plan.get('rows')} rows of {plan.get('column')} in "
+        f"{plan.get('fragments')} fragments: {plan.get('tasks')} tasks, "
+        f"{plan.get('commits')} commits"
+    ]
+    estimate = plan.get("estimate")
+    if isinstance(estimate, Mapping):
+        cost = estimate.get("cost_usd") or {}
+        parts = ", ".join(f"{name} ${cost.get(name, 0):.4g}" for name in COST_PARTS)
+        lines.append(
+            f"on AWS: about {_duration(estimate.get('wall_seconds', 0))} (bound by "
+            f"{str(estimate.get('bottleneck', '?')).replace('_', ' ')}), "
+            f"{estimate.get('lambda_gb_seconds', 0):,.0f} Lambda GB-s, "
+            f"${cost.get('total', 0):.4g} in all ({parts})"
+        )
+        lines.extend(f"assumed: {said}" for said in estimate.get("assumptions", []))
+    return "\n".join(lines)
+
+
+COST_PARTS = ("lambda", "dynamodb", "sqs", "s3")
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
 
 
 def _as_dict(entry: Any) -> Dict[str, Any]:

@@ -825,6 +825,30 @@ def test_client_context_dry_run_and_computed(stub: Stub) -> None:
     assert len(stub.requests) == 3
 
 
+def test_dry_run_estimate_is_asked_for_and_described(stub: Stub) -> None:
+    estimate = {
+        "wall_seconds": 5400.0,
+        "bottleneck": "hot_key",
+        "lambda_gb_seconds": 12345.6,
+        "cost_usd": {"lambda": 0.16, "dynamodb": 0.02, "sqs": 0.001, "s3": 0.003, "total": 0.184},
+        "assumptions": ["not counted: planning"],
+    }
+    plan = {"dry_run": True, "column": "y", "fragments": 4, "tasks": 4, "rows": 2000}
+    stub.replies = [(200, {**plan, "commits": 1, "estimate": estimate})]
+    client = Client(stub.url)
+    answered = client.dry_run("items", "y", function_ms_per_1k_rows=10)
+    assert stub.requests[0]["body"]["context"] == {
+        "dry_run": "true",
+        "function_ms_per_1k_rows": "10",
+    }
+    assert lbc.describe_estimate(answered).splitlines() == [
+        "would fill 2000 rows of y in 4 fragments: 4 tasks, 1 commits",
+        "on AWS: about 90.0 min (bound by hot key), 12,346 Lambda GB-s, $0.184 in all "
+        "(lambda $0.16, dynamodb $0.02, sqs $0.001, s3 $0.003)",
+        "assumed: not counted: planning",
+    ]
+
+
 def test_client_error_mapping(stub: Stub) -> None:
     conflict = {
         "error": "job abc is already filling y",

@@ -110,6 +110,24 @@ async fn the_client_commands_submit_follow_list_cancel_and_explain_jobs() {
         text(&described)
     );
 
+    // A dry run: the plan and its estimate, and no job.
+    let dry = run(&url, &["submit", "big", "y", "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("would fill 200000 rows of y in 200 fragments"),
+        "{}",
+        text(&dry)
+    );
+    assert!(text(&dry).contains("on AWS: about"), "{}", text(&dry));
+    let dry = stdout_json(&run(&url, &["--json", "submit", "big", "y", "--dry-run"]));
+    assert_eq!(dry["tasks"], 2, "200 fragments of 1,000 rows go as 2 packs: {dry}");
+    assert!(
+        dry["estimate"]["cost_usd"]["total"].as_f64().unwrap() > 0.0,
+        "{dry}"
+    );
+    let none = stdout_json(&run(&url, &["--json", "jobs", "big"]));
+    assert!(ids(&none).is_empty(), "a dry run makes no job: {none}");
+
     // cancel a running job; watch then exits 2.
     let submitted = run(&url, &["submit", "big", "y"]);
     assert_eq!(submitted.status.code(), Some(0), "{}", text(&submitted));
@@ -136,6 +154,66 @@ async fn the_client_commands_submit_follow_list_cancel_and_explain_jobs() {
     );
     let _ = serve.child.kill();
     let _ = serve.child.wait();
+}
+
+/// `estimate` needs no service: a billion rows, three functions, two
+/// concurrencies, as BENCHMARKS.md's projection runs it.
+#[test]
+fn the_estimate_command_projects_jobs_over_a_billion_rows() {
+    let args = [
+        "estimate",
+        "--rows",
+        "1000000000",
+        "--fragments",
+        "1000",
+        "--function",
+        "sql,10,1000",
+        "--concurrency",
+        "100,1000",
+    ];
+    let table = run("http://127.0.0.1:9", &args);
+    assert_eq!(table.status.code(), Some(0), "{}", text(&table));
+    let rows: Vec<String> = text(&table)
+        .lines()
+        .filter(|line| line.starts_with("| 1.00 G / 1000 |"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(rows.len(), 6, "{}", text(&table));
+    let json_args: Vec<&str> = std::iter::once("--json").chain(args).collect();
+    let projected = stdout_json(&run("http://127.0.0.1:9", &json_args));
+    let projected = projected.as_array().unwrap();
+    let wall = |i: usize| projected[i]["estimate"]["wall_seconds"].as_f64().unwrap();
+    let cost = |i: usize| {
+        projected[i]["estimate"]["cost_usd"]["total"]
+            .as_f64()
+            .unwrap()
+    };
+    // The same function on 10 times the workers: 10 times faster while the
+    // workers bound it, the same dollars.
+    assert_eq!(projected[4]["estimate"]["bottleneck"], "workers");
+    assert!((wall(4) / wall(5) - 10.0).abs() < 1e-6, "{projected:?}");
+    assert!((cost(4) - cost(5)).abs() < 1e-9 * cost(4));
+    assert!(
+        cost(4) > cost(2) && cost(2) > cost(0),
+        "a dearer function costs more"
+    );
+    let refused = run(
+        "http://127.0.0.1:9",
+        &[
+            "estimate",
+            "--rows",
+            "10",
+            "--fragments",
+            "1",
+            "--function=-3",
+        ],
+    );
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(
+        text(&refused).contains("milliseconds per 1,000 rows"),
+        "{}",
+        text(&refused)
+    );
 }
 
 fn ids(listing: &Value) -> Vec<String> {

@@ -12,18 +12,14 @@ use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use lance_backfill::app::runner::RunnerConfig;
 use lance_backfill::app::worker::Worker;
 use lance_backfill::http::lambda;
-use lance_backfill::model::job::{
-    Counter, Job, JobSpec, JobState, Metrics, MetricsDelta, Params, PlanSummary, new_job_id,
-    now_rfc3339,
-};
+use lance_backfill::model::job::{Counter, Job, JobState, MetricsDelta};
 use lance_backfill::model::table::TableId;
 use lance_backfill::ports::queue::TaskQueue;
 use lance_backfill::ports::store::{FragmentLedger, JobRecords, StagedFragment, StoreError};
 use lance_backfill_tests::{
-    API_KEY, Moto, Stack, StackOptions, fast_engine, fuzz_seed, read_i64,
+    API_KEY, Moto, Stack, StackOptions, fast_engine, fuzz_seed, pending_job, read_i64,
     replacements_per_fragment, write_table,
 };
-use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
 use serde_json::{Value, json};
 
 /// The rates: a quarter of the transactions cancelled for a
@@ -38,44 +34,7 @@ fn every_fault() -> Value {
 }
 
 fn a_job() -> Job {
-    let params = Params::effective(&AlterTableBackfillColumnsRequest::new("y".into()), 64)
-        .expect("default parameters");
-    let now = now_rfc3339();
-    let mut metrics = Metrics::default();
-    metrics.set(Counter::FragmentsTotal, 64);
-    Job {
-        job_id: new_job_id(),
-        spec: JobSpec {
-            table_id: TableId(vec!["faults".into()]),
-            table_uri: "/tmp/faults.lance".into(),
-            branch: None,
-            column: "y".into(),
-            expression: "x + 1".into(),
-            filter: "y IS NULL".into(),
-            read_version: 1,
-            params,
-            submitted_by: "tester".into(),
-            plan: PlanSummary::default(),
-            udf: None,
-            options: Default::default(),
-            skip_fragments: Vec::new(),
-            only_fragments: Vec::new(),
-            ignored_fields: Vec::new(),
-            first_fragment_id: None,
-            maintained_through: None,
-            maintained_version: None,
-            refill_fragments: Vec::new(),
-            refill_all: false,
-            on_behalf_of: None,
-        },
-        state: JobState::Pending,
-        created_at: now.clone(),
-        updated_at: now,
-        started_at: None,
-        finished_at: None,
-        error: None,
-        metrics,
-    }
+    pending_job(vec!["faults".into()], "y", 64, 0)
 }
 
 fn staged(fragment_id: u64) -> StagedFragment {

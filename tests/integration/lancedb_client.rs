@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::model::estimate::{Function, Shape, estimate};
 use lance_backfill_tests::{
-    API_KEY, Stack, StackOptions, fast_engine, latest_version, read_i64, write_sample_table,
+    API_KEY, Stack, StackOptions, assert_json_close, fast_engine, latest_version, read_i64,
+    write_sample_table,
 };
 use serde_json::{Value, json};
 
@@ -268,6 +270,30 @@ async fn a_dry_run_answers_the_plan_and_records_nothing() {
     assert_eq!(plan["fragment_ids"], json!([0, 1, 2, 3, 4]));
     assert_eq!(plan["read_version"], latest_version(&uri).await);
     assert_eq!(plan["where"], "`y` IS NULL");
+    // What it would take on AWS, from the plan's own figures.
+    let shape = Shape {
+        rows: 1000,
+        fragments: 5,
+        tasks: 10,
+        commits: 3,
+        concurrency: plan["parameters"]["concurrency"].as_u64().unwrap() as u32,
+        function: Function::Sql,
+    };
+    let expected = serde_json::to_value(estimate(&shape).unwrap()).unwrap();
+    assert_json_close(&plan["estimate"], &expected);
+    assert!(plan["estimate"]["cost_usd"]["total"].as_f64().unwrap() > 0.0);
+    // A function's time that is not a number of milliseconds is refused.
+    let (status, refused) = stack
+        .post(
+            "/v1/table/items/backfill_column",
+            json!({"column": "y", "context": {"dry_run": "true", "function_ms_per_1k_rows": "-5"}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused.to_string().contains("function_ms_per_1k_rows"),
+        "{refused}"
+    );
     let (_, jobs) = stack.get("/v1/table/items/jobs").await;
     assert_eq!(jobs["jobs"], json!([]), "a dry run records no job");
     let (status, listed) = post_as_lancedb(&stack, "/v1/jobs/list", &[], Some("{}")).await;

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use lance_backfill::app::runner::RunnerConfig;
+use lance_backfill::model::estimate::{Function, Shape, estimate};
 use lance_backfill_tests::{
-    API_KEY, Stack, StackOptions, fast_engine, read_i64, write_sample_table,
+    API_KEY, Stack, StackOptions, assert_json_close, fast_engine, read_i64, write_sample_table,
 };
 use serde_json::Value;
 
@@ -49,6 +50,27 @@ async fn the_python_client_declares_prices_fills_and_explains_jobs() {
     assert_eq!(out["dry_run"]["dry_run"], true, "{out}");
     assert_eq!(out["dry_run"]["fragments"], 4);
     assert_eq!(out["dry_run"]["rows"], ROWS);
+    // The function's dry run: the estimate of its plan, its own time added.
+    let plan = &out["z_dry_run"];
+    let shape = Shape {
+        rows: ROWS,
+        fragments: 4,
+        tasks: plan["tasks"].as_u64().unwrap(),
+        commits: plan["commits"].as_u64().unwrap(),
+        concurrency: plan["parameters"]["concurrency"].as_u64().unwrap() as u32,
+        function: Function::Python {
+            ms_per_1k_rows: Some(10.0),
+        },
+    };
+    let expected = serde_json::to_value(estimate(&shape).unwrap()).unwrap();
+    assert_json_close(&plan["estimate"], &expected);
+    let text = out["z_dry_run_text"].as_str().unwrap();
+    assert!(text.contains("4000 rows of z in 4 fragments"), "{text}");
+    assert!(text.contains("on AWS: about"), "{text}");
+    assert!(
+        !text.contains("function_ms_per_1k_rows"),
+        "its time was given: {text}"
+    );
     assert_eq!(out["y"]["state"], "DONE");
     // The function raised on x & 1023 = 7: four rows skipped, listed.
     assert_eq!(out["z"]["state"], "DONE", "{out}");

@@ -9,18 +9,14 @@ use std::time::Duration;
 use lance_backfill::adapters::aws::dynamodb::ShardPolicy;
 use lance_backfill::adapters::sqlite::SqliteJobStore;
 use lance_backfill::adapters::sqlite::embedded::EmbeddedDb;
-use lance_backfill::model::job::{
-    Counter, Job, JobSpec, JobState, Metrics, MetricsDelta, Params, PlanSummary, new_job_id,
-    now_rfc3339,
-};
+use lance_backfill::model::job::{Counter, Job, JobState, MetricsDelta, new_job_id};
 use lance_backfill::model::plan::{PlannedFragment, ReadAt, job_fragment};
 use lance_backfill::model::table::TableId;
 use lance_backfill::ports::store::{
     COMMIT_LEASE, ColumnWatermark, CreateOutcome, FragmentStatus, HeldLease, IdempotencyClaim,
     JobStore, PlanChange, Replanned, Resolution, RowFailure, StagedFragment, StoreError,
 };
-use lance_backfill_tests::Moto;
-use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
+use lance_backfill_tests::{Moto, pending_job};
 
 /// A store under test and what keeps it alive.
 struct Adapter {
@@ -118,50 +114,7 @@ pub(crate) async fn a_job_of_ten_thousand_fragments_on(store: Arc<dyn JobStore>)
 }
 
 fn job(table: &str, column: &str) -> Job {
-    let params = Params::effective(&AlterTableBackfillColumnsRequest::new(column.into()), 4)
-        .expect("default parameters");
-    let mut metrics = Metrics::default();
-    metrics.set(Counter::FragmentsTotal, 4);
-    metrics.set(Counter::RowsTotal, 400);
-    let now = now_rfc3339();
-    Job {
-        job_id: new_job_id(),
-        spec: JobSpec {
-            table_id: TableId(vec!["ns".into(), table.into()]),
-            table_uri: format!("/tmp/{table}.lance"),
-            branch: None,
-            column: column.into(),
-            expression: "x + 1".into(),
-            filter: format!("{column} IS NULL"),
-            read_version: 3,
-            params,
-            submitted_by: "tester".into(),
-            plan: PlanSummary {
-                fragments: 4,
-                tasks: 4,
-                rows: 400,
-                fanned_out: false,
-            },
-            udf: None,
-            options: Default::default(),
-            skip_fragments: Vec::new(),
-            only_fragments: Vec::new(),
-            ignored_fields: Vec::new(),
-            first_fragment_id: None,
-            maintained_through: None,
-            maintained_version: None,
-            refill_fragments: Vec::new(),
-            refill_all: false,
-            on_behalf_of: None,
-        },
-        state: JobState::Pending,
-        created_at: now.clone(),
-        updated_at: now,
-        started_at: None,
-        finished_at: None,
-        error: None,
-        metrics,
-    }
+    pending_job(vec!["ns".into(), table.into()], column, 4, 400)
 }
 
 fn claim(key: &str, fingerprint: &str) -> IdempotencyClaim {

@@ -747,3 +747,86 @@ pub async fn append_rows_with(uri: &str, from: i64, count: i64, storage: &HashMa
         .unwrap();
     let _ = schema;
 }
+
+/// Asserts `got` equals `expected`, numbers within a relative 1e-12 (a
+/// float printed to JSON and read back may move by its last bit).
+pub fn assert_json_close(got: &serde_json::Value, expected: &serde_json::Value) {
+    use serde_json::Value;
+    match (got, expected) {
+        (Value::Number(a), Value::Number(b)) => {
+            let (a, b) = (
+                a.as_f64().unwrap_or(f64::NAN),
+                b.as_f64().unwrap_or(f64::NAN),
+            );
+            assert!(
+                (a - b).abs() <= 1e-12 * a.abs().max(b.abs()),
+                "{a} is not {b}"
+            );
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{got} is not {expected}");
+            a.iter().zip(b).for_each(|(a, b)| assert_json_close(a, b));
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            let keys = |o: &serde_json::Map<String, Value>| o.keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(a), keys(b), "{got} is not {expected}");
+            a.iter().for_each(|(key, a)| assert_json_close(a, &b[key]));
+        }
+        _ => assert_eq!(got, expected),
+    }
+}
+
+/// A PENDING job of `x + 1` into `column` of the table `table_id`, planned
+/// over `fragments` fragments of `rows` rows in all with every default,
+/// made here rather than by a submission: for the store's own tests.
+pub fn pending_job(table_id: Vec<String>, column: &str, fragments: u64, rows: u64) -> Job {
+    use lance_backfill::model::job::{
+        Counter, JobSpec, Metrics, Params, PlanSummary, new_job_id, now_rfc3339,
+    };
+    use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
+    let request = AlterTableBackfillColumnsRequest::new(column.into());
+    let params = Params::effective(&request, fragments).expect("default parameters");
+    let mut metrics = Metrics::default();
+    metrics.set(Counter::FragmentsTotal, fragments as i64);
+    metrics.set(Counter::RowsTotal, rows as i64);
+    let name = table_id.last().cloned().unwrap_or_default();
+    let now = now_rfc3339();
+    Job {
+        job_id: new_job_id(),
+        spec: JobSpec {
+            table_id: lance_backfill::model::table::TableId(table_id),
+            table_uri: format!("/tmp/{name}.lance"),
+            branch: None,
+            column: column.into(),
+            expression: "x + 1".into(),
+            filter: format!("{column} IS NULL"),
+            read_version: 3,
+            params,
+            submitted_by: "tester".into(),
+            plan: PlanSummary {
+                fragments,
+                tasks: fragments,
+                rows,
+                fanned_out: false,
+            },
+            udf: None,
+            options: Default::default(),
+            skip_fragments: Vec::new(),
+            only_fragments: Vec::new(),
+            ignored_fields: Vec::new(),
+            first_fragment_id: None,
+            maintained_through: None,
+            maintained_version: None,
+            refill_fragments: Vec::new(),
+            refill_all: false,
+            on_behalf_of: None,
+        },
+        state: JobState::Pending,
+        created_at: now.clone(),
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+        error: None,
+        metrics,
+    }
+}

@@ -9,7 +9,7 @@ use lance_backfill::model::binding::{UDF_BINDING_KEY, UDF_OUTPUT_OF_KEY};
 use lance_backfill::run::computed::{BINDING_KEY, MAINTAINED_KEY};
 
 use crate::client::Api;
-use crate::watch;
+use crate::{estimate, watch};
 
 /// States a job can be in, as `--state` takes them.
 pub const STATES: [&str; 6] = [
@@ -30,21 +30,24 @@ pub struct Submit {
     pub wait: bool,
     /// A job whose skipped rows this one computes again.
     pub retry_failed: Option<String>,
+    /// Only plan, and print the plan and its estimate.
+    pub dry_run: bool,
+    pub function_ms_per_1k_rows: Option<f64>,
 }
 
 /// `submit`: the job's id; with `--wait`, followed as `watch` does (the
 /// exit code is the job's).
 pub async fn submit(api: &Api, request: Submit, as_json: bool) -> anyhow::Result<i32> {
-    let mut body = json!({ "column": request.column });
-    if let Some(filter) = &request.filter {
-        body["where"] = json!(filter);
-    }
-    if let Some(job) = &request.retry_failed {
-        body["context"] = json!({ "retry_failed_of": job });
-    }
     let answer = api
-        .post(&["v1", "table", &request.table, "backfill_column"], &body)
+        .post(
+            &["v1", "table", &request.table, "backfill_column"],
+            &submit_body(&request),
+        )
         .await?;
+    if request.dry_run {
+        print_dry_run(&answer, as_json);
+        return Ok(0);
+    }
     let job_id = answer["job_id"]
         .as_str()
         .context("the service answered without a job_id")?
@@ -60,6 +63,47 @@ pub async fn submit(api: &Api, request: Submit, as_json: bool) -> anyhow::Result
         false => println!("{job_id}"),
     }
     Ok(0)
+}
+
+fn submit_body(request: &Submit) -> Value {
+    let mut body = json!({ "column": request.column });
+    if let Some(filter) = &request.filter {
+        body["where"] = json!(filter);
+    }
+    let mut context = serde_json::Map::new();
+    if let Some(job) = &request.retry_failed {
+        context.insert("retry_failed_of".into(), json!(job));
+    }
+    if request.dry_run {
+        context.insert("dry_run".into(), json!("true"));
+    }
+    if let Some(ms) = request.function_ms_per_1k_rows {
+        context.insert("function_ms_per_1k_rows".into(), json!(ms.to_string()));
+    }
+    if !context.is_empty() {
+        body["context"] = Value::Object(context);
+    }
+    body
+}
+
+/// A dry run's plan and estimate.
+fn print_dry_run(answer: &Value, as_json: bool) {
+    if as_json {
+        println!("{answer}");
+        return;
+    }
+    println!(
+        "would fill {} rows of {} in {} fragments at version {}: {} tasks, {} commits",
+        answer["rows"],
+        text(&answer["column"]),
+        answer["fragments"],
+        answer["read_version"],
+        answer["tasks"],
+        answer["commits"]
+    );
+    for line in estimate::describe(&answer["estimate"]) {
+        println!("{line}");
+    }
 }
 
 pub struct Listing {

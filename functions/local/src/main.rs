@@ -3,12 +3,13 @@
 //! `serve` runs the API and the worker together (embedded store and queue by
 //! default, DynamoDB and SQS with `--aws`); `demo` shows a real backfill;
 //! `submit`, `jobs`, `watch`, `cancel`, `pause`, `resume`, `describe` and
-//! `errors` call a
-//! running service (`--url`), local or deployed.
+//! `errors` call a running service (`--url`), local or deployed;
+//! `estimate` projects jobs over a table of any size to AWS time and cost.
 
 mod client;
 mod commands;
 mod demo;
+mod estimate;
 mod watch;
 
 use std::net::SocketAddr;
@@ -163,6 +164,29 @@ enum Command {
         /// Compute again only the rows this job skipped (`on_error: skip`).
         #[arg(long, value_name = "JOB")]
         retry_failed: Option<String>,
+        /// Only plan: print what the job would do and take on AWS.
+        #[arg(long)]
+        dry_run: bool,
+        /// A Python function's own time per 1,000 rows, in milliseconds,
+        /// for the estimate.
+        #[arg(long, value_name = "MS")]
+        function_ms_per_1k_rows: Option<f64>,
+    },
+    /// What jobs over a table of ROWS in FRAGMENTS would take on AWS: wall
+    /// time, Lambda, requests, dollars and the bottleneck, for each
+    /// function and concurrency (a Markdown table).
+    Estimate {
+        #[arg(long)]
+        rows: u64,
+        #[arg(long)]
+        fragments: u64,
+        /// sql, python, or a Python function's milliseconds per 1,000 rows
+        /// (comma-separated: sql,10,1000).
+        #[arg(long, value_delimiter = ',', default_value = "sql")]
+        function: Vec<String>,
+        /// Concurrent workers (comma-separated: 100,1000).
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        concurrency: Vec<u32>,
     },
     /// The newest jobs of a table, or of every table you may read.
     Jobs {
@@ -281,6 +305,8 @@ async fn run_client(service: &Service, command: Command) -> anyhow::Result<i32> 
             filter,
             wait,
             retry_failed,
+            dry_run,
+            function_ms_per_1k_rows,
         } => {
             let request = commands::Submit {
                 table,
@@ -288,8 +314,24 @@ async fn run_client(service: &Service, command: Command) -> anyhow::Result<i32> 
                 filter,
                 wait,
                 retry_failed,
+                dry_run,
+                function_ms_per_1k_rows,
             };
             commands::submit(&api, request, json).await
+        }
+        Command::Estimate {
+            rows,
+            fragments,
+            function,
+            concurrency,
+        } => {
+            let projection = estimate::Projection {
+                rows,
+                fragments,
+                functions: function,
+                concurrency,
+            };
+            estimate::run(projection, json)
         }
         Command::Jobs {
             table,

@@ -3,8 +3,11 @@
 //! so can anything else that starts jobs (an event trigger).
 
 pub mod declare;
+mod dry_run;
 pub mod maintain;
 pub mod trigger;
+
+pub use dry_run::DryRunPlan;
 
 use std::sync::Arc;
 
@@ -138,27 +141,6 @@ impl SubmitOutcome {
     }
 }
 
-/// What a backfill would do, as a dry run answers it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct DryRunPlan {
-    pub dry_run: bool,
-    pub column: String,
-    pub columns: Vec<String>,
-    pub expression: String,
-    #[serde(rename = "where")]
-    pub filter: String,
-    pub read_version: u64,
-    /// Fragments the job would fill, tasks it would queue, rows it would
-    /// read (the `where` picks which of them get values) and commits.
-    pub fragments: u64,
-    pub tasks: u64,
-    pub rows: u64,
-    pub commits: u64,
-    pub fragment_ids: Vec<u64>,
-    pub skipped_fragments: Vec<u64>,
-    pub parameters: Params,
-}
-
 /// What submission needs, built once per process.
 #[derive(Clone)]
 pub struct Submitter {
@@ -206,9 +188,9 @@ impl Submitter {
         let mut job = new_job(&submit, &planned, params, spec.options.clone());
         job.spec.plan.fanned_out = job.spec.plan.tasks > self.settings.inline_plan_limit;
         if spec.dry_run {
-            return Ok(SubmitOutcome::DryRun(Box::new(dry_run_plan(
-                &job, &planned,
-            ))));
+            let fragments = planned.fragments.iter().map(|f| f.id).collect();
+            let plan = DryRunPlan::of(&job, fragments, spec.function_ms_per_1k_rows);
+            return Ok(SubmitOutcome::DryRun(Box::new(plan)));
         }
         let created = self
             .lifecycle
@@ -635,25 +617,6 @@ fn planned_event(job: &Job) -> String {
         ));
     }
     event
-}
-
-fn dry_run_plan(job: &Job, planned: &Planned) -> DryRunPlan {
-    let spec = &job.spec;
-    DryRunPlan {
-        dry_run: true,
-        column: spec.column.clone(),
-        columns: spec.columns(),
-        expression: spec.expression.clone(),
-        filter: spec.filter.clone(),
-        read_version: spec.read_version,
-        fragments: spec.plan.fragments,
-        tasks: spec.plan.tasks,
-        rows: spec.plan.rows,
-        commits: spec.params.commits_expected(spec.plan.fragments),
-        fragment_ids: planned.fragments.iter().map(|f| f.id).collect(),
-        skipped_fragments: spec.skip_fragments.clone(),
-        parameters: spec.params.clone(),
-    }
 }
 
 /// A job never reads an older version than the client has seen.

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
 use serde::{Deserialize, Serialize};
 
-use super::{JobOptions, RequestedParams, flag};
+use super::{JobOptions, RequestedParams, flag, function_ms_per_1k_rows};
 use crate::model::error::{Error, Missing};
 use crate::model::table::{TableId, branch_name};
 
@@ -30,6 +30,10 @@ pub struct BackfillSpec {
     pub options: JobOptions,
     /// Plan only: answer what the job would do, record nothing.
     pub dry_run: bool,
+    /// The caller's figure for a Python function's time per 1,000 rows
+    /// (`context.function_ms_per_1k_rows`), for the job's estimate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function_ms_per_1k_rows: Option<f64>,
     /// Compute again the rows this ended job of the column skipped.
     pub retry_failed_of: Option<String>,
 }
@@ -46,6 +50,7 @@ impl BackfillSpec {
             params: RequestedParams::default(),
             options: JobOptions::default(),
             dry_run: false,
+            function_ms_per_1k_rows: None,
             retry_failed_of: None,
         }
     }
@@ -73,6 +78,7 @@ impl BackfillSpec {
             params: RequestedParams::parse(request)?,
             options: JobOptions::from_context(context)?,
             dry_run: flag(context, "dry_run"),
+            function_ms_per_1k_rows: function_ms_per_1k_rows(context)?,
             retry_failed_of: context_value(context, RETRY_FAILED_OF),
         })
     }

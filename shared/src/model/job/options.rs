@@ -29,7 +29,35 @@ pub struct JobOptions {
 
 /// Keys with a meaning here (see docs/api.md); `header.*` entries are
 /// HTTP headers, as the spec says.
-const KNOWN: [&str; 4] = ["on_error", "max_skip_fraction", "dry_run", "auto_backfill"];
+const KNOWN: [&str; 5] = [
+    "on_error",
+    "max_skip_fraction",
+    "dry_run",
+    "auto_backfill",
+    FUNCTION_MS_PER_1K_ROWS,
+];
+
+/// `context` key: the caller's figure for a Python function's own time per
+/// 1,000 rows, in milliseconds, which the job's estimate adds.
+pub const FUNCTION_MS_PER_1K_ROWS: &str = "function_ms_per_1k_rows";
+/// At most an hour per 1,000 rows.
+const MAX_FUNCTION_MS_PER_1K_ROWS: f64 = 3_600_000.0;
+
+/// `context.function_ms_per_1k_rows`, checked.
+pub fn function_ms_per_1k_rows(
+    context: Option<&HashMap<String, String>>,
+) -> Result<Option<f64>, Error> {
+    let Some(text) = context.and_then(|c| c.get(FUNCTION_MS_PER_1K_ROWS)) else {
+        return Ok(None);
+    };
+    match text.trim().parse::<f64>() {
+        Ok(ms) if (0.0..=MAX_FUNCTION_MS_PER_1K_ROWS).contains(&ms) => Ok(Some(ms)),
+        _ => Err(Error::invalid_input(format!(
+            "field 'context.{FUNCTION_MS_PER_1K_ROWS}': '{text}' is not a number of \
+             milliseconds from 0 to {MAX_FUNCTION_MS_PER_1K_ROWS}"
+        ))),
+    }
+}
 
 /// Checks a `context` map's size and shape (`field` names it in errors).
 pub fn check_context(context: &HashMap<String, String>, field: &str) -> Result<(), Error> {
@@ -132,5 +160,22 @@ mod tests {
         ] {
             assert!(JobOptions::from_context(Some(&bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_function_cost_is_a_bounded_number_of_milliseconds() {
+        let read = |value: &str| {
+            function_ms_per_1k_rows(Some(&context(&[(FUNCTION_MS_PER_1K_ROWS, value)])))
+        };
+        assert_eq!(read(" 10 ").unwrap(), Some(10.0));
+        assert_eq!(function_ms_per_1k_rows(None).unwrap(), None);
+        for bad in ["-1", "NaN", "inf", "ten", "3600001"] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        let options = JobOptions::from_context(Some(&context(&[(FUNCTION_MS_PER_1K_ROWS, "5")])));
+        assert!(
+            options.unwrap().other.is_empty(),
+            "a known key is not kept as another's"
+        );
     }
 }

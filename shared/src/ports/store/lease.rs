@@ -24,7 +24,14 @@ pub fn renewal_interval(ttl: Duration) -> Duration {
 
 /// The lease of concurrency slot `index` of a job.
 pub fn slot_lease(index: u32) -> String {
-    format!("slot-{index}")
+    format!("{SLOT_PREFIX}{index}")
+}
+
+const SLOT_PREFIX: &str = "slot-";
+
+/// The slot a lease name is of ([`slot_lease`]), if it is a slot's.
+pub fn slot_of(name: &str) -> Option<u32> {
+    name.strip_prefix(SLOT_PREFIX)?.parse().ok()
 }
 
 /// A held lease, renewed in the background ([`renewal_interval`]).

@@ -10,11 +10,11 @@ use anyhow::Context;
 use lance::Dataset;
 use tracing::info;
 
-use super::stop::StopCheck;
+use super::stop::{Admission, StopCheck};
 use super::task::{Open, planned_fragment};
 use super::write::{Filled, Written};
 use super::{Delivery, Disposition, Engine};
-use crate::model::job::{Counter, Job, JobState, MetricsDelta};
+use crate::model::job::{Counter, Job, MetricsDelta};
 use crate::model::plan::{Pack, PlannedFragment};
 use crate::run::checkpoint;
 
@@ -61,20 +61,14 @@ impl Engine {
         pack: &Pack,
         delivery: &Delivery,
     ) -> anyhow::Result<Disposition> {
-        let Some(job) = self.store.get_job(job_id).await? else {
-            return Ok(Disposition::Poison {
-                reason: format!("job {job_id} does not exist"),
-            });
-        };
-        if job.state.is_terminal() {
-            if job.state == JobState::Done {
+        let job = match self.admit(job_id).await? {
+            Admission::Run(job) => job,
+            Admission::Ends(disposition) => return Ok(disposition),
+            Admission::Finished(job) => {
                 self.forget_pack_checkpoints(&job, pack).await;
+                return Ok(Disposition::Done);
             }
-            return Ok(Disposition::Done);
-        }
-        if job.state == JobState::Paused {
-            return Ok(self.while_paused());
-        }
+        };
         let open = self.open_fragments(job_id, pack).await?;
         if open.is_empty() {
             self.committer.advance(&job).await?;

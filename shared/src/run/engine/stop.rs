@@ -1,13 +1,14 @@
-//! When a running task stops early: its invocation's deadline is near
-//! (checkpoint and requeue the rest), its job was paused (checkpoint and
-//! wait in the queue), or its job ended (leave).
+//! Whether a delivered task runs at all (its job's state), and when a
+//! running task stops early: its invocation's deadline is near (checkpoint
+//! and requeue the rest), its job was paused (checkpoint and wait in the
+//! queue), or its job ended (leave).
 
 use std::time::{Duration, Instant};
 
 use tracing::warn;
 
 use super::{Disposition, Engine};
-use crate::model::job::JobState;
+use crate::model::job::{Job, JobState};
 use crate::model::plan::PlannedFragment;
 
 /// How often a running task looks at the job's state (cancel, pause).
@@ -65,7 +66,33 @@ impl<'a> StopCheck<'a> {
     }
 }
 
+/// What a delivered task's job says about running it.
+pub(super) enum Admission {
+    /// The job is PENDING or RUNNING: run the task.
+    Run(Job),
+    /// The job is DONE: the task has nothing to do but forget what an
+    /// earlier delivery of it left behind.
+    Finished(Job),
+    /// The job is gone, ended otherwise, or paused: the delivery ends so.
+    Ends(Disposition),
+}
+
 impl Engine {
+    /// Reads the task's job and says whether the task runs.
+    pub(super) async fn admit(&self, job_id: &str) -> anyhow::Result<Admission> {
+        let Some(job) = self.store.get_job(job_id).await? else {
+            return Ok(Admission::Ends(Disposition::Poison {
+                reason: format!("job {job_id} does not exist"),
+            }));
+        };
+        Ok(match job.state {
+            JobState::Done => Admission::Finished(job),
+            state if state.is_terminal() => Admission::Ends(Disposition::Done),
+            JobState::Paused => Admission::Ends(self.while_paused()),
+            _ => Admission::Run(job),
+        })
+    }
+
     /// A task of a paused job waits in the queue, spending no receive, and
     /// looks again after [`super::EngineConfig::paused_delay`].
     pub(super) fn while_paused(&self) -> Disposition {

@@ -7,9 +7,9 @@ use lance::Dataset;
 use lance::dataset::fragment::FileFragment;
 use tracing::info;
 
-use super::stop::StopCheck;
+use super::stop::{Admission, StopCheck};
 use super::{Delivery, Disposition, Engine, permanent};
-use crate::model::job::{Job, JobState, MetricsDelta};
+use crate::model::job::{Job, MetricsDelta};
 use crate::model::plan::{PlannedFragment, TaskRef};
 use crate::run::checkpoint;
 use crate::run::computed::Program;
@@ -30,20 +30,14 @@ impl Engine {
         task: &TaskRef,
         delivery: &Delivery,
     ) -> anyhow::Result<Disposition> {
-        let Some(job) = self.store.get_job(job_id).await? else {
-            return Ok(Disposition::Poison {
-                reason: format!("job {job_id} does not exist"),
-            });
-        };
-        if job.state.is_terminal() {
-            if job.state == JobState::Done {
+        let job = match self.admit(job_id).await? {
+            Admission::Run(job) => job,
+            Admission::Ends(disposition) => return Ok(disposition),
+            Admission::Finished(job) => {
                 self.forget_checkpoints(&job, &task.fragment()).await;
+                return Ok(Disposition::Done);
             }
-            return Ok(Disposition::Done);
-        }
-        if job.state == JobState::Paused {
-            return Ok(self.while_paused());
-        }
+        };
         let (resolved, tasks_done) = self.fragment_progress(job_id, task).await?;
         if resolved {
             // A repeated delivery: whatever an earlier holder of this task

@@ -10,7 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::calls::{Failure, classify, retry_busy};
 use super::items::{
-    Item, counters_update, create_only, event_put, fragment_sk, get_s, job_pk, key, lease_sk, n, s,
+    Item, counters_update, create_only, event_put, fragment_sk, get_s, key, lease_sk, n, s,
     staged_sk, task_prefix, task_sk,
 };
 use super::{DynamoJobStore, Layout, Read, unavailable};
@@ -424,9 +424,10 @@ impl DynamoJobStore {
         owner: &str,
         ttl: Duration,
     ) -> StoreResult<bool> {
+        let pk = self.layout(job_id).await?.lease_pk(job_id, name);
         let result = retry_busy(|| async {
             let now = now_millis();
-            let mut item = key(job_pk(job_id), lease_sk(name));
+            let mut item = key(pk.clone(), lease_sk(name));
             item.insert("owner".into(), s(owner));
             item.insert("until".into(), n(now + ttl.as_millis() as i64));
             self.client
@@ -453,11 +454,12 @@ impl DynamoJobStore {
     }
 
     pub(super) async fn release(&self, job_id: &str, name: &str, owner: &str) -> StoreResult<()> {
+        let pk = self.layout(job_id).await?.lease_pk(job_id, name);
         let result = retry_busy(|| async {
             self.client
                 .delete_item()
                 .table_name(&self.table)
-                .set_key(Some(key(job_pk(job_id), lease_sk(name))))
+                .set_key(Some(key(pk.clone(), lease_sk(name))))
                 .condition_expression("#owner = :owner")
                 .expression_attribute_names("#owner", "owner")
                 .expression_attribute_values(":owner", s(owner))

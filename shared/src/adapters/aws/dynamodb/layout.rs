@@ -16,6 +16,7 @@ use super::items::{
     Item, counters_update, get_s, job_active_check, job_key, job_pk, key, n, while_active,
 };
 use crate::model::job::{Counter, Job, MetricsDelta};
+use crate::ports::store::lease::slot_of;
 
 /// The job record's attribute that says how many shards the job has.
 pub(super) const SHARDS_ATTRIBUTE: &str = "shards";
@@ -100,6 +101,15 @@ impl Layout {
         match self.is_sharded() {
             true => (0..self.shards).map(|s| shard_pk(job_id, s)).collect(),
             false => vec![job_pk(job_id)],
+        }
+    }
+
+    /// The partition key of a lease: a concurrency slot's on its shard
+    /// (slot n as fragment n), any other (the commit's) on the job's key.
+    pub(super) fn lease_pk(self, job_id: &str, name: &str) -> String {
+        match slot_of(name) {
+            Some(slot) => self.fragment_pk(job_id, u64::from(slot)),
+            None => job_pk(job_id),
         }
     }
 
