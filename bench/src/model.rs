@@ -163,18 +163,18 @@ async fn aws_calls(options: &Options, moto: &Moto) -> anyhow::Result<(PerTask, f
 }
 
 fn per_task(calls: &Value, used: &Value, tasks: f64) -> PerTask {
-    let hottest = used["keys"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(_, key)| key["wcu"].as_f64())
-        .fold(0.0, f64::max);
+    let hottest = |unit: &str| {
+        let keys = used["keys"].as_object().into_iter().flatten();
+        keys.filter_map(|(_, key)| key[unit].as_f64())
+            .fold(0.0, f64::max)
+    };
     let units = |unit: &str| used[unit].as_f64().unwrap_or(0.0) / tasks;
     PerTask {
         dynamodb_calls: calls_of(calls, "dynamodb", |_| true) / tasks,
         dynamodb_write_units: units("wcu"),
         dynamodb_read_units: units("rcu"),
-        hottest_key_write_units: hottest / tasks,
+        hottest_key_write_units: hottest("wcu") / tasks,
+        hottest_key_read_units: hottest("rcu") / tasks,
         sqs_requests: calls_of(calls, "sqs", |_| true) / tasks,
         s3_puts: calls_of(calls, "s3", |op| op == "PUT" || op == "POST") / tasks,
         s3_gets: calls_of(calls, "s3", |op| op == "GET" || op == "HEAD") / tasks,

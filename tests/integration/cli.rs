@@ -120,7 +120,10 @@ async fn the_client_commands_submit_follow_list_cancel_and_explain_jobs() {
     );
     assert!(text(&dry).contains("on AWS: about"), "{}", text(&dry));
     let dry = stdout_json(&run(&url, &["--json", "submit", "big", "y", "--dry-run"]));
-    assert_eq!(dry["tasks"], 2, "200 fragments of 1,000 rows go as 2 packs: {dry}");
+    assert_eq!(
+        dry["tasks"], 2,
+        "200 fragments of 1,000 rows go as 2 packs: {dry}"
+    );
     assert!(
         dry["estimate"]["cost_usd"]["total"].as_f64().unwrap() > 0.0,
         "{dry}"

@@ -46,8 +46,10 @@ pub struct PerTask {
     pub dynamodb_calls: f64,
     pub dynamodb_write_units: f64,
     pub dynamodb_read_units: f64,
-    /// Write units on the job's busiest partition key.
+    /// Write units on the job's busiest partition key for writes.
     pub hottest_key_write_units: f64,
+    /// Read units on the job's busiest partition key for reads.
+    pub hottest_key_read_units: f64,
     pub sqs_requests: f64,
     pub s3_puts: f64,
     pub s3_gets: f64,
@@ -91,6 +93,7 @@ pub struct Worker {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     pub key_write_units_per_second: f64,
+    pub key_read_units_per_second: f64,
     pub s3_puts_per_second_per_prefix: f64,
 }
 
@@ -180,7 +183,7 @@ impl Shape {
 pub enum Bottleneck {
     /// The workers' own time: more concurrency makes it faster.
     Workers,
-    /// The write units the job's busiest DynamoDB key takes per second.
+    /// The units the job's busiest DynamoDB key takes per second.
     HotKey,
     /// S3's PUT rate on the table's data prefix.
     S3Prefix,
@@ -319,7 +322,9 @@ fn bounds(shape: &Shape, inputs: &Inputs, task_seconds: f64, manifest_bytes: f64
         2.0 * (aws.latency_seconds.s3 + manifest_bytes / aws.latency_seconds.s3_bytes_per_second);
     Bounds {
         workers: tasks * task_seconds / workers,
-        hot_key: tasks * per_task.hottest_key_write_units / aws.limits.key_write_units_per_second,
+        hot_key: tasks
+            * (per_task.hottest_key_write_units / aws.limits.key_write_units_per_second)
+                .max(per_task.hottest_key_read_units / aws.limits.key_read_units_per_second),
         s3_prefix: tasks * per_task.s3_puts / aws.limits.s3_puts_per_second_per_prefix,
         manifest: shape.commits as f64 * commit,
     }
