@@ -46,7 +46,8 @@ impl Busy {
 }
 
 /// The column the job fills: `y = x * 2 + 1`, as SQL or as a Python
-/// function on the local pool (tests/udfs.py's `double_plus_one`).
+/// function on the local pool (tests/udfs.py's `slow_double_plus_one`:
+/// 30 ms a batch, so the job lasts several of the writer's compactions).
 #[derive(Clone, Copy)]
 enum Fill<'a> {
     Sql,
@@ -61,7 +62,7 @@ pub async fn live(options: &Options) -> anyhow::Result<()> {
     };
     println!("## A live table: the same backfill on a quiet table and under another writer\n");
     println!(
-        "`y = x * 2 + 1` over {rows} rows in {fragments} fragments, embedded store and queue, as SQL and as a Python function on the local pool (tests/udfs.py `double_plus_one`, 2 processes). Busy: pylance appends 100 rows every {APPEND_EVERY_MS} ms and compacts every {COMPACT_EVERY_S} s while the job runs (tests/live_writer.py busy). {} repetitions of each, alternating; the table is written afresh for each.\n",
+        "`y = x * 2 + 1` over {rows} rows in {fragments} fragments, embedded store and queue, as SQL and as a Python function on the local pool that takes 30 ms a batch (tests/udfs.py `slow_double_plus_one`, 2 processes: a job of about 15 s, so compactions land while it runs). Busy: pylance appends 100 rows every {APPEND_EVERY_MS} ms and compacts every {COMPACT_EVERY_S} s while the job runs (tests/live_writer.py busy). {} repetitions of each, alternating; the table is written afresh for each.\n",
         options.reps
     );
     println!(
@@ -71,8 +72,8 @@ pub async fn live(options: &Options) -> anyhow::Result<()> {
     let state = fresh(&options.dir, "live-state")?;
     let functions = crate::udf::payloads(&options.python, &state)?;
     let function = functions
-        .get("double_plus_one")
-        .context("tests/udfs.py has double_plus_one")?;
+        .get("slow_double_plus_one")
+        .context("tests/udfs.py has slow_double_plus_one")?;
     let mut ratios = Vec::new();
     for (label, fill) in [
         ("SQL", Fill::Sql),
@@ -148,7 +149,7 @@ async fn one(
         }
         Fill::Function(payload) => {
             let stack = crate::udf::udf_stack(&root, 2).await;
-            crate::udf::declare(&stack, "y", payload, "double_plus_one").await?;
+            crate::udf::declare(&stack, "y", payload, "slow_double_plus_one").await?;
             stack
         }
     };

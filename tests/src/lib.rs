@@ -778,55 +778,23 @@ pub fn assert_json_close(got: &serde_json::Value, expected: &serde_json::Value) 
 
 /// A PENDING job of `x + 1` into `column` of the table `table_id`, planned
 /// over `fragments` fragments of `rows` rows in all with every default,
-/// made here rather than by a submission: for the store's own tests.
+/// made here rather than by a submission (its spec as a stored job's is
+/// read, every optional field left out): for the store's own tests.
 pub fn pending_job(table_id: Vec<String>, column: &str, fragments: u64, rows: u64) -> Job {
-    use lance_backfill::model::job::{
-        Counter, JobSpec, Metrics, Params, PlanSummary, new_job_id, now_rfc3339,
-    };
+    use lance_backfill::model::job::{Counter, JobSpec, Metrics, Params};
     use lance_namespace_reqwest_client::models::AlterTableBackfillColumnsRequest;
     let request = AlterTableBackfillColumnsRequest::new(column.into());
     let params = Params::effective(&request, fragments).expect("default parameters");
+    let name = table_id.last().cloned().unwrap_or_default();
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "table_id": table_id, "table_uri": format!("/tmp/{name}.lance"), "branch": null,
+        "column": column, "expression": "x + 1", "where": format!("{column} IS NULL"),
+        "read_version": 3, "params": params, "submitted_by": "tester",
+        "plan": {"fragments": fragments, "tasks": fragments, "rows": rows, "fanned_out": false},
+    }))
+    .expect("a job spec");
     let mut metrics = Metrics::default();
     metrics.set(Counter::FragmentsTotal, fragments as i64);
     metrics.set(Counter::RowsTotal, rows as i64);
-    let name = table_id.last().cloned().unwrap_or_default();
-    let now = now_rfc3339();
-    Job {
-        job_id: new_job_id(),
-        spec: JobSpec {
-            table_id: lance_backfill::model::table::TableId(table_id),
-            table_uri: format!("/tmp/{name}.lance"),
-            branch: None,
-            column: column.into(),
-            expression: "x + 1".into(),
-            filter: format!("{column} IS NULL"),
-            read_version: 3,
-            params,
-            submitted_by: "tester".into(),
-            plan: PlanSummary {
-                fragments,
-                tasks: fragments,
-                rows,
-                fanned_out: false,
-            },
-            udf: None,
-            options: Default::default(),
-            skip_fragments: Vec::new(),
-            only_fragments: Vec::new(),
-            ignored_fields: Vec::new(),
-            first_fragment_id: None,
-            maintained_through: None,
-            maintained_version: None,
-            refill_fragments: Vec::new(),
-            refill_all: false,
-            on_behalf_of: None,
-        },
-        state: JobState::Pending,
-        created_at: now.clone(),
-        updated_at: now,
-        started_at: None,
-        finished_at: None,
-        error: None,
-        metrics,
-    }
+    Job::pending(spec, metrics)
 }

@@ -19,7 +19,7 @@ use crate::model::binding::Binding;
 use crate::model::error::{Error, Missing};
 use crate::model::job::{
     BackfillSpec, Counter, Job, JobOptions, JobSpec, JobState, MAX_TASKS_PER_JOB, Metrics,
-    MetricsDelta, Params, PlanSummary, RETRY_FAILED_OF, RequestedParams, new_job_id, now_rfc3339,
+    MetricsDelta, Params, PlanSummary, RETRY_FAILED_OF, RequestedParams,
 };
 use crate::model::plan::{self, PlannedFragment};
 use crate::model::table::{Catalog, TableId};
@@ -544,7 +544,6 @@ fn write_canonical(value: &serde_json::Value, out: &mut String) {
 }
 
 fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: JobOptions) -> Job {
-    let now = now_rfc3339();
     let fragments = &planned.fragments;
     let tasks = plan::task_count(fragments, params.task_size);
     let rows: u64 = fragments.iter().map(|f| f.physical_rows).sum();
@@ -556,44 +555,35 @@ fn new_job(submit: &SubmitRequest, planned: &Planned, params: Params, options: J
         Counter::CommitsPlanned,
         params.commits_expected(fragments.len() as u64) as i64,
     );
-    Job {
-        job_id: new_job_id(),
-        spec: JobSpec {
-            table_id: submit.table.clone(),
-            table_uri: planned.uri.clone(),
-            branch: planned.branch.clone(),
-            column: planned.program.column.clone(),
-            expression: planned.program.expression.clone(),
-            filter: planned.program.filter.clone(),
-            read_version: planned.read_version,
-            params,
-            submitted_by: submit.submitted_by.clone(),
-            udf: planned.program.udf().map(Binding::reference),
-            options,
-            skip_fragments: submit.skip_fragments.clone(),
-            only_fragments: submit.only_fragments.clone(),
-            ignored_fields: submit.ignored_fields.clone(),
-            first_fragment_id: submit.first_fragment_id,
-            maintained_through: submit.maintained_through,
-            maintained_version: submit.maintained_version,
-            refill_fragments: submit.refill_fragments.clone(),
-            refill_all: submit.refill_all,
-            on_behalf_of: submit.on_behalf_of.clone(),
-            plan: PlanSummary {
-                fragments: fragments.len() as u64,
-                tasks,
-                rows,
-                fanned_out: false,
-            },
+    let spec = JobSpec {
+        table_id: submit.table.clone(),
+        table_uri: planned.uri.clone(),
+        branch: planned.branch.clone(),
+        column: planned.program.column.clone(),
+        expression: planned.program.expression.clone(),
+        filter: planned.program.filter.clone(),
+        read_version: planned.read_version,
+        params,
+        submitted_by: submit.submitted_by.clone(),
+        udf: planned.program.udf().map(Binding::reference),
+        options,
+        skip_fragments: submit.skip_fragments.clone(),
+        only_fragments: submit.only_fragments.clone(),
+        ignored_fields: submit.ignored_fields.clone(),
+        first_fragment_id: submit.first_fragment_id,
+        maintained_through: submit.maintained_through,
+        maintained_version: submit.maintained_version,
+        refill_fragments: submit.refill_fragments.clone(),
+        refill_all: submit.refill_all,
+        on_behalf_of: submit.on_behalf_of.clone(),
+        plan: PlanSummary {
+            fragments: fragments.len() as u64,
+            tasks,
+            rows,
+            fanned_out: false,
         },
-        state: JobState::Pending,
-        created_at: now.clone(),
-        updated_at: now,
-        started_at: None,
-        finished_at: None,
-        error: None,
-        metrics,
-    }
+    };
+    Job::pending(spec, metrics)
 }
 
 /// The job's first event (with the fragments it leaves alone and the

@@ -382,6 +382,24 @@ pub struct Job {
     pub metrics: Metrics,
 }
 
+impl Job {
+    /// A new PENDING job of `spec`, made now, with a new id.
+    pub fn pending(spec: JobSpec, metrics: Metrics) -> Self {
+        let now = now_rfc3339();
+        Self {
+            job_id: new_job_id(),
+            spec,
+            state: JobState::Pending,
+            created_at: now.clone(),
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            metrics,
+        }
+    }
+}
+
 /// Longest event message kept (the rest is cut): events are records of
 /// their own, each bounded.
 pub const MAX_EVENT_CHARS: usize = 2_000;
