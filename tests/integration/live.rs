@@ -170,6 +170,17 @@ impl Live {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Runs the other writer while the job's function is held (see
+    /// `slow_double_plus_one`): no task finishes and no group commits
+    /// meanwhile, so the change lands mid-job however slow the machine
+    /// (a writer racing the job's commits could land only after the last).
+    fn mid_job(&self, state: &std::path::Path, args: &[&str]) {
+        let hold = state.join("hold");
+        std::fs::write(&hold, "").unwrap();
+        self.writer(args);
+        std::fs::remove_file(&hold).unwrap();
+    }
+
     fn kill(&mut self) {
         self.serve.child.kill().unwrap();
         self.serve.child.wait().unwrap();
@@ -340,7 +351,7 @@ async fn a_column_declared_mid_job_keeps_the_job() {
     let state = tempfile::tempdir().unwrap();
     let live = Live::start(Backend::Embedded).await;
     let job_id = started(&live, state.path(), 1).await;
-    live.writer(&["add-column", "z", "x + 100"]);
+    live.mid_job(state.path(), &["add-column", "z", "x + 100"]);
     let job = live.wait_done(&job_id).await;
     let holds = live.assert_exact("y").await;
     assert_eq!(holds.rows as u64, ROWS);
@@ -360,7 +371,7 @@ async fn a_compaction_mid_job_keeps_the_values_computed() {
     let state = tempfile::tempdir().unwrap();
     let live = Live::start(Backend::Embedded).await;
     let job_id = started(&live, state.path(), 1).await;
-    live.writer(&["compact", "20000"]);
+    live.mid_job(state.path(), &["compact", "20000"]);
     let job = live.wait_done(&job_id).await;
     let holds = live.assert_exact("y").await;
     assert_eq!(holds.rows as u64, ROWS);
@@ -384,7 +395,7 @@ async fn an_update_mid_job_gets_the_values_of_the_new_inputs() {
     let state = tempfile::tempdir().unwrap();
     let live = Live::start(Backend::Embedded).await;
     let job_id = started(&live, state.path(), 1).await;
-    live.writer(&["update", "x % 7 = 0", "x", "x + 1000"]);
+    live.mid_job(state.path(), &["update", "x % 7 = 0", "x", "x + 1000"]);
     let job = live.wait_done(&job_id).await;
     let holds = live.assert_exact("y").await;
     assert_eq!(holds.rows as u64, ROWS);
@@ -401,7 +412,7 @@ async fn an_input_rewritten_in_place_mid_job_is_computed_again() {
     let state = tempfile::tempdir().unwrap();
     let live = Live::start(Backend::Embedded).await;
     let job_id = started(&live, state.path(), 1).await;
-    live.writer(&["patch-x", "3", "5000"]);
+    live.mid_job(state.path(), &["patch-x", "3", "5000"]);
     let job = live.wait_done(&job_id).await;
     let holds = live.assert_exact("y").await;
     assert_eq!(holds.rows as u64, ROWS);
@@ -413,7 +424,7 @@ async fn deletes_and_appends_mid_job() {
     let state = tempfile::tempdir().unwrap();
     let live = Live::start(Backend::Embedded).await;
     let job_id = started(&live, state.path(), 1).await;
-    live.writer(&["delete", "x % 5 = 0"]);
+    live.mid_job(state.path(), &["delete", "x % 5 = 0"]);
     live.writer(&["append", &ROWS.to_string(), "3000"]);
     live.wait_done(&job_id).await;
     let holds = live.assert_exact("y").await;
@@ -448,7 +459,7 @@ async fn dropping_the_column_mid_job_fails_the_job_naming_it() {
     let state = tempfile::tempdir().unwrap();
     let live = Live::start(Backend::Embedded).await;
     let job_id = started(&live, state.path(), 1).await;
-    live.writer(&["drop-column", "y"]);
+    live.mid_job(state.path(), &["drop-column", "y"]);
     let job = live.wait_end(&job_id).await;
     assert_eq!(job["state"], "FAILED", "{job}");
     let error = job["error"].as_str().unwrap_or("");
@@ -537,12 +548,7 @@ async fn faults_live_table_on_aws_with_faults() {
             .wait_for(&job_id, |job| metric(job, "commits") >= 1)
             .await;
         assert_eq!(job["state"], "RUNNING", "the job ended too soon: {job}");
-        // The function waits while the change is made: it lands mid-job
-        // however slow the machine.
-        let hold = state.path().join("hold");
-        std::fs::write(&hold, "").unwrap();
-        live.writer(change);
-        std::fs::remove_file(&hold).unwrap();
+        live.mid_job(state.path(), change);
         live.wait_done(&job_id).await;
         let holds = live.holds("y").await;
         let wrong: Vec<_> = holds.wrong.iter().filter(|(id, ..)| *id < 30_000).collect();
