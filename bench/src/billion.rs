@@ -5,15 +5,16 @@
 //! (pyarrow.compute) on the local pool against pylance's batch UDF. For
 //! each side: time, rows/s, peak RSS, table versions and bytes written.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use lance::Dataset;
 use serde_json::json;
 
 use crate::measure::{
-    Pylance, Summary, peak_rss, range, reset_peak_rss, rows_per_second, summarize,
+    Pylance, Summary, peak_rss, python_json, range, reset_peak_rss, rows_per_second, summarize,
 };
 use crate::scenarios::{Options, backfill, fresh, verify, versions};
 use crate::udf::{FUNCTIONS, declare, payloads, udf_stack};
@@ -71,17 +72,17 @@ fn size_on_disk(path: &Path) -> u64 {
 /// The table, written by pylance unless an earlier run left it in place.
 fn table(options: &Options, uri: &str, rows: u64, fragments: u64) -> anyhow::Result<String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/billion_table.py");
-    let output = std::process::Command::new(&options.python)
-        .args([script, uri, "--rows", &rows.to_string()])
-        .args(["--fragments", &fragments.to_string()])
-        .output()
-        .with_context(|| format!("running {script}"))?;
-    ensure!(
-        output.status.success(),
-        "writing the table: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let (rows, fragments) = (rows.to_string(), fragments.to_string());
+    let args = [
+        script,
+        uri,
+        "--rows",
+        rows.as_str(),
+        "--fragments",
+        fragments.as_str(),
+    ]
+    .map(OsStr::new);
+    let report = python_json(&options.python, &args, "writing the table")?;
     let seconds = report["seconds"].as_f64().unwrap_or(0.0);
     let bytes = report["bytes"].as_u64().unwrap_or(0);
     Ok(if seconds > 0.0 {

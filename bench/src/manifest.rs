@@ -53,6 +53,11 @@ fn mb(bytes: f64) -> String {
     format!("{:.1} MB", bytes / 1e6)
 }
 
+/// Manifest bytes per fragment of the table: what the growth is linear in.
+fn per_fragment(bytes: f64, fragments: u64) -> String {
+    format!("{:.0} B", bytes / fragments as f64)
+}
+
 pub async fn manifest(options: &Options) -> anyhow::Result<()> {
     let sizes: &[u64] = if options.quick {
         &[500, 2_000]
@@ -94,7 +99,7 @@ pub async fn manifest(options: &Options) -> anyhow::Result<()> {
                     "| {fragments} | {} | {label} | {commits} | about {} | {} | not run | |",
                     mb(manifest),
                     mb(expected),
-                    mb(expected / fragments as f64)
+                    per_fragment(expected, fragments)
                 );
                 continue;
             }
@@ -110,7 +115,7 @@ pub async fn manifest(options: &Options) -> anyhow::Result<()> {
                 mb(manifest),
                 job.metrics.get(Counter::CommitsDone),
                 mb(bytes as f64),
-                mb(bytes as f64 / fragments as f64),
+                per_fragment(bytes as f64, fragments),
                 ms(took),
                 rows_per_second(fragments * 10, took)
             );

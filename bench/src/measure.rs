@@ -6,6 +6,25 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+/// Runs `python` with `args` and reads its standard output as JSON;
+/// `what` names the step in errors.
+pub fn python_json(
+    python: &str,
+    args: &[&std::ffi::OsStr],
+    what: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let output = Command::new(python)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {python} for {what}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).with_context(|| format!("{what}: the output"))
+}
+
 /// Median and range of repeated timings.
 #[derive(Debug, Clone)]
 pub struct Summary {

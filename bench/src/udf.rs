@@ -4,6 +4,7 @@
 //! and two processes. The functions are tests/udfs.py's.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,24 +19,20 @@ use lance_backfill::run::engine::EngineConfig;
 use lance_backfill_tests::{Stack, StackOptions, write_sample_table};
 use serde_json::json;
 
-use crate::measure::{Pylance, ms, percentile, range, rows_per_second, summarize};
+use crate::measure::{Pylance, ms, percentile, python_json, range, rows_per_second, summarize};
 use crate::scenarios::{Options, backfill, fresh, verify};
 
 pub(crate) const FUNCTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/udfs.py");
 
 /// Base64 cloudpickles of tests/udfs.py's functions, made by `python`.
 pub(crate) fn payloads(python: &str, state: &Path) -> anyhow::Result<HashMap<String, String>> {
-    let output = std::process::Command::new(python)
-        .args([FUNCTIONS, "payloads"])
-        .arg(state)
-        .output()
-        .with_context(|| format!("running {python} {FUNCTIONS}"))?;
-    ensure!(
-        output.status.success(),
-        "pickling the functions: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(serde_json::from_slice(&output.stdout)?)
+    let args = [
+        OsStr::new(FUNCTIONS),
+        OsStr::new("payloads"),
+        state.as_os_str(),
+    ];
+    let payloads = python_json(python, &args, "pickling the functions")?;
+    Ok(serde_json::from_value(payloads)?)
 }
 
 pub(crate) async fn udf_stack(root: &Path, workers: usize) -> Stack {
