@@ -12,6 +12,8 @@ backends with five additions, each in its own section below:
    That copy also made every transaction cost the size of its tables (a job
    filling one table was quadratic); a transaction here saves and restores
    only the items it touches instead (``undo_transactions_by_item``).
+   Likewise a Query read every item of its table to find its partition's;
+   it reads the partition only (``query_one_partition``).
 
 2. **Fault injection**, seeded and rate-controlled: transaction conflicts,
    throttling, internal errors and item conflicts (DynamoDB); internal
@@ -1276,6 +1278,50 @@ def limit_dynamodb_pages() -> None:
     _wrap(Table, "scan", lambda original: paged(original, scan_signature))
 
 
+def query_one_partition() -> None:
+    """A Query of a table (not an index) reads its own partition only.
+
+    moto 5.2.5's Table.query takes the partition's items from
+    ``all_items()``: every item of the table, sorted, then filtered by hash
+    key. Each Query then cost the whole table, so a job whose task records
+    fill the table made its own queries slower with every task (quadratic:
+    a 5,000-task job in the scale model was dominated by it). While a Query
+    of the table runs, ``all_items`` on that table returns the partition's
+    items only, in the order ``all_items`` gives them; the rest of moto's
+    Query (sort, conditions, paging, filters) is unchanged. Index queries
+    and Scans still read the table."""
+    query_signature = inspect.signature(Table.query)
+    every_item = Table.all_items
+
+    def all_items(self: Table) -> Any:
+        partition = getattr(_REQUEST, "partition", None)
+        if partition is None or partition[0] is not self:
+            return every_item(self)
+        stored = self.items.get(partition[1])
+        if stored is None:
+            return []
+        if not self.range_key_attr:
+            return [stored]
+        return sorted(stored.values(), key=lambda item: item.range_key)
+
+    def one_partition(original: Any) -> Any:
+        def query(self: Table, *args: Any, **kwargs: Any) -> Any:
+            arguments = query_signature.bind(self, *args, **kwargs).arguments
+            hash_key = arguments.get("hash_key")
+            if arguments.get("index_name") or hash_key is None:
+                return original(self, *args, **kwargs)
+            _REQUEST.partition = (self, hash_key)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                _REQUEST.partition = None
+
+        return query
+
+    Table.all_items = all_items
+    _wrap(Table, "query", one_partition)
+
+
 def message_size(body: str, attributes: dict[str, Any] | None) -> int:
     """An SQS message's size: body and message attributes (names, types and
     values) in UTF-8 bytes, binary values counted as sent (base64)."""
@@ -1911,6 +1957,7 @@ def main(argv: list[str]) -> None:
     undo_transactions_by_item()
     enforce_dynamodb_item_limits()
     limit_dynamodb_pages()
+    query_one_partition()
     limit_key_throughput()
     enforce_sqs_message_limits()
     inject_sqs_backend_faults()

@@ -700,6 +700,59 @@ def test_query_pages_read_every_item_once_in_order(
     assert order == sorted(order, reverse=not forward)
 
 
+def test_a_query_reads_its_own_partition_among_many(moto: Moto) -> None:
+    """Partitions interleaved in one table: a Query returns its partition's
+    items only, in sort-key order both ways, paged by Limit and resumed
+    from ExclusiveStartKey; a missing partition is empty. moto read every
+    item of the table for each Query; the time of one Query in a table of
+    2,000 partitions against one of 20 is printed (measured, not asserted)."""
+    ddb, t = moto.clients["dynamodb"], name("parts")
+    ddb.create_table(
+        TableName=t,
+        KeySchema=[
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"} for a in ("pk", "sk")],
+        BillingMode="PAY_PER_REQUEST",
+    )
+
+    def query(pk: str, **params) -> list[dict]:
+        values = {":p": {"S": pk}}
+        return pages(
+            moto,
+            "query",
+            TableName=t,
+            KeyConditionExpression="pk = :p",
+            ExpressionAttributeValues=values,
+            **params,
+        )
+
+    def timed_query() -> float:
+        start = time.monotonic()
+        for _ in range(20):
+            query("p1")
+        return (time.monotonic() - start) / 20
+
+    for i in range(60):  # sort keys put out of order, partitions interleaved
+        ddb.put_item(TableName=t, Item={"pk": {"S": f"p{i % 3}"}, "sk": {"S": f"s{59 - i:02d}"}})
+    wanted = [f"s{59 - i:02d}" for i in range(60) if i % 3 == 1]
+    assert sort_keys(query("p1")) == sorted(wanted)
+    assert sort_keys(query("p1", ScanIndexForward=False)) == sorted(wanted, reverse=True)
+    paged_by_limit = query("p1", Limit=7)
+    assert [p["Count"] for p in paged_by_limit] == [7, 7, 6]
+    assert sort_keys(paged_by_limit) == sorted(wanted)
+    assert [(p["Count"], p["Items"]) for p in query("p9")] == [(0, [])]
+    small = timed_query()
+    for i in range(2000):
+        ddb.put_item(TableName=t, Item={"pk": {"S": f"q{i}"}, "sk": {"S": "s"}})
+    large = timed_query()
+    assert sort_keys(query("p1")) == sorted(wanted)
+    print(
+        f"\na Query of 20 items: {small * 1000:.1f} ms in 80 items, {large * 1000:.1f} ms in 2,060"
+    )
+
+
 def test_scan_pages_read_every_item_once(moto: Moto, paged: str) -> None:
     table_pages = pages(moto, "scan", TableName=paged)
     assert [p["Count"] for p in table_pages] == [25, 25, 10]
