@@ -190,6 +190,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
+import moto.core.utils
 import moto.dynamodb.models
 import moto.dynamodb.models.table
 import moto.server
@@ -209,8 +210,9 @@ from moto.sqs.exceptions import (
     BatchRequestTooLong,
     InvalidParameterValue,
     QueueDoesNotExist,
+    ReceiptHandleIsInvalid,
 )
-from moto.sqs.models import SQSBackend
+from moto.sqs.models import Message, Queue, SQSBackend
 from werkzeug.wrappers import Response
 
 # --------------------------------------------------------------------------
@@ -1056,7 +1058,7 @@ def _holds_message(backend: SQSBackend, queue_name: str, receipt_handle: str) ->
         queue = backend.get_queue(queue_name)
     except QueueDoesNotExist:
         return False
-    return any(m.had_receipt_handle(receipt_handle) for m in queue._messages)
+    return _queued(queue, receipt_handle) is not None
 
 
 # --------------------------------------------------------------------------
@@ -1278,50 +1280,6 @@ def limit_dynamodb_pages() -> None:
     _wrap(Table, "scan", lambda original: paged(original, scan_signature))
 
 
-def query_one_partition() -> None:
-    """A Query of a table (not an index) reads its own partition only.
-
-    moto 5.2.5's Table.query takes the partition's items from
-    ``all_items()``: every item of the table, sorted, then filtered by hash
-    key. Each Query then cost the whole table, so a job whose task records
-    fill the table made its own queries slower with every task (quadratic:
-    a 5,000-task job in the scale model was dominated by it). While a Query
-    of the table runs, ``all_items`` on that table returns the partition's
-    items only, in the order ``all_items`` gives them; the rest of moto's
-    Query (sort, conditions, paging, filters) is unchanged. Index queries
-    and Scans still read the table."""
-    query_signature = inspect.signature(Table.query)
-    every_item = Table.all_items
-
-    def all_items(self: Table) -> Any:
-        partition = getattr(_REQUEST, "partition", None)
-        if partition is None or partition[0] is not self:
-            return every_item(self)
-        stored = self.items.get(partition[1])
-        if stored is None:
-            return []
-        if not self.range_key_attr:
-            return [stored]
-        return sorted(stored.values(), key=lambda item: item.range_key)
-
-    def one_partition(original: Any) -> Any:
-        def query(self: Table, *args: Any, **kwargs: Any) -> Any:
-            arguments = query_signature.bind(self, *args, **kwargs).arguments
-            hash_key = arguments.get("hash_key")
-            if arguments.get("index_name") or hash_key is None:
-                return original(self, *args, **kwargs)
-            _REQUEST.partition = (self, hash_key)
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                _REQUEST.partition = None
-
-        return query
-
-    Table.all_items = all_items
-    _wrap(Table, "query", one_partition)
-
-
 def message_size(body: str, attributes: dict[str, Any] | None) -> int:
     """An SQS message's size: body and message attributes (names, types and
     values) in UTF-8 bytes, binary values counted as sent (base64)."""
@@ -1388,6 +1346,158 @@ def enforce_sqs_message_limits() -> None:
 
     _wrap(SQSBackend, "send_message", send)
     _wrap(SQSBackend, "send_message_batch", send_batch)
+
+
+# --------------------------------------------------------------------------
+# Speed: moto's paths that cost the whole table or the whole queue
+# --------------------------------------------------------------------------
+
+
+def query_one_partition() -> None:
+    """A Query of a table (not an index) reads its own partition only.
+
+    moto 5.2.5's Table.query takes the partition's items from
+    ``all_items()``: every item of the table, sorted, then filtered by hash
+    key. Each Query then cost the whole table, so a job whose task records
+    fill the table made its own queries slower with every task (quadratic:
+    a 5,000-task job in the scale model was dominated by it). While a Query
+    of the table runs, ``all_items`` on that table returns the partition's
+    items only, in the order ``all_items`` gives them; the rest of moto's
+    Query (sort, conditions, paging, filters) is unchanged. Index queries
+    and Scans still read the table."""
+    query_signature = inspect.signature(Table.query)
+    every_item = Table.all_items
+
+    def all_items(self: Table) -> Any:
+        partition = getattr(_REQUEST, "partition", None)
+        if partition is None or partition[0] is not self:
+            return every_item(self)
+        stored = self.items.get(partition[1])
+        if stored is None:
+            return []
+        if not self.range_key_attr:
+            return [stored]
+        return sorted(stored.values(), key=lambda item: item.range_key)
+
+    def one_partition(original: Any) -> Any:
+        def query(self: Table, *args: Any, **kwargs: Any) -> Any:
+            arguments = query_signature.bind(self, *args, **kwargs).arguments
+            hash_key = arguments.get("hash_key")
+            if arguments.get("index_name") or hash_key is None:
+                return original(self, *args, **kwargs)
+            _REQUEST.partition = (self, hash_key)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                _REQUEST.partition = None
+
+        return query
+
+    Table.all_items = all_items
+    _wrap(Table, "query", one_partition)
+
+
+class _VisibleMessages:
+    """A queue's visible, undelayed messages, read lazily: receiving stops
+    at the messages it takes and waiting at the first visible one, instead
+    of building the list of every message each time (``Queue.messages``)."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+
+    def __iter__(self) -> Any:
+        return (m for m in list(self._queue._messages) if m.visible and not m.delayed)
+
+    def __bool__(self) -> bool:
+        return any(True for _ in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+# Every receipt handle a message was given, to its message (handles are
+# random and never reused; a deleted message stays here, not in its queue).
+_HANDLES: dict[str, Message] = {}
+
+
+def _now_ms(dt: Any = None) -> float:
+    """moto's ``unix_time_millis`` without its datetime arithmetic when it
+    asks for now (each message's ``visible`` and ``delayed`` ask)."""
+    return time.time() * 1000.0 if dt is None else moto.core.utils.unix_time_millis(dt)
+
+
+def fast_sqs_queues() -> None:
+    """SQS calls cost about the same however many messages a queue holds.
+
+    moto 5.2.5 builds the list of a queue's visible messages for each
+    ReceiveMessage, computes every queue attribute (three passes over the
+    queue each) for every message it returns (to read the retention
+    period), and finds a receipt handle by walking the queue twice per
+    DeleteMessage and once per ChangeMessageVisibility, each step through
+    datetime arithmetic: a queue of 5,000 tasks answered a receive in
+    0.1 s, one of 100,000 would not be usable. Here: now is read from the
+    clock directly, the retention period from the queue, visible messages
+    are read lazily, and a handle finds its message in ``_HANDLES``. What
+    the calls answer and do is moto's."""
+    moto.sqs.models.unix_time_millis = _now_ms
+    moto.sqs.models.unix_time = lambda dt=None: _now_ms(dt) / 1000.0
+    Queue.messages = property(_VisibleMessages)
+
+    def mark_received(original: Any) -> Any:
+        def run(self: Message, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            _HANDLES[self.receipt_handle] = self
+
+        return run
+
+    def retained(self: SQSBackend, queue_name: str, message: Message) -> bool:
+        retention = int(self.get_queue(queue_name).message_retention_period)
+        return retention + message.sent_timestamp / 1000 > time.time()
+
+    _wrap(Message, "mark_received", mark_received)
+    SQSBackend.is_message_valid_based_on_retention_period = retained
+    Queue.delete_message = _delete_message
+    SQSBackend.change_message_visibility = _change_message_visibility
+
+
+def _queued(queue: Queue, receipt_handle: str) -> Message | None:
+    """The message in ``queue`` that was given ``receipt_handle``."""
+    message = _HANDLES.get(receipt_handle)
+    return message if message is not None and message in queue._messages else None
+
+
+def _delete_message(self: Queue, receipt_handle: str) -> None:
+    """moto's Queue.delete_message, finding the message by its handle."""
+    if receipt_handle in self.deleted_messages:
+        return  # deleted before: moto answers success
+    message = _queued(self, receipt_handle)
+    if message is None:
+        raise ReceiptHandleIsInvalid()
+    self.pending_messages.discard(message)
+    self.deleted_messages.update(message.all_receipt_handles)
+    remaining = list(self._messages)  # a new list, as moto's: receives iterate the old one
+    remaining.remove(message)
+    self._messages = remaining
+
+
+def _change_message_visibility(
+    self: SQSBackend, queue_name: str, receipt_handle: str, visibility_timeout: int
+) -> None:
+    """moto's SQSBackend.change_message_visibility, finding the message by
+    its handle."""
+    queue = self.get_queue(queue_name)
+    message = _queued(queue, receipt_handle)
+    if message is None:
+        raise ReceiptHandleIsInvalid()
+    until = _now_ms() + int(visibility_timeout) * 1000
+    if until - message.sent_timestamp > 43200 * 1000:
+        raise InvalidParameterValue(
+            f"Value {visibility_timeout} for parameter VisibilityTimeout is invalid. Reason: Total "
+            "VisibilityTimeout for the message is beyond the limit [43200 seconds]"
+        )
+    message.change_visibility(visibility_timeout)
+    if message.visible and message in queue.pending_messages:
+        queue.pending_messages.remove(message)
 
 
 # --------------------------------------------------------------------------
@@ -1959,6 +2069,7 @@ def main(argv: list[str]) -> None:
     limit_dynamodb_pages()
     query_one_partition()
     limit_key_throughput()
+    fast_sqs_queues()
     enforce_sqs_message_limits()
     inject_sqs_backend_faults()
     isolate_dynamodb_requests()

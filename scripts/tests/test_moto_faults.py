@@ -461,6 +461,69 @@ def test_lost_deletes_succeed_and_the_messages_come_back(moto: Moto) -> None:
     assert receive(moto, url, VisibilityTimeout=0) == []  # deleted for real now
 
 
+def test_sqs_receipt_handles_and_counts_in_a_long_queue(moto: Moto) -> None:
+    """moto's answers kept with the handle index and lazy receives: a
+    handle of an earlier receive still deletes its message, an unknown one
+    is refused, a second delete succeeds, visibility changes find their
+    message, the counts and a long poll see the queue as it is. The time
+    of a receive-and-delete in a queue of 50 messages and of 2,000 is
+    printed (measured, not asserted)."""
+    sqs, url = moto.clients["sqs"], queue(moto)
+
+    def send(count: int) -> None:
+        for start in range(0, count, 10):
+            entries = [{"Id": str(i), "MessageBody": f"m{start + i}"} for i in range(10)]
+            sqs.send_message_batch(QueueUrl=url, Entries=entries)
+
+    def counts() -> tuple[int, int]:
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        got = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+        return tuple(int(got[n]) for n in names)
+
+    def receive_and_delete() -> float:
+        start = time.monotonic()
+        for _ in range(20):
+            for m in receive(moto, url, VisibilityTimeout=30)[:1]:
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+        return (time.monotonic() - start) / 20
+
+    send(50)
+    [first] = receive(moto, url, VisibilityTimeout=0)[:1]
+    again = [m for m in receive(moto, url, VisibilityTimeout=30) if m["Body"] == first["Body"]]
+    assert counts() == (40, 10)
+    assert code(error(sqs.delete_message, QueueUrl=url, ReceiptHandle="not-a-handle")) == (
+        "ReceiptHandleIsInvalid"
+    )
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"])  # an earlier handle
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"])  # again: success
+    assert counts() == (40, 9) and again  # the first ten came back together
+    rest = receive(moto, url, VisibilityTimeout=30)
+    sqs.change_message_visibility(
+        QueueUrl=url, ReceiptHandle=rest[0]["ReceiptHandle"], VisibilityTimeout=0
+    )
+    assert counts() == (31, 18)
+    assert code(
+        error(
+            sqs.change_message_visibility,
+            QueueUrl=url,
+            ReceiptHandle="not-a-handle",
+            VisibilityTimeout=0,
+        )
+    ) == ("ReceiptHandleIsInvalid")
+    small = receive_and_delete()
+    send(2000)
+    large = receive_and_delete()
+    drained = sqs.purge_queue(QueueUrl=url) and counts()
+    assert drained == (0, 0)
+    started = time.monotonic()
+    assert sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1).get("Messages") is None
+    assert time.monotonic() - started >= 0.9  # an empty queue is waited on
+    print(
+        f"\na receive and a delete: {small * 1000:.1f} ms in 50 messages, "
+        f"{large * 1000:.1f} ms in 2,000"
+    )
+
+
 # --- S3 ------------------------------------------------------------------------
 
 
