@@ -2,16 +2,17 @@
 //! tasks, 64 concurrent pollers, and DynamoDB's per-partition-key limits
 //! enforced by the fault-injecting moto (1,000 write and 3,000 read units a
 //! second per key, item sizes in KB units, transactions at double cost).
-//! The emulator answers a few hundred calls a second, far below what a thousand
-//! Lambda workers send, so the figure that scales is the units each task
-//! puts on each key: the hottest key's units per task, against its limit,
-//! give the tasks a second a job can take before DynamoDB throttles it.
-//! 200 tasks in the test command; `SCALE_MODEL_TASKS=5000` (or 100000) runs
-//! the larger models (outside CI), and `SCALE_MODEL_SHARDS=<n>` gives the job that
-//! many shards instead of one per 8 workers (`SCALE_MODEL_SHARDS=1`: every
-//! record under the job's key, to see the throttling that avoids). Named
-//! `faults_*`: it configures that moto, so it
-//! runs alone (.config/nextest.toml).
+//! The emulator answers a hundred or two calls a second (one Python
+//! process), far below what a thousand Lambda workers send, so the figure
+//! that scales is the units each task puts on each key: the hottest key's
+//! units per task, against its limit, give the tasks a second a job can
+//! take before DynamoDB throttles it. 5,000 tasks in the test command
+//! (about a quarter of an hour on 2 cores, nearly all of it the emulator);
+//! `SCALE_MODEL_TASKS=<n>` runs another size (100,000: hours, outside CI),
+//! and `SCALE_MODEL_SHARDS=<n>` gives the job that many shards instead of
+//! one per 8 workers (`SCALE_MODEL_SHARDS=1`: every record under the job's
+//! key, to see the throttling that avoids). Named `faults_*`: it
+//! configures that moto, so it runs alone (.config/nextest.toml).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ fn tasks_wanted() -> u64 {
     std::env::var("SCALE_MODEL_TASKS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200)
+        .unwrap_or(5_000)
 }
 
 fn shard_policy() -> ShardPolicy {
