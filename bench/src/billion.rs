@@ -14,7 +14,7 @@ use lance::Dataset;
 use serde_json::json;
 
 use crate::measure::{
-    Pylance, Summary, peak_rss, python_json, range, reset_peak_rss, rows_per_second, summarize,
+    Pylance, Summary, peak_rss, python_json, range, reset_peak_rss, rows_per_second, rss, summarize,
 };
 use crate::scenarios::{Options, backfill, fresh, verify, versions};
 use crate::udf::{FUNCTIONS, declare, payloads, udf_stack};
@@ -24,15 +24,20 @@ use crate::udf::{FUNCTIONS, declare, payloads, udf_stack};
 struct Cost {
     times: Vec<Duration>,
     peak_rss: u64,
+    /// The RSS when the fill with the largest peak began.
+    start_rss: u64,
     versions: u64,
     bytes: u64,
 }
 
 impl Cost {
     /// Records one fill; the peak and the sizes are the largest seen.
-    fn add(&mut self, took: Duration, peak_rss: u64, versions: u64, bytes: u64) {
+    fn add(&mut self, took: Duration, rss: (u64, u64), versions: u64, bytes: u64) {
+        let (start_rss, peak_rss) = rss;
         self.times.push(took);
-        self.peak_rss = self.peak_rss.max(peak_rss);
+        if peak_rss > self.peak_rss {
+            (self.start_rss, self.peak_rss) = (start_rss, peak_rss);
+        }
         self.versions = self.versions.max(versions);
         self.bytes = self.bytes.max(bytes);
     }
@@ -40,10 +45,11 @@ impl Cost {
     fn cells(&self, rows: u64) -> (Summary, String) {
         let summary = summarize(&self.times);
         let cells = format!(
-            "{} | {} | {} | {} | {}",
+            "{} | {} | {} ({}) | {} | {}",
             range(&summary),
             rows_per_second(rows, summary.median),
             mib(self.peak_rss),
+            mib(self.start_rss),
             self.versions,
             mib(self.bytes)
         );
@@ -135,12 +141,13 @@ impl Bench {
         let table = Path::new(uri);
         let (versions_before, bytes_before) = (versions(uri).await, size_on_disk(table));
         reset_peak_rss(pid)?;
+        let start = rss(pid)?;
         let took = run.await?;
         let peak = peak_rss(pid)?;
         let made = versions(uri).await - versions_before;
         cost.add(
             took,
-            peak,
+            (start, peak),
             made,
             size_on_disk(table).saturating_sub(bytes_before),
         );
@@ -242,10 +249,10 @@ pub async fn billion(options: &Options) -> anyhow::Result<()> {
     };
     println!("## A billion rows\n");
     println!(
-        "{rows} rows in {fragments} fragments of `x` (int64) and `s` (a short string), {written}. Each repetition fills a new column both ways (alternating who goes first), checks every value, then drops both columns and removes their files. Peak RSS: the process's high-water mark (`VmHWM`, reset before each fill): ours is the whole service (API, embedded store and queue, 2 pollers; the Python pool's processes not included), pylance's its Python process. Bytes written: the table folder's growth during the fill.\n"
+        "{rows} rows in {fragments} fragments of `x` (int64) and `s` (a short string), {written}. Each repetition fills a new column both ways (alternating who goes first), checks every value, then drops both columns and removes their files. Peak RSS (RSS at start): the process's high-water mark (`VmHWM`, reset before each fill), and in brackets its resident set when the fill began: ours is the whole service (API, embedded store and queue, 2 pollers; the Python pool's processes not included), pylance's its Python process. Bytes written: the table folder's growth during the fill.\n"
     );
     println!(
-        "| column | lance-backfill median (min–max) | rows/s | peak RSS | versions | bytes written | pylance median (min–max) | rows/s | peak RSS | versions | bytes written | ratio (pylance time / ours) |"
+        "| column | lance-backfill median (min–max) | rows/s | peak RSS (at start) | versions | bytes written | pylance median (min–max) | rows/s | peak RSS (at start) | versions | bytes written | ratio (pylance time / ours) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let reps = options.reps.min(3);

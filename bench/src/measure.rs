@@ -219,12 +219,22 @@ pub fn reset_peak_rss(pid: Option<u32>) -> anyhow::Result<()> {
 
 /// The process's RSS high-water mark in bytes (`VmHWM`).
 pub fn peak_rss(pid: Option<u32>) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// The process's resident set in bytes now (`VmRSS`).
+pub fn rss(pid: Option<u32>) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A size field of `/proc/<pid>/status` (given there in KiB), in bytes.
+fn status_bytes(pid: Option<u32>, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("{}/status", proc_dir(pid)))?;
     let kib = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|value| value.split_whitespace().next())
-        .context("VmHWM")?;
+        .with_context(|| field.to_string())?;
     Ok(kib.parse::<u64>()? * 1024)
 }
 

@@ -16,7 +16,10 @@ use lance_backfill::submit::SubmitSettings;
 use lance_backfill_tests::{Moto, Stack, StackOptions, write_sample_table};
 use serde_json::json;
 
-use crate::measure::{Pylance, Summary, ms, percentile, range, rows_per_second, summarize};
+use crate::measure::{
+    Pylance, Summary, ms, peak_rss, percentile, range, reset_peak_rss, rows_per_second, rss,
+    summarize,
+};
 
 pub struct Options {
     pub reps: usize,
@@ -155,7 +158,7 @@ pub(crate) async fn verify(uri: &str, column: &str, expr: &str) -> anyhow::Resul
 pub(crate) async fn versions(uri: &str) -> u64 {
     Dataset::open(uri)
         .await
-        .map(|d| d.version().version)
+        .map(|d| d.manifest().version)
         .unwrap_or(0)
 }
 
@@ -592,28 +595,17 @@ pub async fn startup(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status_kb(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 /// Child of `startup`: one task over one fragment, peak RSS on stdout.
 pub async fn one_task(rows: u64, dir: &Path) -> anyhow::Result<()> {
     let uri = format!("{}/items.lance", dir.display());
     write_sample_table(&uri, rows, 1).await?;
     let stack = local_stack(dir, SubmitSettings::default()).await;
     stack.declare("items", &[("y", "x * 2 + 1")]).await;
-    // Start the peak from here (Linux: writing 5 to clear_refs resets VmHWM).
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let baseline = status_kb("VmRSS:");
+    // Start the peak from here.
+    reset_peak_rss(None)?;
+    let baseline = rss(None)? / 1024;
     let took = backfill(&stack, "items", json!({"column": "y"})).await?;
-    let peak = status_kb("VmHWM:");
+    let peak = peak_rss(None)? / 1024;
     verify(&uri, "y", "x * 2 + 1").await?;
     println!(
         "{}",
