@@ -104,7 +104,7 @@ pub async fn manifest(options: &Options) -> anyhow::Result<()> {
                 continue;
             }
             stack.declare("items", &[(column, "x * 2 + 1")]).await;
-            let before = Dataset::open(&uri).await?.version().version;
+            let before = Dataset::open(&uri).await?.manifest().version;
             let body = json!({"column": column, "commit_granularity": group});
             let (took, job) = backfill_job(&stack, "items", body).await?;
             let (made, bytes) = manifests_after(&uri, before)?;

@@ -1,15 +1,18 @@
 //! lance-backfill: fill computed columns of Lance tables with jobs that run
 //! as queued tasks, checkpoint their progress and commit in groups.
 //!
-//! One path through the crate: [`api`] reads a request and hands it to
-//! [`submit`], which [`plan`]s it into tasks, records the job in the
-//! [`store`] and puts its tasks on a [`queue`]. A worker hands each message
-//! to the [`engine`], which computes values ([`computed`]), keeps
-//! [`checkpoint`]s and stages fragment files ([`staging`]); the
-//! [`commit`]ter publishes them as Lance versions and the [`lifecycle`]
-//! ends the job. [`worker`] and [`runner`] are the two ways messages reach
-//! the engine (Lambda's SQS event, the local poller). docs/architecture.md
-//! walks the same path.
+//! The folders are the layers. [`model`] is the domain (a job, its spec and
+//! plan, policies, the estimate) and depends on nothing else here;
+//! [`ports`] are the traits the service needs from the world (the job
+//! store by role, the task queue, event sinks, user-function runtimes) and
+//! [`adapters`] implement them (AWS, one SQLite file, local processes).
+//! [`submit`] turns a request into a job and its queued tasks; [`run`]
+//! handles each task (compute, checkpoint, stage), commits the staged
+//! files in groups, follows a table other writers change and ends the job
+//! ([`run::lifecycle`] is the only code that changes a job's state).
+//! [`http`] is the REST API in front of both, and [`app`] wires it all
+//! into the Lambda functions and the local `serve`. docs/architecture.md
+//! walks one request from HTTP to commit.
 
 // The worker's future nests the engine's, the committer's and reconciling's
 // (which plans SQL): proving it Send and Sync needs more than the default 128.

@@ -311,7 +311,7 @@ async fn add_columns_declares_fills_and_refuses_bad_entries() {
     assert_eq!(status, 200, "{body}");
     let version = body["version"].as_i64().unwrap();
     let dataset = lance::Dataset::open(&uri).await.unwrap();
-    assert_eq!(dataset.version().version as i64, version);
+    assert_eq!(dataset.manifest().version as i64, version);
     let later = dataset.schema().field("later").unwrap();
     assert_eq!(
         later
@@ -397,7 +397,7 @@ async fn add_columns_declares_fills_and_refuses_bad_entries() {
     }
     // Nothing of the refused requests reached the table.
     assert_eq!(
-        lance::Dataset::open(&uri).await.unwrap().version().version as i64,
+        lance::Dataset::open(&uri).await.unwrap().manifest().version as i64,
         version
     );
 }

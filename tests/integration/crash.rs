@@ -299,7 +299,7 @@ where
             .await
             .unwrap();
         assert_eq!(declared.status(), 200);
-        let before = lance::Dataset::open(&uri).await.unwrap().version().version;
+        let before = lance::Dataset::open(&uri).await.unwrap().manifest().version;
         let body = &shape.body;
         // Under injected faults the store may answer busy (429) or be out
         // of reach (503): a client asks again with the same idempotency key.

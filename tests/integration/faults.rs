@@ -323,7 +323,7 @@ async fn latest(uri: &str, storage: &HashMap<String, String>) -> u64 {
         .load()
         .await
         .unwrap()
-        .version()
+        .manifest()
         .version
 }
 

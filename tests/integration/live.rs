@@ -482,13 +482,13 @@ async fn a_cancelled_job_publishes_nothing_after_the_answer() {
     let at_answer = lance::Dataset::open(&live.uri)
         .await
         .unwrap()
-        .version()
+        .manifest()
         .version;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let later = lance::Dataset::open(&live.uri)
         .await
         .unwrap()
-        .version()
+        .manifest()
         .version;
     assert_eq!(at_answer, later, "a version was published after the cancel");
     assert_eq!(live.job(&job_id).await["state"], "CANCELLED");

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use lance_backfill::adapters::aws::dynamodb::ShardPolicy;
 use lance_backfill::app::runner::RunnerConfig;
-use lance_backfill::model::job::JobState;
+use lance_backfill::model::job::{Counter, JobState};
+use lance_backfill::ports::store::lease::DEFAULT_LEASE_TTL;
+use lance_backfill::run::engine::EngineConfig;
 use lance_backfill_tests::{Moto, Stack, StackOptions, fast_engine, read_i64, write_table};
 use serde_json::{Value, json};
 
@@ -62,7 +64,14 @@ async fn faults_one_job_of_many_tasks_keeps_every_key_under_its_limit() {
         pollers: POLLERS,
         ..RunnerConfig::default()
     };
-    stack.start_worker(fast_engine(), runner, Duration::from_secs(60));
+    // Leases as long as in production: under this load the emulator takes
+    // seconds to answer, and the tests' 3 s leases lapsed mid-commit, so
+    // every group was refused until the last.
+    let engine = EngineConfig {
+        lease_ttl: DEFAULT_LEASE_TTL,
+        ..fast_engine()
+    };
+    stack.start_worker(engine, runner, Duration::from_secs(60));
     moto.reset_calls().await;
     let started = Instant::now();
     let body = json!({"column": "y", "concurrency": POLLERS, "task_size": ROWS_PER_FRAGMENT});
@@ -93,8 +102,10 @@ async fn faults_one_job_of_many_tasks_keeps_every_key_under_its_limit() {
     let (write_key, writes) = hottest(used, "wcu");
     let (read_key, reads) = hottest(used, "rcu");
     let per_task = |units: f64| units / tasks as f64;
+    let commits = job.metrics.get(Counter::CommitsDone);
+    let groups = tasks.div_ceil(job.spec.params.commit_granularity.max(1) as u64);
     println!(
-        "FIGURES scale model: {tasks} one-fragment tasks, {POLLERS} pollers, {:.1} s; DynamoDB {:.2} calls a task; {} keys; hottest for writes {write_key}: {:.2} WCU a task (DynamoDB throttles it past {:.0} tasks/s); for reads {read_key}: {:.2} RCU a task (past {:.0} tasks/s); {throttled} calls throttled ({calls})",
+        "FIGURES scale model: {tasks} one-fragment tasks, {POLLERS} pollers, {:.1} s, {commits} commits ({groups} groups); DynamoDB {:.2} calls a task; {} keys; hottest for writes {write_key}: {:.2} WCU a task (DynamoDB throttles it past {:.0} tasks/s); for reads {read_key}: {:.2} RCU a task (past {:.0} tasks/s); {throttled} calls throttled ({calls})",
         took.as_secs_f64(),
         dynamodb as f64 / tasks as f64,
         used["keys"].as_object().map_or(0, |k| k.len()),

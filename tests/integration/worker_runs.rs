@@ -641,7 +641,7 @@ async fn a_branch_is_read_and_committed_on_leaving_main_alone() {
     let uri = stack.table_uri("items");
     write_sample_table(&uri, 3000, 3).await.unwrap();
     let mut dataset = lance::Dataset::open(&uri).await.unwrap();
-    let version = dataset.version().version;
+    let version = dataset.manifest().version;
     dataset.create_branch("dev", version, None).await.unwrap();
     let (status, body) = stack
         .post(

@@ -627,7 +627,7 @@ pub async fn post_as(
 }
 
 pub async fn latest_version(uri: &str) -> u64 {
-    Dataset::open(uri).await.expect("open").version().version
+    Dataset::open(uri).await.expect("open").manifest().version
 }
 
 /// Polls `f` until it returns true.
@@ -663,7 +663,7 @@ pub async fn replacements_per_fragment(
     let field = latest.schema().field(column).expect("the column").id;
     let mut previous: HashMap<u64, Option<String>> = HashMap::new();
     let mut changes = HashMap::new();
-    for version in from..=latest.version().version {
+    for version in from..=latest.manifest().version {
         let dataset = latest.checkout_version(version).await.expect("a version");
         for fragment in dataset.get_fragments() {
             let id = fragment.id() as u64;

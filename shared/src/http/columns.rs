@@ -196,7 +196,7 @@ impl Service {
     async fn latest_version(&self, table: &TableId, branch: Option<&str>) -> Option<u64> {
         let uri = self.catalog.locate(table).await.ok()?;
         let dataset = self.catalog.latest(&uri, branch).await.ok()?;
-        Some(dataset.version().version)
+        Some(dataset.manifest().version)
     }
 
     /// Backfills the declared columns that asked for it; the job ids go in

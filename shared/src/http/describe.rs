@@ -49,7 +49,7 @@ impl Service {
             )));
         }
         let dataset = self.open_described(table, &request).await?;
-        check_min_version(http, dataset.version().version)?;
+        check_min_version(http, dataset.manifest().version)?;
         let dialect = match http.header("user-agent") {
             Some(agent) if agent.starts_with(LANCEDB_AGENT_PREFIX) => SchemaDialect::Lance,
             _ => SchemaDialect::Spec,
@@ -157,7 +157,7 @@ fn description(
     Ok(json!({
         "table": table.0.last(),
         "namespace": table.0[..table.0.len().saturating_sub(1)],
-        "version": dataset.version().version,
+        "version": dataset.manifest().version,
         "schema": schema,
         "stats": {
             "num_deleted_rows": deleted,

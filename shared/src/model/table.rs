@@ -256,7 +256,7 @@ impl Catalog {
     /// Keeps a dataset just opened at its version (the API's read of the
     /// latest version is the version its job's tasks read).
     pub fn pin(&self, uri: &str, branch: Option<&str>, dataset: Arc<Dataset>) {
-        let key = pin_key(uri, branch, dataset.version().version);
+        let key = pin_key(uri, branch, dataset.manifest().version);
         self.remember(key, dataset);
     }
 

@@ -277,7 +277,7 @@ impl Committer {
                     "fragment {} changed at version {} in a way the job could not follow; its \
                      values were not committed: submit the backfill again",
                     fragment.lance_id(),
-                    latest.version().version
+                    latest.manifest().version
                 );
                 self.lifecycle.fail(&job.job_id, &reason).await;
                 return Ok(Vec::new());
@@ -296,7 +296,7 @@ impl Committer {
         ready: &[StagedFragment],
         owner: &str,
     ) -> anyhow::Result<Attempt> {
-        let transaction = data_replacement(latest.version().version, ready)?;
+        let transaction = data_replacement(latest.manifest().version, ready)?;
         let Some(until) = self
             .store
             .begin_commit(&job.job_id, owner, self.lease_ttl)
@@ -327,7 +327,7 @@ impl Committer {
                 return Err(anyhow::Error::new(err).context("committing DataReplacement"));
             }
         };
-        self.record_commit(job, dataset.version().version, ready, owner)
+        self.record_commit(job, dataset.manifest().version, ready, owner)
             .await?;
         Ok(Attempt::Committed)
     }

@@ -39,7 +39,7 @@ pub async fn sweep(catalog: &Catalog, job: &Job) -> anyhow::Result<usize> {
     let latest = catalog
         .latest(&spec.table_uri, spec.branch.as_deref())
         .await?;
-    let seen = latest.version().version.saturating_sub(spec.read_version);
+    let seen = latest.manifest().version.saturating_sub(spec.read_version);
     if seen > MAX_VERSIONS {
         warn!(job_id = %job.job_id, versions = seen, "too many versions to look for the job's stray files");
         return Ok(0);
@@ -101,7 +101,7 @@ fn field_ids(dataset: &Dataset, columns: &[String]) -> HashSet<i32> {
 /// The data files some version from `from` to `latest` references.
 async fn referenced_files(latest: &Dataset, from: u64) -> anyhow::Result<HashSet<String>> {
     let mut files = HashSet::new();
-    for version in from..=latest.version().version {
+    for version in from..=latest.manifest().version {
         let dataset = match latest.checkout_version(version).await {
             Ok(dataset) => dataset,
             // A version cleaned up since references nothing that exists.

@@ -112,7 +112,7 @@ pub async fn add_columns(
     let schema = ArrowSchema::from(dataset.schema());
     let additions = check(&schema, &columns, upkeep, declared_by)?;
     apply(&mut dataset, &additions).await?;
-    let version = dataset.version().version;
+    let version = dataset.manifest().version;
     info!(table = %table.display(), declared = additions.declared.len(), version, "columns added");
     Ok(Declaration {
         version,

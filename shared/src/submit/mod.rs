@@ -311,7 +311,7 @@ impl Submitter {
         let dataset = self
             .open_for_backfill(&uri, branch.as_deref(), spec.read_version)
             .await?;
-        check_min_read_version(dataset.version().version, submit.min_read_version)?;
+        check_min_read_version(dataset.manifest().version, submit.min_read_version)?;
         let dataset = Arc::new(dataset);
         self.catalog.pin(&uri, branch.as_deref(), dataset.clone());
         let target = resolve_target(dataset.schema(), &spec.column)?;
@@ -338,7 +338,7 @@ impl Submitter {
         Ok(Planned {
             uri,
             branch,
-            read_version: dataset.version().version,
+            read_version: dataset.manifest().version,
             program,
             fragments,
         })

@@ -217,7 +217,7 @@ impl Engine {
             return Ok(found.clone());
         }
         let target = TargetColumn::of_job(&job.spec, dataset.schema()).map_err(|err| {
-            Error::Permanent(format!("at version {}: {err}", dataset.version().version))
+            Error::Permanent(format!("at version {}: {err}", dataset.manifest().version))
         })?;
         let udf = target.udf.clone();
         let mut program = Program::for_job(dataset.schema(), &target, &job.spec, at)

@@ -209,7 +209,7 @@ pub(super) fn planned_fragment(
     planned: &PlannedFragment,
 ) -> anyhow::Result<FileFragment> {
     let id = planned.lance_id();
-    let version = dataset.version().version;
+    let version = dataset.manifest().version;
     let fragment = dataset
         .get_fragment(id as usize)
         .ok_or_else(|| permanent(format!("fragment {id} does not exist at version {version}")))?;

@@ -81,7 +81,7 @@ impl OldFragment {
 /// The changes of the versions after `after` up to `latest`'s, in order.
 pub async fn changes_since(latest: &Arc<Dataset>, after: u64) -> anyhow::Result<Vec<Change>> {
     let mut changes = Vec::new();
-    for version in after + 1..=latest.version().version {
+    for version in after + 1..=latest.manifest().version {
         let transaction = latest
             .read_transaction_by_version(version)
             .await

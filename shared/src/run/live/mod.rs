@@ -91,7 +91,7 @@ impl Reconciler {
             .metrics
             .get(Counter::HistoryVersion)
             .max(spec.read_version);
-        let version = latest.version().version;
+        let version = latest.manifest().version;
         if version <= seen {
             return Ok(Reconciled::Current(latest));
         }
@@ -267,7 +267,7 @@ impl Reconciler {
         followed: Followed,
         rewired: Vec<(PlannedFragment, bool, bool)>,
     ) -> anyhow::Result<()> {
-        let version = latest.version().version;
+        let version = latest.manifest().version;
         let mut change = self.plan_change(job, latest, &followed, &rewired);
         change
             .moved
@@ -298,7 +298,7 @@ impl Reconciler {
         followed: &Followed,
         rewired: &[(PlannedFragment, bool, bool)],
     ) -> PlanChange {
-        let version = Some(latest.version().version);
+        let version = Some(latest.manifest().version);
         let mut planned: Vec<(PlannedFragment, bool)> = Vec::new();
         for added in &followed.added {
             match latest.get_fragment(added.id as usize) {
@@ -611,7 +611,7 @@ impl JobFields {
         Some(format!(
             "column '{name}' ({role}) was dropped or altered after version {read_version} (it is \
              not the same at version {}); nothing more of the job is committed",
-            latest.version().version
+            latest.manifest().version
         ))
     }
 }

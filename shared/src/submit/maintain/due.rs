@@ -48,7 +48,7 @@ impl Due {
         };
         let appended = mark.through_fragment.is_none_or(|t| last_fragment > t);
         let (mut refill, refill_all) = match mark.through_version {
-            Some(version) if version < latest.version().version => {
+            Some(version) if version < latest.manifest().version => {
                 refill_since(latest, version, &column.input_fields).await?
             }
             _ => (BTreeSet::new(), false),

@@ -213,7 +213,7 @@ impl Maintainer {
         else {
             return Ok(None);
         };
-        let version = latest.dataset.version().version;
+        let version = latest.dataset.manifest().version;
         let Some(due) = Due::of(latest.dataset, column, &mark).await? else {
             // Nothing to fill: the column is caught up with this version.
             if mark.through_version.is_none_or(|v| v < version) {
@@ -427,7 +427,7 @@ impl Maintainer {
         mark: &ColumnWatermark,
         due: &Due,
     ) -> Result<Option<String>, Error> {
-        let (table, version) = (latest.table, latest.dataset.version().version);
+        let (table, version) = (latest.table, latest.dataset.manifest().version);
         let spec = BackfillSpec {
             // The job plans at the version its fragments were chosen at: a
             // compaction since then would take fragments to refill out of a
