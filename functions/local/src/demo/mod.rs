@@ -211,7 +211,7 @@ async fn fill(
     )
     .await
     .map_err(|e| anyhow::anyhow!("add_columns: {e}"))?;
-    let before = Dataset::open(table_uri).await?.version().version;
+    let before = Dataset::open(table_uri).await?.manifest().version;
 
     println!("3/4 backfilling {} (POST backfill_column)", spec.column);
     let submitted = Instant::now();
@@ -237,7 +237,7 @@ async fn report(
     println!("4/4 verifying with a fresh reader");
     let dataset = Dataset::open(table_uri).await?;
     let checked = spec.verify(&dataset).await?;
-    let versions_created = dataset.version().version - before;
+    let versions_created = dataset.manifest().version - before;
     let rows_per_second = checked as f64 / elapsed.as_secs_f64();
     println!(
         "verified: all {checked} rows hold {} (job {}, state {})",
